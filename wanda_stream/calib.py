@@ -1,0 +1,188 @@
+"""Text sources to token windows: calibration (random windows) and evaluation (consecutive ones).
+
+A SPEC is a local file (.txt, .jsonl/.json with a `text` field, .parquet), a directory of them,
+`c4` or `wikitext2` (hub data sets, through `datasets`), or `pydoc` (the documentation text that
+ships with CPython, so the tool runs with no data set at all).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from wanda_stream.errors import InputError
+
+HUB_SPECS = ("c4", "wikitext2")
+BUILTIN_SPECS = ("pydoc",)
+FILE_SUFFIXES = (".txt", ".raw", ".tokens", ".jsonl", ".json", ".parquet")
+# The C4 shard the paper samples from; streamed, and only its first documents are read.
+C4_REPO = "allenai/c4"
+C4_FILE = "en/c4-train.00000-of-01024.json.gz"
+C4_DOCS = 20000
+
+
+def _records_text(path: Path, records: list[Any]) -> list[str]:
+    out = []
+    for i, r in enumerate(records):
+        if not isinstance(r, dict) or not isinstance(r.get("text"), str):
+            raise InputError(f"{path}: record {i} has no string field 'text'; each record needs one")
+        out.append(r["text"])
+    return out
+
+
+def _file_documents(path: Path) -> list[str]:
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(path)
+            if "text" not in table.column_names:
+                raise InputError(f"{path}: no column 'text'; the parquet file needs one")
+            return [t for t in table.column("text").to_pylist() if isinstance(t, str)]
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not UTF-8 text; convert it or pass another --calib/--data file") from None
+    if suffix == ".jsonl":
+        try:
+            recs = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}: invalid JSON line ({e.msg}, line {e.lineno}); fix the file") from None
+        return _records_text(path, recs)
+    if suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}: invalid JSON ({e.msg}); fix the file") from None
+        return _records_text(path, data if isinstance(data, list) else [data])
+    return [text]
+
+
+def _local_documents(path: Path) -> list[str]:
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in FILE_SUFFIXES)
+        if not files:
+            raise InputError(f"{path}: no .txt/.jsonl/.json/.parquet files in the directory")
+        return [d for f in files for d in _file_documents(f)]
+    return _file_documents(path)
+
+
+def _pydoc_documents() -> list[str]:
+    from pydoc_data.topics import topics
+
+    # One document: the topics are short, and windows may span topic boundaries as in a book.
+    return ["\n\n".join(topics[k] for k in sorted(topics))]
+
+
+def _hub_error(spec: str, e: Exception) -> InputError:
+    first = (str(e).strip().splitlines() or [e.__class__.__name__])[0][:200]
+    return InputError(
+        f"cannot load '{spec}' from the Hugging Face hub ({first}); pass a local .txt/.jsonl/.parquet file or 'pydoc'"
+    )
+
+
+def c4_documents(repo: str = C4_REPO, data_file: str = C4_FILE, limit: int = C4_DOCS) -> list[str]:
+    """The first `limit` documents of the paper's C4 shard, streamed (not downloaded whole)."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(repo, data_files={"train": data_file}, split="train", streaming=True)
+        return [r["text"] for _, r in zip(range(limit), ds)]
+    except Exception as e:  # noqa: BLE001 - any hub/network failure becomes one line for the user
+        raise _hub_error("c4", e) from None
+
+
+def wikitext2_text(split: str, repo: str = "wikitext", name: str = "wikitext-2-raw-v1") -> str:
+    """A WikiText-2 raw split with rows joined by blank lines, as the usual scripts do."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(repo, name, split=split)
+        return "\n\n".join(ds["text"])
+    except Exception as e:  # noqa: BLE001 - any hub/network failure becomes one line for the user
+        raise _hub_error("wikitext2", e) from None
+
+
+def documents(spec: str, purpose: str = "calibration") -> list[str]:
+    """The documents of a SPEC."""
+    if spec == "pydoc":
+        return _pydoc_documents()
+    if spec == "c4":
+        return c4_documents()
+    if spec == "wikitext2":
+        return [wikitext2_text("train" if purpose == "calibration" else "test")]
+    path = Path(spec)
+    if not path.exists():
+        flag = "--calib" if purpose == "calibration" else "--data/--eval-data"
+        raise InputError(f"{spec}: no such file or directory; {flag} takes a file, directory, c4, wikitext2 or pydoc")
+    return _local_documents(path)
+
+
+def spec_fingerprint(spec: str) -> str:
+    """Identifies a SPEC's content: a hash for local files, the name for hub and built-in sources."""
+    path = Path(spec)
+    if spec in HUB_SPECS + BUILTIN_SPECS or not path.exists():
+        return spec
+    h = hashlib.sha256()
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def tokenize(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of one document, with the tokenizer's usual special tokens (as the paper's code)."""
+    return list(tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"])
+
+
+def sample_windows(docs: list[str], tokenizer: Any, nsamples: int, seqlen: int, seed: int, spec: str) -> torch.Tensor:
+    """`nsamples` random windows of `seqlen` tokens, as the paper samples C4.
+
+    Repeatedly pick a random document until one is longer than `seqlen`, then a random window
+    of it; Python's `random` seeded with `seed` makes the choice reproducible.
+    """
+    ids = [tokenize(tokenizer, d) for d in docs]
+    if not any(len(t) > seqlen for t in ids):
+        longest = max((len(t) for t in ids), default=0)
+        raise InputError(
+            f"calibration data '{spec}' is too short: no document has more than {seqlen} tokens "
+            f"(longest: {longest}); give more text or a smaller --seqlen"
+        )
+    rng = random.Random(seed)
+    out = torch.empty(nsamples, seqlen, dtype=torch.long)
+    for s in range(nsamples):
+        while True:
+            i = rng.randint(0, len(ids) - 1)
+            if len(ids[i]) > seqlen:
+                break
+        j = rng.randint(0, len(ids[i]) - seqlen - 1)
+        out[s] = torch.tensor(ids[i][j : j + seqlen])
+    return out
+
+
+def eval_windows(text: str, tokenizer: Any, seqlen: int, max_windows: int | None, spec: str) -> torch.Tensor:
+    """Non-overlapping windows of the tokenized text (stride = seqlen, remainder dropped)."""
+    ids = tokenize(tokenizer, text)
+    n = len(ids) // seqlen
+    if max_windows is not None:
+        n = min(n, max_windows)
+    if n == 0:
+        raise InputError(f"evaluation data '{spec}' has {len(ids)} tokens, fewer than one window of {seqlen}")
+    return torch.tensor(ids[: n * seqlen], dtype=torch.long).reshape(n, seqlen)
+
+
+def load_tokenizer(model_dir: Path) -> Any:
+    """The checkpoint's own tokenizer."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir))
+    except (OSError, ValueError, TypeError) as e:
+        first = (str(e).strip().splitlines() or [e.__class__.__name__])[0][:200]
+        raise InputError(f"{model_dir}: no usable tokenizer ({first}); copy the tokenizer files next to config.json")

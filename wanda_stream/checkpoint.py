@@ -1,0 +1,251 @@
+"""Reading a Hugging Face safetensors checkpoint lazily and safely; writing shards atomically.
+
+The reader parses every shard header itself before anything is loaded, so a truncated file,
+a corrupt header or an index that points outside the model directory is refused up front
+with the file named. Tensors are then read one at a time through `safe_open`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import torch
+from safetensors import safe_open
+
+from wanda_stream.errors import InputError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+MAX_HEADER = 100 * 1024 * 1024
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives and what it is, from its shard's header."""
+
+    key: str
+    file: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` via a temp file, fsync and rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, obj: object) -> None:
+    """Write `obj` as indented, key-sorted JSON, atomically."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_header(path: Path) -> dict:
+    """Parse and validate a safetensors header; raise InputError naming the file on any defect."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise InputError(f"{path}: not a safetensors file (shorter than 8 bytes); re-download or re-save it")
+        (n,) = struct.unpack("<Q", raw)
+        if n > MAX_HEADER or 8 + n > size:
+            raise InputError(f"{path}: corrupt safetensors header (length {n}, file {size} bytes); re-download it")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InputError(f"{path}: corrupt safetensors header ({e.__class__.__name__}); re-download it") from None
+    if not isinstance(header, dict):
+        raise InputError(f"{path}: corrupt safetensors header (not a JSON object); re-download it")
+    data_size = size - 8 - n
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        ok = isinstance(info, dict) and info.get("dtype") in DTYPES and isinstance(info.get("shape"), list)
+        offs = info.get("data_offsets") if ok else None
+        if not ok or not (isinstance(offs, list) and len(offs) == 2 and 0 <= offs[0] <= offs[1]):
+            raise InputError(f"{path}: corrupt header entry for tensor '{key}'; re-download the file")
+        if offs[1] > data_size:
+            raise InputError(
+                f"{path}: truncated (tensor '{key}' ends at byte {offs[1]} of a {data_size}-byte data section); "
+                "re-download or re-copy the file"
+            )
+    return header
+
+
+def _contained(root: Path, name: str, index_path: Path) -> Path:
+    """Resolve a shard name from the index, refusing names that escape the model directory."""
+    if not name or os.path.isabs(name) or Path(name).name != name:
+        raise InputError(
+            f"{index_path}: shard path '{name}' is not a plain file name inside the model directory; fix the index"
+        )
+    return root / name
+
+
+class Checkpoint:
+    """A read-only view of a Hugging Face safetensors checkpoint directory."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise InputError(f"{self.root}: model directory not found; pass a Hugging Face checkpoint directory")
+        if not (self.root / "config.json").is_file():
+            raise InputError(f"{self.root}: no config.json; pass a Hugging Face checkpoint directory")
+        self.files = self._shard_files()
+        self.tensors: dict[str, TensorInfo] = {}
+        self.headers: dict[str, dict] = {}
+        for fname in self.files:
+            header = read_header(self.root / fname)
+            self.headers[fname] = header
+            for key, info in header.items():
+                if key == "__metadata__":
+                    continue
+                start, end = info["data_offsets"]
+                self.tensors[key] = TensorInfo(key, fname, DTYPES[info["dtype"]], tuple(info["shape"]), end - start)
+        self._handles: dict[str, object] = {}
+
+    def _shard_files(self) -> list[str]:
+        index = self.root / INDEX_NAME
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+                raise InputError(f"{index}: not a valid safetensors index (needs a 'weight_map'); fix or regenerate it")
+            names = sorted(set(weight_map.values()))
+            for name in names:
+                if not _contained(self.root, name, index).is_file():
+                    raise InputError(f"{index}: names shard '{name}', which is missing; re-download the checkpoint")
+            self.weight_map = dict(weight_map)
+            return names
+        if (self.root / SINGLE_NAME).is_file():
+            self.weight_map = {}
+            return [SINGLE_NAME]
+        if any(self.root.glob("*.bin")) or any(self.root.glob("*.pt")) or any(self.root.glob("*.pth")):
+            raise InputError(
+                f"{self.root}: only pickle weights (.bin/.pt); wanda-stream never unpickles files. "
+                "Convert to safetensors first (load in a trusted environment and save_pretrained(safe_serialization=True))"
+            )
+        raise InputError(f"{self.root}: no model.safetensors or {INDEX_NAME}; pass a safetensors checkpoint directory")
+
+    def check_index_consistent(self) -> None:
+        """Every index entry names the shard that really holds the tensor."""
+        for key, fname in self.weight_map.items():
+            info = self.tensors.get(key)
+            if info is None or info.file != fname:
+                raise InputError(f"{self.root / INDEX_NAME}: says '{key}' is in {fname}, but it is not; fix the index")
+
+    def keys(self) -> list[str]:
+        return sorted(self.tensors)
+
+    def get(self, key: str) -> torch.Tensor:
+        """Read one tensor (a fresh CPU tensor, in its stored dtype)."""
+        info = self.tensors.get(key)
+        if info is None:
+            raise InputError(f"{self.root}: tensor '{key}' is missing from the checkpoint")
+        handle = self._handles.get(info.file)
+        if handle is None:
+            handle = safe_open(str(self.root / info.file), framework="pt", device="cpu")
+            self._handles[info.file] = handle
+        return handle.get_tensor(key)
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    def total_bytes(self) -> int:
+        return sum(i.nbytes for i in self.tensors.values())
+
+    def fingerprint(self) -> str:
+        """Hash of file names, sizes and headers: changes when the checkpoint does."""
+        h = hashlib.sha256()
+        for fname in self.files:
+            h.update(fname.encode())
+            h.update(str((self.root / fname).stat().st_size).encode())
+            h.update(json.dumps(self.headers[fname], sort_keys=True).encode())
+        h.update((self.root / "config.json").read_bytes())
+        return h.hexdigest()
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The raw little-endian bytes of a CPU tensor, without a copy where possible."""
+    t = t.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(t.view(torch.uint8).numpy())
+
+
+def build_header(items: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> tuple[bytes, list[int]]:
+    """Header bytes (length prefix included) for tensors written in the given order."""
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset, sizes = 0, []
+    for key, dtype, shape in items:
+        n = torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
+        header[key] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+        sizes.append(n)
+    raw = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw, sizes
+
+
+def write_shard(
+    path: Path,
+    items: list[tuple[str, torch.dtype, tuple[int, ...]]],
+    produce: Callable[[str], torch.Tensor],
+    before_rename: Callable[[], None] | None = None,
+) -> int:
+    """Stream tensors into a safetensors file atomically; one tensor is in memory at a time.
+
+    `items` fixes the order and the header; `produce(key)` returns each tensor when it is written.
+    Returns the file size. The file is verified (header and size) before it is renamed into place.
+    """
+    items = sorted(items)
+    head, sizes = build_header(items)
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "wb") as f:
+        f.write(head)
+        for (key, dtype, shape), n in zip(items, sizes):
+            t = produce(key)
+            if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+                raise RuntimeError(f"tensor {key} is {t.dtype}{tuple(t.shape)}, header says {dtype}{shape}")
+            f.write(tensor_bytes(t))
+        f.flush()
+        os.fsync(f.fileno())
+    size = tmp.stat().st_size
+    header = read_header(tmp)
+    if size != len(head) + sum(sizes) or set(header) - {"__metadata__"} != {k for k, _, _ in items}:
+        raise RuntimeError(f"{tmp}: verification after writing failed")
+    if before_rename is not None:
+        before_rename()
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+    return size
+
+
+def iter_keys_with_prefix(keys: Iterable[str], prefix: str) -> Iterator[str]:
+    return (k for k in keys if k.startswith(prefix))

@@ -1,0 +1,157 @@
+"""The `wanda-stream` command: argparse subcommands over the typed core.
+
+Exit status: 0 success, 2 bad arguments or input (one line on stderr), 75 stopped by a
+signal with the state saved (resume with --resume), 1 unexpected internal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from wanda_stream.errors import InputError, Interrupted
+
+EXIT_OK, EXIT_INTERNAL, EXIT_INPUT, EXIT_TEMPFAIL = 0, 1, 2, 75
+
+PRUNE_EXAMPLES = """examples:
+  # 50% unstructured Wanda, calibrated on C4 (128 x 2048 tokens, seed 0) like the paper
+  wanda-stream prune ./Llama-2-7b-hf ./Llama-2-7b-wanda50
+  # 2:4 semi-structured, offline calibration text, evaluated on WikiText-2 in the same pass
+  wanda-stream prune ./model ./model-2of4 --pattern 2:4 --calib pydoc --eval-data ./wiki.test.raw
+  # a batch job: resume after preemption, JSON progress lines for the log collector
+  wanda-stream prune ./model ./out --resume --log-format json
+"""
+EVAL_EXAMPLES = """examples:
+  wanda-stream eval ./Llama-2-7b-wanda50 --data wikitext2 --seqlen 2048
+  wanda-stream eval ./model --data ./wiki.test.raw --seqlen 512 --max-windows 40 --json
+"""
+INSPECT_EXAMPLES = """examples:
+  wanda-stream inspect ./Llama-2-7b-wanda50
+  wanda-stream inspect ./model-2of4 --pattern 2:4 --json
+"""
+STATUS_EXAMPLES = """examples:
+  wanda-stream status ./out            # the output directory (its .wanda-stream work dir)
+  wanda-stream status /scratch/run-7   # a --work-dir
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that exits 2 with one line (argparse's own default prints usage too)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"wanda-stream: error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(EXIT_INPUT)
+
+
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N (auto = cuda when available)")
+    p.add_argument("--compute-dtype", default="auto",
+                   help="auto|float32|bfloat16|float16 (auto = checkpoint dtype on GPU, float32 on CPU)")
+    p.add_argument("--max-activation-memory", default=None,
+                   help="RAM budget for one micro-batch of hidden states, e.g. 2GB (default: a share of free memory)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="windows per micro-batch (default: as many as --max-activation-memory allows, up to 8)")
+
+
+def _add_progress(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--log-format", choices=("bar", "json"), default="bar", help="tqdm bars or one JSON object per line")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="wanda-stream", description="Prune LLMs with Wanda, one decoder block at a time.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("prune", help="prune a checkpoint", epilog=PRUNE_EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Prune the decoder linears of a Hugging Face safetensors checkpoint.")
+    p.add_argument("model_dir", type=Path, help="input checkpoint directory (never modified)")
+    p.add_argument("output_dir", type=Path, help="where the pruned checkpoint is written")
+    p.add_argument("--sparsity", type=float, default=0.5, help="fraction of each decoder linear to remove (0<s<1)")
+    p.add_argument("--pattern", default="unstructured", help="unstructured|2:4|4:8|N:M (N:M implies sparsity N/M)")
+    p.add_argument("--method", choices=("wanda", "magnitude"), default="wanda")
+    p.add_argument("--calib", default="c4", help="c4|wikitext2|pydoc|FILE|DIR (.txt, .jsonl/.json, .parquet)")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
+    p.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--work-dir", type=Path, default=None,
+                   help="hidden states and run state (default OUTPUT_DIR/.wanda-stream)")
+    p.add_argument("--keep-work-dir", action="store_true", help="keep the work dir after success")
+    p.add_argument("--eval-data", default=None, help="also report perplexity on this SPEC, in the same pass")
+    p.add_argument("--eval-windows", type=int, default=None, help="at most this many evaluation windows")
+    p.add_argument("--eval-seqlen", type=int, default=None, help="evaluation window length (default --seqlen)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run (or start one)")
+    p.add_argument("--overwrite", action="store_true", help="discard an earlier run or output and start over")
+    p.add_argument("--no-prefetch", action="store_true", help="read the next block only when it is needed")
+    _add_device(p)
+    _add_progress(p)
+
+    e = sub.add_parser("eval", help="streamed perplexity", epilog=EVAL_EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Perplexity over non-overlapping windows, one block at a time.")
+    e.add_argument("model_dir", type=Path)
+    e.add_argument("--data", default="wikitext2", help="wikitext2|pydoc|FILE|DIR")
+    e.add_argument("--seqlen", type=int, default=2048)
+    e.add_argument("--max-windows", type=int, default=None)
+    e.add_argument("--work-dir", type=Path, default=None, help="hidden states (default: a temporary directory)")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_device(e)
+    _add_progress(e)
+
+    i = sub.add_parser("inspect", help="sparsity of a checkpoint", epilog=INSPECT_EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Per-matrix sparsity of the decoder linears, read one tensor at a time.")
+    i.add_argument("model_dir", type=Path)
+    i.add_argument("--pattern", default=None, help="also check this N:M pattern, e.g. 2:4")
+    i.add_argument("--json", action="store_true")
+
+    s = sub.add_parser("status", help="state of a run", epilog=STATUS_EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="What run a work or output directory holds and whether it can resume.")
+    s.add_argument("path", type=Path, help="a --work-dir or an OUTPUT_DIR")
+    s.add_argument("--json", action="store_true")
+    return parser
+
+
+def _version() -> str:
+    from wanda_stream import __version__
+
+    return __version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        from wanda_stream import commands
+
+        return getattr(commands, f"cmd_{args.command}")(args)
+    except InputError as e:
+        print(f"wanda-stream: error: {e}", file=sys.stderr)
+        return EXIT_INPUT
+    except Interrupted as e:
+        print(f"wanda-stream: {e}; state saved. Resume with the same command plus --resume.", file=sys.stderr)
+        return EXIT_TEMPFAIL
+    except KeyboardInterrupt:
+        print("wanda-stream: interrupted", file=sys.stderr)
+        return EXIT_TEMPFAIL
+    except OSError as e:
+        if e.errno in (28, 122):  # ENOSPC, EDQUOT: disk full is the user's to fix, not a bug
+            print(f"wanda-stream: error: disk full writing {e.filename or 'output'}; free space and rerun with "
+                  "--resume", file=sys.stderr)
+            return EXIT_INPUT
+        traceback.print_exc()
+        return EXIT_INTERNAL
+    except Exception:  # noqa: BLE001 - the one place that turns bugs into exit 1 with the traceback
+        traceback.print_exc()
+        print("wanda-stream: internal error (a bug); please report it with the traceback above", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

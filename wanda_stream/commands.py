@@ -1,0 +1,234 @@
+"""The subcommands: turn parsed arguments into a RunConfig and call the core."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+
+from wanda_stream import calib
+from wanda_stream.config import RunConfig, resolve_compute_dtype, resolve_device
+from wanda_stream.errors import InputError
+from wanda_stream.report import Progress
+from wanda_stream.state import RUN_FILE, StopFlag, WorkDir
+
+MAX_AUTO_BATCH = 8
+UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+         "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str, flag: str) -> int:
+    """'2GB', '512MiB', '1000000' -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m[2].upper() not in UNITS:
+        raise InputError(f"{flag} '{text}': use a size such as 2GB, 512MiB or a number of bytes")
+    return int(float(m[1]) * UNITS[m[2].upper()])
+
+
+def window_bytes(config: Any, seqlen: int, dtype: torch.dtype) -> int:
+    """Rough activation memory of one window through one block (states, MLP, attention scores)."""
+    c = config.get_text_config()
+    el = torch.empty(0, dtype=dtype).element_size()
+    inter = getattr(c, "intermediate_size", None) or 4 * c.hidden_size
+    heads = getattr(c, "num_attention_heads", 1)
+    return seqlen * (8 * c.hidden_size + 3 * inter) * el + heads * seqlen * seqlen * 4
+
+
+def auto_batch(args: argparse.Namespace, config: Any, seqlen: int, dtype: torch.dtype, n: int) -> int:
+    if args.batch_size is not None:
+        if args.batch_size <= 0:
+            raise InputError(f"--batch-size {args.batch_size}: must be a positive integer")
+        return args.batch_size
+    if args.max_activation_memory is not None:
+        budget = parse_size(args.max_activation_memory, "--max-activation-memory")
+    else:
+        budget = psutil.virtual_memory().available // 8
+    return max(1, min(MAX_AUTO_BATCH, n, budget // window_bytes(config, seqlen, dtype)))
+
+
+def _check_seqlen(config: Any, seqlen: int, flag: str) -> None:
+    limit = getattr(config.get_text_config(), "max_position_embeddings", None)
+    if seqlen <= 0:
+        raise InputError(f"{flag} {seqlen}: must be a positive integer")
+    if limit is not None and seqlen > limit:
+        raise InputError(f"{flag} {seqlen}: beyond the model's context of {limit} tokens; use at most {limit}")
+
+
+def build_prune_config(args: argparse.Namespace) -> tuple[RunConfig, Any]:
+    """Validate the prune arguments against the checkpoint; returns the config and the model's fingerprint."""
+    from wanda_stream.stream import checkpoint_dtype, open_model
+
+    model_dir, output_dir = args.model_dir.resolve(), args.output_dir.resolve()
+    work_dir = (args.work_dir or output_dir / ".wanda-stream").resolve()
+    probe = RunConfig(str(model_dir), str(output_dir), str(work_dir), sparsity=args.sparsity, pattern=args.pattern,
+                      method=args.method, nsamples=args.nsamples, seqlen=args.seqlen,
+                      eval_windows=args.eval_windows)
+    probe.validate()
+    ckpt, sk = open_model(model_dir)
+    fp = ckpt.fingerprint()
+    config = sk.model.config
+    _check_seqlen(config, args.seqlen, "--seqlen")
+    if args.eval_seqlen is not None:
+        _check_seqlen(config, args.eval_seqlen, "--eval-seqlen")
+    device = resolve_device(args.device)
+    dtype_name = resolve_compute_dtype(args.compute_dtype, device, checkpoint_dtype(ckpt, sk))
+    ckpt.close()
+    saved = _saved_config(work_dir) if args.resume else None
+    if saved is not None and args.batch_size is None and args.max_activation_memory is None:
+        batch = saved.batch_size  # the same micro-batches make a resumed run's bytes identical
+    else:
+        batch = auto_batch(args, config, args.seqlen, _dtype(dtype_name),
+                           args.nsamples)
+    cfg = RunConfig(
+        str(model_dir), str(output_dir), str(work_dir), sparsity=args.sparsity, pattern=args.pattern,
+        method=args.method, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+        device=device, compute_dtype=dtype_name, batch_size=batch, eval_data=args.eval_data,
+        eval_windows=args.eval_windows, eval_seqlen=args.eval_seqlen, keep_work_dir=args.keep_work_dir,
+        prefetch=not args.no_prefetch,
+        calib_fingerprint=calib.spec_fingerprint(args.calib) if args.method == "wanda" else "",
+        eval_fingerprint=calib.spec_fingerprint(args.eval_data) if args.eval_data else "",
+    ).validate()
+    return cfg, (fp, sk)
+
+
+def _dtype(name: str) -> torch.dtype:
+    from wanda_stream.config import DTYPE_NAMES
+
+    return DTYPE_NAMES[name]
+
+
+def _saved_config(work_dir: Path) -> RunConfig | None:
+    path = work_dir / RUN_FILE
+    if not path.is_file():
+        return None
+    return RunConfig.from_json(WorkDir(work_dir).load_run()["config"])
+
+
+def check_resources(cfg: RunConfig, sk: Any, total_bytes: int, largest_block: int, eval_windows: int) -> None:
+    """Refuse early, with numbers, when disk or memory cannot hold what the run needs."""
+    el = torch.empty(0, dtype=cfg.dtype).element_size()
+    hidden = sk.hidden_size()
+    states = 0
+    if cfg.needs_calibration:
+        states += 2 * cfg.nsamples * cfg.seqlen * hidden * el
+    if cfg.eval_data:
+        states += 2 * eval_windows * (cfg.eval_seqlen or cfg.seqlen) * hidden * el
+    out = Path(cfg.output_dir)
+    existing = sum(p.stat().st_size for p in out.glob("model-*.safetensors")) if out.exists() else 0
+    need_out = max(total_bytes - existing, 0)
+    for path, need, what in ((out, need_out, "the pruned checkpoint"), (Path(cfg.work_dir), states, "hidden states")):
+        anchor = next((p for p in [path, *path.parents] if p.exists()), Path("/"))
+        free = shutil.disk_usage(anchor).free
+        same_fs = anchor.stat().st_dev == next(p for p in [out, *out.parents] if p.exists()).stat().st_dev
+        total_need = need_out + states if same_fs else need
+        if total_need > free:
+            raise InputError(
+                f"{path}: needs about {total_need / 2**30:.2f} GiB free for {what}, has {free / 2**30:.2f} GiB; "
+                "free space or choose another --work-dir / output directory"
+            )
+    scale = max(1, el // 2) if cfg.device == "cpu" else 1
+    need_ram = 3 * largest_block * scale + cfg.batch_size * 2 * cfg.seqlen * hidden * el
+    avail = psutil.virtual_memory().available
+    if cfg.device == "cpu" and need_ram > avail:
+        raise InputError(
+            f"these settings need about {need_ram / 2**30:.2f} GiB of RAM, {avail / 2**30:.2f} GiB is available; "
+            "lower --batch-size or --max-activation-memory, or use a bigger machine"
+        )
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from wanda_stream.prune import PruneRun, prepare
+
+    cfg, (fp, sk) = build_prune_config(args)
+    if not prepare(cfg, fp, args.resume, args.overwrite):
+        _say(args, f"{cfg.output_dir}: this run is already complete; nothing to do")
+        return 0
+    progress = Progress("quiet" if args.quiet else args.log_format, sk.n_layers, "prune")
+    stop = StopFlag().install()
+    try:
+        run = PruneRun(cfg, progress, stop)
+        largest = max(sum(run.ckpt.tensors[k].nbytes for k in run.st.block_keys(i)) for i in range(run.n))
+        check_resources(cfg, sk, run.ckpt.total_bytes(), largest, cfg.eval_windows or 0)
+        report = run.run()
+    finally:
+        stop.restore()
+        progress.close()
+    _summary(args, cfg, report)
+    return 0
+
+
+def _say(args: argparse.Namespace, text: str) -> None:
+    if not getattr(args, "quiet", False):
+        print(text, file=sys.stderr)
+
+
+def _summary(args: argparse.Namespace, cfg: RunConfig, report: dict) -> None:
+    if args.quiet:
+        return
+    if args.log_format == "json":
+        print(json.dumps({"event": "done", "output_dir": cfg.output_dir, "total_sparsity": report["total_sparsity"],
+                          "perplexity": report.get("eval", {}).get("perplexity"),
+                          "peak_rss_bytes": report["peak_rss_bytes"]}), flush=True)
+        return
+    print(f"pruned {cfg.model_dir} -> {cfg.output_dir}")
+    print(f"  method {cfg.method}, pattern {cfg.pattern}, sparsity of decoder linears {report['total_sparsity']:.4f}")
+    if "eval" in report:
+        ev = report["eval"]
+        print(f"  perplexity {ev['perplexity']:.4f} on {ev['windows']} x {ev['seqlen']} tokens of {ev['data']}")
+    print(f"  peak RSS {report['peak_rss_bytes'] / 2**20:.0f} MiB")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from wanda_stream.evaluate import evaluate
+
+    device = resolve_device(args.device)
+    if args.max_windows is not None and args.max_windows <= 0:
+        raise InputError(f"--max-windows {args.max_windows}: must be a positive integer")
+    tmp = None
+    work = args.work_dir
+    if work is None:
+        tmp = tempfile.mkdtemp(prefix="wanda-stream-eval-")
+        work = Path(tmp)
+    try:
+        result = evaluate(args.model_dir.resolve(), args.data, args.seqlen, args.max_windows, device,
+                          args.compute_dtype, work, args)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        rows = [("perplexity", f"{result['perplexity']:.4f}"), ("tokens", result["tokens"]),
+                ("windows", result["windows"]), ("seqlen", result["seqlen"]), ("seconds", result["seconds"]),
+                ("peak RSS (MiB)", f"{result['peak_rss_bytes'] / 2**20:.0f}")]
+        for k, v in rows:
+            print(f"{k:<16}{v}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from wanda_stream.inspect import format_table, inspect_checkpoint
+
+    result = inspect_checkpoint(args.model_dir.resolve(), args.pattern)
+    print(json.dumps(result) if args.json else format_table(result))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from wanda_stream.inspect import run_status
+
+    result = run_status(args.path.resolve())
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for k, v in result.items():
+            print(f"{k:<14}{v}")
+    return 0

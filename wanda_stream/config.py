@@ -1,0 +1,136 @@
+"""The run configuration: one frozen dataclass, validated once, saved with the run."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+
+from wanda_stream.errors import InputError
+
+DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Fields that do not change the result: they may differ between a run and its resumption.
+NON_RESULT_FIELDS = ("work_dir", "keep_work_dir", "prefetch")
+
+
+def parse_pattern(pattern: str) -> tuple[int, int] | None:
+    """'unstructured' -> None; 'N:M' -> (N, M) with 0 < N < M."""
+    if pattern == "unstructured":
+        return None
+    m = re.fullmatch(r"(\d+):(\d+)", pattern)
+    if not m or not 0 < int(m[1]) < int(m[2]):
+        raise InputError(f"--pattern '{pattern}': use unstructured or N:M with 0 < N < M, e.g. 2:4")
+    return int(m[1]), int(m[2])
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' when available, else 'cpu'; checks that a named CUDA device exists."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return device
+    if re.fullmatch(r"cuda(:\d+)?", device):
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {device}: CUDA is not available here; use --device cpu")
+        idx = int(device.split(":")[1]) if ":" in device else 0
+        if idx >= torch.cuda.device_count():
+            raise InputError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
+        return device
+    raise InputError(f"--device '{device}': use auto, cpu, cuda or cuda:N")
+
+
+def resolve_compute_dtype(name: str, device: str, checkpoint_dtype: torch.dtype) -> str:
+    """'auto' -> the checkpoint's dtype on GPU, float32 on CPU."""
+    if name == "auto":
+        if device == "cpu" or checkpoint_dtype not in DTYPE_NAMES.values():
+            return "float32"
+        return next(k for k, v in DTYPE_NAMES.items() if v == checkpoint_dtype)
+    if name not in DTYPE_NAMES:
+        raise InputError(f"--compute-dtype '{name}': use auto, float32, bfloat16 or float16")
+    return name
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines a pruning run. Paths are absolute strings."""
+
+    model_dir: str
+    output_dir: str
+    work_dir: str
+    sparsity: float = 0.5
+    pattern: str = "unstructured"
+    method: str = "wanda"
+    calib: str = "c4"
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+    device: str = "cpu"
+    compute_dtype: str = "float32"
+    batch_size: int = 1
+    eval_data: str | None = None
+    eval_windows: int | None = None
+    eval_seqlen: int | None = None
+    keep_work_dir: bool = False
+    prefetch: bool = True
+    calib_fingerprint: str = ""
+    eval_fingerprint: str = ""
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        return parse_pattern(self.pattern)
+
+    @property
+    def effective_sparsity(self) -> float:
+        nm = self.nm
+        return nm[0] / nm[1] if nm else self.sparsity
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPE_NAMES[self.compute_dtype]
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method == "wanda"
+
+    def validate(self) -> "RunConfig":
+        """Raise InputError naming the flag for any invalid value; returns self."""
+        nm = parse_pattern(self.pattern)
+        if nm is None and not 0.0 < self.sparsity < 1.0:
+            raise InputError(f"--sparsity {self.sparsity}: must be strictly between 0 and 1, e.g. 0.5")
+        if self.method not in ("wanda", "magnitude"):
+            raise InputError(f"--method '{self.method}': use wanda or magnitude")
+        for flag, v in (("--nsamples", self.nsamples), ("--seqlen", self.seqlen), ("--batch-size", self.batch_size)):
+            if v <= 0:
+                raise InputError(f"{flag} {v}: must be a positive integer")
+        if self.eval_windows is not None and self.eval_windows <= 0:
+            raise InputError(f"--eval-windows {self.eval_windows}: must be a positive integer")
+        out, model = Path(self.output_dir), Path(self.model_dir)
+        if out == model or model in out.parents:
+            raise InputError(f"{out}: the output directory must not be the model directory or inside it")
+        if out in model.parents:
+            raise InputError(f"{out}: the output directory must not contain the model directory")
+        return self
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "RunConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def result_fields(self) -> dict:
+        """The fields that determine the output bytes."""
+        return {k: v for k, v in asdict(self).items() if k not in NON_RESULT_FIELDS}
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.result_fields(), sort_keys=True).encode()).hexdigest()
+
+    def differences(self, other: "RunConfig") -> list[str]:
+        """Result-relevant fields whose values differ, as 'name: old -> new'."""
+        a, b = self.result_fields(), other.result_fields()
+        return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in a if a[k] != b.get(k)]

@@ -1,0 +1,64 @@
+"""Streamed perplexity: the block loop without the kernel, hidden states on disk."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from wanda_stream import calib
+from wanda_stream.activations import HiddenFile
+from wanda_stream.config import DTYPE_NAMES, resolve_compute_dtype
+from wanda_stream.errors import Interrupted
+from wanda_stream.report import Progress, peak_rss_bytes
+from wanda_stream.state import StopFlag
+from wanda_stream.stream import Streamer, checkpoint_dtype, open_model
+
+
+def evaluate(
+    model_dir: Path, data: str, seqlen: int, max_windows: int | None, device: str, compute_dtype: str,
+    work_dir: Path, args: argparse.Namespace | None = None,
+) -> dict[str, Any]:
+    """Perplexity of the model on non-overlapping `seqlen` windows of `data`, one block at a time."""
+    from wanda_stream.commands import _check_seqlen, auto_batch
+
+    t0 = time.monotonic()
+    ckpt, sk = open_model(model_dir)
+    _check_seqlen(sk.model.config, seqlen, "--seqlen")
+    dtype_name = resolve_compute_dtype(compute_dtype, device, checkpoint_dtype(ckpt, sk))
+    dtype = DTYPE_NAMES[dtype_name]
+    tokenizer = calib.load_tokenizer(model_dir)
+    tokens = calib.eval_windows("\n\n".join(calib.documents(data, "evaluation")), tokenizer, seqlen, max_windows, data)
+    batch = auto_batch(args, sk.model.config, seqlen, dtype, tokens.shape[0]) if args is not None else 1
+    st = Streamer(ckpt, sk, device, dtype)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    n, hidden = tokens.shape[0], st.hidden
+    files = [HiddenFile(work_dir / f"eval_{i % 2}.bin", n, seqlen, hidden, dtype) for i in range(2)]
+    mode = "quiet" if args is None or args.quiet or getattr(args, "json", False) else args.log_format
+    progress = Progress(mode, sk.n_layers, "eval")
+    stop = StopFlag().install()
+    try:
+        if not st.embed_windows(tokens, files[0], batch, stop):
+            raise Interrupted("evaluation stopped")
+        st.prefetch(0)
+        for i in range(sk.n_layers):
+            stored = st.block_tensors(i)
+            st.prefetch(i + 1)
+            layer = st.load_block(i, stored)
+            ok = st.run_block(i, layer, files[i % 2], batch, dst=files[(i + 1) % 2], stop=stop)
+            sk.layers[i].to_empty(device="meta")
+            if not ok:
+                raise Interrupted("evaluation stopped")
+            progress.update(i + 1, block=i)
+        nll, count = st.final_nll(files[sk.n_layers % 2], tokens, batch)
+    finally:
+        stop.restore()
+        progress.close()
+        st.close()
+        for f in files:
+            f.path.unlink(missing_ok=True)
+    return {"perplexity": math.exp(nll / count), "tokens": count, "windows": n, "seqlen": seqlen,
+            "seconds": round(time.monotonic() - t0, 3), "peak_rss_bytes": peak_rss_bytes(),
+            "model_dir": str(model_dir), "data": data}

@@ -1,0 +1,86 @@
+"""Inspecting checkpoints (sparsity per matrix, N:M compliance) and run directories (status)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from wanda_stream import kernel
+from wanda_stream.config import parse_pattern
+from wanda_stream.errors import InputError
+from wanda_stream.state import REPORT_NAME, RUN_FILE, WorkDir
+
+
+def inspect_checkpoint(model_dir: Path, pattern: str | None = None) -> dict[str, Any]:
+    """Per-matrix and total sparsity of the decoder linears' weights, one tensor in memory at a time."""
+    from wanda_stream.stream import open_model
+
+    nm = parse_pattern(pattern) if pattern else None
+    ckpt, sk = open_model(model_dir)
+    linear_keys = set()
+    for i, layer in enumerate(sk.layers):
+        for name, mod in layer.named_modules():
+            if type(mod).__name__ == "Linear":
+                linear_keys.add(f"{sk.block_prefix(i)}{name}.weight")
+    rows, zeros_total, numel_total = [], 0, 0
+    for key in ckpt.keys():
+        if key not in linear_keys:
+            continue
+        w = ckpt.get(key)
+        zeros = int((w == 0).sum())
+        row = {"name": key, "shape": list(w.shape), "dtype": str(w.dtype).removeprefix("torch."),
+               "bytes": ckpt.tensors[key].nbytes, "sparsity": zeros / w.numel()}
+        if nm:
+            row[f"{nm[0]}:{nm[1]}"] = kernel.satisfies_nm(w, nm)
+        rows.append(row)
+        zeros_total += zeros
+        numel_total += w.numel()
+    ckpt.close()
+    result: dict[str, Any] = {"model_dir": str(model_dir), "matrices": rows,
+                              "total_sparsity": zeros_total / max(numel_total, 1), "parameters": numel_total}
+    if nm:
+        result["pattern"] = pattern
+        result["all_satisfy_pattern"] = all(r[f"{nm[0]}:{nm[1]}"] for r in rows)
+    return result
+
+
+def format_table(result: dict[str, Any]) -> str:
+    pat = result.get("pattern")
+    head = f"{'matrix':<48} {'shape':>14} {'dtype':>9} {'sparsity':>9}" + (f" {pat:>6}" if pat else "")
+    lines = [head, "-" * len(head)]
+    for r in result["matrices"]:
+        shape = "x".join(map(str, r["shape"]))
+        line = f"{r['name']:<48} {shape:>14} {r['dtype']:>9} {r['sparsity']:>9.4f}"
+        if pat:
+            line += f" {'yes' if r[pat] else 'no':>6}"
+        lines.append(line)
+    lines.append(f"total sparsity of {result['parameters']} decoder-linear weights: {result['total_sparsity']:.4f}")
+    if pat:
+        lines.append(f"every matrix satisfies {pat}: {'yes' if result['all_satisfy_pattern'] else 'no'}")
+    return "\n".join(lines)
+
+
+def run_status(path: Path) -> dict[str, Any]:
+    """What run `path` (a work dir or an output dir) holds, how far it got, whether it can resume."""
+    work = WorkDir(path if (path / RUN_FILE).is_file() else path / ".wanda-stream")
+    report = path / REPORT_NAME
+    if not work.exists():
+        if report.is_file():
+            rep = json.loads(report.read_text())
+            cfg = rep["config"]
+            return {"state": "finished", "model": cfg["model_dir"], "output": cfg["output_dir"],
+                    "method": cfg["method"], "pattern": cfg["pattern"], "sparsity": rep["total_sparsity"],
+                    "can_resume": False}
+        raise InputError(f"{path}: no wanda-stream run here (no {RUN_FILE} and no {REPORT_NAME})")
+    run = work.load_run()
+    state = work.load_state()
+    cfg = run["config"]
+    from wanda_stream.model import load_config
+
+    n = load_config(Path(cfg["model_dir"])).get_text_config().num_hidden_layers
+    done = state.stage == "done"
+    return {"state": "finished" if done else "incomplete", "work_dir": str(work.path), "model": cfg["model_dir"],
+            "output": cfg["output_dir"], "method": cfg["method"], "pattern": cfg["pattern"],
+            "blocks_done": f"{state.next_block}/{n}", "can_resume": not done,
+            "resume_with": "wanda-stream prune ... --resume (the original arguments)"}

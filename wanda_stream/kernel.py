@@ -1,0 +1,86 @@
+"""Pure tensor functions of the method: statistics, scores and masks.
+
+Nothing here touches files, modules or devices beyond the tensors it is given.
+A mask is a bool tensor shaped like the weight; True marks a weight to remove.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NM = tuple[int, int]
+
+
+def column_sq_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over all tokens of x**2 per input feature, in float64 (x: [..., in])."""
+    x = x.reshape(-1, x.shape[-1]).to(torch.float32)
+    return x.pow(2).sum(dim=0, dtype=torch.float64)
+
+
+def wanda_score(weight: torch.Tensor, sq_sum: torch.Tensor) -> torch.Tensor:
+    """|W_ij| * ||X_j||_2 in float32; `sq_sum` is the per-column sum of squares of the inputs."""
+    norm = torch.sqrt(sq_sum.to(torch.float32))
+    return weight.detach().to(torch.float32).abs() * norm.reshape(1, -1)
+
+
+def row_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Remove the floor(in * sparsity) lowest scores of every row (stable: lower index first on ties)."""
+    rows, cols = score.shape
+    k = int(cols * sparsity)
+    mask = torch.zeros(rows, cols, dtype=torch.bool, device=score.device)
+    if k > 0:
+        idx = torch.sort(score, dim=1, stable=True).indices[:, :k]
+        mask.scatter_(1, idx, True)
+    return mask
+
+
+def matrix_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Remove the floor(numel * sparsity) lowest scores of the whole matrix (stable)."""
+    flat = score.reshape(-1)
+    k = int(flat.numel() * sparsity)
+    mask = torch.zeros(flat.numel(), dtype=torch.bool, device=score.device)
+    if k > 0:
+        mask[torch.sort(flat, stable=True).indices[:k]] = True
+    return mask.reshape(score.shape)
+
+
+def nm_mask(score: torch.Tensor, nm: NM) -> torch.Tensor:
+    """Remove the N lowest of every M consecutive inputs of each row (stable within a group)."""
+    n, m = nm
+    rows, cols = score.shape
+    if cols % m:
+        raise ValueError(f"{n}:{m} needs the input dimension to be a multiple of {m}, got {cols}")
+    groups = score.reshape(rows, cols // m, m)
+    idx = torch.sort(groups, dim=2, stable=True).indices[:, :, :n]
+    mask = torch.zeros_like(groups, dtype=torch.bool)
+    mask.scatter_(2, idx, True)
+    return mask.reshape(rows, cols)
+
+
+def wanda_mask(
+    weight: torch.Tensor, sq_sum: torch.Tensor, sparsity: float, nm: NM | None = None
+) -> torch.Tensor:
+    """Wanda mask of one linear weight [out, in] from the inputs' per-column sum of squares."""
+    score = wanda_score(weight, sq_sum)
+    return nm_mask(score, nm) if nm else row_mask(score, sparsity)
+
+
+def magnitude_mask(weight: torch.Tensor, sparsity: float, nm: NM | None = None) -> torch.Tensor:
+    """Magnitude baseline: |W| with a per-matrix threshold, or per row groups for N:M."""
+    score = weight.detach().to(torch.float32).abs()
+    return nm_mask(score, nm) if nm else matrix_mask(score, sparsity)
+
+
+def apply_mask(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A copy of `weight` (same dtype) with the masked entries set to exact zeros."""
+    return weight.masked_fill(mask, 0)
+
+
+def satisfies_nm(weight: torch.Tensor, nm: NM) -> bool:
+    """Whether every group of M consecutive inputs of every row holds at least N zeros."""
+    n, m = nm
+    rows, cols = weight.shape
+    if cols % m:
+        return False
+    zeros = (weight.reshape(rows, cols // m, m) == 0).sum(dim=2)
+    return bool((zeros >= n).all())

@@ -1,0 +1,222 @@
+"""The model skeleton on the meta device, and materializing one part of it at a time.
+
+The decoder-only causal LMs of transformers share one shape: a base model holding the token
+embedding, a ModuleList of decoder blocks, position modules and a final norm, under a head.
+The parts are discovered from the model itself; block inputs (attention masks, position
+embeddings, ...) are produced by transformers' own forward of the base model, with the
+blocks swapped for recorders, so they are right for whatever version is installed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from wanda_stream.checkpoint import Checkpoint
+from wanda_stream.errors import InputError
+
+# Families whose structure is discovered generically and that the tests cover.
+TESTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "olmo2", "gpt_neox", "opt")
+
+
+def load_config(model_dir: Path) -> Any:
+    """The model's transformers config, with a clear error for unknown families."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(model_dir))
+    except (ValueError, KeyError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+        raise InputError(f"{model_dir / 'config.json'}: transformers cannot read it ({first})") from None
+
+
+def build_skeleton(config: Any) -> nn.Module:
+    """The whole causal LM on the meta device: shapes and structure, no memory."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except ValueError as e:
+        raise InputError(
+            f"model_type '{config.model_type}' has no causal-LM class in transformers ({str(e).splitlines()[0]}); "
+            f"supported and tested: {', '.join(TESTED_FAMILIES)}"
+        ) from None
+
+
+def _find_layers(base: nn.Module, n_layers: int) -> tuple[str, nn.ModuleList]:
+    """The base model's ModuleList of decoder blocks: the one of length num_hidden_layers."""
+    found = [(n, m) for n, m in base.named_children() if isinstance(m, nn.ModuleList) and len(m) == n_layers]
+    if len(found) != 1:
+        raise InputError(
+            f"cannot find the list of {n_layers} decoder blocks in {type(base).__name__}; this family is not supported"
+        )
+    return found[0]
+
+
+@dataclass
+class Skeleton:
+    """A meta-device model plus the names that tie its parts to checkpoint keys."""
+
+    model: nn.Module
+    base: nn.Module
+    layers: nn.ModuleList
+    base_prefix: str
+    layers_prefix: str
+    tied: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, config: Any) -> "Skeleton":
+        model = build_skeleton(config)
+        base = model.get_decoder()
+        base_prefix = next((n for n, m in model.named_modules() if m is base), None)
+        if base_prefix is None or base_prefix == "":
+            raise InputError(f"model_type '{config.model_type}': no decoder inside the causal LM; not supported")
+        text_config = config.get_text_config()
+        lname, layers = _find_layers(base, text_config.num_hidden_layers)
+        tied = dict(getattr(model, "all_tied_weights_keys", {}) or {})
+        return cls(model, base, layers, base_prefix, f"{base_prefix}.{lname}", tied)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    def block_prefix(self, i: int) -> str:
+        return f"{self.layers_prefix}.{i}."
+
+    def is_block_key(self, key: str) -> bool:
+        return key.startswith(self.layers_prefix + ".")
+
+    def hidden_size(self) -> int:
+        return int(self.model.config.get_text_config().hidden_size)
+
+
+def _source_key(name: str, ckpt: Checkpoint, tied: dict[str, str]) -> str:
+    """Checkpoint key for a parameter name, following tied weights when the target is not stored."""
+    if name in ckpt.tensors:
+        return name
+    return tied.get(name, name)
+
+
+def materialize(
+    module: nn.Module,
+    prefix: str,
+    ckpt: Checkpoint,
+    device: torch.device,
+    dtype: torch.dtype,
+    tied: dict[str, str],
+    skeleton_model: nn.Module,
+    exclude: tuple[str, ...] = (),
+) -> None:
+    """Load `module`'s parameters (named `prefix + name` in the checkpoint) onto `device` in `dtype`.
+
+    Parameters under `exclude` (relative names) stay on the meta device. Non-persistent buffers
+    (rotary frequencies and the like) are recomputed by the model's own `_init_weights`.
+    """
+    state: dict[str, torch.Tensor] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        if any(name == e or name.startswith(e + ".") for e in exclude):
+            continue
+        key = _source_key(prefix + name, ckpt, tied)
+        info = ckpt.tensors.get(key)
+        if info is None:
+            raise InputError(f"{ckpt.root}: tensor '{key}' is missing; the checkpoint does not match its config.json")
+        if tuple(info.shape) != tuple(p.shape):
+            raise InputError(
+                f"{ckpt.root / info.file}: tensor '{key}' has shape {list(info.shape)}, config.json implies "
+                f"{list(p.shape)}; the weights and config do not match"
+            )
+        t = ckpt.get(key)
+        state[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+    _assign(module, state)
+    _init_nonpersistent_buffers(module, device, dtype, skeleton_model, exclude)
+
+
+def _assign(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    for name, t in state.items():
+        owner_name, _, pname = name.rpartition(".")
+        owner = module.get_submodule(owner_name) if owner_name else module
+        owner._parameters[pname] = nn.Parameter(t, requires_grad=False)
+
+
+def _init_nonpersistent_buffers(
+    module: nn.Module, device: torch.device, dtype: torch.dtype, skeleton_model: nn.Module, exclude: tuple[str, ...]
+) -> None:
+    for mname, sub in module.named_modules():
+        if any(mname == e or mname.startswith(e + ".") for e in exclude):
+            continue
+        names = [b for b in sub._non_persistent_buffers_set if sub._buffers.get(b) is not None]
+        if not names or not any(sub._buffers[b].is_meta for b in names):
+            continue
+        for b in names:
+            sub._buffers[b] = torch.empty_like(sub._buffers[b], device=device)
+        # transformers recomputes these (e.g. rotary inv_freq) in the model's own init.
+        with torch.no_grad():
+            skeleton_model._init_weights(sub)
+    for mname, sub in module.named_modules():
+        for b, buf in sub._buffers.items():
+            if buf is not None and buf.is_meta and b not in sub._non_persistent_buffers_set:
+                if not any(mname == e or mname.startswith(e + ".") for e in exclude):
+                    raise InputError(f"buffer '{mname}.{b}' is neither in the checkpoint nor computable; not supported")
+
+
+def release(module: nn.Module) -> None:
+    """Send a materialized module's parameters back to the meta device, freeing their memory."""
+    module.to_empty(device="meta")
+
+
+class _Recorder(nn.Module):
+    """Stands in for decoder block i: records what the base model passes to it."""
+
+    def __init__(self, index: int, sink: "BlockInputs", inject: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.index = index
+        self.sink = sink
+        self.inject = inject
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if args:
+            raise RuntimeError(f"decoder block {self.index} got positional arguments; not supported")
+        self.sink.record(self.index, hidden_states, kwargs)
+        return hidden_states if self.inject is None else self.inject
+
+
+class BlockInputs:
+    """What the base model hands each block: the hidden states of block 0 and every block's kwargs."""
+
+    def __init__(self) -> None:
+        self.first_hidden: torch.Tensor | None = None
+        self.kwargs: dict[int, dict[str, Any]] = {}
+
+    def record(self, index: int, hidden: torch.Tensor, kwargs: dict[str, Any]) -> None:
+        if index == 0:
+            self.first_hidden = hidden
+        self.kwargs[index] = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values", "layer_past")}
+        self.kwargs[index]["use_cache"] = False
+
+
+def run_base_with_recorders(
+    sk: Skeleton, input_ids: torch.Tensor | None, embeds: torch.Tensor | None, inject: torch.Tensor | None = None
+) -> tuple[BlockInputs, torch.Tensor]:
+    """Run the base model's own forward with every block replaced by a recorder.
+
+    Returns what the blocks would receive and the base output. With `inject`, the last block's
+    stand-in returns `inject`, so the output is the final norm (and whatever follows the blocks)
+    applied to it.
+    """
+    sink = BlockInputs()
+    original = list(sk.layers)
+    n = len(original)
+    for i in range(n):
+        sk.layers[i] = _Recorder(i, sink, inject if i == n - 1 else None)
+    try:
+        with torch.no_grad():
+            out = sk.base(input_ids=input_ids, inputs_embeds=embeds, use_cache=False)
+    finally:
+        for i, layer in enumerate(original):
+            sk.layers[i] = layer
+    return sink, out.last_hidden_state

@@ -1,0 +1,340 @@
+"""The pruning run: collect statistics, score, mask and propagate, one decoder block at a time.
+
+Per block i: the dense block runs over the calibration hidden states with a hook on every
+nn.Linear summing x**2 per input column; every linear is masked by the pure kernel; the pruned
+block runs again to produce block i+1's inputs (and, with --eval-data, the evaluation stream's);
+the block's tensors are written as one output shard while the next block computes.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from wanda_stream import calib, kernel
+from wanda_stream.activations import HiddenFile
+from wanda_stream.checkpoint import (
+    INDEX_NAME, atomic_write_bytes, atomic_write_json, fsync_dir, read_header, write_shard,
+)
+from wanda_stream.config import RunConfig
+from wanda_stream.errors import Interrupted
+from wanda_stream.report import Progress, io_bytes, peak_rss_bytes, versions
+from wanda_stream.state import REPORT_NAME, RunState, StopFlag, WorkDir, killpoint
+from wanda_stream.stream import Streamer, open_model
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5", ".ckpt")
+SKIP_FILES = (INDEX_NAME, "pytorch_model.bin.index.json", REPORT_NAME)
+
+
+def shard_name(index: int, total: int) -> str:
+    """Hugging Face's shard naming: model-00001-of-00031.safetensors (1-based)."""
+    return f"model-{index + 1:05d}-of-{total:05d}.safetensors"
+
+
+def linear_modules(layer: nn.Module) -> dict[str, nn.Linear]:
+    """Every nn.Linear inside a block, by relative name: the matrices that get pruned."""
+    return {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+
+
+def collect_stats(
+    st: Streamer, i: int, layer: nn.Module, src: HiddenFile, batch: int, stop: StopFlag
+) -> dict[str, torch.Tensor] | None:
+    """Per-input-column sums of squares of every linear's inputs over all calibration tokens."""
+    sums: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, mod in linear_modules(layer).items():
+        sums[name] = torch.zeros(mod.in_features, dtype=torch.float64, device=st.device)
+
+        def hook(m: nn.Module, args: tuple, out: Any, name: str = name) -> None:
+            sums[name] += kernel.column_sq_sum(args[0])
+
+        handles.append(mod.register_forward_hook(hook))
+    try:
+        finished = st.run_block(i, layer, src, batch, dst=None, stop=stop)
+    finally:
+        for h in handles:
+            h.remove()
+    return sums if finished else None
+
+
+def prune_block(
+    cfg: RunConfig, st: Streamer, i: int, layer: nn.Module, stored: dict[str, torch.Tensor],
+    sums: dict[str, torch.Tensor] | None,
+) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    """Mask every linear of block i; returns the output tensors (stored dtype) and per-matrix records."""
+    out = dict(stored)
+    records = []
+    prefix = st.sk.block_prefix(i)
+    for name, mod in linear_modules(layer).items():
+        key = prefix + name + ".weight"
+        w = stored[key]
+        wd = w.to(st.device)
+        if cfg.method == "wanda":
+            mask = kernel.wanda_mask(wd, sums[name], cfg.sparsity, cfg.nm)
+        else:
+            mask = kernel.magnitude_mask(wd, cfg.sparsity, cfg.nm)
+        out[key] = kernel.apply_mask(wd, mask).to("cpu")
+        with torch.no_grad():
+            mod.weight.masked_fill_(mask, 0)
+        zeros = int((out[key] == 0).sum())
+        records.append({"name": key, "shape": list(w.shape), "dtype": str(w.dtype).removeprefix("torch."),
+                        "sparsity": zeros / w.numel()})
+    return out, records
+
+
+class PruneRun:
+    """One pruning run over a work directory; resumable from its state."""
+
+    def __init__(self, cfg: RunConfig, progress: Progress, stop: StopFlag) -> None:
+        self.cfg = cfg
+        self.progress = progress
+        self.stop = stop
+        self.out = Path(cfg.output_dir)
+        self.work = WorkDir(Path(cfg.work_dir))
+        self.ckpt, self.sk = open_model(Path(cfg.model_dir))
+        self.st = Streamer(self.ckpt, self.sk, cfg.device, cfg.dtype, prefetch=cfg.prefetch)
+        self.n = self.sk.n_layers
+        self.total_shards = self.n + 1
+        self.writer = ThreadPoolExecutor(1, thread_name_prefix="writer")
+        self.t0 = time.monotonic()
+
+    # ---- files in the work directory -------------------------------------------------------
+    def hidden(self, stream: str, i: int, n: int, seqlen: int) -> HiddenFile:
+        return HiddenFile(self.work.file(f"{stream}_{i:05d}.bin"), n, seqlen, self.st.hidden, self.cfg.dtype)
+
+    def tokens(self) -> dict[str, torch.Tensor]:
+        """Calibration and evaluation windows, made once and saved so a resumed run uses the same."""
+        path = self.work.file("tokens.safetensors")
+        if path.is_file():
+            return load_file(str(path))
+        toks: dict[str, torch.Tensor] = {}
+        tokenizer = None
+        if self.cfg.needs_calibration or self.cfg.eval_data:
+            tokenizer = calib.load_tokenizer(Path(self.cfg.model_dir))
+        if self.cfg.needs_calibration:
+            docs = calib.documents(self.cfg.calib, "calibration")
+            toks["calib"] = calib.sample_windows(docs, tokenizer, self.cfg.nsamples, self.cfg.seqlen,
+                                                 self.cfg.seed, self.cfg.calib)
+        if self.cfg.eval_data:
+            text = "\n\n".join(calib.documents(self.cfg.eval_data, "evaluation"))
+            toks["eval"] = calib.eval_windows(text, tokenizer, self.cfg.eval_seqlen or self.cfg.seqlen,
+                                              self.cfg.eval_windows, self.cfg.eval_data)
+        tmp = path.with_name(path.name + ".partial")
+        save_file(toks, str(tmp))
+        atomic_write_bytes(path, tmp.read_bytes())
+        tmp.unlink()
+        return toks
+
+    # ---- the run --------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        state = self.work.load_state()
+        toks = self.tokens()
+        streams = {name: t for name, t in toks.items()}
+        if state.next_block == 0 and "stem_written" not in state.extra:
+            self._start(streams, state)
+        self._clean_stale(state, streams)
+        self.st.prefetch(state.next_block)
+        pending: Future | None = None
+        pending_state: RunState | None = None
+        for i in range(state.next_block, self.n):
+            block_start = time.monotonic()
+            stored = self.st.block_tensors(i)
+            self.st.prefetch(i + 1)
+            result = self._block(i, stored, streams)
+            if result is None:
+                self._finish_pending(pending, pending_state)
+                raise Interrupted(f"stopped during block {i}")
+            out, records = result
+            new_state = RunState(i + 1, "blocks", state.blocks + [{
+                "block": i, "matrices": records, "seconds": round(time.monotonic() - block_start, 3)}], state.extra)
+            self._finish_pending(pending, pending_state)
+            pending = self.writer.submit(self._write_block_shard, i, out)
+            pending_state = new_state
+            state = new_state
+            self.progress.update(i + 1, block=i, bytes_written=io_bytes()["write_bytes"])
+            if self.stop.requested:
+                self._finish_pending(pending, pending_state)
+                raise Interrupted(f"stopped after block {i}")
+        self._finish_pending(pending, pending_state)
+        return self._finalize(state, streams)
+
+    def _start(self, streams: dict[str, torch.Tensor], state: RunState) -> None:
+        """Write the non-block tensors' shard and the block-0 hidden states."""
+        self._write_stem_shard()
+        for name, t in streams.items():
+            if name == "calib" and not self.cfg.needs_calibration:
+                continue
+            ok = self.st.embed_windows(t, self.hidden(name, 0, *t.shape), self.cfg.batch_size, self.stop)
+            if not ok:
+                raise Interrupted("stopped while computing the first hidden states")
+        state.extra["stem_written"] = True
+        self.work.save_state(state)
+
+    def _clean_stale(self, state: RunState, streams: dict[str, torch.Tensor]) -> None:
+        """Remove half-written files and hidden states that the saved state does not use."""
+        keep = {self.hidden(name, state.next_block, *t.shape).path.name for name, t in streams.items()}
+        for p in self.work.path.iterdir():
+            if p.name.endswith(".partial") or (p.suffix == ".bin" and p.name not in keep):
+                p.unlink()
+        for p in self.out.glob("*.partial"):
+            p.unlink()
+
+    def _block(
+        self, i: int, stored: dict[str, torch.Tensor], streams: dict[str, torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]] | None:
+        layer = self.st.load_block(i, stored)
+        b = self.cfg.batch_size
+        try:
+            sums = None
+            if self.cfg.needs_calibration:
+                sums = collect_stats(self.st, i, layer, self.hidden("calib", i, *streams["calib"].shape), b, self.stop)
+                if sums is None:
+                    return None
+            out, records = prune_block(self.cfg, self.st, i, layer, stored, sums)
+            for name, t in streams.items():
+                last_calib = name == "calib" and i == self.n - 1
+                if name == "calib" and (not self.cfg.needs_calibration or last_calib):
+                    continue
+                src, dst = self.hidden(name, i, *t.shape), self.hidden(name, i + 1, *t.shape)
+                if not self.st.run_block(i, layer, src, b, dst=dst, stop=self.stop):
+                    return None
+        finally:
+            self.sk.layers[i].to_empty(device="meta")
+        return out, records
+
+    def _write_block_shard(self, i: int, tensors: dict[str, torch.Tensor]) -> None:
+        items = [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
+        write_shard(self.out / shard_name(i + 1, self.total_shards), items, tensors.__getitem__,
+                    before_rename=lambda: killpoint("shard_write"))
+
+    def _write_stem_shard(self) -> None:
+        keys = [k for k in self.ckpt.keys() if not self.sk.is_block_key(k)]
+        items = [(k, self.ckpt.tensors[k].dtype, self.ckpt.tensors[k].shape) for k in keys]
+        self.out.mkdir(parents=True, exist_ok=True)
+        write_shard(self.out / shard_name(0, self.total_shards), items, self.ckpt.get,
+                    before_rename=lambda: killpoint("shard_write"))
+
+    def _finish_pending(self, fut: Future | None, state: RunState | None) -> None:
+        """Wait for the block shard in flight, then record the block as done."""
+        if fut is None or state is None:
+            return
+        fut.result()
+        self.work.save_state(state)
+        stale = self.work.file(f"calib_{state.next_block - 1:05d}.bin"), self.work.file(
+            f"eval_{state.next_block - 1:05d}.bin")
+        for p in stale:
+            p.unlink(missing_ok=True)
+        killpoint("block_done")
+
+    def _finalize(self, state: RunState, streams: dict[str, torch.Tensor]) -> dict[str, Any]:
+        report = self._report(state, streams)
+        copy_side_files(Path(self.cfg.model_dir), self.out)
+        killpoint("finalize")
+        weight_map = {}
+        total = 0
+        for f in sorted(self.out.glob("model-*-of-*.safetensors")):
+            for k, v in read_header(f).items():
+                if k != "__metadata__":
+                    weight_map[k] = f.name
+                    total += v["data_offsets"][1] - v["data_offsets"][0]
+        atomic_write_json(self.out / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        killpoint("finalize_index")
+        atomic_write_json(self.out / REPORT_NAME, report)
+        state.stage = "done"
+        self.work.save_state(state)
+        self.st.close()
+        self.writer.shutdown()
+        if not self.cfg.keep_work_dir:
+            shutil.rmtree(self.work.path, ignore_errors=True)
+        return report
+
+    def _report(self, state: RunState, streams: dict[str, torch.Tensor]) -> dict[str, Any]:
+        report: dict[str, Any] = {
+            "config": self.cfg.to_json(), "config_fingerprint": self.cfg.fingerprint(),
+            "model_fingerprint": self.ckpt.fingerprint(), "versions": versions(),
+            "blocks": state.blocks, "peak_rss_bytes": peak_rss_bytes(), "io": io_bytes(),
+            "seconds_this_process": round(time.monotonic() - self.t0, 3),
+        }
+        mats = [m for b in state.blocks for m in b["matrices"]]
+        total = sum(math.prod(m["shape"]) for m in mats)
+        report["total_sparsity"] = sum(m["sparsity"] * math.prod(m["shape"]) for m in mats) / max(total, 1)
+        if "eval" in streams:
+            t = streams["eval"]
+            nll, count = self.st.final_nll(self.hidden("eval", self.n, *t.shape), t, self.cfg.batch_size)
+            report["eval"] = {"perplexity": math.exp(nll / count), "tokens": count, "windows": t.shape[0],
+                              "seqlen": t.shape[1], "data": self.cfg.eval_data}
+        return report
+
+
+def copy_side_files(src: Path, dst: Path) -> None:
+    """Copy config, generation config, tokenizer and other non-weight files, atomically each."""
+    for p in sorted(src.iterdir()):
+        if not p.is_file() or p.name in SKIP_FILES or p.suffix in WEIGHT_SUFFIXES or p.name.endswith(".index.json"):
+            continue
+        atomic_write_bytes(dst / p.name, p.read_bytes())
+    fsync_dir(dst)
+
+
+def _output_is_finished(cfg: RunConfig) -> bool:
+    import json
+
+    report = Path(cfg.output_dir) / REPORT_NAME
+    if not (report.is_file() and (Path(cfg.output_dir) / INDEX_NAME).is_file()):
+        return False
+    try:
+        return json.loads(report.read_text()).get("config_fingerprint") == cfg.fingerprint()
+    except (OSError, ValueError):
+        return False
+
+
+def prepare(cfg: RunConfig, model_fp: str, resume: bool, overwrite: bool) -> bool:
+    """Decide between a new run, a resumed one and nothing to do; returns False when already finished.
+
+    Refuses (InputError) to touch an existing run or output unless --resume or --overwrite says how.
+    """
+    from wanda_stream.errors import InputError
+    from wanda_stream.state import check_same_run
+
+    out, work = Path(cfg.output_dir), WorkDir(Path(cfg.work_dir))
+    if overwrite:
+        shutil.rmtree(work.path, ignore_errors=True)
+        if out.exists():
+            for p in out.iterdir():
+                if p.is_file() and (p.name.startswith("model-") or p.name in (INDEX_NAME, REPORT_NAME)):
+                    p.unlink()
+    elif work.exists():
+        if not resume:
+            raise InputError(
+                f"{work.path}: an earlier run is there; add --resume to continue it, or --overwrite to start over"
+            )
+        check_same_run(work.load_run(), cfg, model_fp, work.path)
+        return work.load_state().stage != "done" or not _output_is_finished(cfg)
+    elif _output_is_finished(cfg):
+        if resume:
+            return False
+        raise InputError(f"{out}: already holds this finished run; nothing to do (use --overwrite to redo it)")
+    elif out.exists() and any(p.name != work.path.name for p in out.iterdir()):
+        raise InputError(f"{out}: exists and is not empty; choose a new directory or add --overwrite")
+    _check_writable(out)
+    work.create(cfg, model_fp)
+    return True
+
+
+def _check_writable(out: Path) -> None:
+    from wanda_stream.errors import InputError
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".wanda-stream-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise InputError(f"{out}: output directory is not writable ({e.strerror}); choose another --output dir")

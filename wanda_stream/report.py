@@ -1,0 +1,83 @@
+"""Progress output (tqdm bars, JSON lines or nothing) and the memory and I/O figures of a run."""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import sys
+import time
+from typing import Any, TextIO
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def io_bytes() -> dict[str, int]:
+    """Bytes this process read from and wrote to storage (Linux /proc/self/io; zeros elsewhere)."""
+    out = {"read_bytes": 0, "write_bytes": 0}
+    try:
+        with open("/proc/self/io") as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                if k in out:
+                    out[k] = int(v)
+    except OSError:
+        pass
+    return out
+
+
+def versions() -> dict[str, str]:
+    import safetensors
+    import torch
+    import transformers
+
+    from wanda_stream import __version__
+
+    return {
+        "wanda_stream": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+        "safetensors": safetensors.__version__, "python": platform.python_version(),
+    }
+
+
+class Progress:
+    """One progress channel for a run: 'bar' (tqdm on a terminal), 'json' (one object per line) or 'quiet'."""
+
+    def __init__(self, mode: str, total: int, desc: str, stream: TextIO | None = None) -> None:
+        self.mode = mode
+        self.total = total
+        self.stream = stream or sys.stderr
+        self.start = time.monotonic()
+        self.bar = None
+        if mode == "bar":
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="block", file=self.stream, disable=None)
+
+    def update(self, done: int, **fields: Any) -> None:
+        if self.bar is not None:
+            self.bar.n = done
+            self.bar.refresh()
+        elif self.mode == "json":
+            elapsed = time.monotonic() - self.start
+            rate = done / elapsed if done and elapsed > 0 else 0.0
+            eta = (self.total - done) / rate if rate else None
+            rec = {"event": "block", "done": done, "total": self.total, "elapsed_s": round(elapsed, 3),
+                   "eta_s": None if eta is None else round(eta, 1), "peak_rss_bytes": peak_rss_bytes(), **fields}
+            print(json.dumps(rec), file=self.stream, flush=True)
+
+    def message(self, text: str) -> None:
+        if self.mode == "quiet":
+            return
+        if self.mode == "json":
+            print(json.dumps({"event": "message", "text": text}), file=self.stream, flush=True)
+        elif self.bar is not None:
+            self.bar.write(text, file=self.stream)
+        else:
+            print(text, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,243 @@
+"""The layer streamer: a model opened lazily, its blocks materialized one at a time.
+
+`Streamer` owns the checkpoint, the meta skeleton and the compute device; it turns token
+windows into block-0 hidden states, runs a block over a hidden-state file in micro-batches,
+and applies the final norm and head. Pruning and evaluation are both loops over it.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from wanda_stream.activations import HiddenFile, HiddenWriter, batches
+from wanda_stream.checkpoint import Checkpoint
+from wanda_stream.errors import InputError
+from wanda_stream.model import Skeleton, load_config, materialize, release, run_base_with_recorders
+from wanda_stream.state import StopFlag, killpoint
+
+# Logits cap some families apply after the head (transformers does it in the causal-LM forward).
+LOGIT_SOFTCAP_ATTR = "final_logit_softcapping"
+LOGIT_CHUNK_BYTES = 256 * 1024 * 1024
+
+
+def open_model(model_dir: Path) -> tuple[Checkpoint, Skeleton]:
+    """Open a checkpoint, build its skeleton and check every tensor against the config."""
+    ckpt = Checkpoint(model_dir)
+    config = load_config(model_dir)
+    sk = Skeleton.from_config(config)
+    check_tensors(ckpt, sk)
+    return ckpt, sk
+
+
+def check_tensors(ckpt: Checkpoint, sk: Skeleton) -> None:
+    """Every parameter of the skeleton is in the checkpoint with the right shape, and no block key is unknown."""
+    params = dict(sk.model.named_parameters(remove_duplicate=False))
+    for name, p in params.items():
+        key = name if name in ckpt.tensors else sk.tied.get(name, name)
+        info = ckpt.tensors.get(key)
+        if info is None:
+            raise InputError(f"{ckpt.root}: tensor '{name}' is missing; the checkpoint does not match its config.json")
+        if tuple(info.shape) != tuple(p.shape):
+            raise InputError(
+                f"{ckpt.root / info.file}: tensor '{key}' has shape {list(info.shape)}, but config.json implies "
+                f"{list(p.shape)}; the weights and config do not match"
+            )
+    for key in ckpt.tensors:
+        if sk.is_block_key(key) and key not in params:
+            raise InputError(f"{ckpt.root}: unexpected tensor '{key}' for this model type; the layout is not supported")
+
+
+def checkpoint_dtype(ckpt: Checkpoint, sk: Skeleton) -> torch.dtype:
+    """The dtype of the decoder blocks' floating-point weights (the first one found)."""
+    for key in ckpt.keys():
+        info = ckpt.tensors[key]
+        if sk.is_block_key(key) and info.dtype.is_floating_point:
+            return info.dtype
+    return torch.float32
+
+
+class Streamer:
+    """One model, one device, one compute dtype."""
+
+    def __init__(self, ckpt: Checkpoint, sk: Skeleton, device: str, dtype: torch.dtype, prefetch: bool = True) -> None:
+        self.ckpt = ckpt
+        self.sk = sk
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.hidden = sk.hidden_size()
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="prefetch") if prefetch else None
+        self._pending: dict[int, Future] = {}
+        self._kwargs: dict[tuple[int, int], dict[int, dict[str, Any]]] = {}
+        embed = sk.model.get_input_embeddings()
+        self.embed_name = next(n for n, m in sk.base.named_children() if m is embed)
+        self.layers_name = sk.layers_prefix[len(sk.base_prefix) + 1 :]
+
+    # ---- reading blocks -------------------------------------------------------------------
+    def block_keys(self, i: int) -> list[str]:
+        prefix = self.sk.block_prefix(i)
+        return [k for k in self.ckpt.keys() if k.startswith(prefix)]
+
+    def _read_block(self, i: int) -> dict[str, torch.Tensor]:
+        out = {k: self.ckpt.get(k) for k in self.block_keys(i)}
+        if self.device.type == "cuda":
+            out = {k: v.pin_memory() for k, v in out.items()}
+        return out
+
+    def prefetch(self, i: int) -> None:
+        """Start reading block i in the background (no-op without prefetch or past the end)."""
+        if self._reader is not None and 0 <= i < self.sk.n_layers and i not in self._pending:
+            self._pending[i] = self._reader.submit(self._read_block, i)
+
+    def block_tensors(self, i: int) -> dict[str, torch.Tensor]:
+        """Block i's stored tensors (CPU, stored dtype), from the prefetch if one was started."""
+        fut = self._pending.pop(i, None)
+        return fut.result() if fut is not None else self._read_block(i)
+
+    def load_block(self, i: int, stored: dict[str, torch.Tensor]) -> nn.Module:
+        """Materialize block i on the device, in the compute dtype, from its stored tensors."""
+        layer = self.sk.layers[i]
+        view = _DictCheckpoint(self.ckpt.root, stored)
+        materialize(layer, self.sk.block_prefix(i), view, self.device, self.dtype, {}, self.sk.model)
+        layer.eval()
+        return layer
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.shutdown(wait=True)
+        self.ckpt.close()
+
+    # ---- the parts around the blocks ------------------------------------------------------
+    def _stem(self, with_embedding: bool) -> None:
+        exclude = (self.layers_name,) if with_embedding else (self.layers_name, self.embed_name)
+        materialize(self.sk.base, self.sk.base_prefix + ".", self.ckpt, self.device, self.dtype,
+                    self.sk.tied, self.sk.model, exclude=exclude)
+        self.sk.base.eval()
+
+    def _release_stem(self) -> None:
+        for name, child in self.sk.base.named_children():
+            if name != self.layers_name:
+                release(child)
+
+    def embed_windows(self, tokens: torch.Tensor, out: HiddenFile, batch: int, stop: StopFlag | None = None) -> bool:
+        """Block-0 inputs of `tokens` [n, seqlen], as the base model computes them, into `out`."""
+        self._stem(with_embedding=True)
+        writer = HiddenWriter(out)
+        try:
+            for start, count in batches(tokens.shape[0], batch):
+                if stop is not None and stop.requested:
+                    writer.abort()
+                    return False
+                ids = tokens[start : start + count].to(self.device)
+                sink, _ = run_base_with_recorders(self.sk, ids, None)
+                writer.write(sink.first_hidden)
+            writer.commit()
+        finally:
+            self._release_stem()
+        return True
+
+    def block_kwargs(self, batch: int, seqlen: int) -> dict[int, dict[str, Any]]:
+        """What the base model passes every block for a batch of this shape (masks, positions, ...)."""
+        key = (batch, seqlen)
+        if key not in self._kwargs:
+            self._stem(with_embedding=False)
+            try:
+                dummy = torch.zeros(batch, seqlen, self.hidden, device=self.device, dtype=self.dtype)
+                sink, _ = run_base_with_recorders(self.sk, None, dummy)
+                self._kwargs[key] = sink.kwargs
+            finally:
+                self._release_stem()
+        return self._kwargs[key]
+
+    def run_block(
+        self, i: int, layer: nn.Module, src: HiddenFile, batch: int,
+        dst: HiddenFile | None = None, stop: StopFlag | None = None,
+    ) -> bool:
+        """Run block i over every window of `src`, writing the outputs to `dst` when given.
+
+        Returns False (and writes nothing) when a stop was requested midway.
+        """
+        writer = HiddenWriter(dst) if dst is not None else None
+        for start, count in batches(src.shape[0], batch):
+            if stop is not None and stop.requested:
+                if writer is not None:
+                    writer.abort()
+                return False
+            kwargs = self.block_kwargs(count, src.shape[1])[i]
+            h = src.read(start, count).to(self.device, non_blocking=True)
+            with torch.no_grad():
+                out = layer(h, **kwargs)
+            out = out[0] if isinstance(out, tuple) else out
+            if writer is not None:
+                writer.write(out)
+                killpoint("hidden_write")
+        if writer is not None:
+            writer.commit()
+        return True
+
+    def final_nll(self, src: HiddenFile, tokens: torch.Tensor, batch: int) -> tuple[float, int]:
+        """Sum of next-token negative log-likelihoods of `tokens` given the last block's outputs `src`.
+
+        The final norm runs through the base model's own forward (every block a stand-in); the head
+        runs on chunks of tokens, so no tokens x vocabulary tensor for the whole set is ever held.
+        """
+        head = self.sk.model.get_output_embeddings()
+        head_name = next(n for n, m in self.sk.model.named_modules() if m is head)
+        self._stem(with_embedding=False)
+        materialize(head, head_name + ".", self.ckpt, self.device, self.dtype, self.sk.tied, self.sk.model)
+        cap = getattr(self.sk.model.config.get_text_config(), LOGIT_SOFTCAP_ATTR, None)
+        total, count_tokens = 0.0, 0
+        try:
+            for start, count in batches(src.shape[0], batch):
+                h = src.read(start, count).to(self.device)
+                dummy = torch.zeros_like(h)
+                _, normed = run_base_with_recorders(self.sk, None, dummy, inject=h)
+                labels = tokens[start : start + count, 1:].to(self.device)
+                s, n = _chunked_nll(head, normed[:, :-1, :], labels, cap)
+                total += s
+                count_tokens += n
+        finally:
+            self._release_stem()
+            release(head)
+        return total, count_tokens
+
+
+def _chunked_nll(head: nn.Module, h: torch.Tensor, labels: torch.Tensor, cap: float | None) -> tuple[float, int]:
+    vocab = head.weight.shape[0]
+    rows = h.reshape(-1, h.shape[-1])
+    flat = labels.reshape(-1)
+    chunk = max(1, LOGIT_CHUNK_BYTES // (vocab * 4))
+    total = torch.zeros((), dtype=torch.float64, device=h.device)
+    with torch.no_grad():
+        for s in range(0, rows.shape[0], chunk):
+            logits = head(rows[s : s + chunk]).float()
+            if cap:
+                logits = torch.tanh(logits / cap) * cap
+            total += torch.nn.functional.cross_entropy(logits, flat[s : s + chunk], reduction="sum").double()
+    return float(total), int(flat.numel())
+
+
+class _DictCheckpoint:
+    """Tensors already read, behind the small part of Checkpoint's interface `materialize` uses."""
+
+    def __init__(self, root: Path, tensors: dict[str, torch.Tensor]) -> None:
+        self.root = root
+        self._t = tensors
+        self.tensors = {k: _Info(tuple(v.shape)) for k, v in tensors.items()}
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._t[key]
+
+
+class _Info:
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.shape = shape
+        self.file = "(prefetched)"
+
+
+def run_in_background(pool: ThreadPoolExecutor, fn: Callable[[], Any]) -> Future:
+    return pool.submit(fn)
