@@ -130,7 +130,6 @@ class Checkpoint:
                     continue
                 start, end = info["data_offsets"]
                 self.tensors[key] = TensorInfo(key, fname, DTYPES[info["dtype"]], tuple(info["shape"]), end - start)
-        self._handles: dict[str, object] = {}
 
     def _shard_files(self) -> list[str]:
         index = self.root / INDEX_NAME
@@ -166,18 +165,19 @@ class Checkpoint:
         return sorted(self.tensors)
 
     def get(self, key: str) -> torch.Tensor:
-        """Read one tensor (a fresh CPU tensor, in its stored dtype)."""
+        """Read one tensor (a fresh CPU tensor, in its stored dtype).
+
+        The shard is opened for this one read: a mapping kept open would count every page read
+        so far in the resident set, and the point of streaming is that nothing accumulates.
+        """
         info = self.tensors.get(key)
         if info is None:
             raise InputError(f"{self.root}: tensor '{key}' is missing from the checkpoint")
-        handle = self._handles.get(info.file)
-        if handle is None:
-            handle = safe_open(str(self.root / info.file), framework="pt", device="cpu")
-            self._handles[info.file] = handle
-        return handle.get_tensor(key)
+        with safe_open(str(self.root / info.file), framework="pt", device="cpu") as f:
+            return f.get_tensor(key)
 
     def close(self) -> None:
-        self._handles.clear()
+        """Nothing stays open between reads; kept for symmetry with callers that close."""
 
     def total_bytes(self) -> int:
         return sum(i.nbytes for i in self.tensors.values())

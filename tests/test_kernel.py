@@ -1,0 +1,78 @@
+"""Golden, hand-computed masks for the pure kernel."""
+
+import torch
+
+from wanda_stream import kernel
+
+
+def test_column_sq_sum_sums_over_all_tokens():
+    x = torch.tensor([[[1.0, 2.0], [3.0, -1.0]], [[0.0, 2.0], [1.0, 1.0]]])  # 2 x 2 tokens, 2 features
+    assert kernel.column_sq_sum(x).tolist() == [11.0, 10.0]
+    assert kernel.column_sq_sum(x).dtype == torch.float64
+
+
+def test_wanda_unstructured_golden():
+    w = torch.tensor([[1.0, -2.0, 3.0, 4.0],
+                      [4.0, 3.0, -2.0, 1.0]])
+    sq = torch.tensor([16.0, 1.0, 1.0, 0.25])  # norms 4, 1, 1, 0.5
+    # scores row 0: 4, 2, 3, 2   row 1: 16, 3, 2, 0.5 ; 50% removes 2 per row
+    mask = kernel.wanda_mask(w, sq, 0.5)
+    assert mask.tolist() == [[False, True, False, True], [False, False, True, True]]
+
+
+def test_unstructured_floor_and_stable_ties():
+    w = torch.ones(2, 5)
+    sq = torch.ones(5)
+    # floor(5 * 0.5) = 2; all scores tie, so the stable sort removes the first two inputs
+    assert kernel.wanda_mask(w, sq, 0.5).tolist() == [[True, True, False, False, False]] * 2
+    # floor(5 * 0.3) = 1
+    assert kernel.wanda_mask(w, sq, 0.3).sum(1).tolist() == [1, 1]
+
+
+def test_wanda_2_4_golden():
+    w = torch.tensor([[1.0, 5.0, 2.0, 4.0, -8.0, 1.0, 1.0, 7.0]])
+    sq = torch.ones(8)
+    mask = kernel.wanda_mask(w, sq, 0.5, (2, 4))
+    # group 1: 1,5,2,4 -> drop 1,2 ; group 2: 8,1,1,7 -> drop the two 1s (ties: both)
+    assert mask.tolist() == [[True, False, True, False, False, True, True, False]]
+
+
+def test_wanda_4_8_golden_uses_activations():
+    w = torch.tensor([[1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]])
+    sq = torch.tensor([8.0, 1.0, 7.0, 2.0, 6.0, 3.0, 5.0, 4.0]) ** 2
+    mask = kernel.wanda_mask(w, sq, 0.5, (4, 8))
+    assert mask.tolist() == [[False, True, False, True, False, True, False, True]]
+
+
+def test_nm_ties_prefer_lower_index():
+    w = torch.full((1, 4), 2.0)
+    assert kernel.wanda_mask(w, torch.ones(4), 0.5, (2, 4)).tolist() == [[True, True, False, False]]
+
+
+def test_magnitude_uses_one_threshold_per_matrix():
+    w = torch.tensor([[0.1, 0.2, 0.3, 0.4],
+                      [5.0, 6.0, 7.0, 8.0]])
+    # the 4 smallest of the whole matrix are all in row 0: a per-row rule would differ
+    mask = kernel.magnitude_mask(w, 0.5)
+    assert mask.tolist() == [[True, True, True, True], [False, False, False, False]]
+
+
+def test_magnitude_nm_is_per_row_group():
+    w = torch.tensor([[0.1, -0.4, 0.3, 0.2, 9.0, 8.0, -1.0, 2.0]])
+    assert kernel.magnitude_mask(w, 0.5, (2, 4)).tolist() == [[True, False, False, True, False, False, True, True]]
+
+
+def test_apply_mask_keeps_dtype_and_exact_zeros():
+    w = torch.tensor([[1.5, -2.5]], dtype=torch.bfloat16)
+    out = kernel.apply_mask(w, torch.tensor([[True, False]]))
+    assert out.dtype == torch.bfloat16 and out.tolist() == [[0.0, -2.5]]
+
+
+def test_scores_in_float32_from_half_weights():
+    w = torch.tensor([[1.0, 2.0, 3.0, 4.0]], dtype=torch.float16)
+    assert kernel.wanda_score(w, torch.ones(4)).dtype == torch.float32
+
+
+def test_satisfies_nm():
+    assert kernel.satisfies_nm(torch.tensor([[0.0, 1.0, 0.0, 2.0]]), (2, 4))
+    assert not kernel.satisfies_nm(torch.tensor([[0.0, 1.0, 3.0, 2.0]]), (2, 4))

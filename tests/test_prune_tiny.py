@@ -1,0 +1,94 @@
+"""The streamed prune equals an in-memory reference prune, weight for weight, on a tiny multi-shard Llama."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import load_state_dict, tree_hash
+from tests.reference import reference_prune
+from wanda_stream import calib
+from wanda_stream.cli import main
+
+CALIB_ARGS = ["--calib", "pydoc", "--nsamples", "6", "--seqlen", "32", "--device", "cpu", "--quiet"]
+
+
+def _prune(model: Path, out: Path, *extra: str) -> None:
+    assert main(["prune", str(model), str(out), *CALIB_ARGS, *extra]) == 0
+
+
+def _tokens(model: Path) -> torch.Tensor:
+    tok = calib.load_tokenizer(model)
+    return calib.sample_windows(calib.documents("pydoc"), tok, 6, 32, 0, "pydoc")
+
+
+@pytest.mark.parametrize("method,pattern", [("wanda", "unstructured"), ("wanda", "2:4"), ("wanda", "4:8"),
+                                            ("magnitude", "unstructured"), ("magnitude", "2:4")])
+def test_streamed_equals_reference(tiny_model: Path, tmp_path: Path, method: str, pattern: str) -> None:
+    out = tmp_path / "out"
+    _prune(tiny_model, out, "--method", method, "--pattern", pattern, "--batch-size", "4")
+    got = load_state_dict(out)
+    nm = None if pattern == "unstructured" else tuple(int(x) for x in pattern.split(":"))
+    ref = reference_prune(tiny_model, _tokens(tiny_model) if method == "wanda" else None, method, 0.5, nm)
+    assert set(got) == set(k for k in ref if k in load_state_dict(tiny_model))
+    pruned = 0
+    for key, t in got.items():
+        assert t.dtype == ref[key].dtype
+        assert torch.equal(t, ref[key]), key
+        if key.endswith("proj.weight"):
+            pruned += 1
+            assert (t == 0).float().mean().item() == pytest.approx(0.5, abs=1e-6)
+    assert pruned == 3 * 7
+
+
+def test_output_is_standard_checkpoint(tiny_model: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "out"
+    _prune(tiny_model, out, "--sparsity", "0.3")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert sorted(set(index["weight_map"].values())) == sorted(p.name for p in out.glob("model-*.safetensors"))
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    w = model.model.layers[1].mlp.down_proj.weight
+    assert (w == 0).sum(1).tolist() == [int(w.shape[1] * 0.3)] * w.shape[0]
+    src = load_state_dict(tiny_model)
+    got = load_state_dict(out)
+    for key in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight",
+                "model.layers.0.input_layernorm.weight"):
+        assert torch.equal(got[key], src[key])
+    report = json.loads((out / "wanda_stream.json").read_text())
+    assert report["config"]["sparsity"] == 0.3 and len(report["blocks"]) == 3
+    assert not (out / ".wanda-stream").exists()
+    for name in ("config.json", "tokenizer.json", "generation_config.json"):
+        assert (out / name).read_bytes() == (tiny_model / name).read_bytes()
+
+
+def test_bf16_weights_keep_dtype_and_match_reference(tmp_path: Path) -> None:
+    from tests.helpers import write_tiny_model
+
+    model = write_tiny_model(tmp_path / "bf16", dtype=torch.bfloat16)
+    out = tmp_path / "out"
+    before = tree_hash(model)
+    _prune(model, out)
+    assert tree_hash(model) == before
+    got = load_state_dict(out)
+    ref = reference_prune(model, _tokens(model), "wanda", 0.5, None)
+    for key, t in got.items():
+        assert t.dtype == torch.bfloat16
+        assert torch.equal(t, ref[key]), key
+
+
+def test_tied_embeddings_stay_tied(tmp_path: Path) -> None:
+    from tests.helpers import tiny_llama_config, write_tiny_model
+    from transformers import AutoModelForCausalLM
+
+    model = write_tiny_model(tmp_path / "tied", config=tiny_llama_config(tie_word_embeddings=True))
+    assert "lm_head.weight" not in load_state_dict(model)
+    out = tmp_path / "out"
+    _prune(model, out, "--eval-data", "pydoc", "--eval-windows", "3")
+    assert "lm_head.weight" not in load_state_dict(out)
+    loaded = AutoModelForCausalLM.from_pretrained(str(out))
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
