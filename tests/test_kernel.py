@@ -76,3 +76,20 @@ def test_scores_in_float32_from_half_weights():
 def test_satisfies_nm():
     assert kernel.satisfies_nm(torch.tensor([[0.0, 1.0, 0.0, 2.0]]), (2, 4))
     assert not kernel.satisfies_nm(torch.tensor([[0.0, 1.0, 3.0, 2.0]]), (2, 4))
+
+
+def test_selection_equals_stable_sort_under_heavy_ties():
+    # The masks come from a selection, not a sort; ties must still go to the lower index exactly.
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        rows, cols = torch.randint(1, 7, (2,), generator=g).tolist()
+        score = torch.randint(0, 3, (rows, cols), generator=g).float()
+        sparsity = torch.randint(0, cols + 1, (), generator=g).item() / cols
+        k = int(cols * sparsity)
+        ref = torch.zeros_like(score, dtype=torch.bool)
+        ref.scatter_(1, torch.sort(score, dim=1, stable=True).indices[:, :k], True)
+        assert torch.equal(kernel.row_mask(score, sparsity), ref)
+        flat, kf = score.reshape(-1), int(score.numel() * sparsity)
+        ref_m = torch.zeros(flat.numel(), dtype=torch.bool)
+        ref_m[torch.sort(flat, stable=True).indices[:kf]] = True
+        assert torch.equal(kernel.matrix_mask(score, sparsity), ref_m.reshape(score.shape))
