@@ -1,0 +1,323 @@
+"""Benchmark the streamed pruner against the in-memory approach on one checkpoint and one setting.
+
+    python tools/bench_prune.py MODEL_DIR --nsamples 4 --seqlen 128 --device cpu
+    python tools/bench_prune.py MODEL_DIR --runs streamer,streamer-no-prefetch,in-memory --json out.json
+
+Every run is its own process: `streamer` is `wanda-stream prune`, `streamer-no-prefetch` the same
+with --no-prefetch (block reads and shard writes in series with the compute), and `in-memory`
+loads the whole model with transformers, prunes it layer by layer with the same Wanda kernel
+(the original Wanda code's loop) and saves it with save_pretrained. For each the table shows wall
+time, peak RSS (the kernel's ru_maxrss of the child), bytes that reached the disk (read_bytes,
+write_bytes of /proc/<pid>/io, read just before the child is reaped) and bytes passed through
+read()/write() including page-cache hits (rchar, wchar), and blocks per second. Page caches are
+dropped before each run when permitted (root), so read_bytes counts real reads. A run that fails
+(killed, or out of memory under the --mem-limit address-space cap) is shown with its status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+
+RUNS = ("streamer", "streamer-no-prefetch", "in-memory")
+IO_FIELDS = ("rchar", "wchar", "read_bytes", "write_bytes", "cancelled_write_bytes")
+OOM_MARKERS = ("can't allocate memory", "Cannot allocate memory", "MemoryError", "out of memory", "std::bad_alloc")
+GiB = 2**30
+
+
+# ---- measuring a child process ------------------------------------------------------------
+def read_proc_io(pid: int) -> dict[str, int] | None:
+    """The /proc/<pid>/io counters (whole process, all threads), or None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/io") as f:
+            pairs = (line.split(":") for line in f if ":" in line)
+            return {k.strip(): int(v) for k, v in pairs if k.strip() in IO_FIELDS}
+    except (OSError, ValueError):
+        return None
+
+
+def drop_caches() -> bool:
+    """Write back and drop the page cache so the next run's reads come from the disk; False if not allowed."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def _limit_memory(limit: int) -> Any:
+    def apply() -> None:
+        # An address-space cap makes a too-large allocation fail inside the child instead of
+        # letting the kernel's OOM killer pick a victim on a shared machine.
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    return apply
+
+
+def measure(cmd: list[str], log: Path, mem_limit: int, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run `cmd` and return its status, wall time, peak RSS and I/O counters.
+
+    The child is waited for without being reaped (waitid WNOWAIT), so its final /proc/<pid>/io
+    is still readable; then wait4 reaps it and gives its rusage (peak RSS), even when it was killed.
+    """
+    with open(log, "w") as out:
+        t0 = time.monotonic()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                preexec_fn=_limit_memory(mem_limit) if mem_limit else None)
+        last_io: dict[str, int] | None = None
+        while True:
+            info = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            io = read_proc_io(proc.pid)
+            last_io = io or last_io
+            if info is not None:
+                break
+            time.sleep(0.2)
+        wall = time.monotonic() - t0
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    tail = log.read_text(errors="replace")[-4000:]
+    rc = proc.returncode
+    if rc == 0:
+        state = "ok"
+    elif rc == -signal.SIGKILL:
+        state = "OOM (killed)"
+    elif any(m in tail for m in OOM_MARKERS):
+        state = f"OOM (allocation failed under the {mem_limit / GiB:.0f} GiB cap)" if mem_limit else "OOM"
+    else:
+        state = f"failed (exit {rc})"
+    return {"status": state, "exit": rc, "wall_s": round(wall, 2), "peak_rss_bytes": usage.ru_maxrss * 1024,
+            "io": last_io or {}, "log_tail": tail[-1500:] if rc else ""}
+
+
+# ---- the in-memory approach (runs in the child) ---------------------------------------------
+def in_memory_prune(model_dir: str, out_dir: str, nsamples: int, seqlen: int, sparsity: float, seed: int,
+                    device: str, compute_dtype: str, batch: int) -> None:
+    """Load the whole model with transformers, prune every decoder linear with Wanda, save it.
+
+    The loop of the original Wanda code: catch block 0's inputs, then for each block sum the
+    squared inputs of its linears, mask them with the same kernel as the streamer, and run the
+    pruned block to get the next block's inputs. Everything stays in memory.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from wanda_stream import calib, kernel
+    from wanda_stream.checkpoint import Checkpoint
+    from wanda_stream.prune import linear_modules
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[compute_dtype]
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
+    model.eval()
+    ckpt = Checkpoint(model_dir)
+    stored_dtype = next(i.dtype for i in ckpt.tensors.values() if i.dtype.is_floating_point)
+    tok = calib.load_tokenizer(Path(model_dir))
+    ids = calib.sample_windows(calib.documents("pydoc"), tok, nsamples, seqlen, seed, "pydoc")
+    layers = model.get_decoder().layers
+    inputs: list[tuple[torch.Tensor, dict[str, Any]]] = []
+
+    class Caught(Exception):
+        pass
+
+    def catch(_: Any, args: tuple, kwargs: dict[str, Any]) -> None:
+        hs = args[0] if args else kwargs.pop("hidden_states")
+        kw = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "hidden_states")}
+        kw["use_cache"] = False
+        inputs.append((hs, kw))
+        raise Caught
+
+    handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+    with torch.no_grad():
+        for s in range(0, nsamples, batch):
+            try:
+                model(input_ids=ids[s : s + batch].to(device), use_cache=False)
+            except Caught:
+                pass
+    handle.remove()
+    with torch.no_grad():
+        for layer in layers:
+            sums: dict[str, torch.Tensor] = {}
+            hooks = []
+            for name, mod in linear_modules(layer).items():
+                sums[name] = torch.zeros(mod.in_features, dtype=torch.float64, device=device)
+                def hook(m: Any, args: tuple, out: Any, name: str = name) -> None:
+                    sums[name] += kernel.column_sq_sum(args[0])
+
+                hooks.append(mod.register_forward_hook(hook))
+            for hs, kw in inputs:
+                layer(hs, **kw)
+            for h in hooks:
+                h.remove()
+            for name, mod in linear_modules(layer).items():
+                mod.weight.masked_fill_(kernel.wanda_mask(mod.weight, sums[name], sparsity), 0)
+            inputs = [((lambda o: o[0] if isinstance(o, tuple) else o)(layer(hs, **kw)), kw) for hs, kw in inputs]
+    model.to(stored_dtype)
+    model.save_pretrained(out_dir, max_shard_size="5GB")
+
+
+# ---- the benchmark --------------------------------------------------------------------------
+def checkpoint_facts(model_dir: Path) -> dict[str, Any]:
+    from wanda_stream.stream import open_model
+
+    ckpt, sk = open_model(model_dir)
+    return {"bytes": ckpt.total_bytes(), "file_bytes": sum((model_dir / f).stat().st_size for f in ckpt.files),
+            "n_layers": sk.n_layers, "hidden": sk.hidden_size(), "model_type": sk.model.config.model_type}
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    out = {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(psutil.virtual_memory().total / GiB, 1),
+           "gpu": None, "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+           "torch": torch.__version__}
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name(0)
+    return out
+
+
+def command(kind: str, a: argparse.Namespace, out: Path) -> list[str]:
+    if kind == "in-memory":
+        spec = json.dumps({"model_dir": str(a.model_dir), "out_dir": str(out), "nsamples": a.nsamples,
+                           "seqlen": a.seqlen, "sparsity": a.sparsity, "seed": a.seed, "device": a.device,
+                           "compute_dtype": a.compute_dtype_resolved, "batch": a.batch_size_resolved})
+        return [sys.executable, str(Path(__file__).resolve()), "--in-memory-child", spec]
+    cmd = [sys.executable, "-m", "wanda_stream", "prune", str(a.model_dir), str(out), "--calib", a.calib,
+           "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen), "--sparsity", str(a.sparsity),
+           "--seed", str(a.seed), "--device", a.device, "--compute-dtype", a.compute_dtype_resolved,
+           "--batch-size", str(a.batch_size_resolved), "--quiet", "--overwrite"]
+    if kind == "streamer-no-prefetch":
+        cmd.append("--no-prefetch")
+    return cmd
+
+
+def fmt_table(results: list[dict[str, Any]], facts: dict[str, Any]) -> str:
+    """The results as a Markdown table."""
+    def gb(n: int | None) -> str:
+        return "-" if n is None else f"{n / 1e9:.2f}"
+
+    rows = ["| run | status | wall (s) | peak RSS (GiB) | read_bytes (GB) | rchar (GB) | write_bytes (GB) "
+            "| wchar (GB) | blocks/s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        io = r["io"]
+        ok = r["status"] == "ok"
+        bps = f"{facts['n_layers'] / r['wall_s']:.3f}" if ok else "-"
+        rows.append(f"| {r['run']} | {r['status']} | {r['wall_s']:.1f} | {r['peak_rss_bytes'] / GiB:.2f} | "
+                    f"{gb(io.get('read_bytes'))} | {gb(io.get('rchar'))} | {gb(io.get('write_bytes'))} | "
+                    f"{gb(io.get('wchar'))} | {bps} |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the selected approaches one after another and print the table."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--in-memory-child"]:
+        in_memory_prune(**json.loads(argv[1]))
+        return 0
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model_dir", type=Path)
+    p.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {','.join(RUNS)}")
+    p.add_argument("--work", type=Path, default=None, help="where outputs go (default: next to MODEL_DIR); "
+                   "each is deleted after its run unless --keep-outputs")
+    p.add_argument("--calib", default="pydoc")
+    p.add_argument("--nsamples", type=int, default=4)
+    p.add_argument("--seqlen", type=int, default=128)
+    p.add_argument("--sparsity", type=float, default=0.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--compute-dtype", default="auto", help="auto: float32 on CPU, the checkpoint's dtype on GPU")
+    p.add_argument("--batch-size", type=int, default=None, help="windows per micro-batch (default min(8, nsamples))")
+    p.add_argument("--mem-limit", default="auto",
+                   help="address-space cap per run, e.g. 16GiB; 0 = none; auto = 75%% of available RAM on CPU, "
+                        "none on CUDA (the CUDA runtime reserves far more address space than it uses)")
+    p.add_argument("--no-drop-caches", action="store_true", help="keep the page cache between runs")
+    p.add_argument("--keep-outputs", action="store_true")
+    p.add_argument("--json", type=Path, default=None, help="also write every figure to this file")
+    a = p.parse_args(argv)
+
+    from wanda_stream.commands import parse_size
+    from wanda_stream.config import resolve_compute_dtype
+    from wanda_stream.stream import checkpoint_dtype, open_model
+
+    a.model_dir = a.model_dir.resolve()
+    ckpt, sk = open_model(a.model_dir)
+    a.compute_dtype_resolved = resolve_compute_dtype(a.compute_dtype, "cpu" if a.device == "cpu" else "cuda",
+                                                     checkpoint_dtype(ckpt, sk))
+    a.batch_size_resolved = a.batch_size or min(8, a.nsamples)
+    facts = checkpoint_facts(a.model_dir)
+    el = torch.empty(0, dtype=getattr(torch, a.compute_dtype_resolved)).element_size()
+    # One file of calibration hidden states per block (block 0's inputs .. block n-2's outputs).
+    facts["hidden_state_bytes"] = facts["n_layers"] * a.nsamples * a.seqlen * facts["hidden"] * el
+    if a.mem_limit == "auto":
+        mem_limit = 0 if a.device != "cpu" else int(psutil.virtual_memory().available * 0.75)
+    else:
+        mem_limit = parse_size(a.mem_limit, "--mem-limit")
+    work = (a.work or a.model_dir.parent).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    kinds = [k.strip() for k in a.runs.split(",") if k.strip()]
+    unknown = set(kinds) - set(RUNS)
+    if unknown:
+        p.error(f"unknown runs: {', '.join(sorted(unknown))}")
+    results = []
+    dropped = True
+    for kind in kinds:
+        out = work / f"bench-{kind}"
+        shutil.rmtree(out, ignore_errors=True)
+        dropped = (not a.no_drop_caches and drop_caches()) and dropped
+        print(f"running {kind} ...", file=sys.stderr, flush=True)
+        r = measure(command(kind, a, out), work / f"bench-{kind}.log", mem_limit)
+        r["run"] = kind
+        results.append(r)
+        print(f"  {r['status']} in {r['wall_s']:.1f} s, peak RSS {r['peak_rss_bytes'] / GiB:.2f} GiB",
+              file=sys.stderr, flush=True)
+        if not a.keep_outputs:
+            shutil.rmtree(out, ignore_errors=True)
+    m = machine()
+    settings = (f"{facts['model_type']}, {facts['n_layers']} blocks, checkpoint {facts['bytes'] / 1e9:.2f} GB "
+                f"({facts['file_bytes'] / 1e9:.2f} GB of files); {a.sparsity:.0%} wanda, {a.nsamples} x {a.seqlen} "
+                f"tokens of {a.calib}, device {a.device}, compute {a.compute_dtype_resolved}, micro-batch "
+                f"{a.batch_size_resolved}; calibration hidden states {facts['hidden_state_bytes'] / 1e9:.2f} GB")
+    print(f"machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM, GPU: {m['gpu'] or 'none'}; {m['date']}")
+    print(f"setting: {settings}")
+    print(f"page cache dropped before each run: {'yes' if dropped and not a.no_drop_caches else 'no'}; "
+          f"memory cap per run: {f'{mem_limit / GiB:.1f} GiB (RLIMIT_AS)' if mem_limit else 'none'}")
+    print()
+    print(fmt_table(results, facts))
+    print()
+    for r in results:
+        io = r["io"]
+        if r["status"] == "ok" and io:
+            print(f"{r['run']}: read_bytes / checkpoint = {io['read_bytes'] / facts['file_bytes']:.3f}; "
+                  f"write_bytes / (checkpoint + hidden states) = "
+                  f"{io['write_bytes'] / (facts['file_bytes'] + facts['hidden_state_bytes']):.3f}; "
+                  f"cancelled_write_bytes {io.get('cancelled_write_bytes', 0) / 1e9:.2f} GB")
+        elif r["status"] != "ok":
+            print(f"{r['run']}: {r['status']}; last output:\n    " + "\n    ".join(r["log_tail"].splitlines()[-4:]))
+    if a.json:
+        a.json.write_text(json.dumps({"machine": m, "setting": settings, "facts": facts, "mem_limit": mem_limit,
+                                      "caches_dropped": dropped and not a.no_drop_caches, "results": results},
+                                     indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
