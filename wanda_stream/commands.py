@@ -16,9 +16,11 @@ import torch
 
 from wanda_stream import calib
 from wanda_stream.config import RunConfig, resolve_compute_dtype, resolve_device
-from wanda_stream.errors import InputError
+from wanda_stream.errors import InputError, Interrupted
 from wanda_stream.report import Progress
-from wanda_stream.state import RUN_FILE, StopFlag, WorkDir
+from wanda_stream.state import (
+    REPORT_NAME, RUN_FILE, StopFlag, WorkDir, checkpoint_fingerprint, resume_command,
+)
 
 MAX_AUTO_BATCH = 8
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -73,7 +75,7 @@ def build_prune_config(args: argparse.Namespace) -> tuple[RunConfig, Any]:
                       eval_windows=args.eval_windows)
     probe.validate()
     ckpt, sk = open_model(model_dir)
-    fp = ckpt.fingerprint()
+    fp = checkpoint_fingerprint(ckpt)
     config = sk.model.config
     _check_seqlen(config, args.seqlen, "--seqlen")
     if args.eval_seqlen is not None:
@@ -81,14 +83,16 @@ def build_prune_config(args: argparse.Namespace) -> tuple[RunConfig, Any]:
     device = resolve_device(args.device)
     dtype_name = resolve_compute_dtype(args.compute_dtype, device, checkpoint_dtype(ckpt, sk))
     ckpt.close()
-    saved = _saved_config(work_dir) if args.resume else None
+    saved = _saved_config(work_dir, output_dir) if args.resume else None
     if saved is not None and args.batch_size is None and args.max_activation_memory is None:
         batch = saved.batch_size  # the same micro-batches make a resumed run's bytes identical
     else:
         batch = auto_batch(args, config, args.seqlen, _dtype(dtype_name),
                            args.nsamples)
+    nm = probe.nm
+    sparsity = nm[0] / nm[1] if nm else args.sparsity  # N:M fixes the sparsity; record the real one
     cfg = RunConfig(
-        str(model_dir), str(output_dir), str(work_dir), sparsity=args.sparsity, pattern=args.pattern,
+        str(model_dir), str(output_dir), str(work_dir), sparsity=sparsity, pattern=args.pattern,
         method=args.method, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
         device=device, compute_dtype=dtype_name, batch_size=batch, eval_data=args.eval_data,
         eval_windows=args.eval_windows, eval_seqlen=args.eval_seqlen, keep_work_dir=args.keep_work_dir,
@@ -105,11 +109,27 @@ def _dtype(name: str) -> torch.dtype:
     return DTYPE_NAMES[name]
 
 
-def _saved_config(work_dir: Path) -> RunConfig | None:
-    path = work_dir / RUN_FILE
-    if not path.is_file():
+def _saved_config(work_dir: Path, output_dir: Path) -> RunConfig | None:
+    """The configuration of an earlier run: from its work dir, or from the report of a finished output.
+
+    The report matters once the work dir is gone: the automatic batch size depends on free memory,
+    and a requeued --resume of a finished run must recognise it rather than see a different run.
+    """
+    if (work_dir / RUN_FILE).is_file():
+        return RunConfig.from_json(WorkDir(work_dir).load_run()["config"])
+    try:
+        return RunConfig.from_json(json.loads((output_dir / REPORT_NAME).read_text())["config"])
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    return RunConfig.from_json(WorkDir(work_dir).load_run()["config"])
+
+
+def human_bytes(n: int) -> str:
+    """1536 -> '1.5 KiB': sizes in refusals are read by people deciding what to free."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
 
 
 def check_resources(cfg: RunConfig, sk: Any, total_bytes: int, largest_block: int, eval_windows: int) -> None:
@@ -131,7 +151,7 @@ def check_resources(cfg: RunConfig, sk: Any, total_bytes: int, largest_block: in
         total_need = need_out + states if same_fs else need
         if total_need > free:
             raise InputError(
-                f"{path}: needs about {total_need / 2**30:.2f} GiB free for {what}, has {free / 2**30:.2f} GiB; "
+                f"{path}: needs about {human_bytes(total_need)} free for {what}, has {human_bytes(free)}; "
                 "free space or choose another --work-dir / output directory"
             )
     scale = max(1, el // 2) if cfg.device == "cpu" else 1
@@ -139,15 +159,23 @@ def check_resources(cfg: RunConfig, sk: Any, total_bytes: int, largest_block: in
     avail = psutil.virtual_memory().available
     if cfg.device == "cpu" and need_ram > avail:
         raise InputError(
-            f"these settings need about {need_ram / 2**30:.2f} GiB of RAM, {avail / 2**30:.2f} GiB is available; "
+            f"these settings need about {human_bytes(need_ram)} of RAM, {human_bytes(avail)} is available; "
             "lower --batch-size or --max-activation-memory, or use a bigger machine"
         )
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from wanda_stream.prune import PruneRun, prepare
+    """Prune, resume, or do nothing for a finished run; refuses early when disk or memory cannot fit."""
+    from wanda_stream.checkpoint import Checkpoint
+    from wanda_stream.prune import PruneRun, output_is_finished, prepare
 
     cfg, (fp, sk) = build_prune_config(args)
+    if args.overwrite or not (args.resume and output_is_finished(cfg)):
+        # Before prepare() creates the run: a refusal here leaves nothing behind to --resume or --overwrite.
+        ckpt = Checkpoint(cfg.model_dir)
+        largest = max(sum(t.nbytes for k, t in ckpt.tensors.items() if k.startswith(sk.block_prefix(i)))
+                      for i in range(sk.n_layers))
+        check_resources(cfg, sk, ckpt.total_bytes(), largest, cfg.eval_windows or 0)
     if not prepare(cfg, fp, args.resume, args.overwrite):
         _say(args, f"{cfg.output_dir}: this run is already complete; nothing to do")
         return 0
@@ -155,9 +183,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
     stop = StopFlag().install()
     try:
         run = PruneRun(cfg, progress, stop)
-        largest = max(sum(run.ckpt.tensors[k].nbytes for k in run.st.block_keys(i)) for i in range(run.n))
-        check_resources(cfg, sk, run.ckpt.total_bytes(), largest, cfg.eval_windows or 0)
         report = run.run()
+    except Interrupted as e:
+        raise Interrupted(f"{e}; state saved in {cfg.work_dir}. Resume with: {resume_command(cfg)}") from None
+    except InputError:
+        WorkDir(Path(cfg.work_dir)).discard_if_unstarted(Path(cfg.output_dir))
+        raise
     finally:
         stop.restore()
         progress.close()
