@@ -7,6 +7,7 @@ signal with the state saved (resume with --resume), 1 unexpected internal error.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -135,15 +136,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wanda-stream: error: {e}", file=sys.stderr)
         return EXIT_INPUT
     except Interrupted as e:
-        print(f"wanda-stream: {e}; state saved. Resume with the same command plus --resume.", file=sys.stderr)
+        print(f"wanda-stream: {e}", file=sys.stderr)  # the message says where the state is and how to resume
         return EXIT_TEMPFAIL
     except KeyboardInterrupt:
         print("wanda-stream: interrupted", file=sys.stderr)
         return EXIT_TEMPFAIL
     except OSError as e:
-        if e.errno in (28, 122):  # ENOSPC, EDQUOT: disk full is the user's to fix, not a bug
-            print(f"wanda-stream: error: disk full writing {e.filename or 'output'}; free space and rerun with "
-                  "--resume", file=sys.stderr)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):  # a full disk is the user's to fix, not a bug
+            where = e.filename or "the output or work directory"
+            print(f"wanda-stream: error: cannot write {where} ({e.strerror}); free space (or raise the file-size "
+                  "limit) and rerun the same command with --resume", file=sys.stderr)
             return EXIT_INPUT
         traceback.print_exc()
         return EXIT_INTERNAL

@@ -67,20 +67,47 @@ def run_status(path: Path) -> dict[str, Any]:
     report = path / REPORT_NAME
     if not work.exists():
         if report.is_file():
-            rep = json.loads(report.read_text())
-            cfg = rep["config"]
-            return {"state": "finished", "model": cfg["model_dir"], "output": cfg["output_dir"],
-                    "method": cfg["method"], "pattern": cfg["pattern"], "sparsity": rep["total_sparsity"],
-                    "can_resume": False}
-        raise InputError(f"{path}: no wanda-stream run here (no {RUN_FILE} and no {REPORT_NAME})")
+            try:
+                rep = json.loads(report.read_text())
+                cfg = rep["config"]
+                blocks = len(rep["blocks"])
+                row = {"state": "finished", "model": cfg["model_dir"], "output": cfg["output_dir"],
+                       "method": cfg["method"], "pattern": cfg["pattern"], "sparsity": cfg["sparsity"],
+                       "blocks_done": blocks, "blocks_total": blocks, "total_sparsity": rep["total_sparsity"],
+                       "can_resume": False}
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise InputError(f"{report}: unreadable report ({e.__class__.__name__}); the output is damaged")
+            if "eval" in rep:
+                row["perplexity"] = rep["eval"]["perplexity"]
+            return row
+        raise InputError(
+            f"{path}: no wanda-stream run here (no {RUN_FILE} and no {REPORT_NAME}); "
+            "pass the output directory or the --work-dir of a run"
+        )
     run = work.load_run()
     state = work.load_state()
-    cfg = run["config"]
-    from wanda_stream.model import load_config
+    from wanda_stream.config import RunConfig
+    from wanda_stream.state import resume_command
 
-    n = load_config(Path(cfg["model_dir"])).get_text_config().num_hidden_layers
-    done = state.stage == "done"
-    return {"state": "finished" if done else "incomplete", "work_dir": str(work.path), "model": cfg["model_dir"],
-            "output": cfg["output_dir"], "method": cfg["method"], "pattern": cfg["pattern"],
-            "blocks_done": f"{state.next_block}/{n}", "can_resume": not done,
-            "resume_with": "wanda-stream prune ... --resume (the original arguments)"}
+    try:
+        cfg = RunConfig.from_json(run["config"])
+    except (KeyError, TypeError) as e:
+        raise InputError(f"{work.path / RUN_FILE}: unreadable run file ({e}); start over with --overwrite") from None
+    row: dict[str, Any] = {
+        "state": "finished" if state.stage == "done" else "incomplete", "work_dir": str(work.path),
+        "model": cfg.model_dir, "output": cfg.output_dir, "method": cfg.method, "pattern": cfg.pattern,
+        "sparsity": cfg.sparsity, "blocks_done": state.next_block,
+    }
+    try:
+        from wanda_stream.model import load_config
+
+        row["blocks_total"] = load_config(Path(cfg.model_dir)).get_text_config().num_hidden_layers
+        row["can_resume"] = state.stage != "done"
+    except InputError as e:
+        # The run is intact but its input is not: resuming would be refused until it is back.
+        row["blocks_total"] = None
+        row["can_resume"] = False
+        row["problem"] = str(e)
+    if row["can_resume"]:
+        row["resume_with"] = resume_command(cfg)
+    return row

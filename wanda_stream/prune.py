@@ -182,10 +182,11 @@ class PruneRun:
         """Remove half-written files and hidden states that the saved state does not use."""
         keep = {self.hidden(name, state.next_block, *t.shape).path.name for name, t in streams.items()}
         for p in self.work.path.iterdir():
-            if p.name.endswith(".partial") or (p.suffix == ".bin" and p.name not in keep):
+            if p.name.endswith((".partial", ".tmp")) or (p.suffix == ".bin" and p.name not in keep):
                 p.unlink()
-        for p in self.out.glob("*.partial"):
-            p.unlink()
+        for pattern in ("*.partial", "*.tmp"):
+            for p in self.out.glob(pattern):
+                p.unlink()
 
     def _block(
         self, i: int, stored: dict[str, torch.Tensor], streams: dict[str, torch.Tensor]
@@ -283,7 +284,8 @@ def copy_side_files(src: Path, dst: Path) -> None:
     fsync_dir(dst)
 
 
-def _output_is_finished(cfg: RunConfig) -> bool:
+def output_is_finished(cfg: RunConfig) -> bool:
+    """The output directory holds this configuration's finished checkpoint (its report is written last)."""
     import json
 
     report = Path(cfg.output_dir) / REPORT_NAME
@@ -295,7 +297,7 @@ def _output_is_finished(cfg: RunConfig) -> bool:
         return False
 
 
-def prepare(cfg: RunConfig, model_fp: str, resume: bool, overwrite: bool) -> bool:
+def prepare(cfg: RunConfig, model_fp: dict[str, Any], resume: bool, overwrite: bool) -> bool:
     """Decide between a new run, a resumed one and nothing to do; returns False when already finished.
 
     Refuses (InputError) to touch an existing run or output unless --resume or --overwrite says how.
@@ -307,8 +309,11 @@ def prepare(cfg: RunConfig, model_fp: str, resume: bool, overwrite: bool) -> boo
     if overwrite:
         shutil.rmtree(work.path, ignore_errors=True)
         if out.exists():
+            # Report and index first: a kill midway must not leave an index naming deleted shards.
+            for name in (REPORT_NAME, INDEX_NAME):
+                (out / name).unlink(missing_ok=True)
             for p in out.iterdir():
-                if p.is_file() and (p.name.startswith("model-") or p.name in (INDEX_NAME, REPORT_NAME)):
+                if p.is_file() and p.name.startswith("model-"):
                     p.unlink()
     elif work.exists():
         if not resume:
@@ -316,8 +321,13 @@ def prepare(cfg: RunConfig, model_fp: str, resume: bool, overwrite: bool) -> boo
                 f"{work.path}: an earlier run is there; add --resume to continue it, or --overwrite to start over"
             )
         check_same_run(work.load_run(), cfg, model_fp, work.path)
-        return work.load_state().stage != "done" or not _output_is_finished(cfg)
-    elif _output_is_finished(cfg):
+        if output_is_finished(cfg):
+            # Killed while removing the work dir after success: the output is complete, finish the cleanup.
+            if not cfg.keep_work_dir:
+                shutil.rmtree(work.path, ignore_errors=True)
+            return False
+        return True
+    elif output_is_finished(cfg):
         if resume:
             return False
         raise InputError(f"{out}: already holds this finished run; nothing to do (use --overwrite to redo it)")

@@ -8,8 +8,10 @@ Files (every change is a temp file, fsync and rename, so a crash leaves the old 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import signal
 import threading
 from dataclasses import dataclass, field
@@ -17,12 +19,13 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from wanda_stream.checkpoint import atomic_write_json
+from wanda_stream.checkpoint import Checkpoint, atomic_write_json
 from wanda_stream.config import RunConfig
 from wanda_stream.errors import InputError
 
 RUN_FILE = "run.json"
 STATE_FILE = "state.json"
+TOKENS_FILE = "tokens.safetensors"
 REPORT_NAME = "wanda_stream.json"
 EX_TEMPFAIL = 75
 KILL_ENV = "WANDA_STREAM_KILL_AT"
@@ -31,16 +34,21 @@ _kill_counts: dict[str, int] = {}
 
 
 def killpoint(name: str) -> None:
-    """Test hook: SIGKILL this process at the named point when WANDA_STREAM_KILL_AT=name[:k] says so."""
+    """Test hook: signal this process at a named point when WANDA_STREAM_KILL_AT=name[:k[:SIG]] says so.
+
+    The k-th time the point is reached (default the first) the process sends itself SIG (KILL by
+    default; TERM or INT exercise the clean-stop path at an exact point instead of a racy moment).
+    """
     spec = os.environ.get(KILL_ENV)
     if not spec:
         return
-    target, _, nth = spec.partition(":")
+    target, _, rest = spec.partition(":")
     if target != name:
         return
+    nth, _, sig = rest.partition(":")
     _kill_counts[name] = _kill_counts.get(name, 0) + 1
     if _kill_counts[name] == int(nth or 1):
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), getattr(signal, f"SIG{sig or 'KILL'}"))
 
 
 @dataclass
@@ -87,27 +95,77 @@ class WorkDir:
         except (OSError, json.JSONDecodeError, KeyError) as e:
             raise InputError(f"{p}: unreadable run state ({e}); start over with --overwrite")
 
-    def create(self, cfg: RunConfig, model_fp: str) -> None:
+    def create(self, cfg: RunConfig, model_fp: dict[str, Any]) -> None:
+        """Start a run: the configuration and input fingerprint, written once."""
         self.path.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.path / RUN_FILE, {"config": cfg.to_json(), "model_fingerprint": model_fp})
 
     def save_state(self, state: RunState) -> None:
+        """Record progress (atomically: a crash leaves the old state or the new one)."""
         atomic_write_json(self.path / STATE_FILE, state.to_json())
 
+    def discard_if_unstarted(self, output_dir: Path) -> None:
+        """Remove a run that failed before doing anything, so the corrected command starts afresh.
 
-def check_same_run(saved: dict, cfg: RunConfig, model_fp: str, where: Path) -> None:
+        Without this, a typo in --calib would leave a run that only --overwrite could clear.
+        """
+        if (self.path / STATE_FILE).exists() or (self.path / TOKENS_FILE).exists():
+            return
+        shutil.rmtree(self.path, ignore_errors=True)
+        try:
+            output_dir.rmdir()  # only when empty: it was created for this run
+        except OSError:
+            pass
+
+
+def checkpoint_fingerprint(ckpt: Checkpoint) -> dict[str, Any]:
+    """What identifies the input checkpoint: a digest plus, per file, its size and header hash.
+
+    The per-file part lets a refusal name the file that changed, not just say that something did.
+    """
+    files = {
+        name: {"size": (ckpt.root / name).stat().st_size,
+               "header_sha256": hashlib.sha256(json.dumps(ckpt.headers[name], sort_keys=True).encode()).hexdigest()}
+        for name in ckpt.files
+    }
+    files["config.json"] = {"size": (ckpt.root / "config.json").stat().st_size,
+                            "sha256": hashlib.sha256((ckpt.root / "config.json").read_bytes()).hexdigest()}
+    return {"sha256": ckpt.fingerprint(), "files": files}
+
+
+def fingerprint_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Human-readable differences between two checkpoint fingerprints, file by file."""
+    a, b = old.get("files", {}), new.get("files", {})
+    out = [f"{n} is missing" for n in sorted(set(a) - set(b))]
+    out += [f"{n} is new" for n in sorted(set(b) - set(a))]
+    for n in sorted(set(a) & set(b)):
+        if a[n].get("size") != b[n].get("size"):
+            out.append(f"{n} size {a[n].get('size')} -> {b[n].get('size')} bytes")
+        elif a[n] != b[n]:
+            out.append(f"{n} {'content' if n == 'config.json' else 'safetensors header'} changed")
+    if not out and old.get("sha256") != new.get("sha256"):
+        out.append("the file list or headers changed")
+    return out
+
+
+def check_same_run(saved: dict, cfg: RunConfig, model_fp: dict[str, Any], where: Path) -> None:
     """Refuse to resume a run whose configuration or input checkpoint changed, naming what differs."""
-    old = RunConfig.from_json(saved["config"])
+    try:
+        old = RunConfig.from_json(saved["config"])
+    except (KeyError, TypeError) as e:
+        raise InputError(f"{where / RUN_FILE}: unreadable run file ({e}); start over with --overwrite") from None
     diffs = old.differences(cfg)
     if diffs:
         raise InputError(
             f"{where}: holds a run with a different configuration ({'; '.join(diffs)}); "
             "use the original arguments, or --overwrite to start over"
         )
-    if saved.get("model_fingerprint") != model_fp:
+    saved_fp = saved.get("model_fingerprint")
+    if not isinstance(saved_fp, dict) or saved_fp.get("sha256") != model_fp.get("sha256"):
+        what = fingerprint_differences(saved_fp, model_fp) if isinstance(saved_fp, dict) else ["unknown"]
         raise InputError(
-            f"{where}: the input checkpoint {cfg.model_dir} changed since this run started (files, sizes or headers "
-            "differ); restore it, or --overwrite to start over"
+            f"{where}: the input checkpoint {cfg.model_dir} changed since this run started ({'; '.join(what)}); "
+            "restore it, or --overwrite to start over"
         )
 
 
@@ -135,3 +193,30 @@ class StopFlag:
         for s, h in self._old.items():
             signal.signal(s, h)
         self._old.clear()
+
+
+def resume_command(cfg: RunConfig) -> str:
+    """The command line that continues this run, rebuilt from its saved configuration."""
+    import shlex
+
+    args = ["wanda-stream", "prune", cfg.model_dir, cfg.output_dir]
+    if cfg.nm is None:
+        args += ["--sparsity", repr(cfg.sparsity)]
+    else:
+        args += ["--pattern", cfg.pattern]
+    args += ["--method", cfg.method]
+    # All of them even for magnitude: they are part of the saved configuration a resume must match.
+    args += ["--calib", cfg.calib, "--nsamples", str(cfg.nsamples), "--seqlen", str(cfg.seqlen), "--seed", str(cfg.seed)]
+    if cfg.eval_data:
+        args += ["--eval-data", cfg.eval_data]
+        if cfg.eval_windows is not None:
+            args += ["--eval-windows", str(cfg.eval_windows)]
+        if cfg.eval_seqlen is not None:
+            args += ["--eval-seqlen", str(cfg.eval_seqlen)]
+    if Path(cfg.work_dir) != Path(cfg.output_dir) / ".wanda-stream":
+        args += ["--work-dir", cfg.work_dir]
+    if cfg.keep_work_dir:
+        args += ["--keep-work-dir"]
+    args += ["--device", cfg.device, "--compute-dtype", cfg.compute_dtype, "--batch-size", str(cfg.batch_size),
+             "--resume"]
+    return shlex.join(args)
