@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from wanda_stream import calib
 from wanda_stream.activations import HiddenFile
 from wanda_stream.config import DTYPE_NAMES, resolve_compute_dtype
@@ -62,3 +64,30 @@ def evaluate(
     return {"perplexity": math.exp(nll / count), "tokens": count, "windows": n, "seqlen": seqlen,
             "seconds": round(time.monotonic() - t0, 3), "peak_rss_bytes": peak_rss_bytes(),
             "model_dir": str(model_dir), "data": data}
+
+
+def streamed_logits(model_dir: Path, tokens: torch.Tensor, device: str, work_dir: Path,
+                    dtype: torch.dtype = torch.float32, batch: int = 2) -> tuple[torch.Tensor, float]:
+    """Logits [n, seqlen, vocab] of token windows and their mean next-token NLL, streamed one block at a time.
+
+    The dense forward of the streamer, for checking it against the whole model held in transformers.
+    """
+    ckpt, sk = open_model(model_dir)
+    st = Streamer(ckpt, sk, device, dtype, prefetch=False)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    n, seqlen = tokens.shape
+    files = [HiddenFile(work_dir / f"logits_{i}.bin", n, seqlen, st.hidden, dtype) for i in range(2)]
+    try:
+        st.embed_windows(tokens, files[0], batch)
+        for i in range(sk.n_layers):
+            layer = st.load_block(i, st.block_tensors(i))
+            st.run_block(i, layer, files[i % 2], batch, dst=files[(i + 1) % 2])
+            sk.layers[i].to_empty(device="meta")
+        last = files[sk.n_layers % 2]
+        nll, count = st.final_nll(last, tokens, batch)
+        logits = st.final_logits(last, batch)
+    finally:
+        st.close()
+        for f in files:
+            f.path.unlink(missing_ok=True)
+    return logits, nll / count

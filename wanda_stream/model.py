@@ -19,8 +19,27 @@ from torch import nn
 from wanda_stream.checkpoint import Checkpoint
 from wanda_stream.errors import InputError
 
-# Families whose structure is discovered generically and that the tests cover.
-TESTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "olmo2", "gpt_neox", "opt")
+# The family table: every model_type tests/test_families.py runs (streamed dense forward equals
+# transformers' logits; streamed prune equals an in-memory reference), and what it exercises there.
+# No family needs code of its own in transformers 5: the parts are discovered from the model and the
+# checkpoint layout comes from transformers' conversion mapping (layout.py). A family that ever needs
+# a special case gets it here, not as a condition elsewhere.
+FAMILIES: dict[str, str] = {
+    "llama": "grouped-query attention, rotary, untied head",
+    "mistral": "sliding-window attention mask",
+    "qwen2": "q/k/v biases, tied embeddings",
+    "qwen3": "q/k norms",
+    "gemma2": "scaled embedding, (1+w) norms, attention and final logit softcapping, sliding layers",
+    "gemma3_text": "per-layer sliding/full attention types, local rotary, scaled embedding",
+    "phi3": "fused qkv_proj and gate_up_proj linears",
+    "olmo2": "post-norms, q/k norms",
+    "gpt_neox": "gpt_neox.layers, fused query_key_value, partial rotary, embed_out renamed to lm_head",
+    "opt": "decoder nesting (model.decoder), learned positions, project_in/project_out, post-norm",
+    "mixtral": "MoE: per-expert w1/w2/w3 on disk fused into gate_up_proj/down_proj, router never pruned",
+    "qwen2_moe": "MoE with shared expert; shared_expert_gate and router never pruned; dense-MLP layers mixed in",
+    "qwen3_moe": "MoE: per-expert gate/up/down on disk, q/k norms",
+}
+TESTED_FAMILIES = tuple(FAMILIES)
 
 
 def load_config(model_dir: Path) -> Any:
@@ -48,19 +67,26 @@ def build_skeleton(config: Any) -> nn.Module:
         ) from None
 
 
-def _find_layers(base: nn.Module, n_layers: int) -> tuple[str, nn.ModuleList]:
+def _find_layers(base: nn.Module, n_layers: int, model_type: str) -> tuple[str, nn.ModuleList]:
     """The base model's ModuleList of decoder blocks: the one of length num_hidden_layers."""
     found = [(n, m) for n, m in base.named_children() if isinstance(m, nn.ModuleList) and len(m) == n_layers]
     if len(found) != 1:
         raise InputError(
-            f"cannot find the list of {n_layers} decoder blocks in {type(base).__name__}; this family is not supported"
+            f"model_type '{model_type}' is not supported: its base model {type(base).__name__} has no single list of "
+            f"{n_layers} decoder blocks as a direct child (an encoder or nested layout); supported and tested: "
+            f"{', '.join(TESTED_FAMILIES)}"
         )
     return found[0]
 
 
 @dataclass
 class Skeleton:
-    """A meta-device model plus the names that tie its parts to checkpoint keys."""
+    """A meta-device model plus the names that tie its parts to checkpoint keys.
+
+    `tied` maps tied parameters to the parameter they share (transformers' all_tied_weights_keys);
+    after `bind`, `layout` maps checkpoint keys to parameters and `sources` names the checkpoint key
+    of every parameter stored under another name (tied, or renamed by transformers' conversion mapping).
+    """
 
     model: nn.Module
     base: nn.Module
@@ -68,6 +94,8 @@ class Skeleton:
     base_prefix: str
     layers_prefix: str
     tied: dict[str, str] = field(default_factory=dict)
+    layout: Any = None
+    sources: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, config: Any) -> "Skeleton":
@@ -77,9 +105,20 @@ class Skeleton:
         if base_prefix is None or base_prefix == "":
             raise InputError(f"model_type '{config.model_type}': no decoder inside the causal LM; not supported")
         text_config = config.get_text_config()
-        lname, layers = _find_layers(base, text_config.num_hidden_layers)
+        lname, layers = _find_layers(base, text_config.num_hidden_layers, config.model_type)
         tied = dict(getattr(model, "all_tied_weights_keys", {}) or {})
-        return cls(model, base, layers, base_prefix, f"{base_prefix}.{lname}", tied)
+        return cls(model, base, layers, base_prefix, f"{base_prefix}.{lname}", tied, sources=dict(tied))
+
+    def bind(self, keys: list[str]) -> None:
+        """Tie the skeleton to a checkpoint's keys: its layout, and where each parameter is read from."""
+        from wanda_stream.layout import Layout
+
+        self.layout = Layout(self.model, keys)
+        self.sources = {}
+        for name, _ in self.model.named_parameters(remove_duplicate=False):
+            src = self.layout.source_key(name, self.tied)
+            if src is not None and src != name:
+                self.sources[name] = src
 
     @property
     def n_layers(self) -> int:
@@ -154,9 +193,18 @@ def _init_nonpersistent_buffers(
             continue
         for b in names:
             sub._buffers[b] = torch.empty_like(sub._buffers[b], device=device)
-        # transformers recomputes these (e.g. rotary inv_freq) in the model's own init.
-        with torch.no_grad():
-            skeleton_model._init_weights(sub)
+        # transformers recomputes these (e.g. rotary inv_freq) in the model's own init. That init also
+        # re-draws the module's own parameters (Gemma's scaled embedding holds a buffer and a weight),
+        # so it sees meta stand-ins for them and the loaded weights are put back afterwards.
+        loaded = dict(sub._parameters)
+        for pname, p in loaded.items():
+            if p is not None:
+                sub._parameters[pname] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+        try:
+            with torch.no_grad():
+                skeleton_model._init_weights(sub)
+        finally:
+            sub._parameters.update(loaded)
     for mname, sub in module.named_modules():
         for b, buf in sub._buffers.items():
             if buf is not None and buf.is_meta and b not in sub._non_persistent_buffers_set:

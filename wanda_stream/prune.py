@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from wanda_stream import calib, kernel
+from wanda_stream import calib, experts, kernel
 from wanda_stream.activations import HiddenFile
 from wanda_stream.checkpoint import (
     INDEX_NAME, atomic_write_bytes, atomic_write_json, fsync_dir, read_header, write_shard,
@@ -40,14 +40,18 @@ def shard_name(index: int, total: int) -> str:
 
 
 def linear_modules(layer: nn.Module) -> dict[str, nn.Linear]:
-    """Every nn.Linear inside a block, by relative name: the matrices that get pruned."""
-    return {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+    """Every nn.Linear inside a block but MoE routers/gates, by relative name: the dense matrices that get pruned."""
+    routers = experts.router_names(layer)
+    return {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear) and n not in routers}
 
 
 def collect_stats(
     st: Streamer, i: int, layer: nn.Module, src: HiddenFile, batch: int, stop: StopFlag
 ) -> dict[str, torch.Tensor] | None:
-    """Per-input-column sums of squares of every linear's inputs over all calibration tokens."""
+    """Per-input-column sums of squares of every linear's inputs over all calibration tokens.
+
+    Fused MoE experts get one entry per expert that received tokens, over the tokens routed to it.
+    """
     sums: dict[str, torch.Tensor] = {}
     handles = []
     for name, mod in linear_modules(layer).items():
@@ -57,36 +61,52 @@ def collect_stats(
             sums[name] += kernel.column_sq_sum(args[0])
 
         handles.append(mod.register_forward_hook(hook))
+    per_expert = experts.ExpertStats(st.sk.model, layer)
     try:
-        finished = st.run_block(i, layer, src, batch, dst=None, stop=stop)
+        with per_expert:
+            finished = st.run_block(i, layer, src, batch, dst=None, stop=stop)
     finally:
         for h in handles:
             h.remove()
-    return sums if finished else None
+    if not finished:
+        return None
+    sums.update(per_expert.results())
+    return sums
 
 
 def prune_block(
     cfg: RunConfig, st: Streamer, i: int, layer: nn.Module, stored: dict[str, torch.Tensor],
     sums: dict[str, torch.Tensor] | None,
 ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
-    """Mask every linear of block i; returns the output tensors (stored dtype) and per-matrix records."""
+    """Mask every linear and expert matrix of block i; returns the output tensors (stored dtype) and records.
+
+    Per-expert tensors are masked in the checkpoint's own layout; an expert no calibration token was
+    routed to falls back to magnitude, and its record says so.
+    """
     out = dict(stored)
     records = []
-    prefix = st.sk.block_prefix(i)
-    for name, mod in linear_modules(layer).items():
-        key = prefix + name + ".weight"
+    linears = linear_modules(layer)
+    for key, name in experts.prunable_keys(st.sk, i, layer, stored, linears).items():
         w = stored[key]
         wd = w.to(st.device)
-        if cfg.method == "wanda":
+        fallback = cfg.method == "wanda" and name not in sums
+        if cfg.method == "wanda" and not fallback:
             mask = kernel.wanda_mask(wd, sums[name], cfg.sparsity, cfg.nm)
         else:
             mask = kernel.magnitude_mask(wd, cfg.sparsity, cfg.nm)
         out[key] = kernel.apply_mask(wd, mask).to("cpu")
-        with torch.no_grad():
-            mod.weight.masked_fill_(mask, 0)
+        if name in linears:
+            with torch.no_grad():
+                linears[name].weight.masked_fill_(mask, 0)
         zeros = int((out[key] == 0).sum())
-        records.append({"name": key, "shape": list(w.shape), "dtype": str(w.dtype).removeprefix("torch."),
-                        "sparsity": zeros / w.numel()})
+        record = {"name": key, "shape": list(w.shape), "dtype": str(w.dtype).removeprefix("torch."),
+                  "sparsity": zeros / w.numel()}
+        if fallback:
+            record["fallback"] = "magnitude: no calibration token was routed to this expert"
+        records.append(record)
+    if experts.expert_params(layer):
+        # The fused expert parameters are rebuilt from the pruned per-expert tensors, as transformers loads them.
+        st.load_block(i, out)
     return out, records
 
 

@@ -30,26 +30,18 @@ def open_model(model_dir: Path) -> tuple[Checkpoint, Skeleton]:
     ckpt = Checkpoint(model_dir)
     config = load_config(model_dir)
     sk = Skeleton.from_config(config)
+    sk.bind(ckpt.keys())
     check_tensors(ckpt, sk)
     return ckpt, sk
 
 
 def check_tensors(ckpt: Checkpoint, sk: Skeleton) -> None:
-    """Every parameter of the skeleton is in the checkpoint with the right shape, and no block key is unknown."""
+    """Every parameter of the skeleton is in the checkpoint with the right shape, and no block key is unknown.
+
+    Checked through the checkpoint layout (renamed keys, per-expert tensors fused on load), on shapes only.
+    """
     params = dict(sk.model.named_parameters(remove_duplicate=False))
-    for name, p in params.items():
-        key = name if name in ckpt.tensors else sk.tied.get(name, name)
-        info = ckpt.tensors.get(key)
-        if info is None:
-            raise InputError(f"{ckpt.root}: tensor '{name}' is missing; the checkpoint does not match its config.json")
-        if tuple(info.shape) != tuple(p.shape):
-            raise InputError(
-                f"{ckpt.root / info.file}: tensor '{key}' has shape {list(info.shape)}, but config.json implies "
-                f"{list(p.shape)}; the weights and config do not match"
-            )
-    for key in ckpt.tensors:
-        if sk.is_block_key(key) and key not in params:
-            raise InputError(f"{ckpt.root}: unexpected tensor '{key}' for this model type; the layout is not supported")
+    sk.layout.check(ckpt.tensors, params, sk.tied, sk.is_block_key, ckpt.root)
 
 
 def checkpoint_dtype(ckpt: Checkpoint, sk: Skeleton) -> torch.dtype:
@@ -75,6 +67,8 @@ class Streamer:
         self._kwargs: dict[tuple[int, int], dict[int, dict[str, Any]]] = {}
         embed = sk.model.get_input_embeddings()
         self.embed_name = next(n for n, m in sk.base.named_children() if m is embed)
+        # Width of the base model's inputs_embeds: OPT-350m projects 512-wide embeddings to 1024 (project_in).
+        self.embed_dim = int(embed.weight.shape[1])
         self.layers_name = sk.layers_prefix[len(sk.base_prefix) + 1 :]
 
     # ---- reading blocks -------------------------------------------------------------------
@@ -101,7 +95,7 @@ class Streamer:
     def load_block(self, i: int, stored: dict[str, torch.Tensor]) -> nn.Module:
         """Materialize block i on the device, in the compute dtype, from its stored tensors."""
         layer = self.sk.layers[i]
-        view = _DictCheckpoint(self.ckpt.root, stored)
+        view = _DictCheckpoint(self.ckpt.root, self.sk.layout.to_params(stored))
         materialize(layer, self.sk.block_prefix(i), view, self.device, self.dtype, {}, self.sk.model)
         layer.eval()
         return layer
@@ -115,7 +109,7 @@ class Streamer:
     def _stem(self, with_embedding: bool) -> None:
         exclude = (self.layers_name,) if with_embedding else (self.layers_name, self.embed_name)
         materialize(self.sk.base, self.sk.base_prefix + ".", self.ckpt, self.device, self.dtype,
-                    self.sk.tied, self.sk.model, exclude=exclude)
+                    self.sk.sources, self.sk.model, exclude=exclude)
         self.sk.base.eval()
 
     def _release_stem(self) -> None:
@@ -146,7 +140,7 @@ class Streamer:
         if key not in self._kwargs:
             self._stem(with_embedding=False)
             try:
-                dummy = torch.zeros(batch, seqlen, self.hidden, device=self.device, dtype=self.dtype)
+                dummy = torch.zeros(batch, seqlen, self.embed_dim, device=self.device, dtype=self.dtype)
                 sink, _ = run_base_with_recorders(self.sk, None, dummy)
                 self._kwargs[key] = sink.kwargs
             finally:
@@ -188,13 +182,13 @@ class Streamer:
         head = self.sk.model.get_output_embeddings()
         head_name = next(n for n, m in self.sk.model.named_modules() if m is head)
         self._stem(with_embedding=False)
-        materialize(head, head_name + ".", self.ckpt, self.device, self.dtype, self.sk.tied, self.sk.model)
+        materialize(head, head_name + ".", self.ckpt, self.device, self.dtype, self.sk.sources, self.sk.model)
         cap = getattr(self.sk.model.config.get_text_config(), LOGIT_SOFTCAP_ATTR, None)
         total, count_tokens = 0.0, 0
         try:
             for start, count in batches(src.shape[0], batch):
                 h = src.read(start, count).to(self.device)
-                dummy = torch.zeros_like(h)
+                dummy = torch.zeros(*h.shape[:-1], self.embed_dim, device=h.device, dtype=h.dtype)
                 _, normed = run_base_with_recorders(self.sk, None, dummy, inject=h)
                 labels = tokens[start : start + count, 1:].to(self.device)
                 s, n = _chunked_nll(head, normed[:, :-1, :], labels, cap)
@@ -204,6 +198,32 @@ class Streamer:
             self._release_stem()
             release(head)
         return total, count_tokens
+
+    def final_logits(self, src: HiddenFile, batch: int) -> torch.Tensor:
+        """Logits [n, seqlen, vocab] (float32, CPU) from the last block's outputs `src`, as final_nll computes them.
+
+        Holds every window's logits at once: for checking the streamer on a few windows, not for evaluation.
+        """
+        head = self.sk.model.get_output_embeddings()
+        head_name = next(n for n, m in self.sk.model.named_modules() if m is head)
+        self._stem(with_embedding=False)
+        materialize(head, head_name + ".", self.ckpt, self.device, self.dtype, self.sk.sources, self.sk.model)
+        cap = getattr(self.sk.model.config.get_text_config(), LOGIT_SOFTCAP_ATTR, None)
+        out = []
+        try:
+            for start, count in batches(src.shape[0], batch):
+                h = src.read(start, count).to(self.device)
+                dummy = torch.zeros(*h.shape[:-1], self.embed_dim, device=h.device, dtype=h.dtype)
+                _, normed = run_base_with_recorders(self.sk, None, dummy, inject=h)
+                with torch.no_grad():
+                    logits = head(normed).float()
+                if cap:
+                    logits = torch.tanh(logits / cap) * cap
+                out.append(logits.cpu())
+        finally:
+            self._release_stem()
+            release(head)
+        return torch.cat(out)
 
 
 def _chunked_nll(head: nn.Module, h: torch.Tensor, labels: torch.Tensor, cap: float | None) -> tuple[float, int]:

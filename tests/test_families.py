@@ -1,0 +1,276 @@
+"""Every supported family, on a tiny random multi-shard checkpoint, gets two checks:
+
+1. the streamed dense forward gives the logits (and NLL) of the whole model in transformers;
+2. the streamed Wanda prune equals an in-memory reference prune, weight for weight.
+
+Mixture-of-experts families are checkpoints in the hub's per-expert layout; their reference
+computes each expert's statistics from the tokens the router sent it, in its own loop.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+from torch import nn
+
+from tests.helpers import build_tokenizer, load_state_dict
+from tests.reference import _layers, ref_mask, reference_prune
+from wanda_stream import calib
+from wanda_stream.cli import main
+from wanda_stream.evaluate import streamed_logits
+from wanda_stream.model import TESTED_FAMILIES
+
+CALIB_ARGS = ["--calib", "pydoc", "--nsamples", "4", "--seqlen", "32", "--device", "cpu", "--quiet",
+              "--batch-size", "2"]
+DENSE = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+             max_position_embeddings=256)
+ATTN = dict(DENSE, num_key_value_heads=2)
+
+
+def _configs() -> dict[str, Callable[[], Any]]:
+    import transformers as tf
+
+    return {
+        "llama": lambda: tf.LlamaConfig(**ATTN, tie_word_embeddings=False),
+        "mistral": lambda: tf.MistralConfig(**ATTN, sliding_window=16, tie_word_embeddings=False),
+        "qwen2": lambda: tf.Qwen2Config(**ATTN, tie_word_embeddings=True),
+        "qwen3": lambda: tf.Qwen3Config(**ATTN, head_dim=16, tie_word_embeddings=False),
+        "gemma2": lambda: tf.Gemma2Config(**ATTN, head_dim=16, sliding_window=16, query_pre_attn_scalar=16,
+                                          final_logit_softcapping=5.0, attn_logit_softcapping=10.0),
+        "gemma3_text": lambda: tf.Gemma3TextConfig(
+            **ATTN, head_dim=16, sliding_window=16, query_pre_attn_scalar=16,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+        "phi3": lambda: tf.Phi3Config(**ATTN, tie_word_embeddings=False, pad_token_id=0),
+        "olmo2": lambda: tf.Olmo2Config(**ATTN, tie_word_embeddings=False),
+        "gpt_neox": lambda: tf.GPTNeoXConfig(**DENSE, rotary_pct=0.5),
+        "opt": lambda: tf.OPTConfig(vocab_size=300, hidden_size=64, ffn_dim=128, num_hidden_layers=3,
+                                    num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=32,
+                                    do_layer_norm_before=False, pad_token_id=1),
+        # top-1 routing with one expert the router can never pick (see _starve_last_expert)
+        "mixtral": lambda: tf.MixtralConfig(**dict(ATTN, intermediate_size=32), num_local_experts=4,
+                                            num_experts_per_tok=1, tie_word_embeddings=False),
+        "qwen2_moe": lambda: tf.Qwen2MoeConfig(**ATTN, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                                               num_experts=4, num_experts_per_tok=2, mlp_only_layers=[1],
+                                               tie_word_embeddings=False),
+        "qwen3_moe": lambda: tf.Qwen3MoeConfig(**ATTN, head_dim=16, moe_intermediate_size=32, num_experts=4,
+                                               num_experts_per_tok=2, tie_word_embeddings=False),
+    }
+
+
+CONFIGS = _configs()
+MOE = ("mixtral", "qwen2_moe", "qwen3_moe")
+# What the tests know independently of the package: the MoE routers/gates, by module name, and the
+# hub's per-expert checkpoint keys.
+ROUTERS = ("gate", "shared_expert_gate")
+EXPERT_KEY = {"mixtral": "model.layers.{i}.block_sparse_moe.experts.{e}.{w}.weight",
+              "qwen2_moe": "model.layers.{i}.mlp.experts.{e}.{w}.weight",
+              "qwen3_moe": "model.layers.{i}.mlp.experts.{e}.{w}.weight"}
+EXPERT_MATRICES = {"mixtral": ("w1", "w2", "w3"), "qwen2_moe": ("gate_proj", "up_proj", "down_proj"),
+                   "qwen3_moe": ("gate_proj", "up_proj", "down_proj")}
+
+
+def _starve_last_expert(model: nn.Module) -> None:
+    """Router rows v, -v, v/2 for experts 1..3: one of experts 1 and 2 always outscores expert 3 (top-1)."""
+    for layer in _layers(model):
+        w = layer.mlp.gate.weight
+        with torch.no_grad():
+            w[2] = -w[1]
+            w[3] = 0.5 * w[1]
+
+
+TWEAKS: dict[str, Callable[[nn.Module], None]] = {"mixtral": _starve_last_expert}
+
+
+@pytest.fixture(scope="session")
+def family_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """Tiny random checkpoint of a family (float32, 40KB shards, the helpers' tokenizer), built once per session."""
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("families")
+    tok_dir = root / "tokenizer"
+    build_tokenizer(tok_dir)
+    made: dict[str, Path] = {}
+
+    def make(family: str) -> Path:
+        if family in made:
+            return made[family]
+        out = root / family
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(CONFIGS[family]())
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() == 1:  # norms and biases: non-trivial so a bug in them shows
+                    p.copy_(1.0 + 0.1 * torch.randn_like(p))
+                elif p.dim() == 3:  # fused experts: distinct scales per expert
+                    p.copy_(torch.randn_like(p) * 0.05)
+        TWEAKS.get(family, lambda m: None)(model)
+        model.save_pretrained(str(out), max_shard_size="40KB")
+        for f in tok_dir.iterdir():
+            shutil.copy(f, out / f.name)
+        made[family] = out
+        return out
+
+    return make
+
+
+def _windows(model_dir: Path, n: int = 4) -> torch.Tensor:
+    tok = calib.load_tokenizer(model_dir)
+    return calib.sample_windows(calib.documents("pydoc"), tok, n, 32, 0, "pydoc")
+
+
+def test_tested_families_are_the_tested_ones() -> None:
+    assert set(CONFIGS) == set(TESTED_FAMILIES)
+    for family, make in CONFIGS.items():
+        assert make().model_type == family
+
+
+@pytest.mark.parametrize("family", list(CONFIGS))
+def test_streamed_forward_matches_transformers(family: str, family_model: Callable[[str], Path],
+                                               tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model_dir = family_model(family)
+    tokens = _windows(model_dir, 3)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = model(tokens, use_cache=False).logits.float()
+    got, nll = streamed_logits(model_dir, tokens, "cpu", tmp_path / "work")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    want_nll = torch.nn.functional.cross_entropy(want[:, :-1].reshape(-1, want.shape[-1]), tokens[:, 1:].reshape(-1))
+    assert nll == pytest.approx(want_nll.item(), rel=1e-5)
+
+
+def _moe_reference(model_dir: Path, tokens: torch.Tensor, sparsity: float) -> tuple[dict[str, torch.Tensor],
+                                                                                     set[tuple[int, int]]]:
+    """Wanda with the whole MoE model in memory: per-expert statistics from the tokens routed to each expert.
+
+    Returns the pruned state dict (transformers' fused layout) and the (layer, expert) pairs that got
+    no calibration token (pruned by magnitude).
+    """
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    layers = _layers(model)
+    inputs: list[torch.Tensor] = []
+    kwargs: dict[int, list[dict[str, Any]]] = {i: [] for i in range(len(layers))}
+
+    def grab(i: int) -> Callable:
+        def pre(mod: nn.Module, args: tuple, kw: dict) -> None:
+            if i == 0:
+                inputs.append(args[0] if args else kw["hidden_states"])
+            kwargs[i].append(dict(kw))
+        return pre
+
+    hs = [lay.register_forward_pre_hook(grab(i), with_kwargs=True) for i, lay in enumerate(layers)]
+    with torch.no_grad():
+        for t in tokens:
+            model(t.unsqueeze(0), use_cache=False)
+    for h in hs:
+        h.remove()
+    starved: set[tuple[int, int]] = set()
+    for i, layer in enumerate(layers):
+        linears = {n: m for n, m in layer.named_modules()
+                   if isinstance(m, nn.Linear) and n.rpartition(".")[2] not in ROUTERS}
+        sums = {n: torch.zeros(m.in_features, dtype=torch.float64) for n, m in linears.items()}
+        routed: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        def hook(mod: nn.Module, args: tuple, out: Any, n: str) -> None:
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            sums[n] += (x * x).sum(0)
+
+        handles = [m.register_forward_hook(lambda mod, a, o, n=n: hook(mod, a, o, n)) for n, m in linears.items()]
+        experts = getattr(layer.mlp, "experts", None)
+        if experts is not None:
+            handles.append(experts.register_forward_pre_hook(lambda mod, args: routed.append((args[0], args[1]))))
+        with torch.no_grad():
+            for x, kw in zip(inputs, kwargs[i]):
+                layer(x, **kw)
+        for h in handles:
+            h.remove()
+        for n, m in linears.items():
+            mask = ref_mask(m.weight.data, sums[n], sparsity, None, per_matrix=False)
+            with torch.no_grad():
+                m.weight.masked_fill_(mask, 0)
+        if experts is not None:
+            gate_up, down = experts.gate_up_proj.data, experts.down_proj.data
+            inter = down.shape[-1]
+            for e in range(gate_up.shape[0]):
+                xs = torch.cat([h[(idx == e).any(dim=-1)] for h, idx in routed])
+                parts = [gate_up[e, :inter], gate_up[e, inter:], down[e]]  # gate (w1), up (w3), down (w2)
+                if xs.shape[0] == 0:
+                    starved.add((i, e))
+                    masks = [ref_mask(w, None, sparsity, None, per_matrix=True) for w in parts]
+                else:
+                    g, u = torch.nn.functional.linear(xs, gate_up[e]).chunk(2, dim=-1)
+                    act = experts.act_fn(g) * u
+                    sq_in, sq_act = (xs.double() ** 2).sum(0), (act.double() ** 2).sum(0)
+                    masks = [ref_mask(parts[0], sq_in, sparsity, None, False),
+                             ref_mask(parts[1], sq_in, sparsity, None, False),
+                             ref_mask(parts[2], sq_act, sparsity, None, False)]
+                for w, mk in zip(parts, masks):
+                    w.masked_fill_(mk, 0)
+        with torch.no_grad():
+            outs = [layer(x, **kw) for x, kw in zip(inputs, kwargs[i])]
+            inputs = [o[0] if isinstance(o, tuple) else o for o in outs]
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, starved
+
+
+@pytest.mark.parametrize("family", list(CONFIGS))
+def test_streamed_prune_equals_reference(family: str, family_model: Callable[[str], Path], tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model_dir = family_model(family)
+    out = tmp_path / "out"
+    assert main(["prune", str(model_dir), str(out), *CALIB_ARGS]) == 0
+    src, written = load_state_dict(model_dir), load_state_dict(out)
+    assert set(written) == set(src)  # the checkpoint's own layout and keys, per-expert tensors included
+    tokens = _windows(model_dir)
+    if family in MOE:
+        ref, starved = _moe_reference(model_dir, tokens, 0.5)
+    else:
+        ref, starved = reference_prune(model_dir, tokens, "wanda", 0.5, None), set()
+    got = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).state_dict()
+    assert set(got) == set(ref)
+    for key, t in got.items():
+        assert torch.equal(t, ref[key]), key
+    # Every 2D block tensor but the routers is pruned to half; routers, norms and embeddings are untouched.
+    report = json.loads((out / "wanda_stream.json").read_text())
+    records = {m["name"]: m for b in report["blocks"] for m in b["matrices"]}
+    assert set(records) == {k for k, t in src.items()
+                            if ".layers." in k and t.dim() == 2 and k.split(".")[-2] not in ROUTERS}
+    for key, t in written.items():
+        if key in records:
+            assert (t == 0).float().mean().item() == pytest.approx(0.5, abs=1e-6), key
+        else:
+            assert torch.equal(t, src[key]), key
+    # Experts that got no calibration token fell back to magnitude, in the reference and in the report alike.
+    fallbacks = {k for k, m in records.items() if "fallback" in m}
+    if family == "mixtral":
+        assert starved == {(i, 3) for i in range(3)}
+    assert fallbacks == {EXPERT_KEY[family].format(i=i, e=e, w=w)
+                         for i, e in starved for w in EXPERT_MATRICES[family]}
+    if family in MOE:
+        assert any(".experts.0." in k for k in src) and not any(k.endswith("gate_up_proj") for k in src)
+
+
+@pytest.mark.parametrize("model_type", ["t5", "bert"])
+def test_unsupported_family_is_named(model_type: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import transformers as tf
+
+    small = dict(vocab_size=300, num_heads=2, num_layers=2, d_model=32, d_kv=16, d_ff=64)
+    if model_type == "t5":
+        model = tf.T5ForConditionalGeneration(tf.T5Config(**small))
+    else:
+        model = tf.BertLMHeadModel(tf.BertConfig(vocab_size=300, hidden_size=32, num_hidden_layers=2,
+                                                 num_attention_heads=2, intermediate_size=64, is_decoder=True))
+    model.save_pretrained(str(tmp_path / "m"))
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "m"), "--data", "pydoc", "--device", "cpu", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert f"model_type '{model_type}'" in err and "supported and tested: llama" in err

@@ -1,0 +1,128 @@
+"""Mixture-of-experts blocks: which tensors get pruned, routers, and per-expert Wanda statistics.
+
+transformers 5 holds a MoE block's experts as 3D parameters ([experts, out, in], e.g. Mixtral's
+`gate_up_proj` of experts x 2*intermediate x hidden), fused on load from the checkpoint's
+per-expert tensors (see layout.py). A forward hook on nn.Linear sees none of them. But the eager
+experts forward of transformers runs `F.linear(x_e, W[e])` on exactly the tokens routed to expert
+e, so watching F.linear calls whose weight is a slice of a 3D block parameter gives every expert's
+input statistics: the routed hidden states for gate/up, that expert's intermediate activations
+for down. Routing is transformers' own; nothing here re-implements it.
+
+Routers are never pruned: the router of transformers 5 is not an nn.Linear (MixtralTopKRouter and
+the like hold a bare weight), and any nn.Linear sitting directly in a module that holds experts
+(Qwen2-MoE's `shared_expert_gate`, an older-style `gate` router) is a gate, not an expert matrix.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from wanda_stream import kernel
+from wanda_stream.errors import InputError
+
+EAGER = "eager"
+
+
+def expert_params(layer: nn.Module) -> dict[str, nn.Parameter]:
+    """The block's fused expert parameters ([experts, out, in]), by name relative to the block."""
+    return {n: p for n, p in layer.named_parameters() if p.dim() == 3}
+
+
+def router_names(layer: nn.Module) -> set[str]:
+    """Names of the block's nn.Linear gates: the direct nn.Linear children of a module holding experts."""
+    holders = {n.rpartition(".")[0] for n in expert_params(layer)}
+    moe_blocks = {h.rpartition(".")[0] for h in holders}
+    out = set()
+    for name, mod in layer.named_modules():
+        parent = name.rpartition(".")[0]
+        if isinstance(mod, nn.Linear) and parent in moe_blocks:
+            out.add(name)
+    return out
+
+
+def prunable_keys(sk: Any, i: int, layer: nn.Module, stored: dict[str, torch.Tensor],
+                  linears: dict[str, nn.Linear]) -> dict[str, str]:
+    """Block i's checkpoint keys that get pruned, each with the name its statistics are kept under.
+
+    Dense linears: their module name. Per-expert tensors: `param[e]`, the fused parameter (relative to
+    the block) and the expert index, as `ExpertStats.results` names them.
+    """
+    prefix = sk.block_prefix(i)
+    fused = expert_params(layer)
+    out: dict[str, str] = {}
+    for name in linears:
+        key = sk.layout.source_key(prefix + name + ".weight", {}) or prefix + name + ".weight"
+        out[key] = name
+    for key in sorted(stored):
+        slot = sk.layout.slots.get(key)
+        if slot is None or slot.expert is None:
+            continue
+        rel = slot.param[len(prefix):]
+        if rel not in fused:
+            raise InputError(f"'{key}' feeds '{slot.param}', which is not a 3D expert parameter; "
+                             f"model_type '{sk.model.config.model_type}' is not supported for pruning")
+        p = fused[rel]
+        if stored[key].dim() != 2 or stored[key].shape[-1] != p.shape[-1]:
+            raise InputError(f"'{key}' of shape {list(stored[key].shape)} is not an [out, in] slice of "
+                             f"'{slot.param}' {list(p.shape)}; this expert layout is not supported")
+        out[key] = f"{rel}[{slot.expert}]"
+    return out
+
+
+class ExpertStats(TorchFunctionMode):
+    """Sums of squared inputs per expert of every fused expert parameter, while a block runs.
+
+    Use as a context manager around the block's forward passes; it switches the model's experts to
+    transformers' eager (per-expert) implementation for the duration.
+    """
+
+    def __init__(self, model: nn.Module, layer: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.params = expert_params(layer)
+        self.sums = {n: torch.zeros(p.shape[0], p.shape[-1], dtype=torch.float64, device=p.device)
+                     for n, p in self.params.items()}
+        self.tokens = {n: torch.zeros(p.shape[0], dtype=torch.int64) for n, p in self.params.items()}
+        self._previous: str | None = None
+
+    def __enter__(self) -> "ExpertStats":
+        if self.params:
+            self._previous = self.model.config._experts_implementation
+            if self._previous != EAGER:
+                self.model.set_experts_implementation(EAGER)
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        super().__exit__(*exc)
+        if self.params and self._previous not in (None, EAGER):
+            self.model.set_experts_implementation(self._previous)
+
+    def _expert_of(self, w: Any) -> tuple[str, int] | None:
+        if not isinstance(w, torch.Tensor) or w.dim() != 2:
+            return None
+        for name, p in self.params.items():
+            if (w.untyped_storage().data_ptr() == p.untyped_storage().data_ptr()
+                    and tuple(w.shape) == tuple(p.shape[1:]) and w.stride() == p.stride()[1:]):
+                e, rem = divmod(w.storage_offset() - p.storage_offset(), p.stride(0))
+                if rem == 0 and 0 <= e < p.shape[0]:
+                    return name, e
+        return None
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.linear and self.params:
+            hit = self._expert_of(args[1] if len(args) > 1 else kwargs.get("weight"))
+            if hit is not None:
+                x = args[0]
+                self.sums[hit[0]][hit[1]] += kernel.column_sq_sum(x)
+                self.tokens[hit[0]][hit[1]] += x.numel() // x.shape[-1]
+        return func(*args, **kwargs)
+
+    def results(self) -> dict[str, torch.Tensor]:
+        """Statistics of every expert that saw calibration tokens, named `param[e]`; the others are absent."""
+        return {f"{n}[{e}]": self.sums[n][e] for n in self.params for e in range(self.sums[n].shape[0])
+                if self.tokens[n][e] > 0}
