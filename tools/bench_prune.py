@@ -11,7 +11,7 @@ time, peak RSS (the kernel's ru_maxrss of the child), bytes that reached the dis
 write_bytes of /proc/<pid>/io, read just before the child is reaped) and bytes passed through
 read()/write() including page-cache hits (rchar, wchar), and blocks per second. Page caches are
 dropped before each run when permitted (root), so read_bytes counts real reads. A run that fails
-(killed, or out of memory under the --mem-limit address-space cap) is shown with its status.
+(out of memory: killed by the --mem-limit RSS watchdog, or an allocation failed) is shown with its status.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import datetime as dt
 import json
 import os
 import platform
-import resource
 import shutil
 import signal
 import subprocess
@@ -37,6 +36,8 @@ RUNS = ("streamer", "streamer-no-prefetch", "in-memory")
 IO_FIELDS = ("rchar", "wchar", "read_bytes", "write_bytes", "cancelled_write_bytes")
 OOM_MARKERS = ("can't allocate memory", "Cannot allocate memory", "MemoryError", "out of memory", "std::bad_alloc")
 GiB = 2**30
+# The watchdog stops a run before the machine itself runs this low.
+MIN_AVAILABLE = 1 * GiB
 
 
 # ---- measuring a child process ------------------------------------------------------------
@@ -61,12 +62,16 @@ def drop_caches() -> bool:
         return False
 
 
-def _limit_memory(limit: int) -> Any:
-    def apply() -> None:
-        # An address-space cap makes a too-large allocation fail inside the child instead of
-        # letting the kernel's OOM killer pick a victim on a shared machine.
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    return apply
+def rss_bytes(pid: int) -> int:
+    """Current resident set size of a process (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def measure(cmd: list[str], log: Path, mem_limit: int, env: dict[str, str] | None = None) -> dict[str, Any]:
@@ -74,11 +79,15 @@ def measure(cmd: list[str], log: Path, mem_limit: int, env: dict[str, str] | Non
 
     The child is waited for without being reaped (waitid WNOWAIT), so its final /proc/<pid>/io
     is still readable; then wait4 reaps it and gives its rusage (peak RSS), even when it was killed.
+    A watchdog kills it (SIGKILL, reported as OOM) when its RSS passes `mem_limit`, or when the
+    machine's available memory falls under MIN_AVAILABLE: on a shared host the kernel's OOM
+    killer must never have to choose a victim. (An address-space cap is no substitute: a torch
+    process maps several times more address space than it touches.)
     """
+    killed_at = 0
     with open(log, "w") as out:
         t0 = time.monotonic()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                preexec_fn=_limit_memory(mem_limit) if mem_limit else None)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
         last_io: dict[str, int] | None = None
         while True:
             info = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
@@ -86,7 +95,12 @@ def measure(cmd: list[str], log: Path, mem_limit: int, env: dict[str, str] | Non
             last_io = io or last_io
             if info is not None:
                 break
-            time.sleep(0.2)
+            rss = rss_bytes(proc.pid)
+            if not killed_at and ((mem_limit and rss > mem_limit)
+                                  or psutil.virtual_memory().available < MIN_AVAILABLE):
+                killed_at = rss
+                proc.send_signal(signal.SIGKILL)
+            time.sleep(0.1)
         wall = time.monotonic() - t0
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
@@ -94,10 +108,12 @@ def measure(cmd: list[str], log: Path, mem_limit: int, env: dict[str, str] | Non
     rc = proc.returncode
     if rc == 0:
         state = "ok"
+    elif killed_at:
+        state = f"OOM (killed at {killed_at / GiB:.1f} GiB RSS)"
     elif rc == -signal.SIGKILL:
         state = "OOM (killed)"
     elif any(m in tail for m in OOM_MARKERS):
-        state = f"OOM (allocation failed under the {mem_limit / GiB:.0f} GiB cap)" if mem_limit else "OOM"
+        state = "OOM (allocation failed)"
     else:
         state = f"failed (exit {rc})"
     return {"status": state, "exit": rc, "wall_s": round(wall, 2), "peak_rss_bytes": usage.ru_maxrss * 1024,
@@ -247,8 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compute-dtype", default="auto", help="auto: float32 on CPU, the checkpoint's dtype on GPU")
     p.add_argument("--batch-size", type=int, default=None, help="windows per micro-batch (default min(8, nsamples))")
     p.add_argument("--mem-limit", default="auto",
-                   help="address-space cap per run, e.g. 16GiB; 0 = none; auto = 75%% of available RAM on CPU, "
-                        "none on CUDA (the CUDA runtime reserves far more address space than it uses)")
+                   help="kill a run whose RSS passes this, e.g. 16GiB (reported as OOM); 0 = only when the "
+                        "machine runs low; auto = 80%% of the RAM available at the start")
     p.add_argument("--no-drop-caches", action="store_true", help="keep the page cache between runs")
     p.add_argument("--keep-outputs", action="store_true")
     p.add_argument("--json", type=Path, default=None, help="also write every figure to this file")
@@ -268,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     # One file of calibration hidden states per block (block 0's inputs .. block n-2's outputs).
     facts["hidden_state_bytes"] = facts["n_layers"] * a.nsamples * a.seqlen * facts["hidden"] * el
     if a.mem_limit == "auto":
-        mem_limit = 0 if a.device != "cpu" else int(psutil.virtual_memory().available * 0.75)
+        mem_limit = int(psutil.virtual_memory().available * 0.8)
     else:
         mem_limit = parse_size(a.mem_limit, "--mem-limit")
     work = (a.work or a.model_dir.parent).resolve()
@@ -299,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM, GPU: {m['gpu'] or 'none'}; {m['date']}")
     print(f"setting: {settings}")
     print(f"page cache dropped before each run: {'yes' if dropped and not a.no_drop_caches else 'no'}; "
-          f"memory cap per run: {f'{mem_limit / GiB:.1f} GiB (RLIMIT_AS)' if mem_limit else 'none'}")
+          f"memory cap per run: {f'{mem_limit / GiB:.1f} GiB RSS (watchdog)' if mem_limit else 'none'}")
     print()
     print(fmt_table(results, facts))
     print()
