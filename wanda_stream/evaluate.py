@@ -15,6 +15,7 @@ from wanda_stream.activations import HiddenFile
 from wanda_stream.config import DTYPE_NAMES, resolve_compute_dtype
 from wanda_stream.errors import Interrupted
 from wanda_stream.report import Progress, peak_rss_bytes
+from wanda_stream.model import release
 from wanda_stream.state import StopFlag
 from wanda_stream.stream import Streamer, checkpoint_dtype, open_model
 
@@ -50,7 +51,7 @@ def evaluate(
             st.prefetch(i + 1)
             layer = st.load_block(i, stored)
             ok = st.run_block(i, layer, files[i % 2], batch, dst=files[(i + 1) % 2], stop=stop)
-            sk.layers[i].to_empty(device="meta")
+            release(sk.layers[i])
             if not ok:
                 raise Interrupted("evaluation stopped")
             progress.update(i + 1, block=i)
@@ -82,7 +83,7 @@ def streamed_logits(model_dir: Path, tokens: torch.Tensor, device: str, work_dir
         for i in range(sk.n_layers):
             layer = st.load_block(i, st.block_tensors(i))
             st.run_block(i, layer, files[i % 2], batch, dst=files[(i + 1) % 2])
-            sk.layers[i].to_empty(device="meta")
+            release(sk.layers[i])
         last = files[sk.n_layers % 2]
         nll, count = st.final_nll(last, tokens, batch)
         logits = st.final_logits(last, batch)

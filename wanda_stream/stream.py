@@ -22,7 +22,7 @@ from wanda_stream.state import StopFlag, killpoint
 
 # Logits cap some families apply after the head (transformers does it in the causal-LM forward).
 LOGIT_SOFTCAP_ATTR = "final_logit_softcapping"
-LOGIT_CHUNK_BYTES = 256 * 1024 * 1024
+LOGIT_CHUNK_BYTES = 32 * 1024 * 1024
 
 
 def open_model(model_dir: Path) -> tuple[Checkpoint, Skeleton]:
