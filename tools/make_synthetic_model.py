@@ -35,11 +35,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shard-size", default="5GB", help="largest shard, e.g. 5GB, 500MB (default 5GB)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-tokenizer", action="store_true", help="weights and config only")
+    p.add_argument("--device", default="cpu", help="where the random numbers are drawn: cpu or cuda (much faster); "
+                   "the weights for a seed differ between the two")
     a = p.parse_args(argv)
     try:
         shard = parse_size(a.shard_size, "--shard-size")
         t0 = time.monotonic()
-        summary = generate(a.name_or_config, a.out_dir, DTYPES[a.dtype], shard, a.seed, not a.no_tokenizer)
+        summary = generate(a.name_or_config, a.out_dir, DTYPES[a.dtype], shard, a.seed, not a.no_tokenizer,
+                           a.device)
     except (InputError, ValueError, FileExistsError) as e:
         print(f"make_synthetic_model: error: {e}", file=sys.stderr)
         return 2

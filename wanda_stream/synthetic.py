@@ -104,16 +104,21 @@ def _tensor_seed(seed: int, key: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "little") & (2**63 - 1)
 
 
-def make_tensor(key: str, shape: tuple[int, ...], dtype: torch.dtype, seed: int, std: float) -> torch.Tensor:
-    """The tensor `key` of a synthetic checkpoint: N(0, std) matrices, norm gains near 1, small biases."""
-    g = torch.Generator().manual_seed(_tensor_seed(seed, key))
-    t = torch.randn(shape, generator=g, dtype=torch.float32)
+def make_tensor(key: str, shape: tuple[int, ...], dtype: torch.dtype, seed: int, std: float,
+                device: str = "cpu") -> torch.Tensor:
+    """The tensor `key` of a synthetic checkpoint: N(0, std) matrices, norm gains near 1, small biases.
+
+    Drawn on `device` (a GPU draws a 7B model in seconds); CPU and CUDA generators give different
+    numbers for the same seed, so a checkpoint is reproducible for a given seed and device kind.
+    """
+    g = torch.Generator(device=device).manual_seed(_tensor_seed(seed, key))
+    t = torch.randn(shape, generator=g, dtype=torch.float32, device=device)
     if len(shape) == 1:
         # Norm gains around 1 (not exactly 1, so a norm that is skipped by mistake shows); biases small.
         t = 1.0 + 0.1 * t if "norm" in key or "ln" in key else std * t
     else:
         t.mul_(std)
-    return t.to(dtype)
+    return t.to(dtype).cpu()
 
 
 def plan_shards(items: list[tuple[str, tuple[int, ...]]], element_size: int,
@@ -155,7 +160,8 @@ def build_tokenizer(out_dir: Path, vocab_size: int) -> int:
 
 
 def generate(name_or_config: str, out_dir: Path, dtype: torch.dtype = torch.bfloat16,
-             shard_size: int = DEFAULT_SHARD_SIZE, seed: int = 0, tokenizer: bool = True) -> dict[str, Any]:
+             shard_size: int = DEFAULT_SHARD_SIZE, seed: int = 0, tokenizer: bool = True,
+             device: str = "cpu") -> dict[str, Any]:
     """Write a random-weight checkpoint of the given shape to `out_dir`; returns a summary.
 
     Tensors are produced and written one at a time, so memory stays at one tensor (plus its
@@ -180,7 +186,7 @@ def generate(name_or_config: str, out_dir: Path, dtype: torch.dtype = torch.bflo
     total = 0
     for fname, shard in zip(names, shards):
         items = [(k, dtype, s) for k, s in shard]
-        write_shard(tmp / fname, items, lambda k: make_tensor(k, shapes[k], dtype, seed, std))
+        write_shard(tmp / fname, items, lambda k: make_tensor(k, shapes[k], dtype, seed, std, device))
         for k, s in shard:
             weight_map[k] = fname
             total += torch.Size(s).numel() * el
@@ -193,5 +199,5 @@ def generate(name_or_config: str, out_dir: Path, dtype: torch.dtype = torch.bflo
     os.replace(tmp, out_dir)
     fsync_dir(out_dir.parent)
     return {"model_dir": str(out_dir), "model_type": config.model_type, "tensors": len(specs),
-            "shards": len(shards), "bytes": total, "dtype": str(dtype).removeprefix("torch."), "seed": seed,
+            "shards": len(shards), "bytes": total, "dtype": str(dtype).removeprefix("torch."), "seed": seed, "device": device,
             "vocab_size": config.get_text_config().vocab_size, "tokenizer_vocab_size": tok_vocab}

@@ -1,0 +1,119 @@
+"""Synthetic checkpoints (tools/make_synthetic_model.py) and the benchmark's process measurements."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import ROOT, load_state_dict, run_cli, tree_hash
+from wanda_stream.checkpoint import INDEX_NAME, Checkpoint
+from wanda_stream.stream import open_model
+from wanda_stream.synthetic import PRESETS, generate, load_spec, plan_shards, tensor_specs
+
+sys.path.insert(0, str(ROOT / "tools"))
+import bench_prune  # noqa: E402
+import make_synthetic_model  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_synthetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("syn") / "tiny"
+    assert make_synthetic_model.main(["tiny-llama", str(out), "--shard-size", "100KB", "--seed", "3"]) == 0
+    return out
+
+
+def test_preset_shapes_dtype_and_shards(tiny_synthetic: Path) -> None:
+    config = load_spec("tiny-llama")
+    ckpt, sk = open_model(tiny_synthetic)  # checks every tensor against the config
+    assert len(ckpt.files) > 1 and (tiny_synthetic / INDEX_NAME).is_file()
+    ckpt.check_index_consistent()
+    assert {k: i.shape for k, i in ckpt.tensors.items()} == dict(tensor_specs(config))
+    assert {i.dtype for i in ckpt.tensors.values()} == {torch.bfloat16}
+    assert sk.n_layers == PRESETS["tiny-llama"]["num_hidden_layers"]
+    q = ckpt.get("model.layers.0.self_attn.q_proj.weight").float()
+    assert 0.015 < float(q.std()) < 0.025  # N(0, initializer_range)
+    norm = ckpt.get("model.layers.0.input_layernorm.weight").float()
+    assert abs(float(norm.mean()) - 1.0) < 0.05 and float(norm.std()) > 0.05
+    # every id the tokenizer produces is a row of the embedding
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_synthetic))
+    assert len(tok) <= config.vocab_size
+    assert max(tok("def f(x): return x ** 2  # the quick brown fox")["input_ids"]) < config.vocab_size
+
+
+def test_reproducible_by_seed_and_independent_of_sharding(tiny_synthetic: Path, tmp_path: Path) -> None:
+    same = generate("tiny-llama", tmp_path / "same", shard_size=100_000, seed=3, tokenizer=False)
+    resharded = generate("tiny-llama", tmp_path / "one", shard_size=10**9, seed=3, tokenizer=False)
+    other = generate("tiny-llama", tmp_path / "other", shard_size=100_000, seed=4, tokenizer=False)
+    a = tree_hash(tiny_synthetic)
+    b = tree_hash(Path(same["model_dir"]))
+    assert {k: v for k, v in a.items() if k.endswith(".safetensors")} == {
+        k: v for k, v in b.items() if k.endswith(".safetensors")}
+    assert resharded["shards"] == 1
+    ref, one, diff = (load_state_dict(Path(r["model_dir"])) for r in (same, resharded, other))
+    assert ref.keys() == one.keys() == diff.keys()
+    assert all(torch.equal(ref[k], one[k]) for k in ref)
+    assert not any(torch.equal(ref[k], diff[k]) for k in ref if ref[k].dim() == 2)
+
+
+def test_config_json_with_tied_embeddings(tmp_path: Path) -> None:
+    cfg = {"model_type": "mistral", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 300, "tie_word_embeddings": True,
+           "max_position_embeddings": 128, "architectures": ["MistralForCausalLM"], "torch_dtype": "float16"}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg))
+    s = generate(str(path), tmp_path / "m", dtype=torch.float16, seed=0)
+    assert s["shards"] == 1 and s["model_type"] == "mistral" and s["tokenizer_vocab_size"] <= 300
+    ckpt, sk = open_model(tmp_path / "m")
+    assert "lm_head.weight" not in ckpt.tensors  # tied: stored once, as save_pretrained does
+    assert {i.dtype for i in ckpt.tensors.values()} == {torch.float16}
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["tie_word_embeddings"] is True
+
+
+def test_bad_spec_and_existing_output(tmp_path: Path) -> None:
+    assert make_synthetic_model.main(["no-such-model", str(tmp_path / "x")]) == 2
+    (tmp_path / "exists").mkdir()
+    assert make_synthetic_model.main(["tiny-llama", str(tmp_path / "exists")]) == 2
+
+
+def test_plan_shards_respects_the_limit() -> None:
+    items = [("a", (10,)), ("b", (30,)), ("c", (30,)), ("d", (100,))]
+    assert [[k for k, _ in s] for s in plan_shards(items, 2, 100)] == [["a", "b"], ["c"], ["d"]]
+
+
+def test_prune_synthetic_checkpoint(tiny_synthetic: Path, tmp_path: Path) -> None:
+    out = tmp_path / "pruned"
+    r = run_cli("prune", str(tiny_synthetic), str(out), "--calib", "pydoc", "--nsamples", "2", "--seqlen", "64",
+                "--device", "cpu", "--quiet")
+    assert r.returncode == 0, r.stderr
+    before, after = load_state_dict(tiny_synthetic), load_state_dict(out)
+    assert before.keys() == after.keys()
+    for k, w in after.items():
+        assert w.dtype == torch.bfloat16 and w.shape == before[k].shape
+        if k.endswith("proj.weight"):
+            assert float((w == 0).float().mean()) == 0.5, k
+        else:
+            assert torch.equal(w, before[k]), k
+
+
+def test_measure_reports_io_and_peak_rss(tmp_path: Path) -> None:
+    target = tmp_path / "blob"
+    code = f"import os; f = open({str(target)!r}, 'wb'); f.write(os.urandom(8 << 20)); f.flush(); os.fsync(f.fileno())"
+    r = bench_prune.measure([sys.executable, "-c", code], tmp_path / "log", 0)
+    assert r["status"] == "ok" and r["exit"] == 0
+    assert r["io"]["wchar"] >= 8 << 20 and r["io"]["write_bytes"] >= 8 << 20
+    assert r["peak_rss_bytes"] > 0
+
+
+def test_measure_shows_a_run_over_the_limit_as_oom(tmp_path: Path) -> None:
+    code = "import time; x = bytearray(400 << 20); time.sleep(30)"
+    r = bench_prune.measure([sys.executable, "-c", code], tmp_path / "log", 200 << 20)
+    assert r["status"].startswith("OOM (killed at")
+    assert r["peak_rss_bytes"] > 200 << 20 and r["wall_s"] < 30
+    table = bench_prune.fmt_table([{**r, "run": "in-memory"}], {"n_layers": 2})
+    assert "| in-memory | OOM (killed at" in table and table.rstrip().endswith("| - |")
