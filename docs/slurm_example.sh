@@ -40,7 +40,8 @@ done
 
 case $rc in
     0)  echo "done: $OUT" ;;
-    75) echo "stopped with its state saved; requeueing"
+    75|143)  # 143: SIGTERM came before wanda-stream had started; the saved state is consistent at any instant
+        echo "stopped (exit $rc); requeueing"
         scontrol requeue "$SLURM_JOB_ID" ;;
     2)  echo "refused (bad input, or disk full): see the error above; fix it, then resubmit" ;;
     *)  echo "failed with exit status $rc" ;;

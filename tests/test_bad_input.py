@@ -223,6 +223,39 @@ def test_output_not_writable(tiny_model: Path, tmp_path: Path, capsys: pytest.Ca
         assert "not writable" in err
 
 
+@pytest.mark.parametrize("where,expected", [
+    ("model", "must not be, contain or be inside the model directory"),
+    ("model/work", "must not be, contain or be inside the model directory"),
+    ("sub/out", "must not be or contain the output directory"),
+    ("sub", "must not be or contain the output directory"),
+])
+def test_work_dir_overlapping_input_or_output(where: str, expected: str, model: Path, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """The work dir is deleted after success: one that held the output or the input would lose it."""
+    before = tree_hash(model)
+    out = tmp_path / "sub" / "out"
+    for extra in ([], ["--overwrite"]):
+        err = refused(capsys, ["prune", str(model), str(out), *ARGS, "--work-dir", str(tmp_path / where), *extra])
+        assert expected in err
+    assert tree_hash(model) == before
+    assert not out.exists()
+
+
+def test_work_dir_holding_other_files_is_never_deleted(tiny_model: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    work = tmp_path / "scratch"
+    work.mkdir()
+    (work / "precious.txt").write_text("someone's data")
+    out = tmp_path / "out"
+    for extra in ([], ["--resume"], ["--overwrite"]):
+        err = refused(capsys, ["prune", str(tiny_model), str(out), *ARGS, "--work-dir", str(work), *extra])
+        assert f"--work-dir {work}: holds files no run wrote (precious.txt)" in err
+    assert (work / "precious.txt").read_text() == "someone's data"
+    # A work dir of its own is used, and removed after success.
+    assert main(["prune", str(tiny_model), str(out), *ARGS, "--work-dir", str(work / "run")]) == 0
+    assert sorted(p.name for p in work.iterdir()) == ["precious.txt"]
+
+
 def test_existing_unrelated_output_is_not_touched(tiny_model: Path, tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"

@@ -119,3 +119,55 @@ def test_exit_codes_are_documented() -> None:
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
     text = script.read_text()
     assert "--resume" in text and "75" in text and "scontrol requeue" in text
+
+
+def test_eta_of_a_resumed_run_counts_only_its_own_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    from wanda_stream import report
+
+    clock = [1000.0]
+    monkeypatch.setattr(report.time, "monotonic", lambda: clock[0])
+    stream = io.StringIO()
+    progress = report.Progress("json", 80, "prune", stream=stream)
+    clock[0] += 3600  # an hour of start-up (reading, tokenizing) in an earlier process must not count either
+    progress.begin(40)
+    clock[0] += 60
+    progress.update(41, block=40)
+    rec = json.loads(stream.getvalue())
+    # One block a minute in this process: 39 to go is 39 minutes, not the 57 s that 41 blocks per minute would say.
+    assert (rec["done"], rec["resumed_from"], rec["elapsed_s"], rec["eta_s"]) == (41, 40, 60.0, 2340.0)
+
+
+def test_resumed_run_reports_where_it_resumed(tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "out"
+    monkeypatch.setenv(state_mod.KILL_ENV, "block_done:1:TERM")
+    state_mod._kill_counts.clear()
+    assert main(["prune", str(tiny_model), str(out), *ARGS, "--quiet"]) == 75
+    monkeypatch.delenv(state_mod.KILL_ENV)
+    capsys.readouterr()
+    assert main(["prune", str(tiny_model), str(out), *ARGS, "--resume", "--log-format", "json"]) == 0
+    events = [json.loads(line) for line in capsys.readouterr().err.strip().splitlines()]
+    assert [(e["done"], e["resumed_from"]) for e in events if e["event"] == "block"] == [(3, 2)]
+
+
+def test_sigterm_during_start_up_exits_75(tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import signal
+
+    original = commands.build_prune_config
+
+    def signalled(args: object) -> object:
+        os.kill(os.getpid(), signal.SIGTERM)  # while the checkpoint is being opened and checked
+        return original(args)
+
+    monkeypatch.setattr(commands, "build_prune_config", signalled)
+    out = tmp_path / "out"
+    assert main(["prune", str(tiny_model), str(out), *ARGS, "--quiet"]) == 75
+    err = capsys.readouterr().err
+    assert "stopped before the first block" in err and "--resume" in err
+    monkeypatch.undo()
+    assert main(["prune", str(tiny_model), str(out), *ARGS, "--quiet", "--resume"]) == 0
+    assert (out / "wanda_stream.json").is_file()

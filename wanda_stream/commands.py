@@ -136,11 +136,13 @@ def check_resources(cfg: RunConfig, sk: Any, total_bytes: int, largest_block: in
     """Refuse early, with numbers, when disk or memory cannot hold what the run needs."""
     el = torch.empty(0, dtype=cfg.dtype).element_size()
     hidden = sk.hidden_size()
+    # Three sets per stream coexist at the peak: a block's input, its output, and the previous block's
+    # input, which is kept until that block's shard is durable (so a crash can redo it).
     states = 0
     if cfg.needs_calibration:
-        states += 2 * cfg.nsamples * cfg.seqlen * hidden * el
+        states += 3 * cfg.nsamples * cfg.seqlen * hidden * el
     if cfg.eval_data:
-        states += 2 * eval_windows * (cfg.eval_seqlen or cfg.seqlen) * hidden * el
+        states += 3 * eval_windows * (cfg.eval_seqlen or cfg.seqlen) * hidden * el
     out = Path(cfg.output_dir)
     existing = sum(p.stat().st_size for p in out.glob("model-*.safetensors")) if out.exists() else 0
     need_out = max(total_bytes - existing, 0)
@@ -166,6 +168,15 @@ def check_resources(cfg: RunConfig, sk: Any, total_bytes: int, largest_block: in
 
 def cmd_prune(args: argparse.Namespace) -> int:
     """Prune, resume, or do nothing for a finished run; refuses early when disk or memory cannot fit."""
+    # Installed first: a SIGTERM during start-up must also end in exit 75, which schedulers retry.
+    stop = StopFlag().install()
+    try:
+        return _prune(args, stop)
+    finally:
+        stop.restore()
+
+
+def _prune(args: argparse.Namespace, stop: StopFlag) -> int:
     from wanda_stream.checkpoint import Checkpoint
     from wanda_stream.prune import PruneRun, output_is_finished, prepare
 
@@ -180,8 +191,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
         _say(args, f"{cfg.output_dir}: this run is already complete; nothing to do")
         return 0
     progress = Progress("quiet" if args.quiet else args.log_format, sk.n_layers, "prune")
-    stop = StopFlag().install()
     try:
+        if stop.requested:
+            raise Interrupted("stopped before the first block")
         run = PruneRun(cfg, progress, stop)
         report = run.run()
     except Interrupted as e:
@@ -190,7 +202,6 @@ def cmd_prune(args: argparse.Namespace) -> int:
         WorkDir(Path(cfg.work_dir)).discard_if_unstarted(Path(cfg.output_dir))
         raise
     finally:
-        stop.restore()
         progress.close()
     _summary(args, cfg, report)
     return 0

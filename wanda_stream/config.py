@@ -113,6 +113,14 @@ class RunConfig:
             raise InputError(f"{out}: the output directory must not be the model directory or inside it")
         if out in model.parents:
             raise InputError(f"{out}: the output directory must not contain the model directory")
+        # The work dir is deleted after success and by --overwrite: it must never hold the input or
+        # the output, or a finished run would delete what it just wrote.
+        work = Path(self.work_dir)
+        if work == model or model in work.parents or work in model.parents:
+            raise InputError(f"--work-dir {work}: must not be, contain or be inside the model directory")
+        if work == out or work in out.parents:
+            raise InputError(f"--work-dir {work}: must not be or contain the output directory; use a directory "
+                             "of its own (default OUTPUT_DIR/.wanda-stream)")
         return self
 
     def to_json(self) -> dict:

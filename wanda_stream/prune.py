@@ -158,6 +158,7 @@ class PruneRun:
     # ---- the run --------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         state = self.work.load_state()
+        self.progress.begin(state.next_block)
         toks = self.tokens()
         streams = {name: t for name, t in toks.items()}
         if state.next_block == 0 and "stem_written" not in state.extra:
@@ -328,6 +329,12 @@ def prepare(cfg: RunConfig, model_fp: dict[str, Any], resume: bool, overwrite: b
     from wanda_stream.state import check_same_run
 
     out, work = Path(cfg.output_dir), WorkDir(Path(cfg.work_dir))
+    foreign = work.foreign_files()
+    if foreign:
+        raise InputError(
+            f"--work-dir {work.path}: holds files no run wrote ({', '.join(foreign[:3])}); the work dir is deleted "
+            "after the run, so choose an empty or new directory"
+        )
     if overwrite:
         shutil.rmtree(work.path, ignore_errors=True)
         if out.exists():

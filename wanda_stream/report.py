@@ -50,11 +50,26 @@ class Progress:
         self.total = total
         self.stream = stream or sys.stderr
         self.start = time.monotonic()
+        self.initial = 0
         self.bar = None
         if mode == "bar":
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, desc=desc, unit="block", file=self.stream, disable=None)
+
+    def begin(self, done: int) -> None:
+        """Start counting at `done` blocks finished by an earlier process (a resumed run).
+
+        Rates and the ETA then count only this process's blocks; counting the earlier ones against
+        this process's elapsed time would promise a resumed run's end far too soon.
+        """
+        self.initial = done
+        self.start = time.monotonic()
+        if self.bar is not None:
+            self.bar.initial = done
+            self.bar.reset(total=self.total)
+            self.bar.n = done
+            self.bar.refresh()
 
     def update(self, done: int, **fields: Any) -> None:
         if self.bar is not None:
@@ -62,10 +77,12 @@ class Progress:
             self.bar.refresh()
         elif self.mode == "json":
             elapsed = time.monotonic() - self.start
-            rate = done / elapsed if done and elapsed > 0 else 0.0
+            this_run = done - self.initial
+            rate = this_run / elapsed if this_run > 0 and elapsed > 0 else 0.0
             eta = (self.total - done) / rate if rate else None
-            rec = {"event": "block", "done": done, "total": self.total, "elapsed_s": round(elapsed, 3),
-                   "eta_s": None if eta is None else round(eta, 1), "peak_rss_bytes": peak_rss_bytes(), **fields}
+            rec = {"event": "block", "done": done, "total": self.total, "resumed_from": self.initial,
+                   "elapsed_s": round(elapsed, 3), "eta_s": None if eta is None else round(eta, 1),
+                   "peak_rss_bytes": peak_rss_bytes(), **fields}
             print(json.dumps(rec), file=self.stream, flush=True)
 
     def message(self, text: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import threading
@@ -30,6 +31,8 @@ REPORT_NAME = "wanda_stream.json"
 EX_TEMPFAIL = 75
 KILL_ENV = "WANDA_STREAM_KILL_AT"
 
+# Everything a run writes in its work dir (temporaries included, as a kill may leave them).
+_OWN_NAME = re.compile(r"(run\.json|state\.json|tokens\.safetensors|(calib|eval)_\d{5}\.bin)(\.tmp|\.partial)?")
 _kill_counts: dict[str, int] = {}
 
 
@@ -76,6 +79,15 @@ class WorkDir:
 
     def exists(self) -> bool:
         return (self.path / RUN_FILE).is_file()
+
+    def foreign_files(self) -> list[str]:
+        """Names in the directory that no run writes: a sign that --work-dir points at someone's data.
+
+        The work dir is deleted after success and by --overwrite, so it must hold nothing else.
+        """
+        if not self.path.is_dir():
+            return []
+        return sorted(p.name for p in self.path.iterdir() if not _OWN_NAME.fullmatch(p.name))
 
     def file(self, name: str) -> Path:
         return self.path / name
