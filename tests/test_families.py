@@ -27,7 +27,8 @@ from wanda_stream.model import TESTED_FAMILIES
 
 CALIB_ARGS = ["--calib", "pydoc", "--nsamples", "4", "--seqlen", "32", "--device", "cpu", "--quiet",
               "--batch-size", "2"]
-DENSE = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+LAYERS = 2
+DENSE = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=4,
              max_position_embeddings=256)
 ATTN = dict(DENSE, num_key_value_heads=2)
 
@@ -44,11 +45,11 @@ def _configs() -> dict[str, Callable[[], Any]]:
                                           final_logit_softcapping=5.0, attn_logit_softcapping=10.0),
         "gemma3_text": lambda: tf.Gemma3TextConfig(
             **ATTN, head_dim=16, sliding_window=16, query_pre_attn_scalar=16,
-            layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+            layer_types=["sliding_attention", "full_attention"]),
         "phi3": lambda: tf.Phi3Config(**ATTN, tie_word_embeddings=False, pad_token_id=0),
         "olmo2": lambda: tf.Olmo2Config(**ATTN, tie_word_embeddings=False),
         "gpt_neox": lambda: tf.GPTNeoXConfig(**DENSE, rotary_pct=0.5),
-        "opt": lambda: tf.OPTConfig(vocab_size=300, hidden_size=64, ffn_dim=128, num_hidden_layers=3,
+        "opt": lambda: tf.OPTConfig(vocab_size=300, hidden_size=64, ffn_dim=128, num_hidden_layers=LAYERS,
                                     num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=32,
                                     do_layer_norm_before=False, pad_token_id=1),
         # top-1 routing with one expert the router can never pick (see _starve_last_expert)
@@ -118,9 +119,11 @@ def family_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Pa
     return make
 
 
-def _windows(model_dir: Path, n: int = 4) -> torch.Tensor:
-    tok = calib.load_tokenizer(model_dir)
-    return calib.sample_windows(calib.documents("pydoc"), tok, n, 32, 0, "pydoc")
+@pytest.fixture(scope="session")
+def windows(family_model: Callable[[str], Path]) -> torch.Tensor:
+    """The calibration windows CALIB_ARGS selects; every family has the same tokenizer, so they are made once."""
+    tok = calib.load_tokenizer(family_model("llama"))
+    return calib.sample_windows(calib.documents("pydoc"), tok, 4, 32, 0, "pydoc")
 
 
 def test_tested_families_are_the_tested_ones() -> None:
@@ -131,11 +134,11 @@ def test_tested_families_are_the_tested_ones() -> None:
 
 @pytest.mark.parametrize("family", list(CONFIGS))
 def test_streamed_forward_matches_transformers(family: str, family_model: Callable[[str], Path],
-                                               tmp_path: Path) -> None:
+                                               windows: torch.Tensor, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     model_dir = family_model(family)
-    tokens = _windows(model_dir, 3)
+    tokens = windows[:3]
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     with torch.no_grad():
         want = model(tokens, use_cache=False).logits.float()
@@ -221,7 +224,8 @@ def _moe_reference(model_dir: Path, tokens: torch.Tensor, sparsity: float) -> tu
 
 
 @pytest.mark.parametrize("family", list(CONFIGS))
-def test_streamed_prune_equals_reference(family: str, family_model: Callable[[str], Path], tmp_path: Path) -> None:
+def test_streamed_prune_equals_reference(family: str, family_model: Callable[[str], Path], windows: torch.Tensor,
+                                         tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     model_dir = family_model(family)
@@ -229,7 +233,7 @@ def test_streamed_prune_equals_reference(family: str, family_model: Callable[[st
     assert main(["prune", str(model_dir), str(out), *CALIB_ARGS]) == 0
     src, written = load_state_dict(model_dir), load_state_dict(out)
     assert set(written) == set(src)  # the checkpoint's own layout and keys, per-expert tensors included
-    tokens = _windows(model_dir)
+    tokens = windows
     if family in MOE:
         ref, starved = _moe_reference(model_dir, tokens, 0.5)
     else:
@@ -251,7 +255,7 @@ def test_streamed_prune_equals_reference(family: str, family_model: Callable[[st
     # Experts that got no calibration token fell back to magnitude, in the reference and in the report alike.
     fallbacks = {k for k, m in records.items() if "fallback" in m}
     if family == "mixtral":
-        assert starved == {(i, 3) for i in range(3)}
+        assert starved == {(i, 3) for i in range(LAYERS)}
     assert fallbacks == {EXPERT_KEY[family].format(i=i, e=e, w=w)
                          for i, e in starved for w in EXPERT_MATRICES[family]}
     if family in MOE:
