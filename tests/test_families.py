@@ -23,6 +23,7 @@ from tests.reference import _layers, ref_mask, reference_prune
 from wanda_stream import calib
 from wanda_stream.cli import main
 from wanda_stream.evaluate import streamed_logits
+from wanda_stream.inspect import inspect_checkpoint
 from wanda_stream.model import TESTED_FAMILIES
 
 CALIB_ARGS = ["--calib", "pydoc", "--nsamples", "4", "--seqlen", "32", "--device", "cpu", "--quiet",
@@ -126,10 +127,15 @@ def windows(family_model: Callable[[str], Path]) -> torch.Tensor:
     return calib.sample_windows(calib.documents("pydoc"), tok, 4, 32, 0, "pydoc")
 
 
-def test_tested_families_are_the_tested_ones() -> None:
+def test_tested_families_are_the_tested_ones(capsys: pytest.CaptureFixture) -> None:
     assert set(CONFIGS) == set(TESTED_FAMILIES)
     for family, make in CONFIGS.items():
         assert make().model_type == family
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    listed = " ".join(capsys.readouterr().out.split())
+    assert f"supported and tested model types: {', '.join(TESTED_FAMILIES)}" in listed
 
 
 @pytest.mark.parametrize("family", list(CONFIGS))
@@ -252,6 +258,8 @@ def test_streamed_prune_equals_reference(family: str, family_model: Callable[[st
             assert (t == 0).float().mean().item() == pytest.approx(0.5, abs=1e-6), key
         else:
             assert torch.equal(t, src[key]), key
+    inspected = inspect_checkpoint(out)["matrices"]
+    assert {m["name"] for m in inspected} == set(records)
     # Experts that got no calibration token fell back to magnitude, in the reference and in the report alike.
     fallbacks = {k for k, m in records.items() if "fallback" in m}
     if family == "mixtral":

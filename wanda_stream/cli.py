@@ -64,13 +64,19 @@ def _add_progress(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="wanda-stream", description="Prune LLMs with Wanda, one decoder block at a time.")
+    from wanda_stream.families import TESTED_FAMILIES
+
+    supported = (f"supported and tested model types: {', '.join(TESTED_FAMILIES)} "
+                 "(decoder-only causal LMs of transformers; see docs/families.md)")
+    parser = _Parser(prog="wanda-stream", description="Prune LLMs with Wanda, one decoder block at a time.",
+                     epilog=supported)
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("prune", help="prune a checkpoint", epilog=PRUNE_EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Prune the decoder linears of a Hugging Face safetensors checkpoint.")
+                       description="Prune the decoder linears (and MoE experts, per expert) of a Hugging Face "
+                                   f"safetensors checkpoint; {supported}.")
     p.add_argument("model_dir", type=Path, help="input checkpoint directory (never modified)")
     p.add_argument("output_dir", type=Path, help="where the pruned checkpoint is written")
     p.add_argument("--sparsity", type=float, default=0.5, help="fraction of each decoder linear to remove (0<s<1)")

@@ -73,6 +73,20 @@ def prunable_keys(sk: Any, i: int, layer: nn.Module, stored: dict[str, torch.Ten
     return out
 
 
+def pruned_keys(sk: Any) -> set[str]:
+    """Every checkpoint key a prune masks (dense linears but routers, and per-expert tensors), read from names only."""
+    out: set[str] = set()
+    for i, layer in enumerate(sk.layers):
+        prefix = sk.block_prefix(i)
+        routers = router_names(layer)
+        for name, mod in layer.named_modules():
+            if isinstance(mod, nn.Linear) and name not in routers:
+                out.add(sk.layout.source_key(prefix + name + ".weight", {}) or prefix + name + ".weight")
+        fused = {prefix + n for n in expert_params(layer)}
+        out.update(k for k, s in sk.layout.slots.items() if s.expert is not None and s.param in fused)
+    return out
+
+
 class ExpertStats(TorchFunctionMode):
     """Sums of squared inputs per expert of every fused expert parameter, while a block runs.
 

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from wanda_stream import kernel
+from wanda_stream import experts, kernel
 from wanda_stream.config import parse_pattern
 from wanda_stream.errors import InputError
 from wanda_stream.state import REPORT_NAME, RUN_FILE, WorkDir
@@ -18,11 +18,7 @@ def inspect_checkpoint(model_dir: Path, pattern: str | None = None) -> dict[str,
 
     nm = parse_pattern(pattern) if pattern else None
     ckpt, sk = open_model(model_dir)
-    linear_keys = set()
-    for i, layer in enumerate(sk.layers):
-        for name, mod in layer.named_modules():
-            if type(mod).__name__ == "Linear":
-                linear_keys.add(f"{sk.block_prefix(i)}{name}.weight")
+    linear_keys = experts.pruned_keys(sk)
     rows, zeros_total, numel_total = [], 0, 0
     for key in ckpt.keys():
         if key not in linear_keys:

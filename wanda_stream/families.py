@@ -1,0 +1,25 @@
+"""The family table, kept free of torch so `wanda-stream --help` can list it without importing a model stack."""
+
+from __future__ import annotations
+
+# The family table: every model_type tests/test_families.py runs (streamed dense forward equals
+# transformers' logits; streamed prune equals an in-memory reference), and what it exercises there.
+# No family needs code of its own in transformers 5: the parts are discovered from the model and the
+# checkpoint layout comes from transformers' conversion mapping (layout.py). A family that ever needs
+# a special case gets it here, not as a condition elsewhere.
+FAMILIES: dict[str, str] = {
+    "llama": "grouped-query attention, rotary, untied head",
+    "mistral": "sliding-window attention mask",
+    "qwen2": "q/k/v biases, tied embeddings",
+    "qwen3": "q/k norms",
+    "gemma2": "scaled embedding, (1+w) norms, attention and final logit softcapping, sliding layers",
+    "gemma3_text": "per-layer sliding/full attention types, local rotary, scaled embedding",
+    "phi3": "fused qkv_proj and gate_up_proj linears",
+    "olmo2": "post-norms, q/k norms",
+    "gpt_neox": "gpt_neox.layers, fused query_key_value, partial rotary, embed_out renamed to lm_head",
+    "opt": "decoder nesting (model.decoder), learned positions, project_in/project_out, post-norm",
+    "mixtral": "MoE: per-expert w1/w2/w3 on disk fused into gate_up_proj/down_proj, router never pruned",
+    "qwen2_moe": "MoE with shared expert; shared_expert_gate and router never pruned; dense-MLP layers mixed in",
+    "qwen3_moe": "MoE: per-expert gate/up/down on disk, q/k norms",
+}
+TESTED_FAMILIES = tuple(FAMILIES)
