@@ -117,3 +117,18 @@ def test_measure_shows_a_run_over_the_limit_as_oom(tmp_path: Path) -> None:
     assert r["peak_rss_bytes"] > 200 << 20 and r["wall_s"] < 30
     table = bench_prune.fmt_table([{**r, "run": "in-memory"}], {"n_layers": 2})
     assert "| in-memory | OOM (killed at" in table and table.rstrip().endswith("| - |")
+
+
+def test_activation_budget_bounds_70b_calibration_micro_batches() -> None:
+    from argparse import Namespace
+
+    from wanda_stream.commands import auto_batch, window_bytes
+
+    config = load_spec("llama-2-70b")
+    # The paper's calibration of a 70B model: 4 GiB of hidden states per block in bf16.
+    assert 128 * 2048 * config.hidden_size * 2 == 4 * 2**30
+    args = Namespace(batch_size=None, max_activation_memory="4GiB", device="cpu")
+    batch = auto_batch(args, config, 2048, torch.bfloat16, 128)
+    assert 1 <= batch < 128 and batch * window_bytes(config, 2048, torch.bfloat16) <= 4 * 2**30
+    args.max_activation_memory = "1MB"  # smaller than one window: still one window at a time
+    assert auto_batch(args, config, 2048, torch.bfloat16, 128) == 1

@@ -74,7 +74,8 @@ def rss_bytes(pid: int) -> int:
     return 0
 
 
-def measure(cmd: list[str], log: Path, mem_limit: int, env: dict[str, str] | None = None) -> dict[str, Any]:
+def measure(cmd: list[str], log: Path, mem_limit: int, env: dict[str, str] | None = None,
+            timeout: float = 0) -> dict[str, Any]:
     """Run `cmd` and return its status, wall time, peak RSS and I/O counters.
 
     The child is waited for without being reaped (waitid WNOWAIT), so its final /proc/<pid>/io
@@ -84,7 +85,7 @@ def measure(cmd: list[str], log: Path, mem_limit: int, env: dict[str, str] | Non
     killer must never have to choose a victim. (An address-space cap is no substitute: a torch
     process maps several times more address space than it touches.)
     """
-    killed_at = 0
+    killed_at, timed_out = 0, False
     with open(log, "w") as out:
         t0 = time.monotonic()
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -100,6 +101,9 @@ def measure(cmd: list[str], log: Path, mem_limit: int, env: dict[str, str] | Non
                                   or psutil.virtual_memory().available < MIN_AVAILABLE):
                 killed_at = rss
                 proc.send_signal(signal.SIGKILL)
+            if timeout and not timed_out and time.monotonic() - t0 > timeout:
+                timed_out = True
+                proc.send_signal(signal.SIGKILL)
             time.sleep(0.1)
         wall = time.monotonic() - t0
         _, status, usage = os.wait4(proc.pid, 0)
@@ -108,6 +112,8 @@ def measure(cmd: list[str], log: Path, mem_limit: int, env: dict[str, str] | Non
     rc = proc.returncode
     if rc == 0:
         state = "ok"
+    elif timed_out:
+        state = f"timed out (killed after {timeout:.0f} s)"
     elif killed_at:
         state = f"OOM (killed at {killed_at / GiB:.1f} GiB RSS)"
     elif rc == -signal.SIGKILL:
@@ -117,7 +123,8 @@ def measure(cmd: list[str], log: Path, mem_limit: int, env: dict[str, str] | Non
     else:
         state = f"failed (exit {rc})"
     return {"status": state, "exit": rc, "wall_s": round(wall, 2), "peak_rss_bytes": usage.ru_maxrss * 1024,
-            "io": last_io or {}, "log_tail": tail[-1500:] if rc else ""}
+            "cpu_s": round(usage.ru_utime + usage.ru_stime, 1), "io": last_io or {},
+            "load_avg_1m": os.getloadavg()[0], "log_tail": tail[-1500:] if rc else ""}
 
 
 # ---- the in-memory approach (runs in the child) ---------------------------------------------
@@ -231,13 +238,14 @@ def fmt_table(results: list[dict[str, Any]], facts: dict[str, Any]) -> str:
     def gb(n: int | None) -> str:
         return "-" if n is None else f"{n / 1e9:.2f}"
 
-    rows = ["| run | status | wall (s) | peak RSS (GiB) | read_bytes (GB) | rchar (GB) | write_bytes (GB) "
-            "| wchar (GB) | blocks/s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = ["| run | status | wall (s) | CPU (s) | peak RSS (GiB) | read_bytes (GB) | rchar (GB) | write_bytes (GB) "
+            "| wchar (GB) | blocks/s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         io = r["io"]
         ok = r["status"] == "ok"
         bps = f"{facts['n_layers'] / r['wall_s']:.3f}" if ok else "-"
-        rows.append(f"| {r['run']} | {r['status']} | {r['wall_s']:.1f} | {r['peak_rss_bytes'] / GiB:.2f} | "
+        cpu = f"{r['cpu_s']:.0f}" if "cpu_s" in r else "-"
+        rows.append(f"| {r['run']} | {r['status']} | {r['wall_s']:.1f} | {cpu} | {r['peak_rss_bytes'] / GiB:.2f} | "
                     f"{gb(io.get('read_bytes'))} | {gb(io.get('rchar'))} | {gb(io.get('write_bytes'))} | "
                     f"{gb(io.get('wchar'))} | {bps} |")
     return "\n".join(rows)
@@ -265,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mem-limit", default="auto",
                    help="kill a run whose RSS passes this, e.g. 16GiB (reported as OOM); 0 = only when the "
                         "machine runs low; auto = 80%% of the RAM available at the start")
+    p.add_argument("--timeout", type=float, default=0, help="kill a run after this many seconds (0: no limit)")
     p.add_argument("--no-drop-caches", action="store_true", help="keep the page cache between runs")
     p.add_argument("--keep-outputs", action="store_true")
     p.add_argument("--json", type=Path, default=None, help="also write every figure to this file")
@@ -272,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from wanda_stream.commands import parse_size
     from wanda_stream.config import resolve_compute_dtype
+    from wanda_stream.state import REPORT_NAME
     from wanda_stream.stream import checkpoint_dtype, open_model
 
     a.model_dir = a.model_dir.resolve()
@@ -300,8 +310,12 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(out, ignore_errors=True)
         dropped = (not a.no_drop_caches and drop_caches()) and dropped
         print(f"running {kind} ...", file=sys.stderr, flush=True)
-        r = measure(command(kind, a, out), work / f"bench-{kind}.log", mem_limit)
+        r = measure(command(kind, a, out), work / f"bench-{kind}.log", mem_limit, timeout=a.timeout)
         r["run"] = kind
+        report = out / REPORT_NAME
+        if report.is_file():
+            # The run's own per-block seconds (read, compute, mask, propagate; not the shard write).
+            r["block_seconds"] = [b["seconds"] for b in json.loads(report.read_text())["blocks"]]
         results.append(r)
         print(f"  {r['status']} in {r['wall_s']:.1f} s, peak RSS {r['peak_rss_bytes'] / GiB:.2f} GiB",
               file=sys.stderr, flush=True)

@@ -53,6 +53,11 @@ def auto_batch(args: argparse.Namespace, config: Any, seqlen: int, dtype: torch.
         budget = parse_size(args.max_activation_memory, "--max-activation-memory")
     else:
         budget = psutil.virtual_memory().available // 8
+        device = resolve_device(getattr(args, "device", "cpu"))
+        if device.startswith("cuda"):
+            # The micro-batch is computed on the GPU: its free memory (less room for a block's
+            # weights and the allocator's slack) bounds it as well as the host's.
+            budget = min(budget, torch.cuda.mem_get_info(torch.device(device))[0] // 4)
     return max(1, min(MAX_AUTO_BATCH, n, budget // window_bytes(config, seqlen, dtype)))
 
 

@@ -181,6 +181,13 @@ class PruneRun:
             self._finish_pending(pending, pending_state)
             pending = self.writer.submit(self._write_block_shard, i, out)
             pending_state = new_state
+            # Only the writer may hold block i's tensors now: kept here, they would stay resident
+            # through block i+1 (a third block in RAM, beside block i+1 and the prefetch of i+2).
+            del out, result
+            if not self.cfg.prefetch:
+                # --no-prefetch: read, compute and write strictly in turn, the baseline the overlap beats.
+                self._finish_pending(pending, pending_state)
+                pending = pending_state = None
             state = new_state
             self.progress.update(i + 1, block=i, bytes_written=io_bytes()["write_bytes"])
             if self.stop.requested:
