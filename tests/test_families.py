@@ -286,3 +286,20 @@ def test_unsupported_family_is_named(model_type: str, tmp_path: Path, capsys: py
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert f"model_type '{model_type}'" in err and "supported and tested: llama" in err
+
+
+def test_fused_experts_on_disk_are_refused(family_model: Callable[[str], Path], tmp_path: Path,
+                                           capsys: pytest.CaptureFixture) -> None:
+    """A checkpoint holding transformers' in-memory fused 3D experts: a clear error, not experts left unpruned."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    src = family_model("qwen3_moe")
+    fused = tmp_path / "fused"
+    shutil.copytree(src, fused, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
+    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(fused / "model.safetensors"))
+    capsys.readouterr()
+    assert main(["prune", str(fused), str(tmp_path / "out"), *CALIB_ARGS]) == 2
+    err = capsys.readouterr().err
+    assert "model.layers.0.mlp.experts.gate_up_proj' is stored as one fused" in err and "per-expert layout" in err

@@ -70,6 +70,12 @@ def prunable_keys(sk: Any, i: int, layer: nn.Module, stored: dict[str, torch.Ten
             raise InputError(f"'{key}' of shape {list(stored[key].shape)} is not an [out, in] slice of "
                              f"'{slot.param}' {list(p.shape)}; this expert layout is not supported")
         out[key] = f"{rel}[{slot.expert}]"
+    covered = {sk.layout.slots[k].param for k in stored if k in sk.layout.slots}
+    for rel in fused:
+        if prefix + rel in covered and not any(v.startswith(rel + "[") for v in out.values()):
+            # Stored already fused (3D) under the parameter's own name: no per-expert matrices to mask.
+            raise InputError(f"'{prefix + rel}' is stored as one fused {list(fused[rel].shape)} tensor; pruning "
+                             "needs the per-expert layout that save_pretrained and the hub checkpoints use")
     return out
 
 
@@ -137,6 +143,17 @@ class ExpertStats(TorchFunctionMode):
         return func(*args, **kwargs)
 
     def results(self) -> dict[str, torch.Tensor]:
-        """Statistics of every expert that saw calibration tokens, named `param[e]`; the others are absent."""
+        """Statistics of every expert that saw calibration tokens, named `param[e]`; the others are absent.
+
+        Raises InputError when no expert of a parameter saw a token: the experts forward does not call
+        F.linear on per-expert slices, so statistics cannot be observed (rather than silently pruning
+        every expert by magnitude).
+        """
+        for n, t in self.tokens.items():
+            if int(t.sum()) == 0:
+                raise InputError(
+                    f"model_type '{self.model.config.model_type}': no per-expert input was seen for '{n}'; its "
+                    "experts forward does not run F.linear on expert slices, so Wanda statistics are unavailable "
+                    "(use --method magnitude)")
         return {f"{n}[{e}]": self.sums[n][e] for n in self.params for e in range(self.sums[n].shape[0])
                 if self.tokens[n][e] > 0}
