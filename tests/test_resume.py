@@ -22,6 +22,7 @@ import pytest
 from tests.helpers import ROOT, run_cli, tree_hash, write_tiny_model
 from wanda_stream import state as state_mod
 from wanda_stream.cli import main
+from wanda_stream.state import WorkDir
 
 # Two micro-batches per calibration hidden-state file, so "while hidden states are written" is mid-file;
 # an evaluation stream too, whose perplexity must also come out the same.
@@ -71,6 +72,16 @@ def kill_at(model: Path, out: Path, point: str, resume: bool = True) -> subproce
     return r
 
 
+def _wait_until_running(proc: subprocess.Popen, work: Path, timeout: float = 300) -> float:
+    """Seconds until the run holds its lock (start-up done, the run proper begins), or until it exits."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout and proc.poll() is None:
+        if WorkDir(work).locked_by() is not None:
+            break
+        time.sleep(0.02)
+    return time.monotonic() - t0
+
+
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_model(tmp_path_factory.mktemp("resume") / "model")
@@ -78,11 +89,14 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def reference(model: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, float]:
-    """An uninterrupted run, and how long its subprocess took (to aim the random kills)."""
+    """An uninterrupted run, and how long it ran after start-up (to aim the random kills)."""
     out = tmp_path_factory.mktemp("ref") / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "wanda_stream", *prune_args(model, out, "--quiet")],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_until_running(proc, out / ".wanda-stream")
     t0 = time.monotonic()
-    r = run_cli(*prune_args(model, out, "--quiet"))
-    assert r.returncode == 0, r.stderr
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
     return out, time.monotonic() - t0
 
 
@@ -116,18 +130,24 @@ def test_sigkill_at_random_times(model: Path, reference: tuple[Path, float], tmp
     out = tmp_path / "out"
     rng = random.Random(1234)
     outcomes = []
-    for _ in range(2):
+    for _ in range(3):
         proc = subprocess.Popen([sys.executable, "-m", "wanda_stream", *prune_args(model, out, "--resume", "--quiet")],
                                 cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        # Late in the run: the first ~70% of a subprocess is interpreter and library start-up.
-        time.sleep(rng.uniform(0.6, 1.0) * seconds)
+        # Aim at the run proper, not interpreter start-up: a random moment between taking the lock
+        # and the end, as long as the reference run took from its lock to its exit.
+        _wait_until_running(proc, out / ".wanda-stream")
+        time.sleep(rng.uniform(0.0, seconds))
         proc.kill()
         _, err = proc.communicate(timeout=120)
         assert proc.returncode in (0, -signal.SIGKILL), err
-        outcomes.append(proc.returncode)
+        saved = out / ".wanda-stream" / "state.json"
+        outcomes.append((proc.returncode, json.loads(saved.read_text())["next_block"] if saved.is_file() else None))
         if proc.returncode == 0:
             break
-        assert not (out / REPORT).exists()
+        if (out / REPORT).exists():
+            # Killed after the report, while tidying up: the report is last, so the output is complete.
+            assert (out / INDEX).exists()
+            break
     r = run_cli(*prune_args(model, out, "--resume", "--quiet"))
     assert r.returncode == 0, (outcomes, r.stderr)
     assert_same_result(out, ref)
@@ -235,3 +255,36 @@ def test_killed_while_removing_the_work_dir(model: Path, reference: tuple[Path, 
     assert not work.exists()
     assert (out / REPORT).read_bytes() == report  # not rerun: a rerun rewrites the timings
     assert checkpoint_files(out) == checkpoint_files(ref)
+
+
+def test_a_second_process_on_the_same_run_is_refused(model: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A requeued job must not work on a run its predecessor is still finishing."""
+    out = tmp_path / "out"
+    monkeypatch.setenv(state_mod.KILL_ENV, "block_done:1:TERM")
+    state_mod._kill_counts.clear()
+    assert main(prune_args(model, out, "--quiet")) == 75
+    monkeypatch.delenv(state_mod.KILL_ENV)
+    work = out / ".wanda-stream"
+    # Another process holds the run: a child that takes the lock and waits.
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys; from pathlib import Path; from wanda_stream.state import WorkDir; "
+        "f = WorkDir(Path(sys.argv[1])).lock(); print('locked', flush=True); sys.stdin.read()"), str(work)],
+        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        capsys.readouterr()
+        before = tree_hash(out)
+        for extra in (["--resume"], ["--overwrite"]):
+            assert main(prune_args(model, out, "--quiet", *extra)) == 2
+            err = capsys.readouterr().err
+            assert f"another wanda-stream process (pid {holder.pid}) is working on this run" in err, err
+        assert tree_hash(out) == before
+        assert main(["status", str(out), "--json"]) == 0
+        st = json.loads(capsys.readouterr().out)
+        assert (st["state"], st["running_pid"], st["can_resume"]) == ("running", str(holder.pid), False)
+    finally:
+        holder.communicate("", timeout=60)
+    # Its exit releases the lock (as a SIGKILL would): the run resumes.
+    assert main(prune_args(model, out, "--quiet", "--resume")) == 0

@@ -195,6 +195,7 @@ def _prune(args: argparse.Namespace, stop: StopFlag) -> int:
     if not prepare(cfg, fp, args.resume, args.overwrite):
         _say(args, f"{cfg.output_dir}: this run is already complete; nothing to do")
         return 0
+    lock = WorkDir(Path(cfg.work_dir)).lock()
     progress = Progress("quiet" if args.quiet else args.log_format, sk.n_layers, "prune")
     try:
         if stop.requested:
@@ -208,6 +209,7 @@ def _prune(args: argparse.Namespace, stop: StopFlag) -> int:
         raise
     finally:
         progress.close()
+        lock.close()
     _summary(args, cfg, report)
     return 0
 

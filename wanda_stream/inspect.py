@@ -104,6 +104,9 @@ def run_status(path: Path) -> dict[str, Any]:
         row["blocks_total"] = None
         row["can_resume"] = False
         row["problem"] = str(e)
+    holder = work.locked_by()
+    if holder is not None:
+        row["state"], row["running_pid"], row["can_resume"] = "running", holder, False
     if row["can_resume"]:
         row["resume_with"] = resume_command(cfg)
     return row

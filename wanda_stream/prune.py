@@ -342,6 +342,7 @@ def prepare(cfg: RunConfig, model_fp: dict[str, Any], resume: bool, overwrite: b
             f"--work-dir {work.path}: holds files no run wrote ({', '.join(foreign[:3])}); the work dir is deleted "
             "after the run, so choose an empty or new directory"
         )
+    work.check_unlocked()  # before anything below deletes or continues another process's run
     if overwrite:
         shutil.rmtree(work.path, ignore_errors=True)
         if out.exists():

@@ -4,10 +4,12 @@ Files (every change is a temp file, fsync and rename, so a crash leaves the old 
   run.json    the configuration and the input checkpoint's fingerprint (written once)
   state.json  next block to do, per-block records, and the stage ('blocks', 'done')
   tokens.safetensors, calib_*.bin / eval_*.bin   token windows and hidden states
+  lock        flock'ed by the process working on the run (the kernel drops it when that process dies)
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -15,10 +17,11 @@ import re
 import shutil
 import signal
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import IO, Any
 
 from wanda_stream.checkpoint import Checkpoint, atomic_write_json
 from wanda_stream.config import RunConfig
@@ -26,13 +29,15 @@ from wanda_stream.errors import InputError
 
 RUN_FILE = "run.json"
 STATE_FILE = "state.json"
+LOCK_FILE = "lock"
+LOCK_TRIES = 20
 TOKENS_FILE = "tokens.safetensors"
 REPORT_NAME = "wanda_stream.json"
 EX_TEMPFAIL = 75
 KILL_ENV = "WANDA_STREAM_KILL_AT"
 
 # Everything a run writes in its work dir (temporaries included, as a kill may leave them).
-_OWN_NAME = re.compile(r"(run\.json|state\.json|tokens\.safetensors|(calib|eval)_\d{5}\.bin)(\.tmp|\.partial)?")
+_OWN_NAME = re.compile(r"lock|(run\.json|state\.json|tokens\.safetensors|(calib|eval)_\d{5}\.bin)(\.tmp|\.partial)?")
 _kill_counts: dict[str, int] = {}
 
 
@@ -91,6 +96,57 @@ class WorkDir:
 
     def file(self, name: str) -> Path:
         return self.path / name
+
+    def lock(self) -> IO[str]:
+        """Hold the run's lock for the life of this process; refuse if another process holds it.
+
+        Two processes on one run (a requeued job while the old one still finishes, a double submit)
+        would delete each other's half-written files. flock is released by the kernel on any exit,
+        SIGKILL included, so a crash never leaves a stale lock behind.
+        """
+        self.path.mkdir(parents=True, exist_ok=True)
+        f = open(self.path / LOCK_FILE, "a+")
+        # A `status` probe holds a shared lock for microseconds: retry briefly before calling it busy.
+        for attempt in range(LOCK_TRIES):
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if attempt == LOCK_TRIES - 1:
+                    f.seek(0)
+                    holder = f.read().strip() or "unknown"
+                    f.close()
+                    raise self._busy(holder) from None
+                time.sleep(0.05)
+        f.truncate(0)
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        return f
+
+    def locked_by(self) -> str | None:
+        """The pid of the process working on this run, or None; reads only, so `status` may call it."""
+        try:
+            f = open(self.path / LOCK_FILE)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        with f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return f.read().strip() or "unknown"
+        return None
+
+    def check_unlocked(self) -> None:
+        """Refuse (InputError) while another process holds the run's lock."""
+        holder = self.locked_by()
+        if holder is not None:
+            raise self._busy(holder)
+
+    def _busy(self, holder: str) -> InputError:
+        return InputError(
+            f"{self.path}: another wanda-stream process (pid {holder}) is working on this run; "
+            "wait for it to exit or stop it, then rerun with --resume"
+        )
 
     def load_run(self) -> dict:
         try:
