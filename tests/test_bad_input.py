@@ -195,10 +195,12 @@ def test_bad_calibration_data(content: str | None, expected: str, tiny_model: Pa
         data = data / "calib.txt"
         data.write_text(content)
     out = tmp_path / "out"
+    before = tree_hash(tiny_model)
     err = refused(capsys, ["prune", str(tiny_model), str(out), *ARGS, "--calib", str(data)])
     assert expected in err
     # Nothing was started, so the corrected command needs neither --resume nor --overwrite.
     assert not out.exists()
+    assert tree_hash(tiny_model) == before
 
 
 def test_output_inside_or_equal_to_model(model: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -212,15 +214,23 @@ def test_output_inside_or_equal_to_model(model: Path, capsys: pytest.CaptureFixt
 
 
 def test_output_not_writable(tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    before = tree_hash(tiny_model)
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     err = refused(capsys, ["prune", str(tiny_model), str(blocker / "out"), *ARGS])
     assert f"{blocker / 'out'}: output directory is not writable" in err
+    ro = tmp_path / "ro"
     if os.geteuid() != 0:  # root ignores permission bits
-        ro = tmp_path / "ro"
         ro.mkdir(mode=0o500)
         err = refused(capsys, ["prune", str(tiny_model), str(ro / "out"), *ARGS])
         assert "not writable" in err
+    elif _mount_tmpfs(ro, "1m", "ro"):  # as root, a read-only file system is what refuses
+        try:
+            err = refused(capsys, ["prune", str(tiny_model), str(ro / "out"), *ARGS])
+            assert f"{ro / 'out'}: output directory is not writable (Read-only file system)" in err
+        finally:
+            subprocess.run(["umount", str(ro)], capture_output=True, timeout=30)
+    assert tree_hash(tiny_model) == before
 
 
 @pytest.mark.parametrize("where,expected", [
@@ -247,10 +257,12 @@ def test_work_dir_holding_other_files_is_never_deleted(tiny_model: Path, tmp_pat
     work.mkdir()
     (work / "precious.txt").write_text("someone's data")
     out = tmp_path / "out"
+    before = tree_hash(tiny_model)
     for extra in ([], ["--resume"], ["--overwrite"]):
         err = refused(capsys, ["prune", str(tiny_model), str(out), *ARGS, "--work-dir", str(work), *extra])
         assert f"--work-dir {work}: holds files no run wrote (precious.txt)" in err
     assert (work / "precious.txt").read_text() == "someone's data"
+    assert tree_hash(tiny_model) == before
     # A work dir of its own is used, and removed after success.
     assert main(["prune", str(tiny_model), str(out), *ARGS, "--work-dir", str(work / "run")]) == 0
     assert sorted(p.name for p in work.iterdir()) == ["precious.txt"]
@@ -261,9 +273,11 @@ def test_existing_unrelated_output_is_not_touched(tiny_model: Path, tmp_path: Pa
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
+    before = tree_hash(tiny_model)
     err = refused(capsys, ["prune", str(tiny_model), str(out), *ARGS])
     assert "exists and is not empty" in err
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    assert tree_hash(tiny_model) == before
 
 
 # ---- a full disk --------------------------------------------------------------------------------
@@ -301,10 +315,11 @@ def test_file_size_limit_mid_write_then_resume(tiny_model: Path, reference: Path
     assert tree_hash(tiny_model) == before
 
 
-def _mount_tmpfs(path: Path, size: str) -> bool:
+def _mount_tmpfs(path: Path, size: str, *options: str) -> bool:
+    """Mount a tmpfs of `size` at `path` (made here); False where mounting is not allowed."""
     path.mkdir()
     try:
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join([f"size={size}", *options]), "tmpfs", str(path)],
                            capture_output=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return False

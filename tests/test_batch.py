@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import subprocess
@@ -171,3 +172,38 @@ def test_sigterm_during_start_up_exits_75(tiny_model: Path, tmp_path: Path, caps
     monkeypatch.undo()
     assert main(["prune", str(tiny_model), str(out), *ARGS, "--quiet", "--resume"]) == 0
     assert (out / "wanda_stream.json").is_file()
+
+
+def test_refuses_early_on_a_real_small_disk(tiny_model: Path, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.test_bad_input import _mount_tmpfs
+
+    disk = tmp_path / "disk"
+    if not _mount_tmpfs(disk, "256k"):
+        pytest.skip("cannot mount a tmpfs here (needs root); the patched-disk_usage test covers the check")
+    try:
+        out = disk / "out"
+        assert main(["prune", str(tiny_model), str(out), *ARGS]) == 2
+        err = capsys.readouterr().err.strip()
+        assert re.fullmatch(rf"wanda-stream: error: {re.escape(str(out))}: needs about [0-9.]+ KiB free for the "
+                            r"pruned checkpoint, has 256\.0 KiB; .*", err), err
+        assert list(disk.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True, timeout=30)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_bar_on_a_terminal_counts_resumed_blocks() -> None:
+    from wanda_stream.report import Progress
+
+    term = _Terminal()
+    progress = Progress("bar", 80, "prune", stream=term)
+    progress.begin(40)
+    progress.update(41, block=40)
+    progress.close()
+    assert "41/80" in term.getvalue() and "prune" in term.getvalue()
+    assert Progress("bar", 3, "prune", stream=io.StringIO()).bar.disable  # no terminal, no bar
