@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from copy import deepcopy
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
@@ -58,11 +59,6 @@ class Layout:
                 self._pattern[key] = pattern
         self.key_of = {s.param: k for k, s in self.slots.items() if s.expert is None}
 
-    @property
-    def is_identity(self) -> bool:
-        """Every key is its parameter's name (the dense families of transformers)."""
-        return all(s.expert is None and s.param == k for k, s in self.slots.items())
-
     def source_key(self, param: str, tied: dict[str, str]) -> str | None:
         """The checkpoint key a non-fused parameter is read from (following tied weights), or None."""
         if param in self.key_of:
@@ -70,11 +66,6 @@ class Layout:
         if param in tied and tied[param] in self.key_of:
             return self.key_of[tied[param]]
         return None
-
-    def fused_keys(self, param: str) -> list[str]:
-        """The checkpoint keys that together make the fused parameter `param`, in stacking order."""
-        return sorted((k for k, s in self.slots.items() if s.param == param and s.expert is not None),
-                      key=self._natural)
 
     def to_params(self, stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Stored tensors (checkpoint keys) as the skeleton's parameters, converted as transformers loads them.
@@ -99,7 +90,7 @@ class Layout:
         return out
 
     def check(self, infos: dict[str, Any], params: dict[str, nn.Parameter], tied: dict[str, str],
-              is_block_key: Callable[[str], bool], root: Any) -> None:
+              is_block_key: Callable[[str], bool], root: Path) -> None:
         """Every parameter is fed by the checkpoint with the right shape; no block tensor goes unused.
 
         `infos` maps checkpoint keys to objects with `.shape`, `.dtype` and `.file` (the shard headers).
@@ -107,7 +98,7 @@ class Layout:
         meta = {k: torch.empty(tuple(i.shape), dtype=i.dtype, device="meta") for k, i in infos.items()}
         try:
             shapes = {n: tuple(t.shape) for n, t in self.to_params(meta).items()}
-        except Exception as e:  # noqa: BLE001 - a conversion op refusing the shapes is a checkpoint/config mismatch
+        except (RuntimeError, ValueError) as e:  # stack/cat refusing the shapes: checkpoint and config disagree
             raise InputError(f"{root}: the per-expert tensors do not fit the model's fused layout ({e}); "
                              "the weights and config.json do not match") from None
         for name, p in params.items():

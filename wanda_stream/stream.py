@@ -16,7 +16,6 @@ from torch import nn
 
 from wanda_stream.activations import HiddenFile, HiddenWriter, batches
 from wanda_stream.checkpoint import Checkpoint
-from wanda_stream.errors import InputError
 from wanda_stream.model import Skeleton, load_config, materialize, release, run_base_with_recorders
 from wanda_stream.state import StopFlag, killpoint
 
