@@ -98,10 +98,11 @@ def family_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Pa
     build_tokenizer(tok_dir)
     made: dict[str, Path] = {}
 
-    def make(family: str) -> Path:
-        if family in made:
-            return made[family]
-        out = root / family
+    def make(family: str, dtype: torch.dtype = torch.float32) -> Path:
+        name = family if dtype == torch.float32 else f"{family}-{str(dtype).removeprefix('torch.')}"
+        if name in made:
+            return made[name]
+        out = root / name
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(CONFIGS[family]())
         with torch.no_grad():
@@ -111,10 +112,10 @@ def family_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Pa
                 elif p.dim() == 3:  # fused experts: distinct scales per expert
                     p.copy_(torch.randn_like(p) * 0.05)
         TWEAKS.get(family, lambda m: None)(model)
-        model.save_pretrained(str(out), max_shard_size="40KB")
+        model.to(dtype).save_pretrained(str(out), max_shard_size="40KB")
         for f in tok_dir.iterdir():
             shutil.copy(f, out / f.name)
-        made[family] = out
+        made[name] = out
         return out
 
     return make
@@ -229,16 +230,18 @@ def _moe_reference(model_dir: Path, tokens: torch.Tensor, sparsity: float) -> tu
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, starved
 
 
-@pytest.mark.parametrize("family", list(CONFIGS))
-def test_streamed_prune_equals_reference(family: str, family_model: Callable[[str], Path], windows: torch.Tensor,
-                                         tmp_path: Path) -> None:
+@pytest.mark.parametrize("family,dtype", [pytest.param(f, torch.float32, id=f) for f in CONFIGS]
+                         + [pytest.param("mixtral", torch.bfloat16, id="mixtral-bf16")])
+def test_streamed_prune_equals_reference(family: str, dtype: torch.dtype, family_model: Callable[..., Path],
+                                         windows: torch.Tensor, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    model_dir = family_model(family)
+    model_dir = family_model(family, dtype)
     out = tmp_path / "out"
     assert main(["prune", str(model_dir), str(out), *CALIB_ARGS]) == 0
     src, written = load_state_dict(model_dir), load_state_dict(out)
     assert set(written) == set(src)  # the checkpoint's own layout and keys, per-expert tensors included
+    assert all(t.dtype == dtype for t in written.values())
     tokens = windows
     if family in MOE:
         ref, starved = _moe_reference(model_dir, tokens, 0.5)
