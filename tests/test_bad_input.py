@@ -22,7 +22,7 @@ from typing import Callable
 
 import pytest
 
-from tests.helpers import ROOT, run_cli, tree_hash
+from tests.helpers import ROOT, tree_hash
 from wanda_stream.cli import main
 from wanda_stream.state import KILL_ENV
 
@@ -309,8 +309,7 @@ def test_file_size_limit_mid_write_then_resume(tiny_model: Path, reference: Path
     assert len(lines) == 1 and "File too large" in lines[0] and "--resume" in lines[0], r.stderr
     assert list(out.glob("*.partial")), "the limit should have stopped a shard part-way"
     assert not (out / INDEX).exists()
-    r = run_cli("prune", str(tiny_model), str(out), *ARGS, "--resume")
-    assert r.returncode == 0, r.stderr
+    assert main(["prune", str(tiny_model), str(out), *ARGS, "--resume"]) == 0
     assert _checkpoint_files(out) == _checkpoint_files(reference)
     assert tree_hash(tiny_model) == before
 
@@ -363,8 +362,7 @@ def test_disk_full_on_tmpfs_then_resume(tiny_model: Path, reference: Path, tmp_p
         assert len(lines) == 1 and "No space left on device" in lines[0] and "--resume" in lines[0], err
         assert not (out / INDEX).exists()
         (disk / "filler").unlink()
-        r = run_cli("prune", str(tiny_model), str(out), *ARGS, "--resume")
-        assert r.returncode == 0, r.stderr
+        assert main(["prune", str(tiny_model), str(out), *ARGS, "--resume"]) == 0
         assert _checkpoint_files(out) == _checkpoint_files(reference)
         assert tree_hash(tiny_model) == before
     finally:
