@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 
 NM = tuple[int, int]
+# Scores are computed this many at a time (64 MB of float32); see wanda_mask.
+SCORE_CHUNK_ELEMENTS = 1 << 24
 
 
 def column_sq_sum(x: torch.Tensor) -> torch.Tensor:
@@ -89,8 +91,14 @@ def wanda_mask(
     weight: torch.Tensor, sq_sum: torch.Tensor, sparsity: float, nm: NM | None = None
 ) -> torch.Tensor:
     """Wanda mask of one linear weight [out, in] from the inputs' per-column sum of squares."""
-    score = wanda_score(weight, sq_sum)
-    return nm_mask(score, nm) if nm else row_mask(score, sparsity)
+    # Both rules are per row, so rows are scored and selected a slice at a time: whole, the float32
+    # score and the selection's values and indices of a 7B MLP matrix hold ~500 MB at once.
+    step = max(1, SCORE_CHUNK_ELEMENTS // max(1, weight.shape[1]))
+    mask = torch.empty(weight.shape, dtype=torch.bool, device=weight.device)
+    for r in range(0, weight.shape[0], step):
+        score = wanda_score(weight[r : r + step], sq_sum)
+        mask[r : r + step] = nm_mask(score, nm) if nm else row_mask(score, sparsity)
+    return mask
 
 
 def magnitude_mask(weight: torch.Tensor, sparsity: float, nm: NM | None = None) -> torch.Tensor:
