@@ -106,9 +106,11 @@ def test_killed_at_every_point_resumes_to_the_same_bytes(model: Path, reference:
     ref, _ = reference
     out = tmp_path / "out"
     before = tree_hash(model)
-    # Each resumed run gets further: mid hidden-state file of block 1, mid block shard, right after a
-    # block is recorded, after the side files, after the index. Five kills, one run.
-    points = ["hidden_write:4", "shard_write:2", "block_done:1", "finalize", "finalize_index"]
+    # Each resumed run gets further: mid hidden-state file of block 1; a block shard written but not
+    # renamed, held back 2 s so the main thread is already waiting for it (a state saved before the
+    # shard is durable would be caught here); right after a block is recorded; after the side files;
+    # after the index. Five kills, one run.
+    points = ["hidden_write:4", "shard_write:2:KILL:2", "block_done:1", "finalize", "finalize_index"]
     for n, point in enumerate(points):
         kill_at(model, out, point, resume=n > 0)
         assert not (out / REPORT).exists(), f"report of an unfinished run after a kill at {point}"

@@ -42,10 +42,12 @@ _kill_counts: dict[str, int] = {}
 
 
 def killpoint(name: str) -> None:
-    """Test hook: signal this process at a named point when WANDA_STREAM_KILL_AT=name[:k[:SIG]] says so.
+    """Test hook: signal this process at a named point when WANDA_STREAM_KILL_AT=name[:k[:SIG[:DELAY]]] says so.
 
     The k-th time the point is reached (default the first) the process sends itself SIG (KILL by
-    default; TERM or INT exercise the clean-stop path at an exact point instead of a racy moment).
+    default; TERM or INT exercise the clean-stop path at an exact point instead of a racy moment),
+    after sleeping DELAY seconds: a delay on the writer thread lets the main thread run ahead to
+    where it waits for the write, the moment an ordering bug would record unwritten work as done.
     """
     spec = os.environ.get(KILL_ENV)
     if not spec:
@@ -53,9 +55,11 @@ def killpoint(name: str) -> None:
     target, _, rest = spec.partition(":")
     if target != name:
         return
-    nth, _, sig = rest.partition(":")
+    nth, _, rest = rest.partition(":")
+    sig, _, delay = rest.partition(":")
     _kill_counts[name] = _kill_counts.get(name, 0) + 1
     if _kill_counts[name] == int(nth or 1):
+        time.sleep(float(delay or 0))
         os.kill(os.getpid(), getattr(signal, f"SIG{sig or 'KILL'}"))
 
 
