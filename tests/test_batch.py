@@ -116,6 +116,7 @@ def test_exit_codes_are_documented() -> None:
     rows = dict(re.findall(r"^\|\s*`?(\d+)`?\s*\|\s*([^|]+)\|", doc, re.M))
     assert {int(k) for k in rows} == {cli.EXIT_OK, cli.EXIT_INTERNAL, cli.EXIT_INPUT, cli.EXIT_TEMPFAIL}
     assert cli.EXIT_TEMPFAIL == state_mod.EX_TEMPFAIL == 75
+    assert "75 stopped by SIGTERM/SIGINT with its state saved: rerun with --resume" in " ".join(cli.PRUNE_EXAMPLES.split())
     script = ROOT / "docs" / "slurm_example.sh"
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
     text = script.read_text()

@@ -25,6 +25,10 @@ PRUNE_EXAMPLES = """examples:
   wanda-stream prune ./model ./model-2of4 --pattern 2:4 --calib pydoc --eval-data ./wiki.test.raw
   # a batch job: resume after preemption, JSON progress lines for the log collector
   wanda-stream prune ./model ./out --resume --log-format json
+
+exit status: 0 done (or, with --resume, already done); 2 bad input, not enough disk or memory, or disk
+full (one line on stderr); 75 stopped by SIGTERM/SIGINT with its state saved: rerun with --resume;
+1 internal error (a bug). See docs/batch.md.
 """
 EVAL_EXAMPLES = """examples:
   wanda-stream eval ./Llama-2-7b-wanda50 --data wikitext2 --seqlen 2048
