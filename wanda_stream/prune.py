@@ -8,6 +8,7 @@ the block's tensors are written as one output shard while the next block compute
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import time
@@ -27,6 +28,7 @@ from wanda_stream.checkpoint import (
 from wanda_stream.config import RunConfig
 from wanda_stream.errors import Interrupted
 from wanda_stream.report import Progress, io_bytes, peak_rss_bytes, versions
+from wanda_stream.model import release
 from wanda_stream.state import REPORT_NAME, RunState, StopFlag, WorkDir, killpoint
 from wanda_stream.stream import Streamer, open_model
 
@@ -63,7 +65,8 @@ def collect_stats(
         handles.append(mod.register_forward_hook(hook))
     per_expert = experts.ExpertStats(st.sk.model, layer)
     try:
-        with per_expert:
+        # The function mode costs Python overhead on every op: enter it only for blocks with experts.
+        with per_expert if per_expert.params else contextlib.nullcontext():
             finished = st.run_block(i, layer, src, batch, dst=None, stop=stop)
     finally:
         for h in handles:
@@ -238,7 +241,7 @@ class PruneRun:
                 if not self.st.run_block(i, layer, src, b, dst=dst, stop=self.stop):
                     return None
         finally:
-            self.sk.layers[i].to_empty(device="meta")
+            release(self.sk.layers[i])
         return out, records
 
     def _write_block_shard(self, i: int, tensors: dict[str, torch.Tensor]) -> None:
