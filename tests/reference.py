@@ -21,6 +21,30 @@ def _layers(model: nn.Module) -> nn.ModuleList:
     return next(m for m in base.children() if isinstance(m, nn.ModuleList) and len(m) == n)
 
 
+def capture_block_inputs(
+    model: nn.Module, layers: nn.ModuleList, tokens: torch.Tensor
+) -> tuple[list[torch.Tensor], dict[int, list[dict[str, Any]]]]:
+    """Block 0's hidden-state inputs and every block's keyword arguments, one entry per window,
+    caught by forward pre-hooks during ordinary forwards of the whole model (no KV cache)."""
+    inputs: list[torch.Tensor] = []
+    kwargs: dict[int, list[dict[str, Any]]] = {i: [] for i in range(len(layers))}
+
+    def grab(i: int) -> Any:
+        def pre(mod: nn.Module, args: tuple, kw: dict) -> None:
+            if i == 0:
+                inputs.append(args[0] if args else kw["hidden_states"])
+            kwargs[i].append(dict(kw))
+        return pre
+
+    hs = [lay.register_forward_pre_hook(grab(i), with_kwargs=True) for i, lay in enumerate(layers)]
+    with torch.no_grad():
+        for t in tokens:
+            model(t.unsqueeze(0), use_cache=False)
+    for h in hs:
+        h.remove()
+    return inputs, kwargs
+
+
 def _lowest(score: torch.Tensor, k: int, dim: int) -> torch.Tensor:
     idx = torch.sort(score, dim=dim, stable=True).indices.narrow(dim, 0, k)
     return torch.zeros_like(score, dtype=torch.bool).scatter(dim, idx, True)
@@ -54,19 +78,7 @@ def reference_prune(model_dir: Path, tokens: torch.Tensor | None, method: str, s
     inputs: list[torch.Tensor] = []
     layer_kwargs: dict[int, list[dict[str, Any]]] = {i: [] for i in range(len(layers))}
     if method == "wanda":
-        def grab(i: int):
-            def pre(mod: nn.Module, args: tuple, kwargs: dict) -> None:
-                if i == 0:
-                    inputs.append(args[0] if args else kwargs["hidden_states"])
-                layer_kwargs[i].append(dict(kwargs))
-            return pre
-
-        hs = [lay.register_forward_pre_hook(grab(i), with_kwargs=True) for i, lay in enumerate(layers)]
-        with torch.no_grad():
-            for t in tokens:
-                model(t.unsqueeze(0), use_cache=False)
-        for h in hs:
-            h.remove()
+        inputs, layer_kwargs = capture_block_inputs(model, layers, tokens)
     result = dict(stored_sd)
     for i, layer in enumerate(layers):
         linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}

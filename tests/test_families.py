@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from tests.helpers import build_tokenizer, load_state_dict
-from tests.reference import _layers, ref_mask, reference_prune
+from tests.reference import _layers, capture_block_inputs, ref_mask, reference_prune
 from wanda_stream import calib
 from wanda_stream.cli import main
 from wanda_stream.evaluate import streamed_logits
@@ -166,22 +166,7 @@ def _moe_reference(model_dir: Path, tokens: torch.Tensor, sparsity: float) -> tu
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     layers = _layers(model)
-    inputs: list[torch.Tensor] = []
-    kwargs: dict[int, list[dict[str, Any]]] = {i: [] for i in range(len(layers))}
-
-    def grab(i: int) -> Callable:
-        def pre(mod: nn.Module, args: tuple, kw: dict) -> None:
-            if i == 0:
-                inputs.append(args[0] if args else kw["hidden_states"])
-            kwargs[i].append(dict(kw))
-        return pre
-
-    hs = [lay.register_forward_pre_hook(grab(i), with_kwargs=True) for i, lay in enumerate(layers)]
-    with torch.no_grad():
-        for t in tokens:
-            model(t.unsqueeze(0), use_cache=False)
-    for h in hs:
-        h.remove()
+    inputs, kwargs = capture_block_inputs(model, layers, tokens)
     starved: set[tuple[int, int]] = set()
     for i, layer in enumerate(layers):
         linears = {n: m for n, m in layer.named_modules()
