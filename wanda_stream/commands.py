@@ -70,7 +70,7 @@ def _check_seqlen(config: Any, seqlen: int, flag: str) -> None:
 
 
 def build_prune_config(args: argparse.Namespace) -> tuple[RunConfig, Any]:
-    """Validate the prune arguments against the checkpoint; returns the config and the model's fingerprint."""
+    """Validate the prune arguments against the checkpoint; returns the config and (fingerprint, skeleton, checkpoint)."""
     from wanda_stream.stream import checkpoint_dtype, open_model
 
     model_dir, output_dir = args.model_dir.resolve(), args.output_dir.resolve()
@@ -105,7 +105,7 @@ def build_prune_config(args: argparse.Namespace) -> tuple[RunConfig, Any]:
         calib_fingerprint=calib.spec_fingerprint(args.calib) if args.method == "wanda" else "",
         eval_fingerprint=calib.spec_fingerprint(args.eval_data) if args.eval_data else "",
     ).validate()
-    return cfg, (fp, sk)
+    return cfg, (fp, sk, ckpt)
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -182,13 +182,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def _prune(args: argparse.Namespace, stop: StopFlag) -> int:
-    from wanda_stream.checkpoint import Checkpoint
     from wanda_stream.prune import PruneRun, output_is_finished, prepare
 
-    cfg, (fp, sk) = build_prune_config(args)
+    cfg, (fp, sk, ckpt) = build_prune_config(args)
     if args.overwrite or not (args.resume and output_is_finished(cfg)):
         # Before prepare() creates the run: a refusal here leaves nothing behind to --resume or --overwrite.
-        ckpt = Checkpoint(cfg.model_dir)
         largest = max(sum(t.nbytes for k, t in ckpt.tensors.items() if k.startswith(sk.block_prefix(i)))
                       for i in range(sk.n_layers))
         check_resources(cfg, sk, ckpt.total_bytes(), largest, cfg.eval_windows or 0)

@@ -14,10 +14,34 @@ from wanda_stream import calib
 from wanda_stream.activations import HiddenFile
 from wanda_stream.config import DTYPE_NAMES, resolve_compute_dtype
 from wanda_stream.errors import Interrupted
-from wanda_stream.report import Progress, peak_rss_bytes
 from wanda_stream.model import release
+from wanda_stream.report import Progress, peak_rss_bytes
 from wanda_stream.state import StopFlag
 from wanda_stream.stream import Streamer, checkpoint_dtype, open_model
+
+
+def run_dense(
+    st: Streamer, tokens: torch.Tensor, files: list[HiddenFile], batch: int,
+    stop: StopFlag | None = None, progress: Progress | None = None,
+) -> HiddenFile:
+    """Carry `tokens` through every block (no pruning), ping-ponging between two hidden-state files.
+
+    Returns the file holding the last block's outputs; raises Interrupted when a stop was requested.
+    """
+    if not st.embed_windows(tokens, files[0], batch, stop):
+        raise Interrupted("evaluation stopped")
+    st.prefetch(0)
+    for i in range(st.sk.n_layers):
+        stored = st.block_tensors(i)
+        st.prefetch(i + 1)
+        layer = st.load_block(i, stored)
+        ok = st.run_block(i, layer, files[i % 2], batch, dst=files[(i + 1) % 2], stop=stop)
+        release(st.sk.layers[i])
+        if not ok:
+            raise Interrupted("evaluation stopped")
+        if progress is not None:
+            progress.update(i + 1, block=i)
+    return files[st.sk.n_layers % 2]
 
 
 def evaluate(
@@ -43,19 +67,8 @@ def evaluate(
     progress = Progress(mode, sk.n_layers, "eval")
     stop = StopFlag().install()
     try:
-        if not st.embed_windows(tokens, files[0], batch, stop):
-            raise Interrupted("evaluation stopped")
-        st.prefetch(0)
-        for i in range(sk.n_layers):
-            stored = st.block_tensors(i)
-            st.prefetch(i + 1)
-            layer = st.load_block(i, stored)
-            ok = st.run_block(i, layer, files[i % 2], batch, dst=files[(i + 1) % 2], stop=stop)
-            release(sk.layers[i])
-            if not ok:
-                raise Interrupted("evaluation stopped")
-            progress.update(i + 1, block=i)
-        nll, count = st.final_nll(files[sk.n_layers % 2], tokens, batch)
+        last = run_dense(st, tokens, files, batch, stop, progress)
+        nll, count = st.final_nll(last, tokens, batch)
     finally:
         stop.restore()
         progress.close()
@@ -79,12 +92,7 @@ def streamed_logits(model_dir: Path, tokens: torch.Tensor, device: str, work_dir
     n, seqlen = tokens.shape
     files = [HiddenFile(work_dir / f"logits_{i}.bin", n, seqlen, st.hidden, dtype) for i in range(2)]
     try:
-        st.embed_windows(tokens, files[0], batch)
-        for i in range(sk.n_layers):
-            layer = st.load_block(i, st.block_tensors(i))
-            st.run_block(i, layer, files[i % 2], batch, dst=files[(i + 1) % 2])
-            release(sk.layers[i])
-        last = files[sk.n_layers % 2]
+        last = run_dense(st, tokens, files, batch)
         nll, count = st.final_nll(last, tokens, batch)
         logits = st.final_logits(last, batch)
     finally:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -172,30 +172,41 @@ class Streamer:
             writer.commit()
         return True
 
-    def final_nll(self, src: HiddenFile, tokens: torch.Tensor, batch: int) -> tuple[float, int]:
-        """Sum of next-token negative log-likelihoods of `tokens` given the last block's outputs `src`.
+    def _tail(self, src: HiddenFile, batch: int) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """Per micro-batch of the last block's outputs: (start, count, final hidden states).
 
         The final norm runs through the base model's own forward (every block a stand-in); the head
-        runs on chunks of tokens, so no tokens x vocabulary tensor for the whole set is ever held.
+        stays materialized while the batches are consumed, for `_logits`.
         """
         head = self.sk.model.get_output_embeddings()
         head_name = next(n for n, m in self.sk.model.named_modules() if m is head)
         self._stem(with_embedding=False)
         materialize(head, head_name + ".", self.ckpt, self.device, self.dtype, self.sk.sources, self.sk.model)
-        cap = getattr(self.sk.model.config.get_text_config(), LOGIT_SOFTCAP_ATTR, None)
-        total, count_tokens = 0.0, 0
         try:
             for start, count in batches(src.shape[0], batch):
                 h = src.read(start, count).to(self.device)
                 dummy = torch.zeros(*h.shape[:-1], self.embed_dim, device=h.device, dtype=h.dtype)
                 _, normed = run_base_with_recorders(self.sk, None, dummy, inject=h)
-                labels = tokens[start : start + count, 1:].to(self.device)
-                s, n = _chunked_nll(head, normed[:, :-1, :], labels, cap)
-                total += s
-                count_tokens += n
+                yield start, count, normed
         finally:
             self._release_stem()
             release(head)
+
+    def _softcap(self) -> float | None:
+        return getattr(self.sk.model.config.get_text_config(), LOGIT_SOFTCAP_ATTR, None)
+
+    def final_nll(self, src: HiddenFile, tokens: torch.Tensor, batch: int) -> tuple[float, int]:
+        """Sum of next-token negative log-likelihoods of `tokens` given the last block's outputs `src`.
+
+        The head runs on chunks of tokens, so no tokens x vocabulary tensor for the whole set is ever held.
+        """
+        head, cap = self.sk.model.get_output_embeddings(), self._softcap()
+        total, count_tokens = 0.0, 0
+        for start, count, normed in self._tail(src, batch):
+            labels = tokens[start : start + count, 1:].to(self.device)
+            s, n = _chunked_nll(head, normed[:, :-1, :], labels, cap)
+            total += s
+            count_tokens += n
         return total, count_tokens
 
     def final_logits(self, src: HiddenFile, batch: int) -> torch.Tensor:
@@ -203,26 +214,15 @@ class Streamer:
 
         Holds every window's logits at once: for checking the streamer on a few windows, not for evaluation.
         """
-        head = self.sk.model.get_output_embeddings()
-        head_name = next(n for n, m in self.sk.model.named_modules() if m is head)
-        self._stem(with_embedding=False)
-        materialize(head, head_name + ".", self.ckpt, self.device, self.dtype, self.sk.sources, self.sk.model)
-        cap = getattr(self.sk.model.config.get_text_config(), LOGIT_SOFTCAP_ATTR, None)
-        out = []
-        try:
-            for start, count in batches(src.shape[0], batch):
-                h = src.read(start, count).to(self.device)
-                dummy = torch.zeros(*h.shape[:-1], self.embed_dim, device=h.device, dtype=h.dtype)
-                _, normed = run_base_with_recorders(self.sk, None, dummy, inject=h)
-                with torch.no_grad():
-                    logits = head(normed).float()
-                if cap:
-                    logits = torch.tanh(logits / cap) * cap
-                out.append(logits.cpu())
-        finally:
-            self._release_stem()
-            release(head)
-        return torch.cat(out)
+        head, cap = self.sk.model.get_output_embeddings(), self._softcap()
+        return torch.cat([_logits(head, normed, cap).cpu() for _, _, normed in self._tail(src, batch)])
+
+
+def _logits(head: nn.Module, rows: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """The head's float32 logits, softcapped as the family's causal-LM forward does."""
+    with torch.no_grad():
+        out = head(rows).float()
+    return torch.tanh(out / cap) * cap if cap else out
 
 
 def _chunked_nll(head: nn.Module, h: torch.Tensor, labels: torch.Tensor, cap: float | None) -> tuple[float, int]:
@@ -231,12 +231,9 @@ def _chunked_nll(head: nn.Module, h: torch.Tensor, labels: torch.Tensor, cap: fl
     flat = labels.reshape(-1)
     chunk = max(1, LOGIT_CHUNK_BYTES // (vocab * 4))
     total = torch.zeros((), dtype=torch.float64, device=h.device)
-    with torch.no_grad():
-        for s in range(0, rows.shape[0], chunk):
-            logits = head(rows[s : s + chunk]).float()
-            if cap:
-                logits = torch.tanh(logits / cap) * cap
-            total += torch.nn.functional.cross_entropy(logits, flat[s : s + chunk], reduction="sum").double()
+    for s in range(0, rows.shape[0], chunk):
+        logits = _logits(head, rows[s : s + chunk], cap)
+        total += torch.nn.functional.cross_entropy(logits, flat[s : s + chunk], reduction="sum").double()
     return float(total), int(flat.numel())
 
 
