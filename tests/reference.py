@@ -45,6 +45,29 @@ def capture_block_inputs(
     return inputs, kwargs
 
 
+def linear_input_sums(layer: nn.Module, linears: dict[str, nn.Linear], inputs: list[torch.Tensor],
+                      kwargs: list[dict[str, Any]], extra_hooks: list[Any] = ()) -> dict[str, torch.Tensor]:
+    """Run the dense block over every window; per linear, the float64 sum of x**2 of its inputs per column.
+
+    `extra_hooks` are handles of further hooks the caller registered for this pass; they are removed too.
+    """
+    sums = {n: torch.zeros(m.in_features, dtype=torch.float64) for n, m in linears.items()}
+
+    def hook(n: str) -> Any:
+        def add(mod: nn.Module, args: tuple, out: Any) -> None:
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            sums[n] += (x * x).sum(0)
+        return add
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in linears.items()] + list(extra_hooks)
+    with torch.no_grad():
+        for x, kw in zip(inputs, kwargs):
+            layer(x, **kw)
+    for h in handles:
+        h.remove()
+    return sums
+
+
 def _lowest(score: torch.Tensor, k: int, dim: int) -> torch.Tensor:
     idx = torch.sort(score, dim=dim, stable=True).indices.narrow(dim, 0, k)
     return torch.zeros_like(score, dtype=torch.bool).scatter(dim, idx, True)
@@ -82,18 +105,7 @@ def reference_prune(model_dir: Path, tokens: torch.Tensor | None, method: str, s
     result = dict(stored_sd)
     for i, layer in enumerate(layers):
         linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
-        sums = {n: torch.zeros(m.in_features, dtype=torch.float64) for n, m in linears.items()}
-        handles = []
-        for n, m in linears.items():
-            def hook(mod: nn.Module, args: tuple, out: Any, n: str = n) -> None:
-                x = args[0].reshape(-1, args[0].shape[-1]).double()
-                sums[n] += (x * x).sum(0)
-            handles.append(m.register_forward_hook(hook))
-        with torch.no_grad():
-            for x, kw in zip(inputs, layer_kwargs[i]):
-                layer(x, **kw)
-        for hnd in handles:
-            hnd.remove()
+        sums = linear_input_sums(layer, linears, inputs, layer_kwargs[i])
         for n, m in linears.items():
             key = f"{prefix}.{i}.{n}.weight"
             mask = ref_mask(stored_sd[key], sums[n] if method == "wanda" else None, sparsity, nm,

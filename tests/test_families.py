@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from tests.helpers import build_tokenizer, load_state_dict
-from tests.reference import _layers, capture_block_inputs, ref_mask, reference_prune
+from tests.reference import _layers, capture_block_inputs, linear_input_sums, ref_mask, reference_prune
 from wanda_stream import calib
 from wanda_stream.cli import main
 from wanda_stream.evaluate import streamed_logits
@@ -171,22 +171,11 @@ def _moe_reference(model_dir: Path, tokens: torch.Tensor, sparsity: float) -> tu
     for i, layer in enumerate(layers):
         linears = {n: m for n, m in layer.named_modules()
                    if isinstance(m, nn.Linear) and n.rpartition(".")[2] not in ROUTERS}
-        sums = {n: torch.zeros(m.in_features, dtype=torch.float64) for n, m in linears.items()}
         routed: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-        def hook(mod: nn.Module, args: tuple, out: Any, n: str) -> None:
-            x = args[0].reshape(-1, args[0].shape[-1]).double()
-            sums[n] += (x * x).sum(0)
-
-        handles = [m.register_forward_hook(lambda mod, a, o, n=n: hook(mod, a, o, n)) for n, m in linears.items()]
         experts = getattr(layer.mlp, "experts", None)
-        if experts is not None:
-            handles.append(experts.register_forward_pre_hook(lambda mod, args: routed.append((args[0], args[1]))))
-        with torch.no_grad():
-            for x, kw in zip(inputs, kwargs[i]):
-                layer(x, **kw)
-        for h in handles:
-            h.remove()
+        extra = [] if experts is None else [
+            experts.register_forward_pre_hook(lambda mod, args: routed.append((args[0], args[1])))]
+        sums = linear_input_sums(layer, linears, inputs, kwargs[i], extra)
         for n, m in linears.items():
             mask = ref_mask(m.weight.data, sums[n], sparsity, None, per_matrix=False)
             with torch.no_grad():
