@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import signal
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from tests.helpers import run_cli
 from wanda_stream import calib
-from wanda_stream.errors import InputError
+from wanda_stream.errors import InputError, Interrupted
+from wanda_stream.state import StopFlag
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +90,32 @@ def test_eval_windows_are_consecutive(tok) -> None:
     assert calib.eval_windows(text, tok, 100, 3, "x").shape == (3, 100)
 
 
+def test_a_stop_ends_tokenizing_between_documents(tok) -> None:
+    """SIGTERM while documents are tokenized (minutes for C4): Interrupted after the current one, not all."""
+    calls = []
+
+    def tokenizer(text: str, **kw: Any) -> Any:
+        calls.append(text)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # through the real handler, as a scheduler's signal arrives
+        return tok(text, **kw)
+
+    stop = StopFlag().install()
+    try:
+        with pytest.raises(Interrupted, match="stopped while tokenizing the calibration data"):
+            calib.sample_windows(["word " * 100] * 5, tokenizer, 2, 32, 0, "x", stop)
+        assert len(calls) == 2
+        # Requested before the text is reached: not tokenized at all.
+        with pytest.raises(Interrupted, match="stopped while tokenizing the evaluation data"):
+            calib.eval_windows("word " * 100, tokenizer, 32, None, "x", stop)
+        assert len(calls) == 2
+    finally:
+        stop.restore()
+    # Without a request (or a flag) nothing changes.
+    assert torch.equal(calib.sample_windows(["word " * 100] * 5, tok, 2, 32, 0, "x", StopFlag()),
+                       calib.sample_windows(["word " * 100] * 5, tok, 2, 32, 0, "x"))
+
+
 def test_c4_loader_streams_local_shard(tmp_path: Path) -> None:
     shard = tmp_path / "c4-train.00000-of-01024.json.gz"
     with gzip.open(shard, "wt") as f:
@@ -93,6 +123,11 @@ def test_c4_loader_streams_local_shard(tmp_path: Path) -> None:
             f.write(json.dumps({"text": f"document {i} " * 10, "url": "u", "timestamp": "t"}) + "\n")
     docs = calib.c4_documents(repo="json", data_file=str(shard), limit=12)
     assert len(docs) == 12 and docs[3].startswith("document 3 ")
+    # A stop while streaming is a stop, not a hub failure to report as bad input.
+    stop = StopFlag()
+    stop.signal = signal.SIGTERM
+    with pytest.raises(Interrupted, match="stopped while reading c4"):
+        calib.c4_documents(repo="json", data_file=str(shard), limit=12, stop=stop)
 
 
 def test_wikitext2_loader_joins_rows(tmp_path: Path) -> None:

@@ -156,18 +156,18 @@ def test_streamed_forward_matches_transformers(family: str, family_model: Callab
 
 
 def _moe_reference(model_dir: Path, tokens: torch.Tensor, sparsity: float) -> tuple[dict[str, torch.Tensor],
-                                                                                     set[tuple[int, int]]]:
+                                                                                     dict[tuple[int, int], int]]:
     """Wanda with the whole MoE model in memory: per-expert statistics from the tokens routed to each expert.
 
-    Returns the pruned state dict (transformers' fused layout) and the (layer, expert) pairs that got
-    no calibration token (pruned by magnitude).
+    Returns the pruned state dict (transformers' fused layout) and, per (layer, expert), the number of
+    calibration tokens the router sent to it (0: pruned by magnitude).
     """
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     layers = _layers(model)
     inputs, kwargs = capture_block_inputs(model, layers, tokens)
-    starved: set[tuple[int, int]] = set()
+    routed_tokens: dict[tuple[int, int], int] = {}
     for i, layer in enumerate(layers):
         linears = {n: m for n, m in layer.named_modules()
                    if isinstance(m, nn.Linear) and n.rpartition(".")[2] not in ROUTERS}
@@ -186,8 +186,8 @@ def _moe_reference(model_dir: Path, tokens: torch.Tensor, sparsity: float) -> tu
             for e in range(gate_up.shape[0]):
                 xs = torch.cat([h[(idx == e).any(dim=-1)] for h, idx in routed])
                 parts = [gate_up[e, :inter], gate_up[e, inter:], down[e]]  # gate (w1), up (w3), down (w2)
+                routed_tokens[(i, e)] = xs.shape[0]
                 if xs.shape[0] == 0:
-                    starved.add((i, e))
                     masks = [ref_mask(w, None, sparsity, None, per_matrix=True) for w in parts]
                 else:
                     g, u = torch.nn.functional.linear(xs, gate_up[e]).chunk(2, dim=-1)
@@ -201,7 +201,7 @@ def _moe_reference(model_dir: Path, tokens: torch.Tensor, sparsity: float) -> tu
         with torch.no_grad():
             outs = [layer(x, **kw) for x, kw in zip(inputs, kwargs[i])]
             inputs = [o[0] if isinstance(o, tuple) else o for o in outs]
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}, starved
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, routed_tokens
 
 
 @pytest.mark.parametrize("family,dtype", [pytest.param(f, torch.float32, id=f) for f in CONFIGS]
@@ -218,9 +218,10 @@ def test_streamed_prune_equals_reference(family: str, dtype: torch.dtype, family
     assert all(t.dtype == dtype for t in written.values())
     tokens = windows
     if family in MOE:
-        ref, starved = _moe_reference(model_dir, tokens, 0.5)
+        ref, routed = _moe_reference(model_dir, tokens, 0.5)
     else:
-        ref, starved = reference_prune(model_dir, tokens, "wanda", 0.5, None), set()
+        ref, routed = reference_prune(model_dir, tokens, "wanda", 0.5, None), {}
+    starved = {ie for ie, n in routed.items() if n == 0}
     got = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).state_dict()
     assert set(got) == set(ref)
     for key, t in got.items():
@@ -243,6 +244,17 @@ def test_streamed_prune_equals_reference(family: str, dtype: torch.dtype, family
         assert starved == {(i, 3) for i in range(LAYERS)}
     assert fallbacks == {EXPERT_KEY[family].format(i=i, e=e, w=w)
                          for i, e in starved for w in EXPERT_MATRICES[family]}
+    # Every expert matrix's record counts the calibration tokens routed to its expert, as the reference's
+    # router pre-hook saw them: top-k of every token in all, none exactly for the fallbacks.
+    counted = {k: m["calib_tokens"] for k, m in records.items() if "calib_tokens" in m}
+    assert counted == {EXPERT_KEY[family].format(i=i, e=e, w=w): n
+                       for (i, e), n in routed.items() for w in EXPERT_MATRICES[family]}
+    assert {k for k, n in counted.items() if n == 0} == fallbacks
+    top_k = CONFIGS[family]().num_experts_per_tok if family in MOE else 0
+    for i in {i for i, _ in routed}:
+        for w in EXPERT_MATRICES[family]:
+            per_expert = [counted[EXPERT_KEY[family].format(i=i, e=e, w=w)] for j, e in routed if j == i]
+            assert sum(per_expert) == tokens.numel() * top_k, (i, w)
     if family in MOE:
         assert any(".experts.0." in k for k in src) and not any(k.endswith("gate_up_proj") for k in src)
 

@@ -92,3 +92,32 @@ def test_tied_embeddings_stay_tied(tmp_path: Path) -> None:
     assert "lm_head.weight" not in load_state_dict(out)
     loaded = AutoModelForCausalLM.from_pretrained(str(out))
     assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+
+
+def test_prefetch_changes_no_byte_and_report_times_every_phase(tiny_model: Path, tmp_path: Path) -> None:
+    """Prefetch on and off (blocks and hidden states, 3 micro-batches) write the same bytes.
+
+    Each block records read, compute and write seconds and how long the loop waited on I/O; without
+    prefetch the loop waits for the whole read and the whole write, and the phases fit in the loop time.
+    """
+    outs = {}
+    for prefetch in (True, False):
+        out = outs[prefetch] = tmp_path / f"out-{prefetch}"
+        _prune(tiny_model, out, "--batch-size", "2", *([] if prefetch else ["--no-prefetch"]))
+        report = json.loads((out / "wanda_stream.json").read_text())
+        keys = {"read_s", "read_cpu_s", "read_wait_s", "compute_s", "write_s", "write_cpu_s", "write_wait_s",
+                "hidden_wait_s"}
+        for b in report["blocks"]:
+            t = b["timing"]
+            assert set(t) == keys and all(v >= 0 for v in t.values())
+            assert t["hidden_wait_s"] <= t["compute_s"] + 1e-3
+            assert b["seconds"] == pytest.approx(t["read_wait_s"] + t["compute_s"], abs=2e-3)
+            if not prefetch:
+                # Rounded to the millisecond each; the wait includes the call around the read.
+                assert t["read_wait_s"] >= t["read_s"] - 2e-3 and t["write_wait_s"] >= t["write_s"] - 2e-3
+        phases = sum(b["timing"][k] for b in report["blocks"] for k in ("read_wait_s", "compute_s", "write_wait_s"))
+        assert 0 < phases <= report["block_loop_seconds_this_process"] + 0.01
+    shards = sorted(p.name for p in outs[True].glob("model-*.safetensors"))
+    assert shards and shards == sorted(p.name for p in outs[False].glob("model-*.safetensors"))
+    for name in shards:
+        assert (outs[True] / name).read_bytes() == (outs[False] / name).read_bytes(), name

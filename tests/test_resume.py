@@ -32,7 +32,7 @@ ARGS = ["--calib", "pydoc", "--nsamples", "4", "--seqlen", "32", "--device", "cp
 REPORT = "wanda_stream.json"
 INDEX = "model.safetensors.index.json"
 # Report fields that legitimately differ between runs: timings, memory, I/O counters, paths.
-VOLATILE = ("peak_rss_bytes", "io", "seconds_this_process", "versions")
+VOLATILE = ("peak_rss_bytes", "io", "seconds_this_process", "block_loop_seconds_this_process", "versions")
 
 
 def prune_args(model: Path, out: Path, *extra: str) -> list[str]:
@@ -54,6 +54,7 @@ def report_core(out: Path) -> dict[str, Any]:
     rep.pop("config_fingerprint")  # covers output_dir, which differs between the two directories
     for b in rep["blocks"]:
         b.pop("seconds")
+        b.pop("timing")
     return rep
 
 
@@ -298,3 +299,58 @@ def test_a_second_process_on_the_same_run_is_refused(model: Path, tmp_path: Path
         assert (st["state"], st["running_pid"], st["can_resume"]) == ("running", "4242", False)
     # Closing releases the lock (as the holder's exit would, SIGKILL included): the run resumes.
     assert main(prune_args(model, out, "--quiet", "--resume")) == 0
+
+
+def test_stopped_while_tokenizing(model: Path, reference: tuple[Path, float], tmp_path: Path,
+                                  capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM while the text is tokenized (minutes for C4): exit 75 at once, nothing but run.json written."""
+    ref, _ = reference
+    out = tmp_path / "out"
+    work = out / ".wanda-stream"
+    # pydoc is one document: the first tokenize is the calibration text, the second the evaluation text.
+    for n, stream in enumerate(("calibration", "evaluation"), start=1):
+        monkeypatch.setenv(state_mod.KILL_ENV, f"tokenize:{n}:TERM")
+        state_mod._kill_counts.clear()
+        assert main(prune_args(model, out, "--quiet", *(["--resume"] if n > 1 else []))) == 75
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert f"stopped while tokenizing the {stream} data" in last and last.endswith("--resume"), last
+        assert state_mod._kill_counts["tokenize"] == n  # nothing tokenized after the stop
+        assert sorted(p.name for p in out.iterdir()) == [".wanda-stream"]
+        assert sorted(p.name for p in work.iterdir()) == ["lock", "run.json"]  # no tokens.safetensors
+    monkeypatch.delenv(state_mod.KILL_ENV)
+    assert main(prune_args(model, out, "--quiet", "--resume")) == 0
+    assert_same_result(out, ref)
+
+
+def test_resume_of_a_finished_run_whose_input_is_gone(model: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """Batch users requeue finished jobs after deleting the inputs: the report identifies the finished run."""
+    own = Path(shutil.copytree(model, tmp_path / "model"))
+    out = tmp_path / "out"
+    assert main(prune_args(own, out, "--quiet", "--keep-work-dir")) == 0
+    shutil.rmtree(own)
+    finished = tree_hash(out)
+    capsys.readouterr()
+    assert main(prune_args(own, out, "--resume", "--keep-work-dir")) == 0
+    assert "already complete; nothing to do" in capsys.readouterr().err
+    assert tree_hash(out) == finished
+    # The original command may have left device and batch size automatic: the report settles them.
+    # Without --keep-work-dir the kept work dir goes, as it would with the input present.
+    automatic = ["prune", str(own), str(out), "--calib", "pydoc", "--nsamples", "4", "--seqlen", "32",
+                 "--eval-data", "pydoc", "--eval-windows", "2", "--resume", "--quiet"]
+    assert main(automatic) == 0
+    assert tree_hash(out) == {k: v for k, v in finished.items() if not k.startswith(".wanda-stream/")}
+    assert not (out / ".wanda-stream").exists()
+    finished = tree_hash(out)
+    for extra, diff in ((["--sparsity", "0.6"], "sparsity: 0.5 -> 0.6"), (["--seed", "3"], "seed: 0 -> 3"),
+                        (["--eval-windows", "3"], "eval_windows: 2 -> 3")):
+        assert main(prune_args(own, out, "--quiet", "--resume", *extra)) == 2
+        err = capsys.readouterr().err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in err, err
+        assert f"{own}: model directory not found" in lines[0] and diff in lines[0], lines[0]
+    # No finished run to recognise: the input is needed, and the refusal says it is missing.
+    assert main(prune_args(own, tmp_path / "elsewhere", "--quiet", "--resume")) == 2
+    assert f"{own}: model directory not found" in capsys.readouterr().err
+    assert not (tmp_path / "elsewhere").exists()
+    assert tree_hash(out) == finished

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.helpers import ROOT, load_state_dict, run_cli, tree_hash
-from wanda_stream.checkpoint import INDEX_NAME, Checkpoint
+from wanda_stream.checkpoint import INDEX_NAME
 from wanda_stream.stream import open_model
 from wanda_stream.synthetic import PRESETS, generate, load_spec, plan_shards, tensor_specs
 

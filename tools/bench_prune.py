@@ -251,6 +251,49 @@ def fmt_table(results: list[dict[str, Any]], facts: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def phase_totals(r: dict[str, Any]) -> dict[str, float] | None:
+    """Sums over blocks of the streamer's own timings, or None for a run without them."""
+    blocks = r.get("block_timing")
+    if not blocks or not r.get("block_loop_s"):
+        return None
+    keys = ("compute_s", "read_s", "read_cpu_s", "read_wait_s", "write_s", "write_cpu_s", "write_wait_s")
+    out = {k: sum(b.get(k, 0.0) for b in blocks) for k in keys}
+    out["io_s"] = out["read_s"] + out["write_s"]
+    out["waited_s"] = out["read_wait_s"] + out["write_wait_s"]
+    out["loop_s"] = r["block_loop_s"]
+    return out
+
+
+def fmt_phases(results: list[dict[str, Any]]) -> str:
+    """Where the block loop's time went, per streamer run, as a Markdown table.
+
+    Without prefetch the phases run in turn, so that run gives compute and I/O in isolation; the
+    line under the table sets the prefetch run's loop time against their sum and their maximum.
+    """
+    rows = ["| run | block loop (s) | compute (s) | read (s) | read CPU (s) | write (s) | write CPU (s) "
+            "| loop waited on I/O (s) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    totals = {}
+    for r in results:
+        t = phase_totals(r)
+        if t is None:
+            continue
+        totals.setdefault(r["run"], []).append(t)
+        rows.append(f"| {r['run']} | {t['loop_s']:.1f} | {t['compute_s']:.1f} | {t['read_s']:.1f} | "
+                    f"{t['read_cpu_s']:.1f} | {t['write_s']:.1f} | {t['write_cpu_s']:.1f} | {t['waited_s']:.1f} |")
+    if len(rows) == 2:
+        return ""
+    lines = ["\n".join(rows)]
+    serial, overlapped = totals.get("streamer-no-prefetch"), totals.get("streamer")
+    if serial and overlapped:
+        c = sum(t["compute_s"] for t in serial) / len(serial)
+        io = sum(t["io_s"] for t in serial) / len(serial)
+        loop = sum(t["loop_s"] for t in overlapped) / len(overlapped)
+        lines.append(f"\nwithout prefetch (mean of {len(serial)}): compute {c:.1f} s, I/O {io:.1f} s, sum {c + io:.1f} s, "
+                     f"max {max(c, io):.1f} s; with prefetch (mean of {len(overlapped)}) the block loop took "
+                     f"{loop:.1f} s, {loop / (c + io):.0%} of the sum and {loop / max(c, io):.0%} of the max")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the selected approaches one after another and print the table."""
     argv = sys.argv[1:] if argv is None else argv
@@ -314,8 +357,11 @@ def main(argv: list[str] | None = None) -> int:
         r["run"] = kind
         report = out / REPORT_NAME
         if report.is_file():
-            # The run's own per-block seconds (read, compute, mask, propagate; not the shard write).
-            r["block_seconds"] = [b["seconds"] for b in json.loads(report.read_text())["blocks"]]
+            # The run's own per-block timings: read, compute (materialize, statistics, mask, propagate),
+            # write, and how long the block loop waited on the reader and the writer.
+            rep = json.loads(report.read_text())
+            r["block_timing"] = [b.get("timing", {}) for b in rep["blocks"]]
+            r["block_loop_s"] = rep.get("block_loop_seconds_this_process")
         results.append(r)
         print(f"  {r['status']} in {r['wall_s']:.1f} s, peak RSS {r['peak_rss_bytes'] / GiB:.2f} GiB",
               file=sys.stderr, flush=True)
@@ -333,6 +379,10 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(fmt_table(results, facts))
     print()
+    phases = fmt_phases(results)
+    if phases:
+        print(phases)
+        print()
     for r in results:
         io = r["io"]
         if r["status"] == "ok" and io:

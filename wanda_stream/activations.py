@@ -9,11 +9,14 @@ whenever it exists.
 from __future__ import annotations
 
 import os
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
-from wanda_stream.checkpoint import fsync_dir
+from wanda_stream.checkpoint import byte_view, fsync_dir, read_exact
 
 
 class HiddenFile:
@@ -32,37 +35,46 @@ class HiddenFile:
     def read(self, start: int, count: int) -> torch.Tensor:
         """Windows [start, start+count) as a CPU tensor [count, seqlen, hidden]."""
         buf = torch.empty((count,) + self.shape[1:], dtype=self.dtype)
-        view = memoryview(buf.view(torch.uint8).reshape(-1).numpy())
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            offset, done = start * self.window_bytes, 0
-            while done < len(view):
-                got = os.preadv(fd, [view[done:]], offset + done)
-                if got <= 0:
-                    raise RuntimeError(f"{self.path}: short read at byte {offset + done}")
-                done += got
-        finally:
-            os.close(fd)
+        read_exact(self.path, start * self.window_bytes, byte_view(buf))
         return buf
 
 
 class HiddenWriter:
-    """Writes a HiddenFile sequentially to a temp name; `commit` makes it durable and visible."""
+    """Writes a HiddenFile sequentially to a temp name; `commit` makes it durable and visible.
 
-    def __init__(self, target: HiddenFile) -> None:
+    With a `pool`, each micro-batch is written by the pool's thread while the caller computes the
+    next; one write is in flight at most, so memory holds one extra micro-batch, never more.
+    """
+
+    def __init__(self, target: HiddenFile, pool: ThreadPoolExecutor | None = None) -> None:
         self.target = target
         self.tmp = target.path.with_name(target.path.name + ".partial")
         self.f = open(self.tmp, "wb")
         self.written = 0
+        self.waited_s = 0.0  # how long the caller waited for earlier writes
+        self._pool = pool
+        self._pending: Future | None = None
 
     def write(self, batch: torch.Tensor) -> None:
         t = batch.detach().to(device="cpu", dtype=self.target.dtype).contiguous()
         if tuple(t.shape[1:]) != self.target.shape[1:]:
             raise RuntimeError(f"hidden states of shape {tuple(t.shape)} do not fit {self.target.shape}")
-        self.f.write(memoryview(t.view(torch.uint8).reshape(-1).numpy()))
+        self._wait()
+        if self._pool is None:
+            self.f.write(byte_view(t))
+        else:
+            self._pending = self._pool.submit(self.f.write, byte_view(t))
         self.written += t.shape[0]
 
+    def _wait(self) -> None:
+        if self._pending is not None:
+            t0 = time.perf_counter()
+            pending, self._pending = self._pending, None
+            pending.result()
+            self.waited_s += time.perf_counter() - t0
+
     def commit(self) -> None:
+        self._wait()
         if self.written != self.target.shape[0]:
             raise RuntimeError(f"{self.tmp}: {self.written} of {self.target.shape[0]} windows written")
         self.f.flush()
@@ -72,8 +84,32 @@ class HiddenWriter:
         fsync_dir(self.target.path.parent)
 
     def abort(self) -> None:
-        self.f.close()
-        self.tmp.unlink(missing_ok=True)
+        try:
+            self._wait()
+        finally:
+            self.f.close()
+            self.tmp.unlink(missing_ok=True)
+
+
+def read_ahead(src: HiddenFile, spans: list[tuple[int, int]], pool: ThreadPoolExecutor | None
+               ) -> Iterator[tuple[int, int, torch.Tensor, float]]:
+    """(start, count, windows, seconds waited) per span of `src`, in order.
+
+    With a `pool`, the next span is read by the pool's thread while the caller works on this one.
+    """
+    if pool is None:
+        for start, count in spans:
+            t0 = time.perf_counter()
+            h = src.read(start, count)
+            yield start, count, h, time.perf_counter() - t0
+        return
+    ahead = pool.submit(src.read, *spans[0]) if spans else None
+    for k, (start, count) in enumerate(spans):
+        t0 = time.perf_counter()
+        h = ahead.result()
+        waited = time.perf_counter() - t0
+        ahead = pool.submit(src.read, *spans[k + 1]) if k + 1 < len(spans) else None
+        yield start, count, h, waited
 
 
 def batches(n: int, size: int) -> list[tuple[int, int]]:

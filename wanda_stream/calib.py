@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from wanda_stream.errors import InputError
+from wanda_stream.errors import InputError, Interrupted
+from wanda_stream.state import StopFlag, killpoint
 
 HUB_SPECS = ("c4", "wikitext2")
 BUILTIN_SPECS = ("pydoc",)
@@ -86,15 +87,25 @@ def _hub_error(spec: str, e: Exception) -> InputError:
     )
 
 
-def c4_documents(repo: str = C4_REPO, data_file: str = C4_FILE, limit: int = C4_DOCS) -> list[str]:
-    """The first `limit` documents of the paper's C4 shard, streamed (not downloaded whole)."""
+def c4_documents(repo: str = C4_REPO, data_file: str = C4_FILE, limit: int = C4_DOCS,
+                 stop: StopFlag | None = None) -> list[str]:
+    """The first `limit` documents of the paper's C4 shard, streamed (not downloaded whole).
+
+    Raises Interrupted when `stop` is requested: streaming 20000 documents can take minutes.
+    """
     import datasets
 
+    docs: list[str] = []
     try:
         ds = datasets.load_dataset(repo, data_files={"train": data_file}, split="train", streaming=True)
-        return [r["text"] for _, r in zip(range(limit), ds)]
+        for _, r in zip(range(limit), ds):
+            _check_stop(stop, "reading c4")
+            docs.append(r["text"])
+    except Interrupted:
+        raise
     except Exception as e:  # noqa: BLE001 - any hub/network failure becomes one line for the user
         raise _hub_error("c4", e) from None
+    return docs
 
 
 def wikitext2_text(split: str, repo: str = "wikitext", name: str = "wikitext-2-raw-v1") -> str:
@@ -108,12 +119,12 @@ def wikitext2_text(split: str, repo: str = "wikitext", name: str = "wikitext-2-r
         raise _hub_error("wikitext2", e) from None
 
 
-def documents(spec: str, purpose: str = "calibration") -> list[str]:
-    """The documents of a SPEC."""
+def documents(spec: str, purpose: str = "calibration", stop: StopFlag | None = None) -> list[str]:
+    """The documents of a SPEC; raises Interrupted when `stop` is requested while C4 streams."""
     if spec == "pydoc":
         return _pydoc_documents()
     if spec == "c4":
-        return c4_documents()
+        return c4_documents(stop=stop)
     if spec == "wikitext2":
         return [wikitext2_text("train" if purpose == "calibration" else "test")]
     path = Path(spec)
@@ -141,13 +152,36 @@ def tokenize(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"])
 
 
-def sample_windows(docs: list[str], tokenizer: Any, nsamples: int, seqlen: int, seed: int, spec: str) -> torch.Tensor:
+def _check_stop(stop: StopFlag | None, doing: str) -> None:
+    """Raise Interrupted when a stop was requested (nothing is written before the windows are complete)."""
+    if stop is not None and stop.requested:
+        raise Interrupted(f"stopped while {doing}")
+
+
+def _tokenize_each(docs: list[str], tokenizer: Any, stop: StopFlag | None, what: str) -> list[list[int]]:
+    """Token ids of every document, honouring a stop request between documents.
+
+    Tokenizing C4's 20000 documents takes minutes: a SIGTERM must not wait for all of them. A
+    single document is never split, as splitting would change the tokens at the seams.
+    """
+    ids = []
+    for d in docs:
+        _check_stop(stop, f"tokenizing the {what} data")
+        ids.append(tokenize(tokenizer, d))
+        killpoint("tokenize")
+    _check_stop(stop, f"tokenizing the {what} data")
+    return ids
+
+
+def sample_windows(docs: list[str], tokenizer: Any, nsamples: int, seqlen: int, seed: int, spec: str,
+                   stop: StopFlag | None = None) -> torch.Tensor:
     """`nsamples` random windows of `seqlen` tokens, as the paper samples C4.
 
     Repeatedly pick a random document until one is longer than `seqlen`, then a random window
-    of it; Python's `random` seeded with `seed` makes the choice reproducible.
+    of it; Python's `random` seeded with `seed` makes the choice reproducible. Raises Interrupted
+    when `stop` is requested while the documents are tokenized.
     """
-    ids = [tokenize(tokenizer, d) for d in docs]
+    ids = _tokenize_each(docs, tokenizer, stop, "calibration")
     if not any(len(t) > seqlen for t in ids):
         longest = max((len(t) for t in ids), default=0)
         raise InputError(
@@ -166,9 +200,13 @@ def sample_windows(docs: list[str], tokenizer: Any, nsamples: int, seqlen: int, 
     return out
 
 
-def eval_windows(text: str, tokenizer: Any, seqlen: int, max_windows: int | None, spec: str) -> torch.Tensor:
-    """Non-overlapping windows of the tokenized text (stride = seqlen, remainder dropped)."""
-    ids = tokenize(tokenizer, text)
+def eval_windows(text: str, tokenizer: Any, seqlen: int, max_windows: int | None, spec: str,
+                 stop: StopFlag | None = None) -> torch.Tensor:
+    """Non-overlapping windows of the tokenized text (stride = seqlen, remainder dropped).
+
+    Raises Interrupted when `stop` is requested before or while the text is tokenized.
+    """
+    ids = _tokenize_each([text], tokenizer, stop, "evaluation")[0]
     n = len(ids) // seqlen
     if max_windows is not None:
         n = min(n, max_windows)

@@ -2,7 +2,8 @@
 
 The reader parses every shard header itself before anything is loaded, so a truncated file,
 a corrupt header or an index that points outside the model directory is refused up front
-with the file named. Tensors are then read one at a time through `safe_open`.
+with the file named. Tensors are then read one at a time, by positioned reads at the offsets
+those checked headers give, into memory the process owns.
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import torch
-from safetensors import safe_open
-
 from wanda_stream.errors import InputError
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -101,6 +100,25 @@ def read_header(path: Path) -> dict:
     return header
 
 
+def _header_length(path: Path) -> int:
+    with open(path, "rb") as f:
+        return struct.unpack("<Q", f.read(8))[0]
+
+
+def read_exact(path: Path, offset: int, view: memoryview) -> None:
+    """Fill `view` with the bytes of `path` from `offset` (positioned reads; no mapping is kept)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        done = 0
+        while done < len(view):
+            got = os.preadv(fd, [view[done:]], offset + done)
+            if got <= 0:
+                raise InputError(f"{path}: ended at byte {offset + done} while reading; re-download or re-copy it")
+            done += got
+    finally:
+        os.close(fd)
+
+
 def _contained(root: Path, name: str, index_path: Path) -> Path:
     """Resolve a shard name from the index, refusing names that escape the model directory."""
     if not name or os.path.isabs(name) or Path(name).name != name:
@@ -122,9 +140,12 @@ class Checkpoint:
         self.files = self._shard_files()
         self.tensors: dict[str, TensorInfo] = {}
         self.headers: dict[str, dict] = {}
+        # Where each shard's data section starts: 8 bytes of length, then the header.
+        self.data_start: dict[str, int] = {}
         for fname in self.files:
             header = read_header(self.root / fname)
             self.headers[fname] = header
+            self.data_start[fname] = 8 + _header_length(self.root / fname)
             for key, info in header.items():
                 if key == "__metadata__":
                     continue
@@ -165,16 +186,19 @@ class Checkpoint:
         return sorted(self.tensors)
 
     def get(self, key: str) -> torch.Tensor:
-        """Read one tensor (a fresh CPU tensor, in its stored dtype).
+        """Read one tensor (a fresh CPU tensor, in its stored dtype) in full before returning.
 
-        The shard is opened for this one read: a mapping kept open would count every page read
-        so far in the resident set, and the point of streaming is that nothing accumulates.
+        The bytes are copied into memory the process owns. A memory-mapped tensor (what safe_open
+        returns) would defer the disk reads to the first touch: a prefetch thread would then read
+        nothing, and the compute thread would stall on page faults instead.
         """
         info = self.tensors.get(key)
         if info is None:
             raise InputError(f"{self.root}: tensor '{key}' is missing from the checkpoint")
-        with safe_open(str(self.root / info.file), framework="pt", device="cpu") as f:
-            return f.get_tensor(key)
+        start = self.data_start[info.file] + self.headers[info.file][key]["data_offsets"][0]
+        out = torch.empty(info.shape, dtype=info.dtype)
+        read_exact(self.root / info.file, start, byte_view(out))
+        return out
 
     def close(self) -> None:
         """Nothing stays open between reads; kept for symmetry with callers that close."""
@@ -193,10 +217,14 @@ class Checkpoint:
         return h.hexdigest()
 
 
+def byte_view(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, shared with it (writing to the view writes the tensor)."""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """The raw little-endian bytes of a CPU tensor, without a copy where possible."""
-    t = t.detach().to("cpu").contiguous().reshape(-1)
-    return memoryview(t.view(torch.uint8).numpy())
+    return byte_view(t.detach().to("cpu").contiguous())
 
 
 def build_header(items: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> tuple[bytes, list[int]]:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import json
-import os
 import sys
 import traceback
 from pathlib import Path

@@ -15,7 +15,7 @@ import psutil
 import torch
 
 from wanda_stream import calib
-from wanda_stream.config import RunConfig, resolve_compute_dtype, resolve_device
+from wanda_stream.config import RunConfig, parse_pattern, resolve_compute_dtype, resolve_device
 from wanda_stream.errors import InputError, Interrupted
 from wanda_stream.report import Progress
 from wanda_stream.state import (
@@ -94,18 +94,83 @@ def build_prune_config(args: argparse.Namespace) -> tuple[RunConfig, Any]:
     else:
         batch = auto_batch(args, config, args.seqlen, _dtype(dtype_name),
                            args.nsamples)
-    nm = probe.nm
-    sparsity = nm[0] / nm[1] if nm else args.sparsity  # N:M fixes the sparsity; record the real one
-    cfg = RunConfig(
-        str(model_dir), str(output_dir), str(work_dir), sparsity=sparsity, pattern=args.pattern,
-        method=args.method, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
-        device=device, compute_dtype=dtype_name, batch_size=batch, eval_data=args.eval_data,
-        eval_windows=args.eval_windows, eval_seqlen=args.eval_seqlen, keep_work_dir=args.keep_work_dir,
-        prefetch=not args.no_prefetch,
-        calib_fingerprint=calib.spec_fingerprint(args.calib) if args.method == "wanda" else "",
-        eval_fingerprint=calib.spec_fingerprint(args.eval_data) if args.eval_data else "",
-    ).validate()
+    cfg = _run_config(args, device, dtype_name, batch,
+                      calib.spec_fingerprint(args.calib) if args.method == "wanda" else "",
+                      calib.spec_fingerprint(args.eval_data) if args.eval_data else "")
     return cfg, (fp, sk, ckpt)
+
+
+def _run_config(args: argparse.Namespace, device: str, compute_dtype: str, batch: int,
+                calib_fp: str, eval_fp: str) -> RunConfig:
+    """The validated RunConfig of the prune arguments, given what the checkpoint or an earlier run settles."""
+    model_dir, output_dir = args.model_dir.resolve(), args.output_dir.resolve()
+    nm = parse_pattern(args.pattern)
+    return RunConfig(
+        str(model_dir), str(output_dir), str((args.work_dir or output_dir / ".wanda-stream").resolve()),
+        sparsity=nm[0] / nm[1] if nm else args.sparsity,  # N:M fixes the sparsity; record the real one
+        pattern=args.pattern, method=args.method, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
+        seed=args.seed, device=device, compute_dtype=compute_dtype, batch_size=batch, eval_data=args.eval_data,
+        eval_windows=args.eval_windows, eval_seqlen=args.eval_seqlen, keep_work_dir=args.keep_work_dir,
+        prefetch=not args.no_prefetch, calib_fingerprint=calib_fp, eval_fingerprint=eval_fp,
+    ).validate()
+
+
+def _requested_config(args: argparse.Namespace, saved: RunConfig) -> RunConfig:
+    """The configuration the prune arguments ask for, read without the input checkpoint.
+
+    What only the checkpoint could settle (an automatic device, compute dtype or batch size, and the
+    content of calibration files deleted with it) is taken from `saved`, the finished run's.
+    """
+    return _run_config(
+        args, saved.device if args.device == "auto" else args.device,
+        saved.compute_dtype if args.compute_dtype == "auto" else args.compute_dtype,
+        saved.batch_size if args.batch_size is None else args.batch_size,
+        _spec_fp(args.calib, saved.calib, saved.calib_fingerprint) if args.method == "wanda" else "",
+        _spec_fp(args.eval_data, saved.eval_data, saved.eval_fingerprint))
+
+
+def _spec_fp(spec: str | None, saved_spec: str | None, saved_fp: str) -> str:
+    if not spec:
+        return ""
+    # A local file deleted along with the input is judged by its path, as the checkpoint is.
+    return saved_fp if spec == saved_spec and not Path(spec).exists() else calib.spec_fingerprint(spec)
+
+
+def _finished_without_input(args: argparse.Namespace) -> bool:
+    """--resume whose input checkpoint is gone: True when the output is this command's finished run.
+
+    Batch users requeue finished jobs after deleting their inputs; the finished output's report holds
+    the configuration to compare with. Raises InputError, naming the differences, when the output holds
+    a finished run of other settings; False when it holds none (the input is then needed).
+    """
+    from wanda_stream.prune import output_is_finished, prepare
+
+    report = _read_report(args.output_dir.resolve())
+    try:
+        saved = RunConfig.from_json(report["config"])
+        model_fp = {"sha256": report["model_fingerprint"]}
+    except (KeyError, TypeError, AttributeError):
+        return False
+    cfg = _requested_config(args, saved)
+    if output_is_finished(cfg):
+        # The same decision as with the input present: locks, leftovers of an interrupted clean-up, the
+        # run.json of a --keep-work-dir run. The input is taken to be the one the report names.
+        return not prepare(cfg, model_fp, resume=True, overwrite=False)
+    diffs = saved.differences(cfg)
+    if not diffs:
+        return False
+    raise InputError(
+        f"{cfg.model_dir}: model directory not found, and {cfg.output_dir} holds a finished run with other "
+        f"settings ({'; '.join(diffs)}); restore the input, or give the finished run's own arguments"
+    )
+
+
+def _read_report(output_dir: Path) -> Any:
+    """The parsed report of a finished output, or None."""
+    try:
+        return json.loads((output_dir / REPORT_NAME).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -123,8 +188,8 @@ def _saved_config(work_dir: Path, output_dir: Path) -> RunConfig | None:
     if (work_dir / RUN_FILE).is_file():
         return RunConfig.from_json(WorkDir(work_dir).load_run()["config"])
     try:
-        return RunConfig.from_json(json.loads((output_dir / REPORT_NAME).read_text())["config"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return RunConfig.from_json(_read_report(output_dir)["config"])
+    except (KeyError, TypeError, AttributeError):
         return None
 
 
@@ -162,7 +227,9 @@ def check_resources(cfg: RunConfig, sk: Any, total_bytes: int, largest_block: in
                 "free space or choose another --work-dir / output directory"
             )
     scale = max(1, el // 2) if cfg.device == "cpu" else 1
-    need_ram = 3 * largest_block * scale + cfg.batch_size * 2 * cfg.seqlen * hidden * el
+    # Four micro-batches of hidden states: the input computed on, the next one read ahead, the
+    # output and the previous output still being written.
+    need_ram = 3 * largest_block * scale + cfg.batch_size * 4 * cfg.seqlen * hidden * el
     avail = psutil.virtual_memory().available
     if cfg.device == "cpu" and need_ram > avail:
         raise InputError(
@@ -184,6 +251,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def _prune(args: argparse.Namespace, stop: StopFlag) -> int:
     from wanda_stream.prune import PruneRun, output_is_finished, prepare
 
+    if args.resume and not args.overwrite and not args.model_dir.exists() and _finished_without_input(args):
+        _say(args, f"{args.output_dir.resolve()}: this run is already complete; nothing to do")
+        return 0
     cfg, (fp, sk, ckpt) = build_prune_config(args)
     if args.overwrite or not (args.resume and output_is_finished(cfg)):
         # Before prepare() creates the run: a refusal here leaves nothing behind to --resume or --overwrite.

@@ -32,7 +32,7 @@ def run_dense(
         raise Interrupted("evaluation stopped")
     st.prefetch(0)
     for i in range(st.sk.n_layers):
-        stored = st.block_tensors(i)
+        stored, _ = st.block_tensors(i)
         st.prefetch(i + 1)
         layer = st.load_block(i, stored)
         ok = st.run_block(i, layer, files[i % 2], batch, dst=files[(i + 1) % 2], stop=stop)

@@ -15,6 +15,7 @@ the like hold a bare weight), and any nn.Linear sitting directly in a module tha
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -93,6 +94,15 @@ def pruned_keys(sk: Any) -> set[str]:
     return out
 
 
+@dataclass
+class BlockStats:
+    """A block's calibration statistics: per-input-column sums of squares by matrix name, and the number
+    of calibration tokens routed to each expert matrix (`param[e]`, 0 for an expert that got none)."""
+
+    sums: dict[str, torch.Tensor]
+    tokens: dict[str, int] = field(default_factory=dict)
+
+
 class ExpertStats(TorchFunctionMode):
     """Sums of squared inputs per expert of every fused expert parameter, while a block runs.
 
@@ -157,3 +167,11 @@ class ExpertStats(TorchFunctionMode):
                     "(use --method magnitude)")
         return {f"{n}[{e}]": self.sums[n][e] for n in self.params for e in range(self.sums[n].shape[0])
                 if self.tokens[n][e] > 0}
+
+    def token_counts(self) -> dict[str, int]:
+        """Calibration tokens routed to every expert, named `param[e]` as in `results`; 0 for a starved expert.
+
+        Counted from the rows each expert's F.linear received, so they are transformers' own routing:
+        per parameter, they sum to tokens x experts per token.
+        """
+        return {f"{n}[{e}]": int(c) for n, t in self.tokens.items() for e, c in enumerate(t.tolist())}

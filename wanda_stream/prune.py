@@ -49,10 +49,11 @@ def linear_modules(layer: nn.Module) -> dict[str, nn.Linear]:
 
 def collect_stats(
     st: Streamer, i: int, layer: nn.Module, src: HiddenFile, batch: int, stop: StopFlag
-) -> dict[str, torch.Tensor] | None:
+) -> experts.BlockStats | None:
     """Per-input-column sums of squares of every linear's inputs over all calibration tokens.
 
-    Fused MoE experts get one entry per expert that received tokens, over the tokens routed to it.
+    Fused MoE experts get one entry per expert that received tokens, over the tokens routed to it,
+    and a count of those tokens for every expert.
     """
     sums: dict[str, torch.Tensor] = {}
     handles = []
@@ -74,17 +75,18 @@ def collect_stats(
     if not finished:
         return None
     sums.update(per_expert.results())
-    return sums
+    return experts.BlockStats(sums, per_expert.token_counts())
 
 
 def prune_block(
     cfg: RunConfig, st: Streamer, i: int, layer: nn.Module, stored: dict[str, torch.Tensor],
-    sums: dict[str, torch.Tensor] | None,
+    stats: experts.BlockStats | None,
 ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
     """Mask every linear and expert matrix of block i; returns the output tensors (stored dtype) and records.
 
-    Per-expert tensors are masked in the checkpoint's own layout; an expert no calibration token was
-    routed to falls back to magnitude, and its record says so.
+    Per-expert tensors are masked in the checkpoint's own layout, and their records carry the number of
+    calibration tokens routed to the expert; an expert that got none falls back to magnitude, and its
+    record says so.
     """
     out = dict(stored)
     records = []
@@ -92,9 +94,9 @@ def prune_block(
     for key, name in experts.prunable_keys(st.sk, i, layer, stored, linears).items():
         w = stored[key]
         wd = w.to(st.device)
-        fallback = cfg.method == "wanda" and name not in sums
+        fallback = cfg.method == "wanda" and name not in stats.sums
         if cfg.method == "wanda" and not fallback:
-            mask = kernel.wanda_mask(wd, sums[name], cfg.sparsity, cfg.nm)
+            mask = kernel.wanda_mask(wd, stats.sums[name], cfg.sparsity, cfg.nm)
         else:
             mask = kernel.magnitude_mask(wd, cfg.sparsity, cfg.nm)
         # On the CPU the stored copy is masked in place: a second copy of the block's matrices would
@@ -106,6 +108,8 @@ def prune_block(
         zeros = w.numel() - int(torch.count_nonzero(out[key]))  # (x == 0).sum() is 10x slower on CPU
         record = {"name": key, "shape": list(w.shape), "dtype": str(w.dtype).removeprefix("torch."),
                   "sparsity": zeros / w.numel()}
+        if stats is not None and name in stats.tokens:
+            record["calib_tokens"] = stats.tokens[name]
         if fallback:
             record["fallback"] = "magnitude: no calibration token was routed to this expert"
         records.append(record)
@@ -130,13 +134,18 @@ class PruneRun:
         self.total_shards = self.n + 1
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="writer")
         self.t0 = time.monotonic()
+        self.loop_seconds = 0.0
 
     # ---- files in the work directory -------------------------------------------------------
     def hidden(self, stream: str, i: int, n: int, seqlen: int) -> HiddenFile:
         return HiddenFile(self.work.file(f"{stream}_{i:05d}.bin"), n, seqlen, self.st.hidden, self.cfg.dtype)
 
     def tokens(self) -> dict[str, torch.Tensor]:
-        """Calibration and evaluation windows, made once and saved so a resumed run uses the same."""
+        """Calibration and evaluation windows, made once and saved so a resumed run uses the same.
+
+        Raises Interrupted on a stop request while the text is read or tokenized (minutes for C4);
+        the file is written only once complete, so a resumed run starts the windows over.
+        """
         path = self.work.file("tokens.safetensors")
         if path.is_file():
             return load_file(str(path))
@@ -145,13 +154,13 @@ class PruneRun:
         if self.cfg.needs_calibration or self.cfg.eval_data:
             tokenizer = calib.load_tokenizer(Path(self.cfg.model_dir))
         if self.cfg.needs_calibration:
-            docs = calib.documents(self.cfg.calib, "calibration")
+            docs = calib.documents(self.cfg.calib, "calibration", self.stop)
             toks["calib"] = calib.sample_windows(docs, tokenizer, self.cfg.nsamples, self.cfg.seqlen,
-                                                 self.cfg.seed, self.cfg.calib)
+                                                 self.cfg.seed, self.cfg.calib, self.stop)
         if self.cfg.eval_data:
-            text = "\n\n".join(calib.documents(self.cfg.eval_data, "evaluation"))
+            text = "\n\n".join(calib.documents(self.cfg.eval_data, "evaluation", self.stop))
             toks["eval"] = calib.eval_windows(text, tokenizer, self.cfg.eval_seqlen or self.cfg.seqlen,
-                                              self.cfg.eval_windows, self.cfg.eval_data)
+                                              self.cfg.eval_windows, self.cfg.eval_data, self.stop)
         tmp = path.with_name(path.name + ".partial")
         save_file(toks, str(tmp))
         atomic_write_bytes(path, tmp.read_bytes())
@@ -170,17 +179,21 @@ class PruneRun:
         self.st.prefetch(state.next_block)
         pending: Future | None = None
         pending_state: RunState | None = None
+        loop_start = time.perf_counter()
         for i in range(state.next_block, self.n):
-            block_start = time.monotonic()
-            stored = self.st.block_tensors(i)
+            stored, timing = self.st.block_tensors(i)
             self.st.prefetch(i + 1)
+            compute_start, hidden_wait = time.perf_counter(), self.st.hidden_wait_s
             result = self._block(i, stored, streams)
             if result is None:
                 self._finish_pending(pending, pending_state)
                 raise Interrupted(f"stopped during block {i}")
             out, records = result
+            timing["compute_s"] = time.perf_counter() - compute_start
+            timing["hidden_wait_s"] = self.st.hidden_wait_s - hidden_wait  # part of compute_s
             new_state = RunState(i + 1, "blocks", state.blocks + [{
-                "block": i, "matrices": records, "seconds": round(time.monotonic() - block_start, 3)}], state.extra)
+                "block": i, "matrices": records, "seconds": round(timing["read_wait_s"] + timing["compute_s"], 3),
+                "timing": _rounded(timing)}], state.extra)
             self._finish_pending(pending, pending_state)
             pending = self.writer.submit(self._write_block_shard, i, out)
             pending_state = new_state
@@ -197,6 +210,7 @@ class PruneRun:
                 self._finish_pending(pending, pending_state)
                 raise Interrupted(f"stopped after block {i}")
         self._finish_pending(pending, pending_state)
+        self.loop_seconds = time.perf_counter() - loop_start
         return self._finalize(state, streams)
 
     def _start(self, streams: dict[str, torch.Tensor], state: RunState) -> None:
@@ -244,10 +258,13 @@ class PruneRun:
             release(self.sk.layers[i])
         return out, records
 
-    def _write_block_shard(self, i: int, tensors: dict[str, torch.Tensor]) -> None:
+    def _write_block_shard(self, i: int, tensors: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Write block i's output shard; returns its wall and writing-thread CPU seconds."""
+        t0, c0 = time.perf_counter(), time.thread_time()
         items = [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
         write_shard(self.out / shard_name(i + 1, self.total_shards), items, tensors.__getitem__,
                     before_rename=lambda: killpoint("shard_write"))
+        return {"write_s": time.perf_counter() - t0, "write_cpu_s": time.thread_time() - c0}
 
     def _write_stem_shard(self) -> None:
         keys = [k for k in self.ckpt.keys() if not self.sk.is_block_key(k)]
@@ -260,7 +277,10 @@ class PruneRun:
         """Wait for the block shard in flight, then record the block as done."""
         if fut is None or state is None:
             return
-        fut.result()
+        t0 = time.perf_counter()
+        timing = fut.result()
+        timing["write_wait_s"] = time.perf_counter() - t0
+        state.blocks[-1].setdefault("timing", {}).update(_rounded(timing))
         self.work.save_state(state)
         stale = self.work.file(f"calib_{state.next_block - 1:05d}.bin"), self.work.file(
             f"eval_{state.next_block - 1:05d}.bin")
@@ -296,6 +316,7 @@ class PruneRun:
             "model_fingerprint": self.ckpt.fingerprint(), "versions": versions(),
             "blocks": state.blocks, "peak_rss_bytes": peak_rss_bytes(), "io": io_bytes(),
             "seconds_this_process": round(time.monotonic() - self.t0, 3),
+            "block_loop_seconds_this_process": round(self.loop_seconds, 3),
         }
         mats = [m for b in state.blocks for m in b["matrices"]]
         total = sum(math.prod(m["shape"]) for m in mats)
@@ -306,6 +327,10 @@ class PruneRun:
             report["eval"] = {"perplexity": math.exp(nll / count), "tokens": count, "windows": t.shape[0],
                               "seqlen": t.shape[1], "data": self.cfg.eval_data}
         return report
+
+
+def _rounded(timing: dict[str, float]) -> dict[str, float]:
+    return {k: round(v, 3) for k, v in timing.items()}
 
 
 def copy_side_files(src: Path, dst: Path) -> None:

@@ -7,6 +7,7 @@ and applies the final norm and head. Pruning and evaluation are both loops over 
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -14,7 +15,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from wanda_stream.activations import HiddenFile, HiddenWriter, batches
+from wanda_stream.activations import HiddenFile, HiddenWriter, batches, read_ahead
 from wanda_stream.checkpoint import Checkpoint
 from wanda_stream.model import Skeleton, load_config, materialize, release, run_base_with_recorders
 from wanda_stream.state import StopFlag, killpoint
@@ -62,6 +63,10 @@ class Streamer:
         self.dtype = dtype
         self.hidden = sk.hidden_size()
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="prefetch") if prefetch else None
+        # Hidden states move in micro-batches beside the compute: the next one read, the last one written.
+        self._hidden_reader = ThreadPoolExecutor(1, thread_name_prefix="hidden-read") if prefetch else None
+        self._hidden_writer = ThreadPoolExecutor(1, thread_name_prefix="hidden-write") if prefetch else None
+        self.hidden_wait_s = 0.0  # seconds the compute waited on hidden-state reads and writes, in total
         self._pending: dict[int, Future] = {}
         self._kwargs: dict[tuple[int, int], dict[int, dict[str, Any]]] = {}
         embed = sk.model.get_input_embeddings()
@@ -75,21 +80,29 @@ class Streamer:
         prefix = self.sk.block_prefix(i)
         return [k for k in self.ckpt.keys() if k.startswith(prefix)]
 
-    def _read_block(self, i: int) -> dict[str, torch.Tensor]:
+    def _read_block(self, i: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        t0, c0 = time.perf_counter(), time.thread_time()
         out = {k: self.ckpt.get(k) for k in self.block_keys(i)}
         if self.device.type == "cuda":
             out = {k: v.pin_memory() for k, v in out.items()}
-        return out
+        # Wall and CPU seconds of the reading thread: on a small host the CPU part competes with the compute.
+        return out, {"read_s": time.perf_counter() - t0, "read_cpu_s": time.thread_time() - c0}
 
     def prefetch(self, i: int) -> None:
         """Start reading block i in the background (no-op without prefetch or past the end)."""
         if self._reader is not None and 0 <= i < self.sk.n_layers and i not in self._pending:
             self._pending[i] = self._reader.submit(self._read_block, i)
 
-    def block_tensors(self, i: int) -> dict[str, torch.Tensor]:
-        """Block i's stored tensors (CPU, stored dtype), from the prefetch if one was started."""
+    def block_tensors(self, i: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """Block i's stored tensors (CPU, stored dtype), from the prefetch if one was started, and timings.
+
+        Timings: read_s and read_cpu_s of the read itself, read_wait_s that this call waited for it
+        (the whole read without prefetch, only what the compute did not hide with it).
+        """
+        t0 = time.perf_counter()
         fut = self._pending.pop(i, None)
-        return fut.result() if fut is not None else self._read_block(i)
+        out, timing = fut.result() if fut is not None else self._read_block(i)
+        return out, {**timing, "read_wait_s": time.perf_counter() - t0}
 
     def load_block(self, i: int, stored: dict[str, torch.Tensor]) -> nn.Module:
         """Materialize block i on the device, in the compute dtype, from its stored tensors."""
@@ -100,8 +113,9 @@ class Streamer:
         return layer
 
     def close(self) -> None:
-        if self._reader is not None:
-            self._reader.shutdown(wait=True)
+        for pool in (self._reader, self._hidden_reader, self._hidden_writer):
+            if pool is not None:
+                pool.shutdown(wait=True)
         self.ckpt.close()
 
     # ---- the parts around the blocks ------------------------------------------------------
@@ -119,7 +133,7 @@ class Streamer:
     def embed_windows(self, tokens: torch.Tensor, out: HiddenFile, batch: int, stop: StopFlag | None = None) -> bool:
         """Block-0 inputs of `tokens` [n, seqlen], as the base model computes them, into `out`."""
         self._stem(with_embedding=True)
-        writer = HiddenWriter(out)
+        writer = HiddenWriter(out, self._hidden_writer)
         try:
             for start, count in batches(tokens.shape[0], batch):
                 if stop is not None and stop.requested:
@@ -154,22 +168,26 @@ class Streamer:
 
         Returns False (and writes nothing) when a stop was requested midway.
         """
-        writer = HiddenWriter(dst) if dst is not None else None
-        for start, count in batches(src.shape[0], batch):
-            if stop is not None and stop.requested:
+        writer = HiddenWriter(dst, self._hidden_writer) if dst is not None else None
+        try:
+            for start, count, h, waited in read_ahead(src, batches(src.shape[0], batch), self._hidden_reader):
+                self.hidden_wait_s += waited
+                if stop is not None and stop.requested:
+                    if writer is not None:
+                        writer.abort()
+                    return False
+                kwargs = self.block_kwargs(count, src.shape[1])[i]
+                with torch.no_grad():
+                    out = layer(h.to(self.device, non_blocking=True), **kwargs)
+                out = out[0] if isinstance(out, tuple) else out
                 if writer is not None:
-                    writer.abort()
-                return False
-            kwargs = self.block_kwargs(count, src.shape[1])[i]
-            h = src.read(start, count).to(self.device, non_blocking=True)
-            with torch.no_grad():
-                out = layer(h, **kwargs)
-            out = out[0] if isinstance(out, tuple) else out
+                    writer.write(out)
+                    killpoint("hidden_write")
             if writer is not None:
-                writer.write(out)
-                killpoint("hidden_write")
-        if writer is not None:
-            writer.commit()
+                writer.commit()
+        finally:
+            if writer is not None:
+                self.hidden_wait_s += writer.waited_s
         return True
 
     def _tail(self, src: HiddenFile, batch: int) -> Iterator[tuple[int, int, torch.Tensor]]:
@@ -183,8 +201,8 @@ class Streamer:
         self._stem(with_embedding=False)
         materialize(head, head_name + ".", self.ckpt, self.device, self.dtype, self.sk.sources, self.sk.model)
         try:
-            for start, count in batches(src.shape[0], batch):
-                h = src.read(start, count).to(self.device)
+            for start, count, h, _ in read_ahead(src, batches(src.shape[0], batch), self._hidden_reader):
+                h = h.to(self.device)
                 dummy = torch.zeros(*h.shape[:-1], self.embed_dim, device=h.device, dtype=h.dtype)
                 _, normed = run_base_with_recorders(self.sk, None, dummy, inject=h)
                 yield start, count, normed

@@ -1,0 +1,56 @@
+"""The checkpoint reader: every tensor read equals safetensors' own loader, and is read in full, into owned memory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from wanda_stream.checkpoint import Checkpoint
+
+
+def _write(tmp_path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "a.weight": torch.randn(7, 5, generator=g).to(torch.bfloat16),
+        "b.scalar": torch.tensor(3.25),
+        "c.mask": torch.rand(4, 3, generator=g) > 0.5,
+        "d.ids": torch.arange(11, dtype=torch.int64),
+        "e.empty": torch.zeros(0, 4),
+        "f.half": torch.randn(2, 3, 4, generator=g).half(),
+    }
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    save_file(tensors, str(model / "model.safetensors"))
+    return model, tensors
+
+
+def test_get_equals_safetensors_loader(tmp_path: Path) -> None:
+    model, tensors = _write(tmp_path)
+    ckpt = Checkpoint(model)
+    reference = load_file(str(model / "model.safetensors"))
+    assert sorted(ckpt.keys()) == sorted(tensors)
+    for key, expected in reference.items():
+        got = ckpt.get(key)
+        assert got.dtype == expected.dtype and got.shape == expected.shape, key
+        assert torch.equal(got, expected), key
+
+
+def test_get_reads_everything_before_returning(tmp_path: Path) -> None:
+    """Overwriting the file after get() must not change the tensor: its bytes were read, not mapped.
+
+    A memory-mapped tensor would pick up the new bytes on first touch (the prefetch thread would
+    have read nothing, leaving the disk reads to the compute).
+    """
+    model, tensors = _write(tmp_path)
+    ckpt = Checkpoint(model)
+    got = ckpt.get("a.weight")
+    path = model / "model.safetensors"
+    size = path.stat().st_size
+    header_end = size - sum(t.numel() * t.element_size() for t in tensors.values())
+    with open(path, "r+b") as f:
+        f.seek(header_end)
+        f.write(b"\xff" * (size - header_end))
+    assert torch.equal(got, tensors["a.weight"])
