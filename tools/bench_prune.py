@@ -256,9 +256,12 @@ def phase_totals(r: dict[str, Any]) -> dict[str, float] | None:
     blocks = r.get("block_timing")
     if not blocks or not r.get("block_loop_s"):
         return None
-    keys = ("compute_s", "read_s", "read_cpu_s", "read_wait_s", "write_s", "write_cpu_s", "write_wait_s")
+    keys = ("compute_s", "hidden_wait_s", "read_s", "read_cpu_s", "read_wait_s", "write_s", "write_cpu_s",
+            "write_wait_s")
     out = {k: sum(b.get(k, 0.0) for b in blocks) for k in keys}
-    out["io_s"] = out["read_s"] + out["write_s"]
+    # Hidden-state reads and writes happen inside the compute phase; counted as I/O here.
+    out["io_s"] = out["read_s"] + out["write_s"] + out["hidden_wait_s"]
+    out["pure_compute_s"] = out["compute_s"] - out["hidden_wait_s"]
     out["waited_s"] = out["read_wait_s"] + out["write_wait_s"]
     out["loop_s"] = r["block_loop_s"]
     return out
@@ -270,22 +273,23 @@ def fmt_phases(results: list[dict[str, Any]]) -> str:
     Without prefetch the phases run in turn, so that run gives compute and I/O in isolation; the
     line under the table sets the prefetch run's loop time against their sum and their maximum.
     """
-    rows = ["| run | block loop (s) | compute (s) | read (s) | read CPU (s) | write (s) | write CPU (s) "
-            "| loop waited on I/O (s) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = ["| run | block loop (s) | compute (s) | of which hidden-state I/O (s) | read (s) | read CPU (s) "
+            "| write (s) | write CPU (s) | loop waited on I/O (s) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     totals = {}
     for r in results:
         t = phase_totals(r)
         if t is None:
             continue
         totals.setdefault(r["run"], []).append(t)
-        rows.append(f"| {r['run']} | {t['loop_s']:.1f} | {t['compute_s']:.1f} | {t['read_s']:.1f} | "
+        rows.append(f"| {r['run']} | {t['loop_s']:.1f} | {t['compute_s']:.1f} | {t['hidden_wait_s']:.1f} | "
+                    f"{t['read_s']:.1f} | "
                     f"{t['read_cpu_s']:.1f} | {t['write_s']:.1f} | {t['write_cpu_s']:.1f} | {t['waited_s']:.1f} |")
     if len(rows) == 2:
         return ""
     lines = ["\n".join(rows)]
     serial, overlapped = totals.get("streamer-no-prefetch"), totals.get("streamer")
     if serial and overlapped:
-        c = sum(t["compute_s"] for t in serial) / len(serial)
+        c = sum(t["pure_compute_s"] for t in serial) / len(serial)
         io = sum(t["io_s"] for t in serial) / len(serial)
         loop = sum(t["loop_s"] for t in overlapped) / len(overlapped)
         lines.append(f"\nwithout prefetch (mean of {len(serial)}): compute {c:.1f} s, I/O {io:.1f} s, sum {c + io:.1f} s, "
@@ -317,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="kill a run whose RSS passes this, e.g. 16GiB (reported as OOM); 0 = only when the "
                         "machine runs low; auto = 80%% of the RAM available at the start")
     p.add_argument("--timeout", type=float, default=0, help="kill a run after this many seconds (0: no limit)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="compute threads of each run (OMP_NUM_THREADS); default: torch's own choice. "
+                        "Fewer threads than cores leaves a core to the reader and writer threads")
     p.add_argument("--no-drop-caches", action="store_true", help="keep the page cache between runs")
     p.add_argument("--keep-outputs", action="store_true")
     p.add_argument("--json", type=Path, default=None, help="also write every figure to this file")
@@ -353,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(out, ignore_errors=True)
         dropped = (not a.no_drop_caches and drop_caches()) and dropped
         print(f"running {kind} ...", file=sys.stderr, flush=True)
-        r = measure(command(kind, a, out), work / f"bench-{kind}.log", mem_limit, timeout=a.timeout)
+        env = None if a.threads is None else {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
+        r = measure(command(kind, a, out), work / f"bench-{kind}.log", mem_limit, env=env, timeout=a.timeout)
         r["run"] = kind
         report = out / REPORT_NAME
         if report.is_file():
@@ -371,7 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = (f"{facts['model_type']}, {facts['n_layers']} blocks, checkpoint {facts['bytes'] / 1e9:.2f} GB "
                 f"({facts['file_bytes'] / 1e9:.2f} GB of files); {a.sparsity:.0%} wanda, {a.nsamples} x {a.seqlen} "
                 f"tokens of {a.calib}, device {a.device}, compute {a.compute_dtype_resolved}, micro-batch "
-                f"{a.batch_size_resolved}; calibration hidden states {facts['hidden_state_bytes'] / 1e9:.2f} GB")
+                f"{a.batch_size_resolved}; calibration hidden states {facts['hidden_state_bytes'] / 1e9:.2f} GB; "
+                f"compute threads {a.threads or torch.get_num_threads()}")
     print(f"machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM, GPU: {m['gpu'] or 'none'}; {m['date']}")
     print(f"setting: {settings}")
     print(f"page cache dropped before each run: {'yes' if dropped and not a.no_drop_caches else 'no'}; "

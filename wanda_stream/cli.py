@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-seqlen", type=int, default=None, help="evaluation window length (default --seqlen)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run (or start one)")
     p.add_argument("--overwrite", action="store_true", help="discard an earlier run or output and start over")
-    p.add_argument("--no-prefetch", action="store_true", help="read the next block only when it is needed")
+    p.add_argument("--no-prefetch", action="store_true",
+                   help="read, compute and write in turn (no overlap; for benchmarking it)")
     _add_device(p)
     _add_progress(p)
 
