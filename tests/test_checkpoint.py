@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -54,3 +55,12 @@ def test_get_reads_everything_before_returning(tmp_path: Path) -> None:
         f.seek(header_end)
         f.write(b"\xff" * (size - header_end))
     assert torch.equal(got, tensors["a.weight"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs CUDA")
+def test_get_pinned_on_cuda_hosts(tmp_path: Path) -> None:
+    model, tensors = _write(tmp_path)
+    ckpt = Checkpoint(model)
+    for key, expected in load_file(str(model / "model.safetensors")).items():
+        got = ckpt.get(key, pin=True)
+        assert got.is_pinned() and torch.equal(got, expected), key

@@ -27,6 +27,12 @@ trap 'rm -rf "$BENCH_DIR/$PRESET" "$BENCH_DIR"/bench-*/' EXIT
 echo "== $(date -u '+%Y-%m-%d %H:%M UTC') on $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | head -1)"
 echo "== disk: $(df -h "$BENCH_DIR" | tail -1)"
 
+echo "== CUDA-only tests (pinned reads, prune and eval on the GPU against the CPU reference)"
+# Seconds, not minutes; a failure is reported and the benchmark still runs.
+if ! timeout 120 "$PY" -m pytest -q -rs tests/test_cuda.py tests/test_checkpoint.py; then
+  echo "gpu_bench: CUDA TESTS FAILED (see above)" >&2
+fi
+
 echo "== generating $PRESET (bf16, random numbers drawn on the GPU)"
 rm -rf "$BENCH_DIR/$PRESET"
 timeout 180 "$PY" tools/make_synthetic_model.py "$PRESET" "$BENCH_DIR/$PRESET" --dtype bfloat16 --device cuda

@@ -185,8 +185,11 @@ class Checkpoint:
     def keys(self) -> list[str]:
         return sorted(self.tensors)
 
-    def get(self, key: str) -> torch.Tensor:
+    def get(self, key: str, pin: bool = False) -> torch.Tensor:
         """Read one tensor (a fresh CPU tensor, in its stored dtype) in full before returning.
+
+        `pin`: read straight into page-locked memory (CUDA hosts), for fast, asynchronous copies to
+        the device without a second host copy.
 
         The bytes are copied into memory the process owns. A memory-mapped tensor (what safe_open
         returns) would defer the disk reads to the first touch: a prefetch thread would then read
@@ -196,7 +199,7 @@ class Checkpoint:
         if info is None:
             raise InputError(f"{self.root}: tensor '{key}' is missing from the checkpoint")
         start = self.data_start[info.file] + self.headers[info.file][key]["data_offsets"][0]
-        out = torch.empty(info.shape, dtype=info.dtype)
+        out = torch.empty(info.shape, dtype=info.dtype, pin_memory=pin)
         read_exact(self.root / info.file, start, byte_view(out))
         return out
 

@@ -82,9 +82,7 @@ class Streamer:
 
     def _read_block(self, i: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         t0, c0 = time.perf_counter(), time.thread_time()
-        out = {k: self.ckpt.get(k) for k in self.block_keys(i)}
-        if self.device.type == "cuda":
-            out = {k: v.pin_memory() for k, v in out.items()}
+        out = {k: self.ckpt.get(k, pin=self.device.type == "cuda") for k in self.block_keys(i)}
         # Wall and CPU seconds of the reading thread: on a small host the CPU part competes with the compute.
         return out, {"read_s": time.perf_counter() - t0, "read_cpu_s": time.thread_time() - c0}
 
