@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import torch
+
 from wanda_stream.errors import InputError
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -70,6 +71,11 @@ def atomic_write_json(path: Path, obj: object) -> None:
 
 def read_header(path: Path) -> dict:
     """Parse and validate a safetensors header; raise InputError naming the file on any defect."""
+    return _read_header(path)[0]
+
+
+def _read_header(path: Path) -> tuple[dict, int]:
+    """The validated header and the byte offset where the file's data section starts."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
@@ -97,12 +103,7 @@ def read_header(path: Path) -> dict:
                 f"{path}: truncated (tensor '{key}' ends at byte {offs[1]} of a {data_size}-byte data section); "
                 "re-download or re-copy the file"
             )
-    return header
-
-
-def _header_length(path: Path) -> int:
-    with open(path, "rb") as f:
-        return struct.unpack("<Q", f.read(8))[0]
+    return header, 8 + n
 
 
 def read_exact(path: Path, offset: int, view: memoryview) -> None:
@@ -140,12 +141,10 @@ class Checkpoint:
         self.files = self._shard_files()
         self.tensors: dict[str, TensorInfo] = {}
         self.headers: dict[str, dict] = {}
-        # Where each shard's data section starts: 8 bytes of length, then the header.
-        self.data_start: dict[str, int] = {}
+        self.data_start: dict[str, int] = {}  # where each shard's data section starts
         for fname in self.files:
-            header = read_header(self.root / fname)
+            header, self.data_start[fname] = _read_header(self.root / fname)
             self.headers[fname] = header
-            self.data_start[fname] = 8 + _header_length(self.root / fname)
             for key, info in header.items():
                 if key == "__metadata__":
                     continue
@@ -202,9 +201,6 @@ class Checkpoint:
         out = torch.empty(info.shape, dtype=info.dtype, pin_memory=pin)
         read_exact(self.root / info.file, start, byte_view(out))
         return out
-
-    def close(self) -> None:
-        """Nothing stays open between reads; kept for symmetry with callers that close."""
 
     def total_bytes(self) -> int:
         return sum(i.nbytes for i in self.tensors.values())

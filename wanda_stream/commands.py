@@ -87,7 +87,6 @@ def build_prune_config(args: argparse.Namespace) -> tuple[RunConfig, Any]:
         _check_seqlen(config, args.eval_seqlen, "--eval-seqlen")
     device = resolve_device(args.device)
     dtype_name = resolve_compute_dtype(args.compute_dtype, device, checkpoint_dtype(ckpt, sk))
-    ckpt.close()
     saved = _saved_config(work_dir, output_dir) if args.resume else None
     if saved is not None and args.batch_size is None and args.max_activation_memory is None:
         batch = saved.batch_size  # the same micro-batches make a resumed run's bytes identical

@@ -32,7 +32,6 @@ def inspect_checkpoint(model_dir: Path, pattern: str | None = None) -> dict[str,
         rows.append(row)
         zeros_total += zeros
         numel_total += w.numel()
-    ckpt.close()
     result: dict[str, Any] = {"model_dir": str(model_dir), "matrices": rows,
                               "total_sparsity": zeros_total / max(numel_total, 1), "parameters": numel_total}
     if nm:

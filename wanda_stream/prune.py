@@ -280,7 +280,7 @@ class PruneRun:
         t0 = time.perf_counter()
         timing = fut.result()
         timing["write_wait_s"] = time.perf_counter() - t0
-        state.blocks[-1].setdefault("timing", {}).update(_rounded(timing))
+        state.blocks[-1]["timing"].update(_rounded(timing))
         self.work.save_state(state)
         stale = self.work.file(f"calib_{state.next_block - 1:05d}.bin"), self.work.file(
             f"eval_{state.next_block - 1:05d}.bin")

@@ -114,7 +114,6 @@ class Streamer:
         for pool in (self._reader, self._hidden_reader, self._hidden_writer):
             if pool is not None:
                 pool.shutdown(wait=True)
-        self.ckpt.close()
 
     # ---- the parts around the blocks ------------------------------------------------------
     def _stem(self, with_embedding: bool) -> None:
