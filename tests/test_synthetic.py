@@ -120,15 +120,12 @@ def test_measure_shows_a_run_over_the_limit_as_oom(tmp_path: Path) -> None:
 
 
 def test_activation_budget_bounds_70b_calibration_micro_batches() -> None:
-    from argparse import Namespace
-
-    from wanda_stream.commands import auto_batch, window_bytes
+    from wanda_stream.resources import auto_batch, parse_size, window_bytes
 
     config = load_spec("llama-2-70b")
     # The paper's calibration of a 70B model: 4 GiB of hidden states per block in bf16.
     assert 128 * 2048 * config.hidden_size * 2 == 4 * 2**30
-    args = Namespace(batch_size=None, max_activation_memory="4GiB", device="cpu")
-    batch = auto_batch(args, config, 2048, torch.bfloat16, 128)
+    batch = auto_batch(config, 2048, torch.bfloat16, 128, "cpu", budget=parse_size("4GiB", "--max-activation-memory"))
     assert 1 <= batch < 128 and batch * window_bytes(config, 2048, torch.bfloat16) <= 4 * 2**30
-    args.max_activation_memory = "1MB"  # smaller than one window: still one window at a time
-    assert auto_batch(args, config, 2048, torch.bfloat16, 128) == 1
+    # smaller than one window: still one window at a time
+    assert auto_batch(config, 2048, torch.bfloat16, 128, "cpu", budget=parse_size("1MB", "--max-activation-memory")) == 1

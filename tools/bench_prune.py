@@ -329,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None, help="also write every figure to this file")
     a = p.parse_args(argv)
 
-    from wanda_stream.commands import parse_size
+    from wanda_stream.resources import parse_size
     from wanda_stream.config import resolve_compute_dtype
     from wanda_stream.state import REPORT_NAME
     from wanda_stream.stream import checkpoint_dtype, open_model

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from wanda_stream.commands import parse_size
+from wanda_stream.resources import parse_size
 from wanda_stream.errors import InputError
 from wanda_stream.synthetic import PRESETS, generate
 

@@ -19,6 +19,9 @@ EXIT_OK, EXIT_INTERNAL, EXIT_INPUT, EXIT_TEMPFAIL = 0, 1, 2, 75
 PRUNE_EXAMPLES = """examples:
   # 50% unstructured Wanda, calibrated on C4 (128 x 2048 tokens, seed 0) like the paper
   wanda-stream prune ./Llama-2-7b-hf ./Llama-2-7b-wanda50
+  # SparseGPT (weights updated), or Wanda with OWL's per-block sparsities at 70%
+  wanda-stream prune ./model ./model-sgpt50 --method sparsegpt
+  wanda-stream prune ./model ./model-owl70 --sparsity 0.7 --sparsity-profile owl
   # 2:4 semi-structured, offline calibration text, evaluated on WikiText-2 in the same pass
   wanda-stream prune ./model ./model-2of4 --pattern 2:4 --calib pydoc --eval-data ./wiki.test.raw
   # a batch job: resume after preemption, JSON progress lines for the log collector
@@ -60,6 +63,22 @@ def _add_device(p: argparse.ArgumentParser) -> None:
                    help="windows per micro-batch (default: as many as --max-activation-memory allows, up to 8)")
 
 
+def _add_method(p: argparse.ArgumentParser) -> None:
+    from wanda_stream.methods import METHODS, dataclass_flags, option_flags
+    from wanda_stream.profiles import PROFILES, Owl
+
+    p.add_argument("--method", choices=tuple(METHODS), default="wanda",
+                   help="; ".join(f"{name}: {cls.paper}" for name, cls in METHODS.items()))
+    p.add_argument("--sparsity-profile", choices=PROFILES, default="uniform",
+                   help="uniform: every block gets --sparsity; owl: OWL's outlier-weighted sparsity per block "
+                        "(an extra pass over the dense model), averaging --sparsity")
+    owned = [(flag, f"--method {m}", f) for flag, (m, f) in option_flags().items()]
+    owned += [(flag, "--sparsity-profile owl", f) for flag, f in dataclass_flags(Owl).items()]
+    for flag, owner, f in owned:
+        p.add_argument(flag, type=type(f.default), default=None,
+                       help=f"{f.metadata['help']} (with {owner}; default {f.default})")
+
+
 def _add_progress(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-format", choices=("bar", "json"), default="bar", help="tqdm bars or one JSON object per line")
     p.add_argument("--quiet", action="store_true", help="no progress output")
@@ -83,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output_dir", type=Path, help="where the pruned checkpoint is written")
     p.add_argument("--sparsity", type=float, default=0.5, help="fraction of each decoder linear to remove (0<s<1)")
     p.add_argument("--pattern", default="unstructured", help="unstructured|2:4|4:8|N:M (N:M implies sparsity N/M)")
-    p.add_argument("--method", choices=("wanda", "magnitude"), default="wanda")
+    _add_method(p)
     p.add_argument("--calib", default="c4", help="c4|wikitext2|pydoc|FILE|DIR (.txt, .jsonl/.json, .parquet)")
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
     p.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window")

@@ -4,70 +4,30 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
 import sys
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import psutil
 import torch
+from transformers import PretrainedConfig
 
-from wanda_stream import calib
+from wanda_stream import calib, experts
+from wanda_stream.checkpoint import Checkpoint
 from wanda_stream.config import RunConfig, parse_pattern, resolve_compute_dtype, resolve_device
 from wanda_stream.errors import InputError, Interrupted
+from wanda_stream.methods import build as build_method
+from wanda_stream.methods import dataclass_flags, option_flags
+from wanda_stream.model import Skeleton
+from wanda_stream.profiles import Owl
 from wanda_stream.report import Progress
+from wanda_stream.resources import auto_batch, check_seqlen, parse_size
 from wanda_stream.state import (
     REPORT_NAME, RUN_FILE, StopFlag, WorkDir, checkpoint_fingerprint, resume_command,
 )
-
-MAX_AUTO_BATCH = 8
-UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-         "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_size(text: str, flag: str) -> int:
-    """'2GB', '512MiB', '1000000' -> bytes."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-    if not m or m[2].upper() not in UNITS:
-        raise InputError(f"{flag} '{text}': use a size such as 2GB, 512MiB or a number of bytes")
-    return int(float(m[1]) * UNITS[m[2].upper()])
-
-
-def window_bytes(config: Any, seqlen: int, dtype: torch.dtype) -> int:
-    """Rough activation memory of one window through one block (states, MLP, attention scores)."""
-    c = config.get_text_config()
-    el = torch.empty(0, dtype=dtype).element_size()
-    inter = getattr(c, "intermediate_size", None) or 4 * c.hidden_size
-    heads = getattr(c, "num_attention_heads", 1)
-    return seqlen * (8 * c.hidden_size + 3 * inter) * el + heads * seqlen * seqlen * 4
-
-
-def auto_batch(args: argparse.Namespace, config: Any, seqlen: int, dtype: torch.dtype, n: int) -> int:
-    if args.batch_size is not None:
-        if args.batch_size <= 0:
-            raise InputError(f"--batch-size {args.batch_size}: must be a positive integer")
-        return args.batch_size
-    if args.max_activation_memory is not None:
-        budget = parse_size(args.max_activation_memory, "--max-activation-memory")
-    else:
-        budget = psutil.virtual_memory().available // 8
-        device = resolve_device(getattr(args, "device", "cpu"))
-        if device.startswith("cuda"):
-            # The micro-batch is computed on the GPU: its free memory (less room for a block's
-            # weights and the allocator's slack) bounds it as well as the host's.
-            budget = min(budget, torch.cuda.mem_get_info(torch.device(device))[0] // 4)
-    return max(1, min(MAX_AUTO_BATCH, n, budget // window_bytes(config, seqlen, dtype)))
-
-
-def _check_seqlen(config: Any, seqlen: int, flag: str) -> None:
-    limit = getattr(config.get_text_config(), "max_position_embeddings", None)
-    if seqlen <= 0:
-        raise InputError(f"{flag} {seqlen}: must be a positive integer")
-    if limit is not None and seqlen > limit:
-        raise InputError(f"{flag} {seqlen}: beyond the model's context of {limit} tokens; use at most {limit}")
-
 
 def build_prune_config(args: argparse.Namespace) -> tuple[RunConfig, Any]:
     """Validate the prune arguments against the checkpoint; returns the config and (fingerprint, skeleton, checkpoint)."""
@@ -75,28 +35,72 @@ def build_prune_config(args: argparse.Namespace) -> tuple[RunConfig, Any]:
 
     model_dir, output_dir = args.model_dir.resolve(), args.output_dir.resolve()
     work_dir = (args.work_dir or output_dir / ".wanda-stream").resolve()
+    method_options, profile_options = chosen_options(args)
     probe = RunConfig(str(model_dir), str(output_dir), str(work_dir), sparsity=args.sparsity, pattern=args.pattern,
-                      method=args.method, nsamples=args.nsamples, seqlen=args.seqlen,
+                      method=args.method, method_options=method_options, sparsity_profile=args.sparsity_profile,
+                      profile_options=profile_options, nsamples=args.nsamples, seqlen=args.seqlen,
                       eval_windows=args.eval_windows)
     probe.validate()
     ckpt, sk = open_model(model_dir)
+    check_pattern(ckpt, sk, probe.nm, args.pattern)
     fp = checkpoint_fingerprint(ckpt)
     config = sk.model.config
-    _check_seqlen(config, args.seqlen, "--seqlen")
+    check_seqlen(config, args.seqlen, "--seqlen")
     if args.eval_seqlen is not None:
-        _check_seqlen(config, args.eval_seqlen, "--eval-seqlen")
+        check_seqlen(config, args.eval_seqlen, "--eval-seqlen")
     device = resolve_device(args.device)
     dtype_name = resolve_compute_dtype(args.compute_dtype, device, checkpoint_dtype(ckpt, sk))
     saved = _saved_config(work_dir, output_dir) if args.resume else None
     if saved is not None and args.batch_size is None and args.max_activation_memory is None:
         batch = saved.batch_size  # the same micro-batches make a resumed run's bytes identical
     else:
-        batch = auto_batch(args, config, args.seqlen, _dtype(dtype_name),
-                           args.nsamples)
+        batch = _batch(args, config, args.seqlen, _dtype(dtype_name), args.nsamples, device)
     cfg = _run_config(args, device, dtype_name, batch,
-                      calib.spec_fingerprint(args.calib) if args.method == "wanda" else "",
+                      calib.spec_fingerprint(args.calib) if probe.needs_calibration else "",
                       calib.spec_fingerprint(args.eval_data) if args.eval_data else "")
     return cfg, (fp, sk, ckpt)
+
+
+def chosen_options(args: argparse.Namespace) -> tuple[dict[str, float | int], dict[str, float]]:
+    """The chosen method's options and the sparsity profile's, defaults filled in, from their flags.
+
+    A flag of another method or profile than the one chosen is refused rather than silently ignored.
+    """
+    given: dict[str, dict[str, float | int]] = {}
+    owned = {flag: (m, f.name) for flag, (m, f) in option_flags().items()}
+    owned.update({flag: ("owl", f.name) for flag, f in dataclass_flags(Owl).items()})
+    chosen = {"method": args.method, "profile": args.sparsity_profile}
+    for flag, (owner, name) in owned.items():
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is None:
+            continue
+        if owner not in chosen.values():
+            what = "--sparsity-profile" if owner == "owl" else "--method"
+            raise InputError(f"{flag}: applies to {what} {owner} only; drop it or add {what} {owner}")
+        given.setdefault(owner, {})[name] = value
+    method = asdict(build_method(args.method, given.get(args.method, {})))
+    profile = asdict(Owl(**given.get("owl", {}))) if args.sparsity_profile == "owl" else {}
+    return method, profile
+
+
+def check_pattern(ckpt: Checkpoint, sk: Skeleton, nm: tuple[int, int] | None, pattern: str) -> None:
+    """Refuse an N:M pattern that some pruned matrix's input size is not a multiple of, before any work."""
+    if nm is None:
+        return
+    for key in sorted(experts.pruned_keys(sk)):
+        width = ckpt.tensors[key].shape[-1]
+        if width % nm[1]:
+            raise InputError(f"--pattern {pattern}: '{key}' has {width} inputs, not a multiple of {nm[1]}; "
+                             f"choose an M that divides the input sizes (2:4 and 4:8 fit most models)")
+
+
+def _batch(args: argparse.Namespace, config: PretrainedConfig, seqlen: int, dtype: torch.dtype, n: int,
+           device: str) -> int:
+    """The micro-batch from --batch-size or --max-activation-memory (or the free memory)."""
+    budget = None
+    if args.max_activation_memory is not None:
+        budget = parse_size(args.max_activation_memory, "--max-activation-memory")
+    return auto_batch(config, seqlen, dtype, n, device, args.batch_size, budget)
 
 
 def _run_config(args: argparse.Namespace, device: str, compute_dtype: str, batch: int,
@@ -104,10 +108,12 @@ def _run_config(args: argparse.Namespace, device: str, compute_dtype: str, batch
     """The validated RunConfig of the prune arguments, given what the checkpoint or an earlier run settles."""
     model_dir, output_dir = args.model_dir.resolve(), args.output_dir.resolve()
     nm = parse_pattern(args.pattern)
+    method_options, profile_options = chosen_options(args)
     return RunConfig(
         str(model_dir), str(output_dir), str((args.work_dir or output_dir / ".wanda-stream").resolve()),
         sparsity=nm[0] / nm[1] if nm else args.sparsity,  # N:M fixes the sparsity; record the real one
-        pattern=args.pattern, method=args.method, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
+        pattern=args.pattern, method=args.method, method_options=method_options,
+        sparsity_profile=args.sparsity_profile, profile_options=profile_options, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
         seed=args.seed, device=device, compute_dtype=compute_dtype, batch_size=batch, eval_data=args.eval_data,
         eval_windows=args.eval_windows, eval_seqlen=args.eval_seqlen, keep_work_dir=args.keep_work_dir,
         prefetch=not args.no_prefetch, calib_fingerprint=calib_fp, eval_fingerprint=eval_fp,
@@ -124,7 +130,7 @@ def _requested_config(args: argparse.Namespace, saved: RunConfig) -> RunConfig:
         args, saved.device if args.device == "auto" else args.device,
         saved.compute_dtype if args.compute_dtype == "auto" else args.compute_dtype,
         saved.batch_size if args.batch_size is None else args.batch_size,
-        _spec_fp(args.calib, saved.calib, saved.calib_fingerprint) if args.method == "wanda" else "",
+        _spec_fp(args.calib, saved.calib, saved.calib_fingerprint) if saved.needs_calibration else "",
         _spec_fp(args.eval_data, saved.eval_data, saved.eval_fingerprint))
 
 
@@ -263,7 +269,8 @@ def _prune(args: argparse.Namespace, stop: StopFlag) -> int:
         _say(args, f"{cfg.output_dir}: this run is already complete; nothing to do")
         return 0
     lock = WorkDir(Path(cfg.work_dir)).lock()
-    progress = Progress("quiet" if args.quiet else args.log_format, sk.n_layers, "prune")
+    passes = 2 if cfg.owl is not None else 1  # OWL's pass over the dense model, then the pruning pass
+    progress = Progress("quiet" if args.quiet else args.log_format, passes * sk.n_layers, "prune")
     try:
         if stop.requested:
             raise Interrupted("stopped before the first block")
@@ -295,7 +302,9 @@ def _summary(args: argparse.Namespace, cfg: RunConfig, report: dict) -> None:
                           "peak_rss_bytes": report["peak_rss_bytes"]}), flush=True)
         return
     print(f"pruned {cfg.model_dir} -> {cfg.output_dir}")
-    print(f"  method {cfg.method}, pattern {cfg.pattern}, sparsity of decoder linears {report['total_sparsity']:.4f}")
+    profile = f", {cfg.sparsity_profile} profile" if cfg.sparsity_profile != "uniform" else ""
+    print(f"  method {cfg.method}{profile}, pattern {cfg.pattern}, "
+          f"sparsity of decoder linears {report['total_sparsity']:.4f}")
     if "eval" in report:
         ev = report["eval"]
         print(f"  perplexity {ev['perplexity']:.4f} on {ev['windows']} x {ev['seqlen']} tokens of {ev['data']}")
@@ -314,8 +323,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         tmp = tempfile.mkdtemp(prefix="wanda-stream-eval-")
         work = Path(tmp)
     try:
+        batch = lambda config, dtype, n: _batch(args, config, args.seqlen, dtype, n, device)  # noqa: E731
+        mode = "quiet" if args.quiet or args.json else args.log_format
         result = evaluate(args.model_dir.resolve(), args.data, args.seqlen, args.max_windows, device,
-                          args.compute_dtype, work, args)
+                          args.compute_dtype, work, batch, mode)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -5,12 +5,16 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from wanda_stream import methods
 from wanda_stream.errors import InputError
+from wanda_stream.methods import Method, Stat
+from wanda_stream.profiles import PROFILES, Owl
 
 DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Fields that do not change the result: they may differ between a run and its resumption.
@@ -64,6 +68,9 @@ class RunConfig:
     sparsity: float = 0.5
     pattern: str = "unstructured"
     method: str = "wanda"
+    method_options: dict[str, float | int] = field(default_factory=dict)
+    sparsity_profile: str = "uniform"
+    profile_options: dict[str, float] = field(default_factory=dict)
     calib: str = "c4"
     nsamples: int = 128
     seqlen: int = 2048
@@ -93,16 +100,30 @@ class RunConfig:
         return DTYPE_NAMES[self.compute_dtype]
 
     @property
+    def pruning_method(self) -> Method[Any]:
+        """The method object, with its options."""
+        return methods.build(self.method, self.method_options)
+
+    @property
+    def owl(self) -> Owl | None:
+        """OWL's parameters when the profile is owl, else None."""
+        return Owl(**self.profile_options) if self.sparsity_profile == "owl" else None
+
+    @property
     def needs_calibration(self) -> bool:
-        return self.method == "wanda"
+        """Whether calibration windows run through the model: for the method's statistics or the profile's."""
+        return self.pruning_method.stat is not Stat.NONE or self.owl is not None
 
     def validate(self) -> "RunConfig":
         """Raise InputError naming the flag for any invalid value; returns self."""
         nm = parse_pattern(self.pattern)
         if nm is None and not 0.0 < self.sparsity < 1.0:
             raise InputError(f"--sparsity {self.sparsity}: must be strictly between 0 and 1, e.g. 0.5")
-        if self.method not in ("wanda", "magnitude"):
-            raise InputError(f"--method '{self.method}': use wanda or magnitude")
+        self.pruning_method.check(nm)
+        if self.sparsity_profile not in PROFILES:
+            raise InputError(f"--sparsity-profile '{self.sparsity_profile}': use {' or '.join(PROFILES)}")
+        if self.owl is not None:
+            self.owl.check(self.effective_sparsity, nm)
         for flag, v in (("--nsamples", self.nsamples), ("--seqlen", self.seqlen), ("--batch-size", self.batch_size)):
             if v <= 0:
                 raise InputError(f"{flag} {v}: must be a positive integer")

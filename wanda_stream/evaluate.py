@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+from transformers import PretrainedConfig
 
 from wanda_stream import calib
 from wanda_stream.activations import HiddenFile
@@ -16,8 +16,12 @@ from wanda_stream.config import DTYPE_NAMES, resolve_compute_dtype
 from wanda_stream.errors import Interrupted
 from wanda_stream.model import release
 from wanda_stream.report import Progress, peak_rss_bytes
+from wanda_stream.resources import check_seqlen
 from wanda_stream.state import StopFlag
 from wanda_stream.stream import Streamer, checkpoint_dtype, open_model
+
+# (model config, compute dtype, number of windows) -> windows per micro-batch
+BatchRule = Callable[[PretrainedConfig, torch.dtype, int], int]
 
 
 def run_dense(
@@ -46,29 +50,29 @@ def run_dense(
 
 def evaluate(
     model_dir: Path, data: str, seqlen: int, max_windows: int | None, device: str, compute_dtype: str,
-    work_dir: Path, args: argparse.Namespace | None = None,
+    work_dir: Path, batch: BatchRule | None = None, progress_mode: str = "quiet",
 ) -> dict[str, Any]:
-    """Perplexity of the model on non-overlapping `seqlen` windows of `data`, one block at a time."""
-    from wanda_stream.commands import _check_seqlen, auto_batch
+    """Perplexity of the model on non-overlapping `seqlen` windows of `data`, one block at a time.
 
+    `batch(config, dtype, windows)` gives the micro-batch (default 1).
+    """
     t0 = time.monotonic()
     ckpt, sk = open_model(model_dir)
-    _check_seqlen(sk.model.config, seqlen, "--seqlen")
+    check_seqlen(sk.model.config, seqlen, "--seqlen")
     dtype_name = resolve_compute_dtype(compute_dtype, device, checkpoint_dtype(ckpt, sk))
     dtype = DTYPE_NAMES[dtype_name]
     tokenizer = calib.load_tokenizer(model_dir)
     tokens = calib.eval_windows("\n\n".join(calib.documents(data, "evaluation")), tokenizer, seqlen, max_windows, data)
-    batch = auto_batch(args, sk.model.config, seqlen, dtype, tokens.shape[0]) if args is not None else 1
+    micro = batch(sk.model.config, dtype, tokens.shape[0]) if batch is not None else 1
     st = Streamer(ckpt, sk, device, dtype)
     work_dir.mkdir(parents=True, exist_ok=True)
     n, hidden = tokens.shape[0], st.hidden
     files = [HiddenFile(work_dir / f"eval_{i % 2}.bin", n, seqlen, hidden, dtype) for i in range(2)]
-    mode = "quiet" if args is None or args.quiet or getattr(args, "json", False) else args.log_format
-    progress = Progress(mode, sk.n_layers, "eval")
+    progress = Progress(progress_mode, sk.n_layers, "eval")
     stop = StopFlag().install()
     try:
-        last = run_dense(st, tokens, files, batch, stop, progress)
-        nll, count = st.final_nll(last, tokens, batch)
+        last = run_dense(st, tokens, files, micro, stop, progress)
+        nll, count = st.final_nll(last, tokens, micro)
     finally:
         stop.restore()
         progress.close()

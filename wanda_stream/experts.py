@@ -1,11 +1,11 @@
-"""Mixture-of-experts blocks: which tensors get pruned, routers, and per-expert Wanda statistics.
+"""Mixture-of-experts blocks: which tensors get pruned, routers, and per-expert inputs.
 
 transformers 5 holds a MoE block's experts as 3D parameters ([experts, out, in], e.g. Mixtral's
 `gate_up_proj` of experts x 2*intermediate x hidden), fused on load from the checkpoint's
 per-expert tensors (see layout.py). A forward hook on nn.Linear sees none of them. But the eager
 experts forward of transformers runs `F.linear(x_e, W[e])` on exactly the tokens routed to expert
 e, so watching F.linear calls whose weight is a slice of a 3D block parameter gives every expert's
-input statistics: the routed hidden states for gate/up, that expert's intermediate activations
+inputs: the routed hidden states for gate/up, that expert's intermediate activations
 for down. Routing is transformers' own; nothing here re-implements it.
 
 Routers are never pruned: the router of transformers 5 is not an nn.Linear (MixtralTopKRouter and
@@ -15,14 +15,12 @@ the like hold a bare weight), and any nn.Linear sitting directly in a module tha
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from wanda_stream import kernel
 from wanda_stream.errors import InputError
 
 EAGER = "eager"
@@ -94,28 +92,19 @@ def pruned_keys(sk: Any) -> set[str]:
     return out
 
 
-@dataclass
-class BlockStats:
-    """A block's calibration statistics: per-input-column sums of squares by matrix name, and the number
-    of calibration tokens routed to each expert matrix (`param[e]`, 0 for an expert that got none)."""
-
-    sums: dict[str, torch.Tensor]
-    tokens: dict[str, int] = field(default_factory=dict)
-
-
 class ExpertStats(TorchFunctionMode):
-    """Sums of squared inputs per expert of every fused expert parameter, while a block runs.
+    """Hands every expert's inputs to `record(name, x)` while a block runs, and counts its tokens.
 
     Use as a context manager around the block's forward passes; it switches the model's experts to
-    transformers' eager (per-expert) implementation for the duration.
+    transformers' eager (per-expert) implementation for the duration. Names are `param[e]`: the
+    fused parameter (relative to the block) and the expert index.
     """
 
-    def __init__(self, model: nn.Module, layer: nn.Module) -> None:
+    def __init__(self, model: nn.Module, layer: nn.Module, record: Callable[[str, torch.Tensor], None]) -> None:
         super().__init__()
         self.model = model
         self.params = expert_params(layer)
-        self.sums = {n: torch.zeros(p.shape[0], p.shape[-1], dtype=torch.float64, device=p.device)
-                     for n, p in self.params.items()}
+        self.record = record
         self.tokens = {n: torch.zeros(p.shape[0], dtype=torch.int64) for n, p in self.params.items()}
         self._previous: str | None = None
 
@@ -148,28 +137,25 @@ class ExpertStats(TorchFunctionMode):
             hit = self._expert_of(args[1] if len(args) > 1 else kwargs.get("weight"))
             if hit is not None:
                 x = args[0]
-                self.sums[hit[0]][hit[1]] += kernel.column_sq_sum(x)
+                self.record(f"{hit[0]}[{hit[1]}]", x)
                 self.tokens[hit[0]][hit[1]] += x.numel() // x.shape[-1]
         return func(*args, **kwargs)
 
-    def results(self) -> dict[str, torch.Tensor]:
-        """Statistics of every expert that saw calibration tokens, named `param[e]`; the others are absent.
+    def check_observed(self) -> None:
+        """Raise InputError when no expert of a parameter saw a token.
 
-        Raises InputError when no expert of a parameter saw a token: the experts forward does not call
-        F.linear on per-expert slices, so statistics cannot be observed (rather than silently pruning
-        every expert by magnitude).
+        The experts forward then does not call F.linear on per-expert slices, so statistics cannot be
+        observed (rather than silently pruning every expert by magnitude).
         """
         for n, t in self.tokens.items():
             if int(t.sum()) == 0:
                 raise InputError(
                     f"model_type '{self.model.config.model_type}': no per-expert input was seen for '{n}'; its "
-                    "experts forward does not run F.linear on expert slices, so Wanda statistics are unavailable "
-                    "(use --method magnitude)")
-        return {f"{n}[{e}]": self.sums[n][e] for n in self.params for e in range(self.sums[n].shape[0])
-                if self.tokens[n][e] > 0}
+                    "experts forward does not run F.linear on expert slices, so calibration statistics are "
+                    "unavailable (use --method magnitude)")
 
     def token_counts(self) -> dict[str, int]:
-        """Calibration tokens routed to every expert, named `param[e]` as in `results`; 0 for a starved expert.
+        """Calibration tokens routed to every expert, named `param[e]`; 0 for a starved expert.
 
         Counted from the rows each expert's F.linear received, so they are transformers' own routing:
         per parameter, they sum to tokens x experts per token.

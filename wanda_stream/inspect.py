@@ -91,8 +91,11 @@ def run_status(path: Path) -> dict[str, Any]:
     row: dict[str, Any] = {
         "state": "finished" if state.stage == "done" else "incomplete", "work_dir": str(work.path),
         "model": cfg.model_dir, "output": cfg.output_dir, "method": cfg.method, "pattern": cfg.pattern,
-        "sparsity": cfg.sparsity, "blocks_done": state.next_block,
+        "sparsity": cfg.sparsity, "sparsity_profile": cfg.sparsity_profile, "stage": state.stage,
+        "blocks_done": state.next_block,
     }
+    if "profile" in state.extra:
+        row["profile_blocks_done"] = len(state.extra["profile"]["outlier_ratios"])
     try:
         from wanda_stream.model import load_config
 

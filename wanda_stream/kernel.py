@@ -20,6 +20,12 @@ def column_sq_sum(x: torch.Tensor) -> torch.Tensor:
     return (x * x).sum(dim=0)
 
 
+def add_gram(gram: torch.Tensor, x: torch.Tensor) -> None:
+    """gram += X^T X in float32 for the inputs x [..., in] (the SparseGPT Hessian, up to a factor)."""
+    rows = x.reshape(-1, x.shape[-1]).to(torch.float32)
+    gram.addmm_(rows.t(), rows)
+
+
 def wanda_score(weight: torch.Tensor, sq_sum: torch.Tensor) -> torch.Tensor:
     """|W_ij| * ||X_j||_2 in float32; `sq_sum` is the per-column sum of squares of the inputs."""
     norm = torch.sqrt(sq_sum.to(torch.float32))
@@ -105,11 +111,6 @@ def magnitude_mask(weight: torch.Tensor, sparsity: float, nm: NM | None = None) 
     """Magnitude baseline: |W| with a per-matrix threshold, or per row groups for N:M."""
     score = weight.detach().to(torch.float32).abs()
     return nm_mask(score, nm) if nm else matrix_mask(score, sparsity)
-
-
-def apply_mask(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """A copy of `weight` (same dtype) with the masked entries set to exact zeros."""
-    return weight.masked_fill(mask, 0)
 
 
 def satisfies_nm(weight: torch.Tensor, nm: NM) -> bool:

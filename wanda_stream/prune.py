@@ -8,7 +8,6 @@ the block's tensors are written as one output shard while the next block compute
 
 from __future__ import annotations
 
-import contextlib
 import math
 import shutil
 import time
@@ -20,7 +19,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from wanda_stream import calib, experts, kernel
+from wanda_stream import calib, experts
+from wanda_stream.methods import FALLBACK, NM, Method, Pruned, Stat
+from wanda_stream.observe import BlockObserver, BlockStats
+from wanda_stream.profiles import OWL_PAPER, outlier_ratio, owl_sparsities
 from wanda_stream.activations import HiddenFile
 from wanda_stream.checkpoint import (
     INDEX_NAME, atomic_write_bytes, atomic_write_json, fsync_dir, read_header, write_shard,
@@ -34,6 +36,7 @@ from wanda_stream.stream import Streamer, open_model
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5", ".ckpt")
 SKIP_FILES = (INDEX_NAME, "pytorch_model.bin.index.json", REPORT_NAME)
+PROFILE_STAGE = "profile"  # the run's stage during OWL's pass, and where its results live in the state
 
 
 def shard_name(index: int, total: int) -> str:
@@ -47,67 +50,51 @@ def linear_modules(layer: nn.Module) -> dict[str, nn.Linear]:
     return {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear) and n not in routers}
 
 
-def collect_stats(
-    st: Streamer, i: int, layer: nn.Module, src: HiddenFile, batch: int, stop: StopFlag
-) -> experts.BlockStats | None:
-    """Per-input-column sums of squares of every linear's inputs over all calibration tokens.
-
-    Fused MoE experts get one entry per expert that received tokens, over the tokens routed to it,
-    and a count of those tokens for every expert.
-    """
-    sums: dict[str, torch.Tensor] = {}
-    handles = []
-    for name, mod in linear_modules(layer).items():
-        sums[name] = torch.zeros(mod.in_features, dtype=torch.float64, device=st.device)
-
-        def hook(m: nn.Module, args: tuple, out: Any, name: str = name) -> None:
-            sums[name] += kernel.column_sq_sum(args[0])
-
-        handles.append(mod.register_forward_hook(hook))
-    per_expert = experts.ExpertStats(st.sk.model, layer)
-    try:
-        # The function mode costs Python overhead on every op: enter it only for blocks with experts.
-        with per_expert if per_expert.params else contextlib.nullcontext():
-            finished = st.run_block(i, layer, src, batch, dst=None, stop=stop)
-    finally:
-        for h in handles:
-            h.remove()
-    if not finished:
-        return None
-    sums.update(per_expert.results())
-    return experts.BlockStats(sums, per_expert.token_counts())
+def observe(
+    st: Streamer, i: int, layer: nn.Module, kind: Stat, src: HiddenFile, batch: int, stop: StopFlag,
+    dst: HiddenFile | None = None,
+) -> BlockStats | None:
+    """Run block i over the calibration states `src` (into `dst` when given), observing every prunable
+    matrix's inputs as `kind` says; None when a stop was requested midway."""
+    observer = BlockObserver(st.sk.model, layer, linear_modules(layer), kind, st.device)
+    with observer:
+        finished = st.run_block(i, layer, src, batch, dst=dst, stop=stop)
+    return observer.results() if finished else None
 
 
 def prune_block(
-    cfg: RunConfig, st: Streamer, i: int, layer: nn.Module, stored: dict[str, torch.Tensor],
-    stats: experts.BlockStats | None,
+    method: Method[Any], sparsity: float, nm: NM | None, st: Streamer, i: int, layer: nn.Module,
+    stored: dict[str, torch.Tensor], stats: BlockStats | None,
 ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
-    """Mask every linear and expert matrix of block i; returns the output tensors (stored dtype) and records.
+    """Prune every linear and expert matrix of block i; returns the output tensors (stored dtype) and records.
 
-    Per-expert tensors are masked in the checkpoint's own layout, and their records carry the number of
-    calibration tokens routed to the expert; an expert that got none falls back to magnitude, and its
-    record says so.
+    The block's modules get the pruned weights too, so that it then computes the next block's inputs.
+    Per-expert tensors are pruned in the checkpoint's own layout, and their records carry the number
+    of calibration tokens routed to the expert; an expert that got none falls back to magnitude, and
+    its record says so.
     """
     out = dict(stored)
     records = []
     linears = linear_modules(layer)
+    prepared: tuple[int, object] | None = None  # the last input's prepared statistic: shared inputs are adjacent
     for key, name in experts.prunable_keys(st.sk, i, layer, stored, linears).items():
+        obs = stats.obs.get(name) if stats is not None else None
+        fallback = method.stat is not Stat.NONE and obs is None
+        m = FALLBACK if fallback else method
+        if prepared is None or prepared[0] != id(obs):
+            prepared = None  # freed before the next one is made: a 7B MLP's is 0.5 GB
+            prepared = (id(obs), m.prepare(obs))
         w = stored[key]
         wd = w.to(st.device)
-        fallback = cfg.method == "wanda" and name not in stats.sums
-        if cfg.method == "wanda" and not fallback:
-            mask = kernel.wanda_mask(wd, stats.sums[name], cfg.sparsity, cfg.nm)
-        else:
-            mask = kernel.magnitude_mask(wd, cfg.sparsity, cfg.nm)
-        # On the CPU the stored copy is masked in place: a second copy of the block's matrices would
-        # add its whole size (400 MB for a 7B block) to the peak.
-        out[key] = wd.masked_fill_(mask, 0) if wd is w else kernel.apply_mask(wd, mask).to("cpu")
+        result = m.prune(wd, prepared[1], sparsity, nm)
+        pruned = _pruned(wd, result)
+        out[key] = pruned.to("cpu")
         if name in linears:
             with torch.no_grad():
-                linears[name].weight.masked_fill_(mask, 0)
+                linears[name].weight.copy_(pruned)
         zeros = w.numel() - int(torch.count_nonzero(out[key]))  # (x == 0).sum() is 10x slower on CPU
-        record = {"name": key, "shape": list(w.shape), "dtype": str(w.dtype).removeprefix("torch."),
-                  "sparsity": zeros / w.numel()}
+        record: dict[str, Any] = {"name": key, "shape": list(w.shape), "dtype": str(w.dtype).removeprefix("torch."),
+                                  "sparsity": zeros / w.numel(), **result.info}
         if stats is not None and name in stats.tokens:
             record["calib_tokens"] = stats.tokens[name]
         if fallback:
@@ -117,6 +104,16 @@ def prune_block(
         # The fused expert parameters are rebuilt from the pruned per-expert tensors, as transformers loads them.
         st.load_block(i, out)
     return out, records
+
+
+def _pruned(wd: torch.Tensor, result: Pruned) -> torch.Tensor:
+    """The pruned matrix in the stored dtype, on the compute device."""
+    if result.weight is not None:
+        # Cast first, then zero: the removed weights must be exact zeros in any dtype.
+        return result.weight.to(wd.dtype).masked_fill_(result.mask, 0)
+    # In place: on the CPU `wd` is the stored copy, and a second copy of the block's matrices would
+    # add its whole size (400 MB for a 7B block) to the peak.
+    return wd.masked_fill_(result.mask, 0)
 
 
 class PruneRun:
@@ -135,6 +132,8 @@ class PruneRun:
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="writer")
         self.t0 = time.monotonic()
         self.loop_seconds = 0.0
+        self.method = cfg.pruning_method
+        self.owl = cfg.owl
 
     # ---- files in the work directory -------------------------------------------------------
     def hidden(self, stream: str, i: int, n: int, seqlen: int) -> HiddenFile:
@@ -170,12 +169,16 @@ class PruneRun:
     # ---- the run --------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         state = self.work.load_state()
-        self.progress.begin(state.next_block)
         toks = self.tokens()
         streams = {name: t for name, t in toks.items()}
         if state.next_block == 0 and "stem_written" not in state.extra:
             self._start(streams, state)
         self._clean_stale(state, streams)
+        if state.stage == PROFILE_STAGE:
+            self.progress.begin(len(state.extra[PROFILE_STAGE]["outlier_ratios"]))
+            self._profile_pass(state, streams["calib"])
+        done_before = self.n if self.owl else 0  # the OWL pass counts as a first pass over the blocks
+        self.progress.begin(done_before + state.next_block)
         self.st.prefetch(state.next_block)
         pending: Future | None = None
         pending_state: RunState | None = None
@@ -184,16 +187,20 @@ class PruneRun:
             stored, timing = self.st.block_tensors(i)
             self.st.prefetch(i + 1)
             compute_start, hidden_wait = time.perf_counter(), self.st.hidden_wait_s
-            result = self._block(i, stored, streams)
+            target = self.block_sparsity(state, i)
+            result = self._block(i, stored, streams, target)
             if result is None:
                 self._finish_pending(pending, pending_state)
                 raise Interrupted(f"stopped during block {i}")
             out, records = result
             timing["compute_s"] = time.perf_counter() - compute_start
             timing["hidden_wait_s"] = self.st.hidden_wait_s - hidden_wait  # part of compute_s
-            new_state = RunState(i + 1, "blocks", state.blocks + [{
-                "block": i, "matrices": records, "seconds": round(timing["read_wait_s"] + timing["compute_s"], 3),
-                "timing": _rounded(timing)}], state.extra)
+            entry = {"block": i, "matrices": records, "sparsity": _weighted_sparsity(records),
+                     "seconds": round(timing["read_wait_s"] + timing["compute_s"], 3), "timing": _rounded(timing)}
+            if self.owl is not None:
+                entry.update(target_sparsity=target,
+                             outlier_ratio=state.extra[PROFILE_STAGE]["outlier_ratios"][i])
+            new_state = RunState(i + 1, "blocks", state.blocks + [entry], state.extra)
             self._finish_pending(pending, pending_state)
             pending = self.writer.submit(self._write_block_shard, i, out)
             pending_state = new_state
@@ -205,13 +212,54 @@ class PruneRun:
                 self._finish_pending(pending, pending_state)
                 pending = pending_state = None
             state = new_state
-            self.progress.update(i + 1, block=i, bytes_written=io_bytes()["write_bytes"])
+            self.progress.update(done_before + i + 1, block=i, bytes_written=io_bytes()["write_bytes"])
             if self.stop.requested:
                 self._finish_pending(pending, pending_state)
                 raise Interrupted(f"stopped after block {i}")
         self._finish_pending(pending, pending_state)
         self.loop_seconds = time.perf_counter() - loop_start
         return self._finalize(state, streams)
+
+    def block_sparsity(self, state: RunState, i: int) -> float:
+        """Block i's target: the profile's when it has one, else the run's sparsity."""
+        profile = state.extra.get(PROFILE_STAGE, {}).get("block_sparsity")
+        return profile[i] if profile else self.cfg.sparsity
+
+    def _profile_pass(self, state: RunState, calib: torch.Tensor) -> None:
+        """OWL's pass over the dense model: every block's outlier ratio, then the blocks' sparsities.
+
+        The dense blocks carry the calibration states forward in files of their own (owl_*), so the
+        pruning pass still starts from block 0's. Progress is saved after every block.
+        """
+        assert self.owl is not None
+        record = state.extra[PROFILE_STAGE]
+        ratios: list[float] = record["outlier_ratios"]
+        self.st.prefetch(len(ratios))
+        for i in range(len(ratios), self.n):
+            stored, _ = self.st.block_tensors(i)
+            self.st.prefetch(i + 1 if i + 1 < self.n else 0)
+            layer = self.st.load_block(i, stored)
+            try:
+                src = self.hidden("calib" if i == 0 else "owl", i, *calib.shape)
+                dst = self.hidden("owl", i + 1, *calib.shape) if i + 1 < self.n else None
+                stats = observe(self.st, i, layer, Stat.SQ_SUM, src, self.cfg.batch_size, self.stop, dst)
+                if stats is None:
+                    raise Interrupted(f"stopped during block {i} of the OWL pass")
+                keys = experts.prunable_keys(self.sk, i, layer, stored, linear_modules(layer))
+                ratios.append(outlier_ratio(((stored[k].to(self.st.device), stats.obs[n].stat)
+                                             for k, n in keys.items() if n in stats.obs), self.owl.m))
+            finally:
+                release(self.sk.layers[i])
+            if i + 1 == self.n:
+                record["block_sparsity"] = owl_sparsities(ratios, self.cfg.sparsity, self.owl.lmbda)
+                state.stage = "blocks"
+            self.work.save_state(state)
+            if i > 0:
+                self.hidden("owl", i, *calib.shape).path.unlink(missing_ok=True)
+            killpoint("profile_block_done")
+            self.progress.update(i + 1, block=i, outlier_ratio=ratios[-1])
+            if self.stop.requested and i + 1 < self.n:
+                raise Interrupted(f"stopped after block {i} of the OWL pass")
 
     def _start(self, streams: dict[str, torch.Tensor], state: RunState) -> None:
         """Write the non-block tensors' shard and the block-0 hidden states."""
@@ -223,11 +271,17 @@ class PruneRun:
             if not ok:
                 raise Interrupted("stopped while computing the first hidden states")
         state.extra["stem_written"] = True
+        if self.owl is not None:
+            state.stage = PROFILE_STAGE
+            state.extra[PROFILE_STAGE] = {"outlier_ratios": []}
         self.work.save_state(state)
 
     def _clean_stale(self, state: RunState, streams: dict[str, torch.Tensor]) -> None:
         """Remove half-written files and hidden states that the saved state does not use."""
         keep = {self.hidden(name, state.next_block, *t.shape).path.name for name, t in streams.items()}
+        if state.stage == PROFILE_STAGE:
+            done = len(state.extra[PROFILE_STAGE]["outlier_ratios"])
+            keep.add(self.hidden("owl", done, *streams["calib"].shape).path.name)
         for p in self.work.path.iterdir():
             if p.name.endswith((".partial", ".tmp")) or (p.suffix == ".bin" and p.name not in keep):
                 p.unlink()
@@ -236,20 +290,22 @@ class PruneRun:
                 p.unlink()
 
     def _block(
-        self, i: int, stored: dict[str, torch.Tensor], streams: dict[str, torch.Tensor]
+        self, i: int, stored: dict[str, torch.Tensor], streams: dict[str, torch.Tensor], sparsity: float,
     ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]] | None:
         layer = self.st.load_block(i, stored)
         b = self.cfg.batch_size
+        observes = self.method.stat is not Stat.NONE
         try:
-            sums = None
-            if self.cfg.needs_calibration:
-                sums = collect_stats(self.st, i, layer, self.hidden("calib", i, *streams["calib"].shape), b, self.stop)
-                if sums is None:
+            stats = None
+            if observes:
+                stats = observe(self.st, i, layer, self.method.stat, self.hidden("calib", i, *streams["calib"].shape),
+                                b, self.stop)
+                if stats is None:
                     return None
-            out, records = prune_block(self.cfg, self.st, i, layer, stored, sums)
+            out, records = prune_block(self.method, sparsity, self.cfg.nm, self.st, i, layer, stored, stats)
+            del stats  # a block's Gram matrices are freed before the pruned block runs
             for name, t in streams.items():
-                last_calib = name == "calib" and i == self.n - 1
-                if name == "calib" and (not self.cfg.needs_calibration or last_calib):
+                if name == "calib" and (not observes or i == self.n - 1):
                     continue
                 src, dst = self.hidden(name, i, *t.shape), self.hidden(name, i + 1, *t.shape)
                 if not self.st.run_block(i, layer, src, b, dst=dst, stop=self.stop):
@@ -318,15 +374,23 @@ class PruneRun:
             "seconds_this_process": round(time.monotonic() - self.t0, 3),
             "block_loop_seconds_this_process": round(self.loop_seconds, 3),
         }
-        mats = [m for b in state.blocks for m in b["matrices"]]
-        total = sum(math.prod(m["shape"]) for m in mats)
-        report["total_sparsity"] = sum(m["sparsity"] * math.prod(m["shape"]) for m in mats) / max(total, 1)
+        report["total_sparsity"] = _weighted_sparsity([m for b in state.blocks for m in b["matrices"]])
+        report["method"] = {"name": self.method.name, "paper": self.method.paper, **self.cfg.method_options}
+        if self.owl is not None:
+            report["sparsity_profile"] = {"name": "owl", "paper": OWL_PAPER, **self.cfg.profile_options,
+                                          **state.extra[PROFILE_STAGE]}
         if "eval" in streams:
             t = streams["eval"]
             nll, count = self.st.final_nll(self.hidden("eval", self.n, *t.shape), t, self.cfg.batch_size)
             report["eval"] = {"perplexity": math.exp(nll / count), "tokens": count, "windows": t.shape[0],
                               "seqlen": t.shape[1], "data": self.cfg.eval_data}
         return report
+
+
+def _weighted_sparsity(records: list[dict[str, Any]]) -> float:
+    """Zeros over weights of the matrices recorded."""
+    total = sum(math.prod(m["shape"]) for m in records)
+    return sum(m["sparsity"] * math.prod(m["shape"]) for m in records) / max(total, 1)
 
 
 def _rounded(timing: dict[str, float]) -> dict[str, float]:

@@ -2,8 +2,8 @@
 
 Files (every change is a temp file, fsync and rename, so a crash leaves the old or the new):
   run.json    the configuration and the input checkpoint's fingerprint (written once)
-  state.json  next block to do, per-block records, and the stage ('blocks', 'done')
-  tokens.safetensors, calib_*.bin / eval_*.bin   token windows and hidden states
+  state.json  next block to do, per-block records, and the stage ('profile' for OWL's pass, 'blocks', 'done')
+  tokens.safetensors, calib_*.bin / eval_*.bin / owl_*.bin   token windows and hidden states
   lock        flock'ed by the process working on the run (the kernel drops it when that process dies)
 """
 
@@ -37,7 +37,7 @@ EX_TEMPFAIL = 75
 KILL_ENV = "WANDA_STREAM_KILL_AT"
 
 # Everything a run writes in its work dir (temporaries included, as a kill may leave them).
-_OWN_NAME = re.compile(r"lock|(run\.json|state\.json|tokens\.safetensors|(calib|eval)_\d{5}\.bin)(\.tmp|\.partial)?")
+_OWN_NAME = re.compile(r"lock|(run\.json|state\.json|tokens\.safetensors|(calib|eval|owl)_\d{5}\.bin)(\.tmp|\.partial)?")
 _kill_counts: dict[str, int] = {}
 
 
@@ -271,12 +271,22 @@ def resume_command(cfg: RunConfig) -> str:
     """The command line that continues this run, rebuilt from its saved configuration."""
     import shlex
 
+    from wanda_stream.methods import dataclass_flags
+    from wanda_stream.profiles import Owl
+
     args = ["wanda-stream", "prune", cfg.model_dir, cfg.output_dir]
     if cfg.nm is None:
         args += ["--sparsity", repr(cfg.sparsity)]
     else:
         args += ["--pattern", cfg.pattern]
     args += ["--method", cfg.method]
+    options = [(dataclass_flags(type(cfg.pruning_method)), cfg.method_options)]
+    if cfg.owl is not None:
+        args += ["--sparsity-profile", cfg.sparsity_profile]
+        options.append((dataclass_flags(Owl), cfg.profile_options))
+    for flags, values in options:
+        for flag, f in flags.items():
+            args += [flag, repr(values[f.name])]
     # All of them even for magnitude: they are part of the saved configuration a resume must match.
     args += ["--calib", cfg.calib, "--nsamples", str(cfg.nsamples), "--seqlen", str(cfg.seqlen), "--seed", str(cfg.seed)]
     if cfg.eval_data:

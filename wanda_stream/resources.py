@@ -1,0 +1,58 @@
+"""Sizing a run to the machine: sizes in flags, the micro-batch of hidden states, the context limit."""
+
+from __future__ import annotations
+
+import re
+
+import psutil
+import torch
+from transformers import PretrainedConfig
+
+from wanda_stream.errors import InputError
+
+MAX_AUTO_BATCH = 8
+UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+         "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str, flag: str) -> int:
+    """'2GB', '512MiB', '1000000' -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m[2].upper() not in UNITS:
+        raise InputError(f"{flag} '{text}': use a size such as 2GB, 512MiB or a number of bytes")
+    return int(float(m[1]) * UNITS[m[2].upper()])
+
+
+def window_bytes(config: PretrainedConfig, seqlen: int, dtype: torch.dtype) -> int:
+    """Rough activation memory of one window through one block (states, MLP, attention scores)."""
+    c = config.get_text_config()
+    el = torch.empty(0, dtype=dtype).element_size()
+    inter = getattr(c, "intermediate_size", None) or 4 * c.hidden_size
+    heads = getattr(c, "num_attention_heads", 1)
+    return seqlen * (8 * c.hidden_size + 3 * inter) * el + heads * seqlen * seqlen * 4
+
+
+def auto_batch(config: PretrainedConfig, seqlen: int, dtype: torch.dtype, n: int, device: str,
+               batch_size: int | None = None, budget: int | None = None) -> int:
+    """Windows per micro-batch: `batch_size` when given, else as many as `budget` bytes (default: an
+    eighth of the free RAM, and a quarter of the free GPU memory on CUDA) hold, at most MAX_AUTO_BATCH."""
+    if batch_size is not None:
+        if batch_size <= 0:
+            raise InputError(f"--batch-size {batch_size}: must be a positive integer")
+        return batch_size
+    if budget is None:
+        budget = psutil.virtual_memory().available // 8
+        if device.startswith("cuda"):
+            # The micro-batch is computed on the GPU: its free memory (less room for a block's
+            # weights and the allocator's slack) bounds it as well as the host's.
+            budget = min(budget, torch.cuda.mem_get_info(torch.device(device))[0] // 4)
+    return max(1, min(MAX_AUTO_BATCH, n, budget // window_bytes(config, seqlen, dtype)))
+
+
+def check_seqlen(config: PretrainedConfig, seqlen: int, flag: str) -> None:
+    """Refuse a window length that is not positive or exceeds the model's context."""
+    limit = getattr(config.get_text_config(), "max_position_embeddings", None)
+    if seqlen <= 0:
+        raise InputError(f"{flag} {seqlen}: must be a positive integer")
+    if limit is not None and seqlen > limit:
+        raise InputError(f"{flag} {seqlen}: beyond the model's context of {limit} tokens; use at most {limit}")
