@@ -1,4 +1,5 @@
-"""An in-memory reference implementation of Wanda and magnitude pruning, written for the tests.
+"""An in-memory reference implementation of the pruning methods (Wanda, magnitude, RIA, SparseGPT, and
+OWL's layer-wise sparsity), written for the tests.
 
 It loads the whole model with transformers, captures each block's inputs with forward
 pre-hooks during a normal forward of the full model (not the streamer's recorders), and
@@ -87,9 +88,96 @@ def ref_mask(w: torch.Tensor, norm_sq: torch.Tensor | None, sparsity: float, nm:
     return _lowest(score, int(score.shape[1] * sparsity), 1)
 
 
+def ria_ref_mask(w: torch.Tensor, norm_sq: torch.Tensor, sparsity: float, nm: tuple[int, int] | None,
+                 alpha: float = 0.5) -> torch.Tensor:
+    """RIA as its paper's code writes it, whole matrix at once."""
+    a = w.float().abs()
+    score = (a / a.sum(dim=0) + a / a.sum(dim=1).reshape(-1, 1)) * torch.sqrt(norm_sq.float()).reshape(1, -1) ** alpha
+    if nm:
+        return _lowest(score.reshape(score.shape[0], -1, nm[1]), nm[0], 2).reshape(score.shape)
+    return _lowest(score, int(score.shape[1] * sparsity), 1)
+
+
+def sparsegpt_ref(w: torch.Tensor, xtx: torch.Tensor, tokens: int, sparsity: float, nm: tuple[int, int] | None,
+                  damp: float = 0.01, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """SparseGPT in float64 as the paper's algorithm reads: H = 2 X^T X / n, dampened, U = chol(H^-1) upper;
+    per column block the adaptive mask, then the column-by-column OBS update. Returns (weight, mask)."""
+    W = w.double().clone()
+    H = 2 * xtx.double() / tokens
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(H.shape[0], dtype=torch.float64)
+    U = torch.linalg.cholesky(torch.linalg.inv(H), upper=True)
+    rows, cols = W.shape
+    M = torch.zeros(rows, cols, dtype=torch.bool)
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
+        Q1, E1 = torch.zeros_like(W1), torch.zeros_like(W1)
+        if nm is None:
+            tmp = W1 ** 2 / torch.diag(U1).reshape(1, -1) ** 2
+            M1 = tmp <= torch.sort(tmp.flatten())[0][int(tmp.numel() * sparsity)]
+        else:
+            M1 = torch.zeros_like(W1, dtype=torch.bool)
+        for i in range(i2 - i1):
+            if nm is not None and i % nm[1] == 0:
+                tmp = W1[:, i:i + nm[1]] ** 2 / torch.diag(U1)[i:i + nm[1]].reshape(1, -1) ** 2
+                M1.scatter_(1, i + torch.topk(tmp, nm[0], dim=1, largest=False)[1], True)
+            q = W1[:, i].clone()
+            q[M1[:, i]] = 0
+            Q1[:, i] = q
+            err = (W1[:, i] - q) / U1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) @ U1[i, i:].unsqueeze(0)
+            E1[:, i] = err
+        W[:, i1:i2] = Q1
+        W[:, i2:] -= E1 @ U[i1:i2, i2:]
+        M[:, i1:i2] = M1
+    return W, M
+
+
+def owl_ref_sparsities(ratios: list[float], sparsity: float, lmbda: float) -> list[float]:
+    """OWL's allocation as its reference code computes it (numpy)."""
+    import numpy as np
+
+    r = np.array(ratios)
+    r = (r - r.min()) * (1 / (r.max() - r.min()) * lmbda * 2)
+    r = r - np.mean(r) + (1 - sparsity)
+    return [float(1 - x) for x in r]
+
+
+def _gram_sums(layer: nn.Module, linears: dict[str, nn.Linear], inputs: list[torch.Tensor],
+               kwargs: list[dict[str, Any]]) -> dict[str, tuple[torch.Tensor, int]]:
+    grams = {n: [torch.zeros(m.in_features, m.in_features, dtype=torch.float64), 0] for n, m in linears.items()}
+
+    def hook(n: str) -> Any:
+        def add(mod: nn.Module, args: tuple, out: Any) -> None:
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            grams[n][0] += x.t() @ x
+            grams[n][1] += x.shape[0]
+        return add
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in linears.items()]
+    with torch.no_grad():
+        for x, kw in zip(inputs, kwargs):
+            layer(x, **kw)
+    for h in handles:
+        h.remove()
+    return {n: (g, c) for n, (g, c) in grams.items()}
+
+
+def _outlier_ratio(layer: nn.Module, sums: dict[str, torch.Tensor], m: float) -> float:
+    scores = torch.cat([(mod.weight.float().abs() * torch.sqrt(sums[n].float()).reshape(1, -1)).flatten()
+                        for n, mod in layer.named_modules() if isinstance(mod, nn.Linear)])
+    return float((scores > torch.mean(scores) * m).sum()) / scores.numel() * 100
+
+
 def reference_prune(model_dir: Path, tokens: torch.Tensor | None, method: str, sparsity: float,
-                    nm: tuple[int, int] | None) -> dict[str, torch.Tensor]:
-    """Pruned state dict (stored dtype) of the model, computed with the whole model in memory."""
+                    nm: tuple[int, int] | None, owl: tuple[float, float] | None = None) -> dict[str, torch.Tensor]:
+    """Pruned state dict (stored dtype) of the model, computed with the whole model in memory.
+
+    `owl` = (M, lambda): OWL's layer-wise sparsities from a first pass over the dense model.
+    """
     from transformers import AutoModelForCausalLM
 
     stored = AutoModelForCausalLM.from_pretrained(str(model_dir))
@@ -100,19 +188,40 @@ def reference_prune(model_dir: Path, tokens: torch.Tensor | None, method: str, s
     prefix = next(n for n, m in model.named_modules() if m is layers)
     inputs: list[torch.Tensor] = []
     layer_kwargs: dict[int, list[dict[str, Any]]] = {i: [] for i in range(len(layers))}
-    if method == "wanda":
+    if tokens is not None:
         inputs, layer_kwargs = capture_block_inputs(model, layers, tokens)
+    targets = [sparsity] * len(layers)
+    if owl is not None:
+        ratios, dense = [], inputs
+        for i, layer in enumerate(layers):
+            linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+            ratios.append(_outlier_ratio(layer, linear_input_sums(layer, linears, dense, layer_kwargs[i]), owl[0]))
+            with torch.no_grad():
+                dense = [o[0] if isinstance(o, tuple) else o for o in
+                         (layer(x, **kw) for x, kw in zip(dense, layer_kwargs[i]))]
+        targets = owl_ref_sparsities(ratios, sparsity, owl[1])
     result = dict(stored_sd)
     for i, layer in enumerate(layers):
         linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
-        sums = linear_input_sums(layer, linears, inputs, layer_kwargs[i])
+        if method == "sparsegpt":
+            grams = _gram_sums(layer, linears, inputs, layer_kwargs[i])
+        else:
+            sums = linear_input_sums(layer, linears, inputs, layer_kwargs[i])
         for n, m in linears.items():
             key = f"{prefix}.{i}.{n}.weight"
-            mask = ref_mask(stored_sd[key], sums[n] if method == "wanda" else None, sparsity, nm,
-                            per_matrix=(method == "magnitude"))
-            result[key] = stored_sd[key].masked_fill(mask, 0)
+            w = stored_sd[key]
+            if method == "sparsegpt":
+                new, mask = sparsegpt_ref(w, *grams[n], targets[i], nm)
+                result[key] = new.to(w.dtype).masked_fill(mask, 0)
+            else:
+                if method == "ria":
+                    mask = ria_ref_mask(w, sums[n], targets[i], nm)
+                else:
+                    mask = ref_mask(w, sums[n] if method == "wanda" else None, targets[i], nm,
+                                    per_matrix=(method == "magnitude"))
+                result[key] = w.masked_fill(mask, 0)
             with torch.no_grad():
-                m.weight.masked_fill_(mask, 0)
+                m.weight.copy_(result[key])
         with torch.no_grad():
             outs = [layer(x, **kw) for x, kw in zip(inputs, layer_kwargs[i])]
             inputs = [o[0] if isinstance(o, tuple) else o for o in outs]

@@ -67,8 +67,9 @@ def assert_same_result(out: Path, ref: Path) -> None:
     assert not (out / ".wanda-stream").exists()
 
 
-def kill_at(model: Path, out: Path, point: str, resume: bool = True) -> subprocess.CompletedProcess:
-    r = run_cli(*prune_args(model, out, *(["--resume"] if resume else []), "--quiet"),
+def kill_at(model: Path, out: Path, point: str, resume: bool = True,
+            extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    r = run_cli(*prune_args(model, out, *extra, *(["--resume"] if resume else []), "--quiet"),
                 env={state_mod.KILL_ENV: point})
     assert r.returncode == -signal.SIGKILL, (point, r.returncode, r.stderr[-2000:])
     return r

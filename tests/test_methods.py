@@ -1,0 +1,186 @@
+"""The pruning methods behind the seam: golden hand-computed kernel cases, then the streamed prune of a
+tiny multi-shard model against the in-memory reference (tests/reference.py), and OWL resumed after kills."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.helpers import load_state_dict, run_cli
+from tests.reference import owl_ref_sparsities, reference_prune
+from tests.test_prune_tiny import CALIB_ARGS, _tokens
+from tests.test_resume import assert_same_result, kill_at, prune_args
+from wanda_stream import profiles
+from wanda_stream.cli import main
+from wanda_stream.methods import Observation, Stat, build
+from wanda_stream.methods.ria import ria_mask, ria_score
+from wanda_stream.methods.sparsegpt import inverse_hessian, sparsegpt_prune
+
+
+# ---- RIA ------------------------------------------------------------------------------------------
+def test_ria_score_by_hand() -> None:
+    w = torch.tensor([[1.0, -2.0], [3.0, 0.0]])
+    sq = torch.tensor([16.0, 1.0])  # ||X|| = 4 and 1; with a = 0.5: 2 and 1
+    # column sums of |W|: 4, 2; row sums: 3, 3
+    want = [[(1 / 4 + 1 / 3) * 2, (2 / 2 + 2 / 3) * 1], [(3 / 4 + 3 / 3) * 2, 0.0]]
+    got = ria_score(w, w.abs().sum(0), sq, 0.5)
+    assert torch.allclose(got, torch.tensor(want), rtol=1e-6)
+
+
+def test_ria_ties_remove_lower_index_and_zero_rows_are_not_nan() -> None:
+    w = torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
+    mask = ria_mask(w, torch.ones(4), 0.5, None, 0.5)
+    assert mask.tolist() == [[True, True, False, False], [True, True, False, False]]
+    assert not torch.isnan(ria_score(w, w.abs().sum(0), torch.ones(4), 0.5)).any()
+
+
+def test_ria_nm_is_per_group() -> None:
+    w = torch.tensor([[4.0, 1.0, 2.0, 3.0, 1.0, 1.0, 9.0, 8.0]])
+    mask = ria_mask(w, torch.ones(8), 0.5, (2, 4), 0.5)
+    assert mask.tolist() == [[False, True, True, False, True, True, False, False]]
+
+
+# ---- SparseGPT ------------------------------------------------------------------------------------
+def _obs_numpy(w: np.ndarray, x: np.ndarray, sparsity: float, damp: float) -> tuple[np.ndarray, np.ndarray]:
+    """SparseGPT of one 128-wide-or-less column block in float64 numpy, written from the OBS formulas:
+    the inverse Hessian of the columns not yet processed is inv(H[i:, i:]); the adaptive mask removes
+    w^2 / inv(H[j:, j:])[0, 0] at or below the int(numel * s)-th lowest; every column's error is spread
+    over the later columns along inv(H[i:, i:])'s first row."""
+    h = 2 * x.T @ x / x.shape[0]
+    h = h + damp * np.mean(np.diag(h)) * np.eye(h.shape[0])
+    cols = w.shape[1]
+    d = np.array([np.linalg.inv(h[j:, j:])[0, 0] for j in range(cols)])
+    tmp = w ** 2 / d
+    mask = tmp <= np.sort(tmp.ravel())[int(tmp.size * sparsity)]
+    w = w.copy()
+    for i in range(cols):
+        r = np.linalg.inv(h[i:, i:])[0]
+        q = np.where(mask[:, i], 0.0, w[:, i])
+        w[:, i:] -= np.outer((w[:, i] - q) / r[0], r)
+        w[:, i] = q
+    return w, mask
+
+
+def test_sparsegpt_two_by_eight_against_numpy_obs() -> None:
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(2, 8, generator=gen, dtype=torch.float64)
+    x = torch.randn(64, 8, generator=gen, dtype=torch.float64) * torch.linspace(0.2, 3.0, 8, dtype=torch.float64)
+    want_w, want_mask = _obs_numpy(w.numpy(), x.numpy(), 0.5, 0.01)
+    obs = Observation.empty(Stat.GRAM, 8, torch.device("cpu"))
+    obs.add(x.float(), Stat.GRAM)
+    got = build("sparsegpt", {}).prune(w.float(), build("sparsegpt", {}).prepare(obs), 0.5, None)
+    assert got.mask.tolist() == want_mask.tolist()
+    assert int(got.mask.sum()) == 9  # int(16 * 0.5) + 1: "at or below the 8th lowest", as the paper's code
+    assert np.allclose(got.weight.numpy(), want_w, rtol=1e-4, atol=1e-5)
+    assert (got.weight[got.mask] == 0).all() and got.info == {"dampening": 0.01}
+
+
+def test_sparsegpt_nm_mask_and_dead_inputs() -> None:
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(6, 16, generator=gen)
+    x = torch.randn(40, 16, generator=gen)
+    x[:, 5] = 0  # an input no token touched
+    gram = x.t() @ x
+    hinv = inverse_hessian(gram.clone(), 40, 0.01)
+    assert hinv.dead.tolist() == [j == 5 for j in range(16)]
+    new, mask = sparsegpt_prune(w, hinv, 0.5, (2, 4), 128)
+    assert (mask.reshape(6, 4, 4).sum(-1) == 2).all()
+    assert (new[:, 5] == 0).all() and torch.isfinite(new).all()
+    assert (new[~mask] != 0).all()
+
+
+def test_sparsegpt_raises_dampening_until_the_hessian_factors() -> None:
+    indefinite = torch.tensor([[1.0, 3.0], [3.0, 1.0]])  # eigenvalues 4 and -2
+    hinv = inverse_hessian(indefinite * 2, 4, 0.1)  # H = X^T X * 2 / 4 = the matrix above
+    assert hinv.dampening == pytest.approx(10.0)  # 0.1 and 1 x the mean diagonal leave it indefinite
+    assert torch.isfinite(hinv.upper).all()
+
+
+# ---- OWL ------------------------------------------------------------------------------------------
+def test_owl_allocation_by_hand() -> None:
+    # ratios 1, 2, 3 -> scaled to 0, 0.08, 0.16 (lambda 0.08) -> minus mean 0.08 -> keep 0.3 + (-0.08, 0, 0.08)
+    got = profiles.owl_sparsities([1.0, 2.0, 3.0], 0.7, 0.08)
+    assert got == pytest.approx([0.78, 0.70, 0.62])
+    assert got == pytest.approx(owl_ref_sparsities([1.0, 2.0, 3.0], 0.7, 0.08), abs=1e-15)
+    assert profiles.owl_sparsities([2.0, 2.0], 0.5, 0.08) == [0.5, 0.5]
+
+
+def test_outlier_ratio_by_hand() -> None:
+    w = torch.tensor([[1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 31.0]])
+    # scores = |W| * 1: mean 4, M = 5 -> threshold 20: one of ten above
+    assert profiles.outlier_ratio([(w, torch.ones(10))], 5.0) == pytest.approx(10.0)
+
+
+def test_owl_refuses_nm_and_too_large_lambda(tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    for extra, flag in ((["--pattern", "2:4"], "--sparsity-profile owl"), (["--owl-lambda", "0.3"], "--owl-lambda"),
+                        (["--method", "wanda", "--dampening", "0.1"], "--dampening")):
+        args = ["prune", str(tiny_model), str(tmp_path / "o"), "--sparsity-profile", "owl", *CALIB_ARGS, *extra]
+        if flag == "--dampening":
+            args.remove("owl")
+            args.remove("--sparsity-profile")
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and flag in err[0], err
+        assert not (tmp_path / "o").exists()
+
+
+def test_nm_that_does_not_divide_an_input_is_refused_before_any_work(tiny_model: Path, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    assert main(["prune", str(tiny_model), str(tmp_path / "o"), "--pattern", "3:7", *CALIB_ARGS]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--pattern 3:7" in err and "not a multiple of 7" in err and "\n" not in err
+    assert not (tmp_path / "o").exists()
+
+
+# ---- streamed against the in-memory reference ---------------------------------------------------
+@pytest.mark.parametrize("method,pattern,profile", [
+    ("ria", "unstructured", "uniform"), ("ria", "2:4", "uniform"),
+    ("sparsegpt", "unstructured", "uniform"), ("sparsegpt", "2:4", "uniform"),
+    ("wanda", "unstructured", "owl"), ("sparsegpt", "unstructured", "owl"), ("magnitude", "unstructured", "owl"),
+])
+def test_streamed_equals_reference(tiny_model: Path, tmp_path: Path, method: str, pattern: str, profile: str) -> None:
+    out = tmp_path / "out"
+    sparsity = "0.6" if profile == "owl" else "0.5"
+    assert main(["prune", str(tiny_model), str(out), *CALIB_ARGS, "--method", method, "--pattern", pattern,
+                 "--sparsity", sparsity, "--sparsity-profile", profile, "--batch-size", "4"]) == 0
+    got = load_state_dict(out)
+    nm = None if pattern == "unstructured" else (2, 4)
+    owl = (5.0, 0.08) if profile == "owl" else None
+    ref = reference_prune(tiny_model, _tokens(tiny_model), method, float(sparsity), nm, owl)
+    report = json.loads((out / "wanda_stream.json").read_text())
+    for key, t in got.items():
+        assert t.dtype == ref[key].dtype
+        if method == "sparsegpt" and key.endswith("proj.weight"):
+            assert torch.equal(t == 0, ref[key] == 0), key  # the same mask
+            assert torch.allclose(t, ref[key], rtol=1e-3, atol=1e-5), key
+        else:
+            assert torch.equal(t, ref[key]), key
+    if profile == "owl":
+        targets = [b["target_sparsity"] for b in report["blocks"]]
+        assert len(set(targets)) == 3 and sum(targets) / 3 == pytest.approx(0.6, abs=1e-12)
+        # Rows remove floor(in * s) (wanda: up to 1/64 below on 64-wide rows); sparsegpt's blocks one more.
+        assert report["total_sparsity"] == pytest.approx(0.6, abs=1 / 64)
+        assert report["sparsity_profile"]["outlier_ratios"] == [b["outlier_ratio"] for b in report["blocks"]]
+    if method == "sparsegpt":
+        assert all(m["dampening"] == 0.01 for b in report["blocks"] for m in b["matrices"])
+    assert report["method"]["name"] == method
+
+
+def test_owl_pass_killed_resumes_to_the_same_bytes(tiny_model: Path, tmp_path: Path) -> None:
+    extra = ("--method", "ria", "--sparsity-profile", "owl", "--sparsity", "0.6")
+    ref = tmp_path / "ref"
+    assert main([*prune_args(tiny_model, ref, *extra), "--quiet"]) == 0
+    out = tmp_path / "out"
+    kill_at(tiny_model, out, "profile_block_done:2", resume=False, extra=extra)
+    state = json.loads((out / ".wanda-stream" / "state.json").read_text())
+    assert state["stage"] == "profile" and len(state["extra"]["profile"]["outlier_ratios"]) == 2
+    status = run_cli("status", str(out), "--json")
+    assert json.loads(status.stdout)["profile_blocks_done"] == 2
+    kill_at(tiny_model, out, "hidden_write:3", resume=True, extra=extra)  # then in the pruning pass's first block
+    r = run_cli(*prune_args(tiny_model, out, *extra, "--resume", "--quiet"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert_same_result(out, ref)
