@@ -48,7 +48,7 @@ def prunable_keys(sk: Any, i: int, layer: nn.Module, stored: dict[str, torch.Ten
     """Block i's checkpoint keys that get pruned, each with the name its statistics are kept under.
 
     Dense linears: their module name. Per-expert tensors: `param[e]`, the fused parameter (relative to
-    the block) and the expert index, as `ExpertStats.results` names them.
+    the block) and the expert index, as `ExpertStats` records them.
     """
     prefix = sk.block_prefix(i)
     fused = expert_params(layer)

@@ -1,0 +1,129 @@
+"""Perplexity against sparsity for every method and profile on one model, on identical calibration windows.
+
+Every run prunes with `wanda-stream prune` in its own process (calibration: --nsamples x --seqlen
+windows of --calib, seed 0, the same windows for every run) and measures WikiText-2 perplexity in the
+same pass; the pruned checkpoint is deleted after its report is read. Prints a markdown table with
+the machine and date; `--json` keeps the figures, `--plot` draws perplexity against sparsity
+(matplotlib, the `plot` extra).
+
+    python tools/convert_smollm2.py /data/smollm2
+    python tools/method_table.py /data/smollm2 --runs wanda:0.5,sparsegpt:0.5,wanda+owl:0.7 --json t.json
+    python tools/method_table.py --from-json t.json --plot docs/methods.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+WIKI = ROOT.parent / "shared" / "data" / "wikitext2"
+METHODS = ("magnitude", "wanda", "ria", "sparsegpt")
+SETTINGS = ("0.5", "0.6", "0.7", "2:4")
+DEFAULT_RUNS = [f"{m}:{s}" for m in METHODS for s in SETTINGS] + [
+    f"{m}+owl:{s}" for m in METHODS for s in SETTINGS if s != "2:4"]
+
+
+def run_one(model: Path, spec: str, a: argparse.Namespace, work: Path) -> dict:
+    """One prune + perplexity: spec is METHOD[+owl]:SPARSITY or METHOD:N:M."""
+    method, _, setting = spec.partition(":")
+    method, owl = method.removesuffix("+owl"), method.endswith("+owl")
+    out = work / spec.replace(":", "_").replace("+", "_")
+    args = [sys.executable, "-m", "wanda_stream", "prune", str(model), str(out), "--method", method,
+            "--calib", a.calib, "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen), "--seed", "0",
+            "--device", "cpu", "--eval-data", a.eval_data, "--eval-windows", "40", "--eval-seqlen", "512", "--quiet"]
+    args += ["--pattern", setting] if ":" in setting else ["--sparsity", setting]
+    if owl:
+        args += ["--sparsity-profile", "owl"]
+    t0 = time.monotonic()
+    r = subprocess.run(args, capture_output=True, text=True)
+    wall = time.monotonic() - t0
+    if r.returncode != 0:
+        raise SystemExit(f"{spec}: exit {r.returncode}\n{r.stderr[-3000:]}")
+    rep = json.loads((out / "wanda_stream.json").read_text())
+    shutil.rmtree(out)
+    return {"run": spec, "method": method, "profile": "owl" if owl else "uniform", "setting": setting,
+            "perplexity": rep["eval"]["perplexity"], "total_sparsity": rep["total_sparsity"], "wall_s": round(wall, 1),
+            "peak_rss_bytes": rep["peak_rss_bytes"]}
+
+
+def table(rows: list[dict], header: str) -> str:
+    lines = [header, "", "| run | perplexity | sparsity | wall (s) | peak RSS (MiB) |", "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['run']} | {r['perplexity']:.2f} | {r['total_sparsity']:.4f} | {r['wall_s']} | "
+                     f"{r['peak_rss_bytes'] / 2**20:.0f} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Perplexity (log scale) against unstructured sparsity, one line per method and profile; 2:4 as markers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for m in METHODS:
+        for profile, style in (("uniform", "-"), ("owl", "--")):
+            pts = sorted((float(r["setting"]), r["perplexity"]) for r in rows
+                         if r["method"] == m and r["profile"] == profile and ":" not in r["setting"])
+            if pts:
+                line, = ax.plot(*zip(*pts), style, marker="o", label=m + (" + OWL" if profile == "owl" else ""))
+                nm = [r["perplexity"] for r in rows if r["method"] == m and r["setting"] == "2:4"]
+                if nm and profile == "uniform":
+                    ax.plot([0.5], nm, marker="s", color=line.get_color(), linestyle="none")
+    ax.set_yscale("log")
+    ax.set_xlabel("sparsity of decoder linears (squares: 2:4)")
+    ax.set_ylabel("WikiText-2 perplexity")
+    ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model_dir", type=Path, nargs="?")
+    p.add_argument("--runs", default=",".join(DEFAULT_RUNS), help="comma-separated METHOD[+owl]:SPARSITY|N:M")
+    p.add_argument("--calib", default=str(WIKI / "wiki.valid.tokens"))
+    p.add_argument("--eval-data", default=str(WIKI / "wiki.test.raw"))
+    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--json", type=Path, help="append each run's figures to this JSON file as it finishes")
+    p.add_argument("--from-json", type=Path, help="print (and plot) figures measured earlier instead of running")
+    p.add_argument("--plot", type=Path, help="write a PNG of perplexity against sparsity")
+    a = p.parse_args()
+    if a.from_json:
+        rows = json.loads(a.from_json.read_text())
+    else:
+        if a.model_dir is None:
+            p.error("MODEL_DIR is needed unless --from-json is given")
+        rows = json.loads(a.json.read_text()) if a.json and a.json.is_file() else []
+        done = {r["run"] for r in rows}
+        with tempfile.TemporaryDirectory(prefix="method-table-") as tmp:
+            for spec in a.runs.split(","):
+                if spec in done:
+                    continue
+                rows.append(run_one(a.model_dir, spec, a, Path(tmp)))
+                print(json.dumps(rows[-1]), flush=True)
+                if a.json:
+                    a.json.write_text(json.dumps(rows, indent=1))
+    header = (f"{platform.processor() or platform.machine()}, {psutil.cpu_count()} CPUs, "
+              f"{psutil.virtual_memory().total / 2**30:.1f} GiB, {datetime.date.today()}")
+    print(table(rows, header))
+    if a.plot:
+        plot(rows, a.plot)
+
+
+if __name__ == "__main__":
+    main()
