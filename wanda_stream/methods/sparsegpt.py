@@ -73,40 +73,37 @@ def _upper_inverse_factor(h: torch.Tensor) -> torch.Tensor | None:
 def sparsegpt_prune(weight: torch.Tensor, hinv: HessianInverse, sparsity: float, nm: NM | None,
                     block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The pruned float32 weight and its mask (True = removed) of one matrix [out, in]."""
-    w = weight.detach().to(torch.float32, copy=True)
-    w[:, hinv.dead] = 0
+    # Worked on transposed ([in, out]): the column loop then updates contiguous rows, which on a
+    # CPU is several times faster than strided columns.
+    wt = weight.detach().t().to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+    wt[hinv.dead] = 0
     u = hinv.upper
-    rows, cols = w.shape
-    mask = torch.zeros(rows, cols, dtype=torch.bool, device=w.device)
+    cols = wt.shape[0]
+    maskt = torch.zeros_like(wt, dtype=torch.bool)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
-        w1 = w[:, i1:i2].clone()
-        u1 = u[i1:i2, i1:i2]
-        d1 = torch.diagonal(u1)
+        w1, u1 = wt[i1:i2], u[i1:i2, i1:i2]
+        d1 = torch.diagonal(u1).reshape(-1, 1)
         err1 = torch.zeros_like(w1)
-        if nm is None:
-            mask1 = _block_mask(w1, d1, sparsity)
-        else:
-            mask1 = torch.zeros_like(w1, dtype=torch.bool)
+        mask1 = _block_mask(w1, d1, sparsity) if nm is None else torch.zeros_like(w1, dtype=torch.bool)
         for i in range(i2 - i1):
             if nm is not None and i % nm[1] == 0:
-                tmp = w1[:, i : i + nm[1]] ** 2 / d1[i : i + nm[1]].reshape(1, -1) ** 2
-                mask1.scatter_(1, i + torch.topk(tmp, nm[0], dim=1, largest=False).indices, True)
-            col = w1[:, i]
-            e = (col - col.masked_fill(mask1[:, i], 0)) / u1[i, i]
+                tmp = w1[i : i + nm[1]] ** 2 / d1[i : i + nm[1]] ** 2
+                mask1.scatter_(0, i + torch.topk(tmp, nm[0], dim=0, largest=False).indices, True)
+            col = w1[i]
+            e = (col - col.masked_fill(mask1[i], 0)) / u1[i, i]
             # The OBS update of the columns from i on; column i itself becomes its pruned value.
-            w1[:, i:].addr_(e, u1[i, i:], alpha=-1)
-            err1[:, i] = e
+            w1[i:].addr_(u1[i, i:], e, alpha=-1)
+            err1[i] = e
         w1.masked_fill_(mask1, 0)
-        w[:, i1:i2] = w1
-        w[:, i2:].addmm_(err1, u[i1:i2, i2:], alpha=-1)
-        mask[:, i1:i2] = mask1
-    return w, mask
+        wt[i2:].addmm_(u[i1:i2, i2:].t(), err1, alpha=-1)
+        maskt[i1:i2] = mask1
+    return wt.t().contiguous(), maskt.t().contiguous()
 
 
 def _block_mask(w1: torch.Tensor, d1: torch.Tensor, sparsity: float) -> torch.Tensor:
     """The adaptive mask of a column block: w^2 / U_jj^2 at or below its int(numel * s)-th lowest value."""
-    tmp = w1 ** 2 / d1.reshape(1, -1) ** 2
+    tmp = w1 ** 2 / d1 ** 2
     thresh = torch.sort(tmp.flatten()).values[int(tmp.numel() * sparsity)]
     return tmp <= thresh
 
