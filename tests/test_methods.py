@@ -71,7 +71,7 @@ def test_sparsegpt_two_by_eight_against_numpy_obs() -> None:
     x = torch.randn(64, 8, generator=gen, dtype=torch.float64) * torch.linspace(0.2, 3.0, 8, dtype=torch.float64)
     want_w, want_mask = _obs_numpy(w.numpy(), x.numpy(), 0.5, 0.01)
     obs = Observation.empty(Stat.GRAM, 8, torch.device("cpu"))
-    obs.add(x.float(), Stat.GRAM)
+    obs.add(x.float())
     got = build("sparsegpt", {}).prune(w.float(), build("sparsegpt", {}).prepare(obs), 0.5, None)
     assert got.mask.tolist() == want_mask.tolist()
     assert int(got.mask.sum()) == 9  # int(16 * 0.5) + 1: "at or below the 8th lowest", as the paper's code

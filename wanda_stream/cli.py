@@ -26,6 +26,8 @@ PRUNE_EXAMPLES = """examples:
   wanda-stream prune ./model ./model-2of4 --pattern 2:4 --calib pydoc --eval-data ./wiki.test.raw
   # a batch job: resume after preemption, JSON progress lines for the log collector
   wanda-stream prune ./model ./out --resume --log-format json
+  # data-parallel calibration on 8 GPUs (gloo on CPUs); the same output as one process
+  torchrun --nproc-per-node 8 -m wanda_stream prune ./model ./out --resume
 
 exit status: 0 done (or, with --resume, already done); 2 bad input, not enough disk or memory, or disk
 full (one line on stderr); 75 stopped by SIGTERM/SIGINT with its state saved: rerun with --resume;
@@ -85,6 +87,7 @@ def _add_progress(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from wanda_stream.dist import DEFAULT_TIMEOUT_S
     from wanda_stream.families import TESTED_FAMILIES
 
     supported = (f"supported and tested model types: {', '.join(TESTED_FAMILIES)} "
@@ -115,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-seqlen", type=int, default=None, help="evaluation window length (default --seqlen)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run (or start one)")
     p.add_argument("--overwrite", action="store_true", help="discard an earlier run or output and start over")
+    p.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S,
+                   help="under torchrun: seconds a rank waits for the others at a collective before giving up "
+                        "(exit 75); must exceed the longest block (default 1800)")
     p.add_argument("--no-prefetch", action="store_true",
                    help="read, compute and write in turn (no overlap; for benchmarking it)")
     _add_device(p)

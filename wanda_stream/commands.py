@@ -18,6 +18,7 @@ from transformers import PretrainedConfig
 from wanda_stream import calib, experts
 from wanda_stream.checkpoint import Checkpoint
 from wanda_stream.config import RunConfig, parse_pattern, resolve_compute_dtype, resolve_device
+from wanda_stream.dist import World
 from wanda_stream.errors import InputError, Interrupted
 from wanda_stream.methods import build as build_method
 from wanda_stream.methods import dataclass_flags, option_flags
@@ -29,7 +30,7 @@ from wanda_stream.state import (
     REPORT_NAME, RUN_FILE, StopFlag, WorkDir, checkpoint_fingerprint, resume_command,
 )
 
-def build_prune_config(args: argparse.Namespace) -> tuple[RunConfig, Any]:
+def build_prune_config(args: argparse.Namespace, world_size: int = 1) -> tuple[RunConfig, Any]:
     """Validate the prune arguments against the checkpoint; returns the config and (fingerprint, skeleton, checkpoint)."""
     from wanda_stream.stream import checkpoint_dtype, open_model
 
@@ -55,7 +56,7 @@ def build_prune_config(args: argparse.Namespace) -> tuple[RunConfig, Any]:
         batch = saved.batch_size  # the same micro-batches make a resumed run's bytes identical
     else:
         batch = _batch(args, config, args.seqlen, _dtype(dtype_name), args.nsamples, device)
-    cfg = _run_config(args, device, dtype_name, batch,
+    cfg = _run_config(args, device, dtype_name, batch, world_size,
                       calib.spec_fingerprint(args.calib) if probe.needs_calibration else "",
                       calib.spec_fingerprint(args.eval_data) if args.eval_data else "")
     return cfg, (fp, sk, ckpt)
@@ -103,7 +104,7 @@ def _batch(args: argparse.Namespace, config: PretrainedConfig, seqlen: int, dtyp
     return auto_batch(config, seqlen, dtype, n, device, args.batch_size, budget)
 
 
-def _run_config(args: argparse.Namespace, device: str, compute_dtype: str, batch: int,
+def _run_config(args: argparse.Namespace, device: str, compute_dtype: str, batch: int, world_size: int,
                 calib_fp: str, eval_fp: str) -> RunConfig:
     """The validated RunConfig of the prune arguments, given what the checkpoint or an earlier run settles."""
     model_dir, output_dir = args.model_dir.resolve(), args.output_dir.resolve()
@@ -116,7 +117,7 @@ def _run_config(args: argparse.Namespace, device: str, compute_dtype: str, batch
         sparsity_profile=args.sparsity_profile, profile_options=profile_options, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
         seed=args.seed, device=device, compute_dtype=compute_dtype, batch_size=batch, eval_data=args.eval_data,
         eval_windows=args.eval_windows, eval_seqlen=args.eval_seqlen, keep_work_dir=args.keep_work_dir,
-        prefetch=not args.no_prefetch, calib_fingerprint=calib_fp, eval_fingerprint=eval_fp,
+        prefetch=not args.no_prefetch, world_size=world_size, calib_fingerprint=calib_fp, eval_fingerprint=eval_fp,
     ).validate()
 
 
@@ -129,7 +130,7 @@ def _requested_config(args: argparse.Namespace, saved: RunConfig) -> RunConfig:
     return _run_config(
         args, saved.device if args.device == "auto" else args.device,
         saved.compute_dtype if args.compute_dtype == "auto" else args.compute_dtype,
-        saved.batch_size if args.batch_size is None else args.batch_size,
+        saved.batch_size if args.batch_size is None else args.batch_size, saved.world_size,
         _spec_fp(args.calib, saved.calib, saved.calib_fingerprint) if saved.needs_calibration else "",
         _spec_fp(args.eval_data, saved.eval_data, saved.eval_fingerprint))
 
@@ -207,8 +208,10 @@ def human_bytes(n: int) -> str:
     return f"{n:.1f} TiB"
 
 
-def check_resources(cfg: RunConfig, sk: Any, total_bytes: int, largest_block: int, eval_windows: int) -> None:
-    """Refuse early, with numbers, when disk or memory cannot hold what the run needs."""
+def check_resources(cfg: RunConfig, sk: Any, total_bytes: int, largest_block: int, eval_windows: int,
+                    ranks_per_node: int = 1) -> None:
+    """Refuse early, with numbers, when disk or memory cannot hold what the run needs (every rank of this
+    node holds its own blocks; the hidden states are shared out, so all ranks together need what one would)."""
     el = torch.empty(0, dtype=cfg.dtype).element_size()
     hidden = sk.hidden_size()
     # Three sets per stream coexist at the peak: a block's input, its output, and the previous block's
@@ -234,7 +237,7 @@ def check_resources(cfg: RunConfig, sk: Any, total_bytes: int, largest_block: in
     scale = max(1, el // 2) if cfg.device == "cpu" else 1
     # Four micro-batches of hidden states: the input computed on, the next one read ahead, the
     # output and the previous output still being written.
-    need_ram = 3 * largest_block * scale + cfg.batch_size * 4 * cfg.seqlen * hidden * el
+    need_ram = ranks_per_node * (3 * largest_block * scale + cfg.batch_size * 4 * cfg.seqlen * hidden * el)
     avail = psutil.virtual_memory().available
     if cfg.device == "cpu" and need_ram > avail:
         raise InputError(
@@ -244,52 +247,64 @@ def check_resources(cfg: RunConfig, sk: Any, total_bytes: int, largest_block: in
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    """Prune, resume, or do nothing for a finished run; refuses early when disk or memory cannot fit."""
+    """Prune, resume, or do nothing for a finished run; refuses early when disk or memory cannot fit.
+
+    Under torchrun every rank runs this; rank 0 alone decides about the output and writes it.
+    """
     # Installed first: a SIGTERM during start-up must also end in exit 75, which schedulers retry.
     stop = StopFlag().install()
+    world = World.from_env(args.device, args.dist_timeout)
     try:
-        return _prune(args, stop)
+        return _prune(args, stop, world)
     finally:
         stop.restore()
+        world.close()
 
 
-def _prune(args: argparse.Namespace, stop: StopFlag) -> int:
+def _prune(args: argparse.Namespace, stop: StopFlag, world: World) -> int:
     from wanda_stream.prune import PruneRun, output_is_finished, prepare
 
-    if args.resume and not args.overwrite and not args.model_dir.exists() and _finished_without_input(args):
-        _say(args, f"{args.output_dir.resolve()}: this run is already complete; nothing to do")
+    if args.resume and not args.overwrite and not args.model_dir.exists() and \
+            world.on_main(lambda: _finished_without_input(args)):
+        _say(args, f"{args.output_dir.resolve()}: this run is already complete; nothing to do", world)
         return 0
-    cfg, (fp, sk, ckpt) = build_prune_config(args)
+    cfg, (fp, sk, ckpt) = world.together(lambda: build_prune_config(args, world.size))
+    local = cfg
+    cfg = world.on_main(lambda: local)  # rank 0's (its automatic micro-batch): the ranks must agree on it
     if args.overwrite or not (args.resume and output_is_finished(cfg)):
         # Before prepare() creates the run: a refusal here leaves nothing behind to --resume or --overwrite.
         largest = max(sum(t.nbytes for k, t in ckpt.tensors.items() if k.startswith(sk.block_prefix(i)))
                       for i in range(sk.n_layers))
-        check_resources(cfg, sk, ckpt.total_bytes(), largest, cfg.eval_windows or 0)
-    if not prepare(cfg, fp, args.resume, args.overwrite):
-        _say(args, f"{cfg.output_dir}: this run is already complete; nothing to do")
+        world.together(lambda: check_resources(cfg, sk, ckpt.total_bytes(), largest, cfg.eval_windows or 0,
+                                               world.local_size))
+    if not world.on_main(lambda: prepare(cfg, fp, args.resume, args.overwrite)):
+        _say(args, f"{cfg.output_dir}: this run is already complete; nothing to do", world)
         return 0
-    lock = WorkDir(Path(cfg.work_dir)).lock()
+    lock = WorkDir(Path(cfg.work_dir)).lock() if world.main else None
     passes = 2 if cfg.owl is not None else 1  # OWL's pass over the dense model, then the pruning pass
-    progress = Progress("quiet" if args.quiet else args.log_format, passes * sk.n_layers, "prune")
+    mode = "quiet" if args.quiet or (args.log_format == "bar" and not world.main) else args.log_format
+    progress = Progress(mode, passes * sk.n_layers, "prune")
     try:
-        if stop.requested:
+        if world.any(stop.requested):
             raise Interrupted("stopped before the first block")
-        run = PruneRun(cfg, progress, stop)
-        report = run.run()
+        report = PruneRun(cfg, progress, stop, world).run()
     except Interrupted as e:
         raise Interrupted(f"{e}; state saved in {cfg.work_dir}. Resume with: {resume_command(cfg)}") from None
     except InputError:
-        WorkDir(Path(cfg.work_dir)).discard_if_unstarted(Path(cfg.output_dir))
+        if world.main:
+            WorkDir(Path(cfg.work_dir)).discard_if_unstarted(Path(cfg.output_dir))
         raise
     finally:
         progress.close()
-        lock.close()
-    _summary(args, cfg, report)
+        if lock is not None:
+            lock.close()
+    if report is not None:
+        _summary(args, cfg, report)
     return 0
 
 
-def _say(args: argparse.Namespace, text: str) -> None:
-    if not getattr(args, "quiet", False):
+def _say(args: argparse.Namespace, text: str, world: World = World()) -> None:
+    if not getattr(args, "quiet", False) and world.main:
         print(text, file=sys.stderr)
 
 

@@ -18,7 +18,7 @@ from wanda_stream.profiles import PROFILES, Owl
 
 DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Fields that do not change the result: they may differ between a run and its resumption.
-NON_RESULT_FIELDS = ("work_dir", "keep_work_dir", "prefetch")
+NON_RESULT_FIELDS = ("work_dir", "keep_work_dir", "prefetch", "world_size")
 
 
 def parse_pattern(pattern: str) -> tuple[int, int] | None:
@@ -83,6 +83,7 @@ class RunConfig:
     eval_seqlen: int | None = None
     keep_work_dir: bool = False
     prefetch: bool = True
+    world_size: int = 1  # ranks of a torchrun launch: the same output, but a resume needs as many
     calib_fingerprint: str = ""
     eval_fingerprint: str = ""
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from wanda_stream import experts
+from wanda_stream.dist import World
 from wanda_stream.methods import Observation, Stat
 
 
@@ -33,9 +34,11 @@ class BlockObserver:
     """Context manager gathering `kind` statistics of every linear in `linears` and every expert of `layer`."""
 
     def __init__(self, model: nn.Module, layer: nn.Module, linears: dict[str, nn.Linear], kind: Stat,
-                 device: torch.device) -> None:
+                 device: torch.device, keep_batches: bool = False) -> None:
         self.kind = kind
         self.device = device
+        self.keep_batches = keep_batches
+        self.layer = layer
         self.linears = linears
         self.obs: dict[str, Observation] = {}
         self._leader: dict[str, str] = {}
@@ -57,11 +60,13 @@ class BlockObserver:
             raise RuntimeError(f"'{name}' read the input of '{self._leader[name]}' in one micro-batch, not in another")
         ob = self.obs.get(name)
         if ob is None:
-            ob = self.obs[name] = Observation.empty(self.kind, x.shape[-1], self.device)
-        ob.add(x, self.kind)
+            ob = self.obs[name] = Observation.empty(self.kind, x.shape[-1], self.device, self.keep_batches)
+        ob.add(x)
         self._last = (name, x)
 
     def __enter__(self) -> "BlockObserver":
+        # Each call of the block is one micro-batch.
+        self._stack.callback(self.layer.register_forward_pre_hook(lambda m, a: self._close_batches()).remove)
         for name, mod in self.linears.items():
             def hook(m: nn.Module, args: tuple, out: object, name: str = name) -> None:
                 self.record(name, args[0])
@@ -79,8 +84,55 @@ class BlockObserver:
     def _forget_last(self) -> None:
         self._last = None
 
+    def _close_batches(self) -> None:
+        for ob in {id(o): o for o in self.obs.values()}.values():
+            ob.close_batch()
+
     def results(self) -> BlockStats:
         """The observations (experts that got no token are absent) and the experts' token counts."""
+        self._close_batches()
         if self._experts.params:
             self._experts.check_observed()
         return BlockStats(self.obs, self._experts.token_counts())
+
+
+def reduce_stats(world: World, stats: BlockStats) -> BlockStats:
+    """The block's statistics over every rank's share, the same on every rank.
+
+    Sums of squares add every micro-batch's own sum in the single-process order (ranks hold
+    contiguous shares), so they equal the single-process statistics bit for bit. Gram matrices
+    are summed over the ranks in float64; their float32 totals then differ from a single process's
+    by rounding only.
+    """
+    if world.size == 1:
+        return stats
+    leaders: dict[str, Observation] = {}
+    groups: dict[str, str] = {}
+    for name, ob in stats.obs.items():
+        leader = next((n for n, o in leaders.items() if o is ob), name)
+        leaders.setdefault(leader, ob)
+        groups[name] = leader
+    shared = world.gather({"groups": groups, "kinds": {n: o.kind.value for n, o in leaders.items()},
+                           "widths": {n: o.stat.shape[0] for n, o in leaders.items()},
+                           "tokens": {n: o.tokens for n, o in leaders.items()}, "experts": stats.tokens})
+    for part in shared:
+        groups.update(part["groups"])
+    names = sorted({n for part in shared for n in part["kinds"]})
+    sq = [n for n in names if next(p["kinds"][n] for p in shared if n in p["kinds"]) == Stat.SQ_SUM.value]
+    batch_sums = world.gather({n: [t.cpu() for t in leaders[n].batch_sums] for n in sq if n in leaders})
+    device = next(iter(stats.obs.values())).stat.device if stats.obs else torch.device("cpu")
+    merged: dict[str, Observation] = {}
+    for n in names:
+        width = next(p["widths"][n] for p in shared if n in p["widths"])
+        if n in sq:
+            ob = Observation.empty(Stat.SQ_SUM, width, device)
+            for part in batch_sums:  # rank order = micro-batch order
+                for t in part.get(n, []):
+                    ob.stat += t.to(device)
+        else:
+            ob = leaders.get(n) or Observation.empty(Stat.GRAM, width, device)
+            world.sum_(ob.stat)
+        ob.tokens = sum(p["tokens"].get(n, 0) for p in shared)
+        merged[n] = ob
+    tokens = {k: sum(p["experts"].get(k, 0) for p in shared) for k in shared[0]["experts"]}
+    return BlockStats({name: merged[leader] for name, leader in groups.items()}, tokens)

@@ -9,7 +9,10 @@ the block's tensors are written as one output shard while the next block compute
 from __future__ import annotations
 
 import math
+import os
+import re
 import shutil
+import socket
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -20,22 +23,24 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from wanda_stream import calib, experts
-from wanda_stream.methods import FALLBACK, NM, Method, Pruned, Stat
-from wanda_stream.observe import BlockObserver, BlockStats
-from wanda_stream.profiles import OWL_PAPER, outlier_ratio, owl_sparsities
 from wanda_stream.activations import HiddenFile
 from wanda_stream.checkpoint import (
     INDEX_NAME, atomic_write_bytes, atomic_write_json, fsync_dir, read_header, write_shard,
 )
 from wanda_stream.config import RunConfig
+from wanda_stream.dist import World
 from wanda_stream.errors import Interrupted
-from wanda_stream.report import Progress, io_bytes, peak_rss_bytes, versions
+from wanda_stream.methods import FALLBACK, NM, Method, Pruned, Stat
 from wanda_stream.model import release
+from wanda_stream.observe import BlockObserver, BlockStats, reduce_stats
+from wanda_stream.profiles import OWL_PAPER, outlier_ratio, owl_sparsities
+from wanda_stream.report import Progress, io_bytes, peak_rss_bytes, versions
 from wanda_stream.state import REPORT_NAME, RunState, StopFlag, WorkDir, killpoint
 from wanda_stream.stream import Streamer, open_model
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5", ".ckpt")
 SKIP_FILES = (INDEX_NAME, "pytorch_model.bin.index.json", REPORT_NAME)
+_RANK_FILE = re.compile(r"\.r\d+\.bin")  # a rank's own hidden-state file of a run on several ranks
 PROFILE_STAGE = "profile"  # the run's stage during OWL's pass, and where its results live in the state
 
 
@@ -51,15 +56,15 @@ def linear_modules(layer: nn.Module) -> dict[str, nn.Linear]:
 
 
 def observe(
-    st: Streamer, i: int, layer: nn.Module, kind: Stat, src: HiddenFile, batch: int, stop: StopFlag,
-    dst: HiddenFile | None = None,
+    st: Streamer, i: int, layer: nn.Module, kind: Stat, src: HiddenFile, batch: int, stop: StopFlag | None,
+    dst: HiddenFile | None = None, world: World = World(),
 ) -> BlockStats | None:
     """Run block i over the calibration states `src` (into `dst` when given), observing every prunable
-    matrix's inputs as `kind` says; None when a stop was requested midway."""
-    observer = BlockObserver(st.sk.model, layer, linear_modules(layer), kind, st.device)
+    matrix's inputs as `kind` says, summed over every rank's share; None when a stop was requested midway."""
+    observer = BlockObserver(st.sk.model, layer, linear_modules(layer), kind, st.device, keep_batches=world.size > 1)
     with observer:
         finished = st.run_block(i, layer, src, batch, dst=dst, stop=stop)
-    return observer.results() if finished else None
+    return reduce_stats(world, observer.results()) if finished else None
 
 
 def prune_block(
@@ -119,14 +124,18 @@ def _pruned(wd: torch.Tensor, result: Pruned) -> torch.Tensor:
 class PruneRun:
     """One pruning run over a work directory; resumable from its state."""
 
-    def __init__(self, cfg: RunConfig, progress: Progress, stop: StopFlag) -> None:
+    def __init__(self, cfg: RunConfig, progress: Progress, stop: StopFlag, world: World = World()) -> None:
         self.cfg = cfg
         self.progress = progress
         self.stop = stop
+        self.world = world
+        # Several ranks agree on stopping at block boundaries only: one rank leaving mid-block
+        # would leave the others waiting in the block's collective.
+        self.midblock_stop = stop if world.size == 1 else None
         self.out = Path(cfg.output_dir)
         self.work = WorkDir(Path(cfg.work_dir))
         self.ckpt, self.sk = open_model(Path(cfg.model_dir))
-        self.st = Streamer(self.ckpt, self.sk, cfg.device, cfg.dtype, prefetch=cfg.prefetch)
+        self.st = Streamer(self.ckpt, self.sk, world.device(cfg.device), cfg.dtype, prefetch=cfg.prefetch)
         self.n = self.sk.n_layers
         self.total_shards = self.n + 1
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="writer")
@@ -137,9 +146,26 @@ class PruneRun:
 
     # ---- files in the work directory -------------------------------------------------------
     def hidden(self, stream: str, i: int, n: int, seqlen: int) -> HiddenFile:
-        return HiddenFile(self.work.file(f"{stream}_{i:05d}.bin"), n, seqlen, self.st.hidden, self.cfg.dtype)
+        """Stream `stream`'s hidden states entering block i (this rank's share of them)."""
+        name = f"{stream}_{i:05d}{self.world.suffix}.bin"
+        return HiddenFile(self.work.file(name), n, seqlen, self.st.hidden, self.cfg.dtype)
+
+    def my_streams(self, toks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The token windows this rank carries: its share of the calibration; the evaluation on rank 0."""
+        out = {}
+        if "calib" in toks:
+            start, count = self.world.share(toks["calib"].shape[0], self.cfg.batch_size)
+            out["calib"] = toks["calib"][start : start + count]
+        if "eval" in toks and self.world.main:
+            out["eval"] = toks["eval"]
+        return out
 
     def tokens(self) -> dict[str, torch.Tensor]:
+        """Every window of the run: made by rank 0, then read by every rank from the file."""
+        self.world.on_main(self._make_tokens)
+        return load_file(str(self.work.file("tokens.safetensors")))
+
+    def _make_tokens(self) -> None:
         """Calibration and evaluation windows, made once and saved so a resumed run uses the same.
 
         Raises Interrupted on a stop request while the text is read or tokenized (minutes for C4);
@@ -147,7 +173,7 @@ class PruneRun:
         """
         path = self.work.file("tokens.safetensors")
         if path.is_file():
-            return load_file(str(path))
+            return
         toks: dict[str, torch.Tensor] = {}
         tokenizer = None
         if self.cfg.needs_calibration or self.cfg.eval_data:
@@ -164,19 +190,19 @@ class PruneRun:
         save_file(toks, str(tmp))
         atomic_write_bytes(path, tmp.read_bytes())
         tmp.unlink()
-        return toks
 
     # ---- the run --------------------------------------------------------------------------
-    def run(self) -> dict[str, Any]:
-        state = self.work.load_state()
-        toks = self.tokens()
-        streams = {name: t for name, t in toks.items()}
+    def run(self) -> dict[str, Any] | None:
+        """Run (or continue) the prune; returns the report on rank 0, None on the other ranks."""
+        state = self.world.on_main(self.work.load_state)
+        streams = self.my_streams(self.tokens())
         if state.next_block == 0 and "stem_written" not in state.extra:
             self._start(streams, state)
         self._clean_stale(state, streams)
         if state.stage == PROFILE_STAGE:
             self.progress.begin(len(state.extra[PROFILE_STAGE]["outlier_ratios"]))
             self._profile_pass(state, streams["calib"])
+            self._clean_stale(state, streams)  # the OWL pass's last hidden states
         done_before = self.n if self.owl else 0  # the OWL pass counts as a first pass over the blocks
         self.progress.begin(done_before + state.next_block)
         self.st.prefetch(state.next_block)
@@ -202,8 +228,8 @@ class PruneRun:
                              outlier_ratio=state.extra[PROFILE_STAGE]["outlier_ratios"][i])
             new_state = RunState(i + 1, "blocks", state.blocks + [entry], state.extra)
             self._finish_pending(pending, pending_state)
-            pending = self.writer.submit(self._write_block_shard, i, out)
-            pending_state = new_state
+            if self.world.main:
+                pending, pending_state = self.writer.submit(self._write_block_shard, i, out), new_state
             # Only the writer may hold block i's tensors now: kept here, they would stay resident
             # through block i+1 (a third block in RAM, beside block i+1 and the prefetch of i+2).
             del out, result
@@ -212,13 +238,39 @@ class PruneRun:
                 self._finish_pending(pending, pending_state)
                 pending = pending_state = None
             state = new_state
-            self.progress.update(done_before + i + 1, block=i, bytes_written=io_bytes()["write_bytes"])
-            if self.stop.requested:
+            self.progress.update(done_before + i + 1, block=i, bytes_written=io_bytes()["write_bytes"],
+                                 **self.log_fields)
+            if self._at_boundary("blocks", i, streams):
                 self._finish_pending(pending, pending_state)
                 raise Interrupted(f"stopped after block {i}")
         self._finish_pending(pending, pending_state)
         self.loop_seconds = time.perf_counter() - loop_start
-        return self._finalize(state, streams)
+        return self._finalize(state, streams) if self.world.main else None
+
+    @property
+    def log_fields(self) -> dict[str, int]:
+        """What every progress line of this rank carries."""
+        return {"rank": self.world.rank} if self.world.size > 1 else {}
+
+    def _at_boundary(self, stage: str, i: int, streams: dict[str, torch.Tensor]) -> bool:
+        """After block i: whether any rank was asked to stop (a barrier of all ranks).
+
+        Past it, rank 0 has saved the state through block i-1, so the other ranks drop their inputs
+        of block i-1, which no resume can need any more (rank 0 drops its own when it saves).
+        """
+        stopping = self.world.any(self.stop.requested)
+        if self.world.size > 1:
+            self._note_progress(stage, i)
+            if not self.world.main and i > 0:
+                for name, t in streams.items():
+                    self.hidden("owl" if stage == PROFILE_STAGE else name, i - 1, *t.shape).path.unlink(missing_ok=True)
+        return stopping
+
+    def _note_progress(self, stage: str, i: int) -> None:
+        """This rank's last finished block, for `status`."""
+        atomic_write_json(self.work.file(f"rank{self.world.rank}.json"),
+                          {"rank": self.world.rank, "world_size": self.world.size, "stage": stage, "block": i,
+                           "pid": os.getpid(), "host": socket.gethostname()})
 
     def block_sparsity(self, state: RunState, i: int) -> float:
         """Block i's target: the profile's when it has one, else the run's sparsity."""
@@ -242,7 +294,8 @@ class PruneRun:
             try:
                 src = self.hidden("calib" if i == 0 else "owl", i, *calib.shape)
                 dst = self.hidden("owl", i + 1, *calib.shape) if i + 1 < self.n else None
-                stats = observe(self.st, i, layer, Stat.SQ_SUM, src, self.cfg.batch_size, self.stop, dst)
+                stats = observe(self.st, i, layer, Stat.SQ_SUM, src, self.cfg.batch_size, self.midblock_stop, dst,
+                                self.world)
                 if stats is None:
                     raise Interrupted(f"stopped during block {i} of the OWL pass")
                 keys = experts.prunable_keys(self.sk, i, layer, stored, linear_modules(layer))
@@ -253,41 +306,55 @@ class PruneRun:
             if i + 1 == self.n:
                 record["block_sparsity"] = owl_sparsities(ratios, self.cfg.sparsity, self.owl.lmbda)
                 state.stage = "blocks"
-            self.work.save_state(state)
-            if i > 0:
+            if self.world.main:
+                self.work.save_state(state)
+            if i > 0 and self.world.main:
                 self.hidden("owl", i, *calib.shape).path.unlink(missing_ok=True)
             killpoint("profile_block_done")
-            self.progress.update(i + 1, block=i, outlier_ratio=ratios[-1])
-            if self.stop.requested and i + 1 < self.n:
+            self.progress.update(i + 1, block=i, outlier_ratio=ratios[-1], **self.log_fields)
+            if self._at_boundary(PROFILE_STAGE, i, {"calib": calib}) and i + 1 < self.n:
                 raise Interrupted(f"stopped after block {i} of the OWL pass")
 
     def _start(self, streams: dict[str, torch.Tensor], state: RunState) -> None:
-        """Write the non-block tensors' shard and the block-0 hidden states."""
-        self._write_stem_shard()
+        """Write the non-block tensors' shard (rank 0) and the block-0 hidden states (every rank its own)."""
+        if self.world.main:
+            self._write_stem_shard()
         for name, t in streams.items():
             if name == "calib" and not self.cfg.needs_calibration:
                 continue
-            ok = self.st.embed_windows(t, self.hidden(name, 0, *t.shape), self.cfg.batch_size, self.stop)
+            ok = self.st.embed_windows(t, self.hidden(name, 0, *t.shape), self.cfg.batch_size, self.midblock_stop)
             if not ok:
                 raise Interrupted("stopped while computing the first hidden states")
+        if self.world.any(self.stop.requested):
+            raise Interrupted("stopped after computing the first hidden states")
         state.extra["stem_written"] = True
         if self.owl is not None:
             state.stage = PROFILE_STAGE
             state.extra[PROFILE_STAGE] = {"outlier_ratios": []}
-        self.work.save_state(state)
+        if self.world.main:
+            self.work.save_state(state)
 
     def _clean_stale(self, state: RunState, streams: dict[str, torch.Tensor]) -> None:
-        """Remove half-written files and hidden states that the saved state does not use."""
+        """Remove this rank's half-written and unused hidden states; rank 0 also the run's other temporaries."""
         keep = {self.hidden(name, state.next_block, *t.shape).path.name for name, t in streams.items()}
         if state.stage == PROFILE_STAGE:
             done = len(state.extra[PROFILE_STAGE]["outlier_ratios"])
             keep.add(self.hidden("owl", done, *streams["calib"].shape).path.name)
         for p in self.work.path.iterdir():
-            if p.name.endswith((".partial", ".tmp")) or (p.suffix == ".bin" and p.name not in keep):
+            name = p.name.removesuffix(".partial")
+            if self._own_hidden(name):
+                if p.name != name or name not in keep:
+                    p.unlink()
+            elif self.world.main and (p.suffix == ".tmp" or (p.name != name and not _RANK_FILE.search(name))):
                 p.unlink()
-        for pattern in ("*.partial", "*.tmp"):
-            for p in self.out.glob(pattern):
-                p.unlink()
+        if self.world.main:
+            for pattern in ("*.partial", "*.tmp"):
+                for p in self.out.glob(pattern):
+                    p.unlink()
+
+    def _own_hidden(self, name: str) -> bool:
+        """Whether `name` is a hidden-state file of this rank (every .bin file, for a single process)."""
+        return name.endswith(".bin") and (self.world.size == 1 or name.endswith(f"{self.world.suffix}.bin"))
 
     def _block(
         self, i: int, stored: dict[str, torch.Tensor], streams: dict[str, torch.Tensor], sparsity: float,
@@ -299,7 +366,7 @@ class PruneRun:
             stats = None
             if observes:
                 stats = observe(self.st, i, layer, self.method.stat, self.hidden("calib", i, *streams["calib"].shape),
-                                b, self.stop)
+                                b, self.midblock_stop, world=self.world)
                 if stats is None:
                     return None
             out, records = prune_block(self.method, sparsity, self.cfg.nm, self.st, i, layer, stored, stats)
@@ -308,7 +375,7 @@ class PruneRun:
                 if name == "calib" and (not observes or i == self.n - 1):
                     continue
                 src, dst = self.hidden(name, i, *t.shape), self.hidden(name, i + 1, *t.shape)
-                if not self.st.run_block(i, layer, src, b, dst=dst, stop=self.stop):
+                if not self.st.run_block(i, layer, src, b, dst=dst, stop=self.midblock_stop):
                     return None
         finally:
             release(self.sk.layers[i])
@@ -330,7 +397,7 @@ class PruneRun:
                     before_rename=lambda: killpoint("shard_write"))
 
     def _finish_pending(self, fut: Future | None, state: RunState | None) -> None:
-        """Wait for the block shard in flight, then record the block as done."""
+        """Wait for the block shard in flight, then record the block as done (rank 0's job)."""
         if fut is None or state is None:
             return
         t0 = time.perf_counter()
@@ -338,10 +405,8 @@ class PruneRun:
         timing["write_wait_s"] = time.perf_counter() - t0
         state.blocks[-1]["timing"].update(_rounded(timing))
         self.work.save_state(state)
-        stale = self.work.file(f"calib_{state.next_block - 1:05d}.bin"), self.work.file(
-            f"eval_{state.next_block - 1:05d}.bin")
-        for p in stale:
-            p.unlink(missing_ok=True)
+        for name in ("calib", "eval"):
+            self.work.file(f"{name}_{state.next_block - 1:05d}{self.world.suffix}.bin").unlink(missing_ok=True)
         killpoint("block_done")
 
     def _finalize(self, state: RunState, streams: dict[str, torch.Tensor]) -> dict[str, Any]:

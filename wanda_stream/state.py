@@ -37,7 +37,8 @@ EX_TEMPFAIL = 75
 KILL_ENV = "WANDA_STREAM_KILL_AT"
 
 # Everything a run writes in its work dir (temporaries included, as a kill may leave them).
-_OWN_NAME = re.compile(r"lock|(run\.json|state\.json|tokens\.safetensors|(calib|eval|owl)_\d{5}\.bin)(\.tmp|\.partial)?")
+_OWN_NAME = re.compile(
+    r"lock|(run\.json|state\.json|rank\d+\.json|tokens\.safetensors|(calib|eval|owl)_\d{5}(\.r\d+)?\.bin)(\.tmp|\.partial)?")
 _kill_counts: dict[str, int] = {}
 
 
@@ -226,6 +227,11 @@ def check_same_run(saved: dict, cfg: RunConfig, model_fp: dict[str, Any], where:
         old = RunConfig.from_json(saved["config"])
     except (KeyError, TypeError) as e:
         raise InputError(f"{where / RUN_FILE}: unreadable run file ({e}); start over with --overwrite") from None
+    if old.world_size != cfg.world_size:
+        raise InputError(
+            f"{where}: this run was started on {old.world_size} rank(s) and is resumed on {cfg.world_size}; each rank "
+            f"keeps its own share of the hidden states, so resume it on {old.world_size} (torchrun --nproc-per-node), "
+            "or --overwrite to start over")
     diffs = old.differences(cfg)
     if diffs:
         raise InputError(
@@ -301,4 +307,6 @@ def resume_command(cfg: RunConfig) -> str:
         args += ["--keep-work-dir"]
     args += ["--device", cfg.device, "--compute-dtype", cfg.compute_dtype, "--batch-size", str(cfg.batch_size),
              "--resume"]
+    if cfg.world_size > 1:  # the same torchrun launch as the run's (with its node and rendezvous flags)
+        return f"torchrun <the run's launch flags, {cfg.world_size} ranks in all> -m wanda_stream {shlex.join(args[1:])}"
     return shlex.join(args)

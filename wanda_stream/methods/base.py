@@ -31,24 +31,43 @@ class Stat(enum.Enum):
 
 @dataclass
 class Observation:
-    """A statistic of one input over the calibration tokens: `stat` as `Stat` says, and the token count."""
+    """A statistic of one input over the calibration tokens, and the token count.
 
+    `stat` is the total over the micro-batches closed so far (`close_batch`). For SQ_SUM the
+    micro-batches' own sums are added in their order, and kept in `batch_sums` when
+    `keep_batches`: ranks that each saw a share of the micro-batches then add all of them in the
+    single-process order, to the same bits.
+    """
+
+    kind: Stat
     stat: torch.Tensor
     tokens: int = 0
+    keep_batches: bool = False
+    batch_sums: list[torch.Tensor] = field(default_factory=list)
+    _open: torch.Tensor | None = None
 
-    def add(self, x: torch.Tensor, kind: Stat) -> None:
-        """Fold in the inputs `x` [..., in] of one micro-batch."""
-        if kind is Stat.SQ_SUM:
-            self.stat += kernel.column_sq_sum(x)
+    def add(self, x: torch.Tensor) -> None:
+        """Fold in the inputs `x` [..., in] of one call of the matrix."""
+        if self.kind is Stat.SQ_SUM:
+            s = kernel.column_sq_sum(x)
+            self._open = s if self._open is None else self._open.add_(s)
         else:
             kernel.add_gram(self.stat, x)
         self.tokens += x.numel() // x.shape[-1]
 
+    def close_batch(self) -> None:
+        """End a micro-batch: its sum joins the total."""
+        if self._open is not None:
+            self.stat += self._open
+            if self.keep_batches:
+                self.batch_sums.append(self._open)
+            self._open = None
+
     @classmethod
-    def empty(cls, kind: Stat, width: int, device: torch.device) -> "Observation":
+    def empty(cls, kind: Stat, width: int, device: torch.device, keep_batches: bool = False) -> "Observation":
         if kind is Stat.SQ_SUM:
-            return cls(torch.zeros(width, dtype=torch.float64, device=device))
-        return cls(torch.zeros(width, width, dtype=torch.float32, device=device))
+            return cls(kind, torch.zeros(width, dtype=torch.float64, device=device), keep_batches=keep_batches)
+        return cls(kind, torch.zeros(width, width, dtype=torch.float32, device=device))
 
 
 @dataclass
