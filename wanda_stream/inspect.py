@@ -96,6 +96,9 @@ def run_status(path: Path) -> dict[str, Any]:
     }
     if "profile" in state.extra:
         row["profile_blocks_done"] = len(state.extra["profile"]["outlier_ratios"])
+    row["world_size"] = cfg.world_size
+    if cfg.world_size > 1:
+        row["ranks"] = [_rank_progress(work, r) for r in range(cfg.world_size)]
     try:
         from wanda_stream.model import load_config
 
@@ -112,3 +115,11 @@ def run_status(path: Path) -> dict[str, Any]:
     if row["can_resume"]:
         row["resume_with"] = resume_command(cfg)
     return row
+
+
+def _rank_progress(work: WorkDir, rank: int) -> dict[str, Any]:
+    """The last block rank `rank` of a torchrun launch finished (each rank notes it after every block)."""
+    try:
+        return json.loads(work.file(f"rank{rank}.json").read_text())
+    except (OSError, ValueError):
+        return {"rank": rank, "block": None}
