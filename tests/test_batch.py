@@ -187,7 +187,7 @@ def test_refuses_early_on_a_real_small_disk(tiny_model: Path, tmp_path: Path,
         assert main(["prune", str(tiny_model), str(out), *ARGS]) == 2
         err = capsys.readouterr().err.strip()
         assert re.fullmatch(rf"wanda-stream: error: {re.escape(str(out))}: needs about [0-9.]+ KiB free for the "
-                            r"pruned checkpoint, has 256\.0 KiB; .*", err), err
+                            r"pruned checkpoint, has 25\d\.0 KiB; .*", err), err  # the run's lock file may hold a block
         assert list(disk.iterdir()) == []
     finally:
         subprocess.run(["umount", str(disk)], capture_output=True, timeout=30)

@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=("wanda", "magnitude"), default="wanda")
     p.add_argument("--calib", default="c4", help="c4|wikitext2|pydoc|FILE|DIR (.txt, .jsonl/.json, .parquet)")
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
-    p.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window")
+    p.add_argument("--seqlen", type=int, default=None,
+                   help="tokens per calibration window (default: min(2048, the model's context))")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work-dir", type=Path, default=None,
                    help="hidden states and run state (default OUTPUT_DIR/.wanda-stream)")

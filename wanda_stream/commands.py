@@ -17,12 +17,14 @@ import torch
 from wanda_stream import calib
 from wanda_stream.config import RunConfig, parse_pattern, resolve_compute_dtype, resolve_device
 from wanda_stream.errors import InputError, Interrupted
+from wanda_stream.outputs import own_files, shard_names
 from wanda_stream.report import Progress
 from wanda_stream.state import (
-    REPORT_NAME, RUN_FILE, StopFlag, WorkDir, checkpoint_fingerprint, resume_command,
+    REPORT_NAME, RUN_FILE, RunLock, StopFlag, WorkDir, checkpoint_fingerprint, resume_command,
 )
 
 MAX_AUTO_BATCH = 8
+DEFAULT_SEQLEN = 2048  # the Wanda paper's calibration window, cut to the model's context when shorter
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -73,33 +75,37 @@ def build_prune_config(args: argparse.Namespace) -> tuple[RunConfig, Any]:
     """Validate the prune arguments against the checkpoint; returns the config and (fingerprint, skeleton, checkpoint)."""
     from wanda_stream.stream import checkpoint_dtype, open_model
 
-    model_dir, output_dir = args.model_dir.resolve(), args.output_dir.resolve()
-    work_dir = (args.work_dir or output_dir / ".wanda-stream").resolve()
-    probe = RunConfig(str(model_dir), str(output_dir), str(work_dir), sparsity=args.sparsity, pattern=args.pattern,
-                      method=args.method, nsamples=args.nsamples, seqlen=args.seqlen,
-                      eval_windows=args.eval_windows)
-    probe.validate()
+    model_dir, work_dir = args.model_dir.resolve(), _work_dir(args)
     ckpt, sk = open_model(model_dir)
     fp = checkpoint_fingerprint(ckpt)
     config = sk.model.config
-    _check_seqlen(config, args.seqlen, "--seqlen")
+    seqlen = args.seqlen if args.seqlen is not None else _default_seqlen(args, config)
+    if args.method == "wanda" or (args.eval_data and args.eval_seqlen is None):
+        _check_seqlen(config, seqlen, "--seqlen")  # magnitude reads no calibration windows
     if args.eval_seqlen is not None:
         _check_seqlen(config, args.eval_seqlen, "--eval-seqlen")
     device = resolve_device(args.device)
     dtype_name = resolve_compute_dtype(args.compute_dtype, device, checkpoint_dtype(ckpt, sk))
-    saved = _saved_config(work_dir, output_dir) if args.resume else None
+    saved = _saved_config(work_dir, args.output_dir.resolve()) if args.resume else None
     if saved is not None and args.batch_size is None and args.max_activation_memory is None:
         batch = saved.batch_size  # the same micro-batches make a resumed run's bytes identical
     else:
-        batch = auto_batch(args, config, args.seqlen, _dtype(dtype_name),
-                           args.nsamples)
-    cfg = _run_config(args, device, dtype_name, batch,
+        batch = auto_batch(args, config, seqlen, _dtype(dtype_name), args.nsamples)
+    cfg = _run_config(args, seqlen, device, dtype_name, batch,
                       calib.spec_fingerprint(args.calib) if args.method == "wanda" else "",
                       calib.spec_fingerprint(args.eval_data) if args.eval_data else "")
     return cfg, (fp, sk, ckpt)
 
 
-def _run_config(args: argparse.Namespace, device: str, compute_dtype: str, batch: int,
+def _default_seqlen(args: argparse.Namespace, config: Any) -> int:
+    """min(2048, the model's context), as the Wanda paper's code sets it; said on stderr unless --quiet."""
+    limit = getattr(config.get_text_config(), "max_position_embeddings", None)
+    seqlen = min(DEFAULT_SEQLEN, limit) if limit else DEFAULT_SEQLEN
+    _say(args, f"--seqlen {seqlen} (min of {DEFAULT_SEQLEN} and the model's context of {limit} tokens)")
+    return seqlen
+
+
+def _run_config(args: argparse.Namespace, seqlen: int, device: str, compute_dtype: str, batch: int,
                 calib_fp: str, eval_fp: str) -> RunConfig:
     """The validated RunConfig of the prune arguments, given what the checkpoint or an earlier run settles."""
     model_dir, output_dir = args.model_dir.resolve(), args.output_dir.resolve()
@@ -107,7 +113,7 @@ def _run_config(args: argparse.Namespace, device: str, compute_dtype: str, batch
     return RunConfig(
         str(model_dir), str(output_dir), str((args.work_dir or output_dir / ".wanda-stream").resolve()),
         sparsity=nm[0] / nm[1] if nm else args.sparsity,  # N:M fixes the sparsity; record the real one
-        pattern=args.pattern, method=args.method, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
+        pattern=args.pattern, method=args.method, calib=args.calib, nsamples=args.nsamples, seqlen=seqlen,
         seed=args.seed, device=device, compute_dtype=compute_dtype, batch_size=batch, eval_data=args.eval_data,
         eval_windows=args.eval_windows, eval_seqlen=args.eval_seqlen, keep_work_dir=args.keep_work_dir,
         prefetch=not args.no_prefetch, calib_fingerprint=calib_fp, eval_fingerprint=eval_fp,
@@ -121,7 +127,7 @@ def _requested_config(args: argparse.Namespace, saved: RunConfig) -> RunConfig:
     content of calibration files deleted with it) is taken from `saved`, the finished run's.
     """
     return _run_config(
-        args, saved.device if args.device == "auto" else args.device,
+        args, saved.seqlen if args.seqlen is None else args.seqlen, saved.device if args.device == "auto" else args.device,
         saved.compute_dtype if args.compute_dtype == "auto" else args.compute_dtype,
         saved.batch_size if args.batch_size is None else args.batch_size,
         _spec_fp(args.calib, saved.calib, saved.calib_fingerprint) if args.method == "wanda" else "",
@@ -213,7 +219,7 @@ def check_resources(cfg: RunConfig, sk: Any, total_bytes: int, largest_block: in
     if cfg.eval_data:
         states += 3 * eval_windows * (cfg.eval_seqlen or cfg.seqlen) * hidden * el
     out = Path(cfg.output_dir)
-    existing = sum(p.stat().st_size for p in out.glob("model-*.safetensors")) if out.exists() else 0
+    existing = sum((out / n).stat().st_size for n in shard_names(sk.n_layers) if (out / n).is_file())
     need_out = max(total_bytes - existing, 0)
     for path, need, what in ((out, need_out, "the pruned checkpoint"), (Path(cfg.work_dir), states, "hidden states")):
         anchor = next((p for p in [path, *path.parents] if p.exists()), Path("/"))
@@ -248,21 +254,61 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def _prune(args: argparse.Namespace, stop: StopFlag) -> int:
-    from wanda_stream.prune import PruneRun, output_is_finished, prepare
-
-    if args.resume and not args.overwrite and not args.model_dir.exists() and _finished_without_input(args):
+    # The lock comes before anything is read from the run or written: of processes started at once
+    # on one output, one wins and the others are refused with the lock message.
+    lock = _lock(args)
+    try:
+        started = _prepare_locked(args)
+    except BaseException:
+        lock.release_unused()
+        raise
+    if started is None:
+        lock.release_unused()
         _say(args, f"{args.output_dir.resolve()}: this run is already complete; nothing to do")
         return 0
+    try:
+        return _run_locked(args, stop, *started)
+    finally:
+        lock.release()
+
+
+def _work_dir(args: argparse.Namespace) -> Path:
+    return (args.work_dir or args.output_dir.resolve() / ".wanda-stream").resolve()
+
+
+def _lock(args: argparse.Namespace) -> RunLock:
+    """The run's lock, taken once the paths are known not to overlap the input (the lock file is written)."""
+    work, out = _work_dir(args), args.output_dir.resolve()
+    RunConfig(str(args.model_dir.resolve()), str(out), str(work), sparsity=args.sparsity, pattern=args.pattern,
+              method=args.method, nsamples=args.nsamples,
+              seqlen=DEFAULT_SEQLEN if args.seqlen is None else args.seqlen, eval_windows=args.eval_windows).validate()
+    try:
+        return WorkDir(work).lock()
+    except OSError as e:
+        what = f"{out}: output directory" if work.parent == out else f"--work-dir {work}"
+        raise InputError(f"{what} is not writable ({e.strerror}); choose another directory") from None
+
+
+def _prepare_locked(args: argparse.Namespace) -> tuple[RunConfig, Any] | None:
+    """Validate, check resources and create or reopen the run; None when it is already finished."""
+    from wanda_stream.prune import output_is_finished, prepare
+
+    if args.resume and not args.overwrite and not args.model_dir.exists() and _finished_without_input(args):
+        return None
     cfg, (fp, sk, ckpt) = build_prune_config(args)
     if args.overwrite or not (args.resume and output_is_finished(cfg)):
         # Before prepare() creates the run: a refusal here leaves nothing behind to --resume or --overwrite.
         largest = max(sum(t.nbytes for k, t in ckpt.tensors.items() if k.startswith(sk.block_prefix(i)))
                       for i in range(sk.n_layers))
         check_resources(cfg, sk, ckpt.total_bytes(), largest, cfg.eval_windows or 0)
-    if not prepare(cfg, fp, args.resume, args.overwrite):
-        _say(args, f"{cfg.output_dir}: this run is already complete; nothing to do")
-        return 0
-    lock = WorkDir(Path(cfg.work_dir)).lock()
+    if not prepare(cfg, fp, args.resume, args.overwrite, own_files(Path(cfg.model_dir), sk.n_layers)):
+        return None
+    return cfg, sk
+
+
+def _run_locked(args: argparse.Namespace, stop: StopFlag, cfg: RunConfig, sk: Any) -> int:
+    from wanda_stream.prune import PruneRun
+
     progress = Progress("quiet" if args.quiet else args.log_format, sk.n_layers, "prune")
     try:
         if stop.requested:
@@ -276,7 +322,6 @@ def _prune(args: argparse.Namespace, stop: StopFlag) -> int:
         raise
     finally:
         progress.close()
-        lock.close()
     _summary(args, cfg, report)
     return 0
 

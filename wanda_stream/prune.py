@@ -14,7 +14,7 @@ import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -27,19 +27,11 @@ from wanda_stream.checkpoint import (
 )
 from wanda_stream.config import RunConfig
 from wanda_stream.errors import Interrupted
+from wanda_stream.outputs import shard_count, shard_name, shard_names, side_files
 from wanda_stream.report import Progress, io_bytes, peak_rss_bytes, versions
 from wanda_stream.model import release
 from wanda_stream.state import REPORT_NAME, RunState, StopFlag, WorkDir, killpoint
 from wanda_stream.stream import Streamer, open_model
-
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5", ".ckpt")
-SKIP_FILES = (INDEX_NAME, "pytorch_model.bin.index.json", REPORT_NAME)
-
-
-def shard_name(index: int, total: int) -> str:
-    """Hugging Face's shard naming: model-00001-of-00031.safetensors (1-based)."""
-    return f"model-{index + 1:05d}-of-{total:05d}.safetensors"
-
 
 def linear_modules(layer: nn.Module) -> dict[str, nn.Linear]:
     """Every nn.Linear inside a block but MoE routers/gates, by relative name: the dense matrices that get pruned."""
@@ -131,7 +123,7 @@ class PruneRun:
         self.ckpt, self.sk = open_model(Path(cfg.model_dir))
         self.st = Streamer(self.ckpt, self.sk, cfg.device, cfg.dtype, prefetch=cfg.prefetch)
         self.n = self.sk.n_layers
-        self.total_shards = self.n + 1
+        self.total_shards = shard_count(self.n)
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="writer")
         self.t0 = time.monotonic()
         self.loop_seconds = 0.0
@@ -294,10 +286,10 @@ class PruneRun:
         killpoint("finalize")
         weight_map = {}
         total = 0
-        for f in sorted(self.out.glob("model-*-of-*.safetensors")):
-            for k, v in read_header(f).items():
+        for name in shard_names(self.n):
+            for k, v in read_header(self.out / name).items():
                 if k != "__metadata__":
-                    weight_map[k] = f.name
+                    weight_map[k] = name
                     total += v["data_offsets"][1] - v["data_offsets"][0]
         atomic_write_json(self.out / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
         killpoint("finalize_index")
@@ -335,10 +327,8 @@ def _rounded(timing: dict[str, float]) -> dict[str, float]:
 
 def copy_side_files(src: Path, dst: Path) -> None:
     """Copy config, generation config, tokenizer and other non-weight files, atomically each."""
-    for p in sorted(src.iterdir()):
-        if not p.is_file() or p.name in SKIP_FILES or p.suffix in WEIGHT_SUFFIXES or p.name.endswith(".index.json"):
-            continue
-        atomic_write_bytes(dst / p.name, p.read_bytes())
+    for name in side_files(src):
+        atomic_write_bytes(dst / name, (src / name).read_bytes())
     fsync_dir(dst)
 
 
@@ -355,31 +345,22 @@ def output_is_finished(cfg: RunConfig) -> bool:
         return False
 
 
-def prepare(cfg: RunConfig, model_fp: dict[str, Any], resume: bool, overwrite: bool) -> bool:
+def prepare(cfg: RunConfig, model_fp: dict[str, Any], resume: bool, overwrite: bool,
+            own: Sequence[str] = ()) -> bool:
     """Decide between a new run, a resumed one and nothing to do; returns False when already finished.
 
     Refuses (InputError) to touch an existing run or output unless --resume or --overwrite says how.
+    The caller holds the run's lock. --overwrite deletes the output files named in `own` (what this
+    run writes, outputs.own_files) and nothing else.
     """
     from wanda_stream.errors import InputError
     from wanda_stream.state import check_same_run
 
     out, work = Path(cfg.output_dir), WorkDir(Path(cfg.work_dir))
-    foreign = work.foreign_files()
-    if foreign:
-        raise InputError(
-            f"--work-dir {work.path}: holds files no run wrote ({', '.join(foreign[:3])}); the work dir is deleted "
-            "after the run, so choose an empty or new directory"
-        )
-    work.check_unlocked()  # before anything below deletes or continues another process's run
     if overwrite:
-        shutil.rmtree(work.path, ignore_errors=True)
-        if out.exists():
-            # Report and index first: a kill midway must not leave an index naming deleted shards.
-            for name in (REPORT_NAME, INDEX_NAME):
-                (out / name).unlink(missing_ok=True)
-            for p in out.iterdir():
-                if p.is_file() and p.name.startswith("model-"):
-                    p.unlink()
+        work.clear()
+        for name in own:  # in order: report and index before the shards they name
+            (out / name).unlink(missing_ok=True)
     elif work.exists():
         if not resume:
             raise InputError(
