@@ -207,4 +207,5 @@ def test_bar_on_a_terminal_counts_resumed_blocks() -> None:
     progress.update(41, block=40)
     progress.close()
     assert "41/80" in term.getvalue() and "prune" in term.getvalue()
-    assert Progress("bar", 3, "prune", stream=io.StringIO()).bar.disable  # no terminal, no bar
+    plain = Progress("bar", 3, "prune", stream=io.StringIO())
+    assert plain.bar is None and plain.mode == "lines"  # no terminal, no bar: a line per block

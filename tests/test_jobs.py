@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import re
+import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from tests.helpers import ROOT, tree_hash
+import pytest
+
+from tests.helpers import ROOT, run_cli, tree_hash
 from wanda_stream.cli import main
 
 # Names of every kind the tool writes or copies (shards, index, report, card, config and tokenizer
@@ -76,3 +81,28 @@ def test_simultaneous_starts_one_wins_the_others_get_the_lock_message(tiny_model
         if rc == 2:
             assert "another wanda-stream process" in err and err.count("\n") == 1, err
     assert _weights_and_side_files(out) == _weights_and_side_files(single)
+
+
+def test_progress_is_a_line_per_block_when_stderr_is_not_a_terminal(tiny_model: Path, tmp_path: Path) -> None:
+    r = run_cli("prune", str(tiny_model), str(tmp_path / "out"), "--method", "magnitude")  # stderr is a pipe
+    assert r.returncode == 0, r.stderr
+    lines = re.findall(r"^prune: block (\d)/3, elapsed \d+:\d\d:\d\d, ETA (?:\d+:\d\d:\d\d|\?), "
+                       r"peak RSS (\d+) MiB$", r.stderr, re.M)
+    assert [b for b, _ in lines] == ["1", "2", "3"], r.stderr
+    assert all(int(mib) > 50 for _, mib in lines)  # torch alone is more than that
+
+
+def test_default_seqlen_is_the_model_context_and_magnitude_ignores_seqlen(
+        tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # The tiny model's context is 256 tokens: the paper's 2048 would be refused.
+    assert main(["prune", str(tiny_model), str(tmp_path / "w"), "--calib", "pydoc", "--nsamples", "2"]) == 0
+    assert "--seqlen 256 (min of 2048 and the model's context of 256 tokens)" in capsys.readouterr().err
+    report = json.loads((tmp_path / "w" / "wanda_stream.json").read_text())
+    assert report["config"]["seqlen"] == 256
+    # Recorded where a peak is: the kernel's high-water mark of this process, never more than it.
+    assert 0 < report["peak_rss_bytes"] <= resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    assert "peak_cuda_bytes" not in report  # a CPU run
+    # Magnitude reads no calibration windows: a --seqlen beyond the context does not block it.
+    assert main(["prune", str(tiny_model), str(tmp_path / "m"), "--method", "magnitude", "--seqlen", "4096",
+                 "--quiet"]) == 0
+    assert capsys.readouterr().err == ""

@@ -337,14 +337,26 @@ def _summary(args: argparse.Namespace, cfg: RunConfig, report: dict) -> None:
     if args.log_format == "json":
         print(json.dumps({"event": "done", "output_dir": cfg.output_dir, "total_sparsity": report["total_sparsity"],
                           "perplexity": report.get("eval", {}).get("perplexity"),
-                          "peak_rss_bytes": report["peak_rss_bytes"]}), flush=True)
+                          **_peaks(report)}), flush=True)
         return
     print(f"pruned {cfg.model_dir} -> {cfg.output_dir}")
     print(f"  method {cfg.method}, pattern {cfg.pattern}, sparsity of decoder linears {report['total_sparsity']:.4f}")
     if "eval" in report:
         ev = report["eval"]
         print(f"  perplexity {ev['perplexity']:.4f} on {ev['windows']} x {ev['seqlen']} tokens of {ev['data']}")
-    print(f"  peak RSS {report['peak_rss_bytes'] / 2**20:.0f} MiB")
+    print(f"  {_peak_text(report)}")
+
+
+def _peaks(report: dict) -> dict[str, int]:
+    return {k: report[k] for k in ("peak_rss_bytes", "peak_cuda_bytes") if k in report}
+
+
+def _peak_text(report: dict) -> str:
+    """'peak RSS 871 MiB' (ru_maxrss), plus the CUDA allocator's peak on a GPU run."""
+    text = f"peak RSS {report['peak_rss_bytes'] / 2**20:.0f} MiB"
+    if "peak_cuda_bytes" in report:
+        text += f", peak CUDA {report['peak_cuda_bytes'] / 2**20:.0f} MiB"
+    return text
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -369,7 +381,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         rows = [("perplexity", f"{result['perplexity']:.4f}"), ("tokens", result["tokens"]),
                 ("windows", result["windows"]), ("seqlen", result["seqlen"]), ("seconds", result["seconds"]),
-                ("peak RSS (MiB)", f"{result['peak_rss_bytes'] / 2**20:.0f}")]
+                ("peak memory", _peak_text(result))]
         for k, v in rows:
             print(f"{k:<16}{v}")
     return 0

@@ -15,7 +15,7 @@ from wanda_stream.activations import HiddenFile
 from wanda_stream.config import DTYPE_NAMES, resolve_compute_dtype
 from wanda_stream.errors import Interrupted
 from wanda_stream.model import release
-from wanda_stream.report import Progress, peak_rss_bytes
+from wanda_stream.report import Progress, peak_figures
 from wanda_stream.state import StopFlag
 from wanda_stream.stream import Streamer, checkpoint_dtype, open_model
 
@@ -76,7 +76,7 @@ def evaluate(
         for f in files:
             f.path.unlink(missing_ok=True)
     return {"perplexity": math.exp(nll / count), "tokens": count, "windows": n, "seqlen": seqlen,
-            "seconds": round(time.monotonic() - t0, 3), "peak_rss_bytes": peak_rss_bytes(),
+            "seconds": round(time.monotonic() - t0, 3), **peak_figures(device),
             "model_dir": str(model_dir), "data": data}
 
 

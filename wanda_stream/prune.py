@@ -28,7 +28,7 @@ from wanda_stream.checkpoint import (
 from wanda_stream.config import RunConfig
 from wanda_stream.errors import Interrupted
 from wanda_stream.outputs import shard_count, shard_name, shard_names, side_files
-from wanda_stream.report import Progress, io_bytes, peak_rss_bytes, versions
+from wanda_stream.report import Progress, io_bytes, peak_figures, versions
 from wanda_stream.model import release
 from wanda_stream.state import REPORT_NAME, RunState, StopFlag, WorkDir, killpoint
 from wanda_stream.stream import Streamer, open_model
@@ -306,7 +306,7 @@ class PruneRun:
         report: dict[str, Any] = {
             "config": self.cfg.to_json(), "config_fingerprint": self.cfg.fingerprint(),
             "model_fingerprint": self.ckpt.fingerprint(), "versions": versions(),
-            "blocks": state.blocks, "peak_rss_bytes": peak_rss_bytes(), "io": io_bytes(),
+            "blocks": state.blocks, **peak_figures(self.cfg.device), "io": io_bytes(),
             "seconds_this_process": round(time.monotonic() - self.t0, 3),
             "block_loop_seconds_this_process": round(self.loop_seconds, 3),
         }
