@@ -388,20 +388,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from wanda_stream.inspect import format_table, inspect_checkpoint
+    from wanda_stream.inspect import format_summary, format_table, inspect_checkpoint, summarize
 
     result = inspect_checkpoint(args.model_dir.resolve(), args.pattern)
-    print(json.dumps(result) if args.json else format_table(result))
+    if args.summary:
+        summary = summarize(result)
+        print(json.dumps(summary) if args.json else format_summary(summary))
+    else:
+        print(json.dumps(result) if args.json else format_table(result))
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from wanda_stream.inspect import run_status
+    from wanda_stream.inspect import format_status, run_status
 
     result = run_status(args.path.resolve())
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for k, v in result.items():
-            print(f"{k:<14}{v}")
+    print(json.dumps(result) if args.json else format_status(result))
     return 0
