@@ -7,6 +7,7 @@ plus SIGKILLs at random moments; every run is a subprocess, as a batch scheduler
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import random
 import shlex
@@ -40,15 +41,18 @@ def prune_args(model: Path, out: Path, *extra: str) -> list[str]:
 
 
 def checkpoint_files(out: Path) -> dict[str, str]:
-    """Hashes of everything a loader reads: shards, index, config, tokenizer (not the timing report)."""
-    return {k: v for k, v in tree_hash(out).items() if k != REPORT}
+    """Hashes of everything a loader reads: shards, index, config, tokenizer (not the timing report), and
+    the model card, whose command line names the output directory."""
+    got = {k: v for k, v in tree_hash(out).items() if k != REPORT}
+    card = (out / "README.md").read_text().replace(str(out), "OUT")
+    return {**got, "README.md": hashlib.sha256(card.encode()).hexdigest()}
 
 
 def report_core(out: Path) -> dict[str, Any]:
     """The report without what legitimately differs between two runs of one configuration."""
     rep = json.loads((out / REPORT).read_text())
     for k in VOLATILE:
-        rep.pop(k)
+        rep.pop(k, None)
     for k in ("output_dir", "work_dir"):
         rep["config"].pop(k)
     rep.pop("config_fingerprint")  # covers output_dir, which differs between the two directories

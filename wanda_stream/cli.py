@@ -152,6 +152,7 @@ def _version() -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in the model card
     try:
         from wanda_stream import commands
 

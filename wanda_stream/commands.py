@@ -15,6 +15,7 @@ import psutil
 import torch
 
 from wanda_stream import calib
+from wanda_stream.card import card_command
 from wanda_stream.config import RunConfig, parse_pattern, resolve_compute_dtype, resolve_device
 from wanda_stream.errors import InputError, Interrupted
 from wanda_stream.outputs import own_files, shard_names
@@ -301,7 +302,8 @@ def _prepare_locked(args: argparse.Namespace) -> tuple[RunConfig, Any] | None:
         largest = max(sum(t.nbytes for k, t in ckpt.tensors.items() if k.startswith(sk.block_prefix(i)))
                       for i in range(sk.n_layers))
         check_resources(cfg, sk, ckpt.total_bytes(), largest, cfg.eval_windows or 0)
-    if not prepare(cfg, fp, args.resume, args.overwrite, own_files(Path(cfg.model_dir), sk.n_layers)):
+    card = {"base_model": Path(cfg.model_dir).name, "command": card_command(args.argv)}
+    if not prepare(cfg, fp, args.resume, args.overwrite, own_files(Path(cfg.model_dir), sk.n_layers), card):
         return None
     return cfg, sk
 

@@ -27,10 +27,11 @@ from wanda_stream.checkpoint import (
 )
 from wanda_stream.config import RunConfig
 from wanda_stream.errors import Interrupted
-from wanda_stream.outputs import shard_count, shard_name, shard_names, side_files
+from wanda_stream.card import render_card
+from wanda_stream.outputs import CARD_NAME, shard_count, shard_name, shard_names, side_files
 from wanda_stream.report import Progress, io_bytes, peak_figures, versions
 from wanda_stream.model import release
-from wanda_stream.state import REPORT_NAME, RunState, StopFlag, WorkDir, killpoint
+from wanda_stream.state import REPORT_NAME, RunState, StopFlag, WorkDir, killpoint, resume_command
 from wanda_stream.stream import Streamer, open_model
 
 def linear_modules(layer: nn.Module) -> dict[str, nn.Linear]:
@@ -283,6 +284,7 @@ class PruneRun:
     def _finalize(self, state: RunState, streams: dict[str, torch.Tensor]) -> dict[str, Any]:
         report = self._report(state, streams)
         copy_side_files(Path(self.cfg.model_dir), self.out)
+        self._write_card(report)
         killpoint("finalize")
         weight_map = {}
         total = 0
@@ -301,6 +303,15 @@ class PruneRun:
         if not self.cfg.keep_work_dir:
             shutil.rmtree(self.work.path, ignore_errors=True)
         return report
+
+    def _write_card(self, report: dict[str, Any]) -> None:
+        """README.md: our model card, with the input's own card below it."""
+        facts = self.work.load_run().get("card") or {}
+        source = Path(self.cfg.model_dir) / CARD_NAME
+        text = render_card(report, facts.get("base_model") or Path(self.cfg.model_dir).name,
+                           facts.get("command") or resume_command(self.cfg),
+                           source.read_text(encoding="utf-8", errors="replace") if source.is_file() else None)
+        atomic_write_bytes(self.out / CARD_NAME, text.encode())
 
     def _report(self, state: RunState, streams: dict[str, torch.Tensor]) -> dict[str, Any]:
         report: dict[str, Any] = {
@@ -346,12 +357,12 @@ def output_is_finished(cfg: RunConfig) -> bool:
 
 
 def prepare(cfg: RunConfig, model_fp: dict[str, Any], resume: bool, overwrite: bool,
-            own: Sequence[str] = ()) -> bool:
+            own: Sequence[str] = (), card: dict[str, str] | None = None) -> bool:
     """Decide between a new run, a resumed one and nothing to do; returns False when already finished.
 
     Refuses (InputError) to touch an existing run or output unless --resume or --overwrite says how.
     The caller holds the run's lock. --overwrite deletes the output files named in `own` (what this
-    run writes, outputs.own_files) and nothing else.
+    run writes, outputs.own_files) and nothing else; `card` is recorded for the model card.
     """
     from wanda_stream.errors import InputError
     from wanda_stream.state import check_same_run
@@ -380,7 +391,7 @@ def prepare(cfg: RunConfig, model_fp: dict[str, Any], resume: bool, overwrite: b
     elif out.exists() and any(p.name != work.path.name for p in out.iterdir()):
         raise InputError(f"{out}: exists and is not empty; choose a new directory or add --overwrite")
     _check_writable(out)
-    work.create(cfg, model_fp)
+    work.create(cfg, model_fp, card)
     return True
 
 

@@ -184,10 +184,15 @@ class WorkDir:
         except (OSError, json.JSONDecodeError, KeyError) as e:
             raise InputError(f"{p}: unreadable run state ({e}); start over with --overwrite")
 
-    def create(self, cfg: RunConfig, model_fp: dict[str, Any]) -> None:
-        """Start a run: the configuration and input fingerprint, written once."""
+    def create(self, cfg: RunConfig, model_fp: dict[str, Any], card: dict[str, str] | None = None) -> None:
+        """Start a run: the configuration, input fingerprint and model-card facts, written once.
+
+        The card's facts (base model, command line) are kept from the start so that a resumed run,
+        however its command was spelled, writes the same card.
+        """
         self.path.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.path / RUN_FILE, {"config": cfg.to_json(), "model_fingerprint": model_fp})
+        atomic_write_json(self.path / RUN_FILE, {"config": cfg.to_json(), "model_fingerprint": model_fp,
+                                                 "card": card or {}})
 
     def save_state(self, state: RunState) -> None:
         """Record progress (atomically: a crash leaves the old state or the new one)."""
