@@ -70,6 +70,11 @@ def _add_device(p: argparse.ArgumentParser) -> None:
                    help="windows per micro-batch (default: as many as --max-activation-memory allows, up to 8)")
 
 
+def _add_revision(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--revision", default=None,
+                   help="branch, tag or commit of a hub model id given as MODEL_DIR (default: main)")
+
+
 def _add_progress(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-format", choices=("bar", "json"), default="bar",
                    help="bar: a progress bar on a terminal, and one plain line per block (block, elapsed, ETA, "
@@ -91,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=_Formatter,
                        description="Prune the decoder linears (and MoE experts, per expert) of a Hugging Face "
                                    f"safetensors checkpoint; {supported}.")
-    p.add_argument("model_dir", type=Path, help="input checkpoint directory (never modified)")
+    p.add_argument("model_dir", type=Path,
+                   help="input checkpoint directory (never modified), or a hub model id ORG/NAME")
     p.add_argument("output_dir", type=Path, help="where the pruned checkpoint is written")
     p.add_argument("--sparsity", type=float, default=0.5, help="fraction of each decoder linear to remove (0<s<1)")
     p.add_argument("--pattern", default="unstructured", help="unstructured|2:4|4:8|N:M (N:M implies sparsity N/M)")
@@ -112,25 +118,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="discard an earlier run or output and start over")
     p.add_argument("--no-prefetch", action="store_true",
                    help="read, compute and write in turn (no overlap; for benchmarking it)")
+    _add_revision(p)
     _add_device(p)
     _add_progress(p)
 
     e = sub.add_parser("eval", help="streamed perplexity", epilog=EVAL_EXAMPLES,
                        formatter_class=_Formatter,
                        description="Perplexity over non-overlapping windows, one block at a time.")
-    e.add_argument("model_dir", type=Path, help="checkpoint directory")
+    e.add_argument("model_dir", type=Path, help="checkpoint directory, or a hub model id ORG/NAME")
     e.add_argument("--data", default="wikitext2", help="wikitext2|pydoc|FILE|DIR")
     e.add_argument("--seqlen", type=int, default=2048, help="tokens per evaluation window")
     e.add_argument("--max-windows", type=int, default=None, help="evaluate at most this many windows (default: all)")
     e.add_argument("--work-dir", type=Path, default=None, help="hidden states (default: a temporary directory)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_revision(e)
     _add_device(e)
     _add_progress(e)
 
     i = sub.add_parser("inspect", help="sparsity of a checkpoint", epilog=INSPECT_EXAMPLES,
                        formatter_class=_Formatter,
                        description="Per-matrix sparsity of the decoder linears, read one tensor at a time.")
-    i.add_argument("model_dir", type=Path, help="checkpoint directory")
+    i.add_argument("model_dir", type=Path, help="checkpoint directory, or a hub model id ORG/NAME")
+    _add_revision(i)
     i.add_argument("--pattern", default=None, help="also check this N:M pattern, e.g. 2:4")
     i.add_argument("--summary", action="store_true", help="totals per layer kind and per block, not per matrix")
     i.add_argument("--json", action="store_true", help="print one JSON object")

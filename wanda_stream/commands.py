@@ -254,7 +254,17 @@ def cmd_prune(args: argparse.Namespace) -> int:
         stop.restore()
 
 
+def resolve_model_arg(args: argparse.Namespace) -> str | None:
+    """Turn args.model_dir into a local directory (a hub id is fetched or found in the cache); returns the id."""
+    from wanda_stream.hub import resolve_model
+
+    resolved = resolve_model(args.model_dir, args.revision)
+    args.model_dir = resolved.path
+    return resolved.hub_id
+
+
 def _prune(args: argparse.Namespace, stop: StopFlag) -> int:
+    args.hub_id = resolve_model_arg(args)
     # The lock comes before anything is read from the run or written: of processes started at once
     # on one output, one wins and the others are refused with the lock message.
     lock = _lock(args)
@@ -302,7 +312,7 @@ def _prepare_locked(args: argparse.Namespace) -> tuple[RunConfig, Any] | None:
         largest = max(sum(t.nbytes for k, t in ckpt.tensors.items() if k.startswith(sk.block_prefix(i)))
                       for i in range(sk.n_layers))
         check_resources(cfg, sk, ckpt.total_bytes(), largest, cfg.eval_windows or 0)
-    card = {"base_model": Path(cfg.model_dir).name, "command": card_command(args.argv)}
+    card = {"base_model": args.hub_id or Path(cfg.model_dir).name, "command": card_command(args.argv)}
     if not prepare(cfg, fp, args.resume, args.overwrite, own_files(Path(cfg.model_dir), sk.n_layers), card):
         return None
     return cfg, sk
@@ -364,6 +374,7 @@ def _peak_text(report: dict) -> str:
 def cmd_eval(args: argparse.Namespace) -> int:
     from wanda_stream.evaluate import evaluate
 
+    resolve_model_arg(args)
     device = resolve_device(args.device)
     if args.max_windows is not None and args.max_windows <= 0:
         raise InputError(f"--max-windows {args.max_windows}: must be a positive integer")
@@ -392,7 +403,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from wanda_stream.inspect import format_summary, format_table, inspect_checkpoint, summarize
 
-    result = inspect_checkpoint(args.model_dir.resolve(), args.pattern)
+    resolve_model_arg(args)
+    result = inspect_checkpoint(args.model_dir, args.pattern)
     if args.summary:
         summary = summarize(result)
         print(json.dumps(summary) if args.json else format_summary(summary))
