@@ -57,8 +57,8 @@ def _calibration(config: dict[str, Any]) -> str:
     if config["method"] != "wanda":
         return "none (magnitude pruning reads no data)"
     text = f"`{config['calib']}`, {config['nsamples']} x {config['seqlen']} tokens, seed {config['seed']}"
-    template = config.get("chat_template")
-    return text + (f", chat template: {template}" if template else "")
+    field = config.get("calib_field")
+    return text + (f", field `{field}`" if field else "")
 
 
 def _original(card: str) -> str:

@@ -103,7 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pattern", default="unstructured", help="unstructured|2:4|4:8|N:M (N:M implies sparsity N/M)")
     p.add_argument("--method", choices=("wanda", "magnitude"), default="wanda",
                    help="wanda: |weight| x input-activation norm; magnitude: |weight| (needs no calibration)")
-    p.add_argument("--calib", default="c4", help="c4|wikitext2|pydoc|FILE|DIR (.txt, .jsonl/.json, .parquet)")
+    p.add_argument("--calib", default="c4",
+                   help="c4|wikitext2|pydoc|hub:ORG/NAME[:CONFIG][@SPLIT]|FILE|DIR (.txt, .jsonl/.json, .parquet)")
+    p.add_argument("--calib-field", choices=("text", "messages"), default=None,
+                   help="the record field to calibrate on (default: 'messages' where a record has a list of "
+                        "them, else 'text')")
+    p.add_argument("--chat-template", choices=("auto", "never"), default="auto",
+                   help="auto: render records' 'messages' with the model's chat template; never: use 'text' only")
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
     p.add_argument("--seqlen", type=int, default=None,
                    help="tokens per calibration window (default: min(2048, the model's context))")

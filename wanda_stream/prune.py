@@ -147,7 +147,7 @@ class PruneRun:
         if self.cfg.needs_calibration or self.cfg.eval_data:
             tokenizer = calib.load_tokenizer(Path(self.cfg.model_dir))
         if self.cfg.needs_calibration:
-            docs = calib.documents(self.cfg.calib, "calibration", self.stop)
+            docs = calib.documents(self.cfg.calib, "calibration", self.stop, self.cfg.record_field)
             toks["calib"] = calib.sample_windows(docs, tokenizer, self.cfg.nsamples, self.cfg.seqlen,
                                                  self.cfg.seed, self.cfg.calib, self.stop)
         if self.cfg.eval_data:

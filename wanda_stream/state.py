@@ -336,6 +336,10 @@ def resume_command(cfg: RunConfig) -> str:
     args += ["--method", cfg.method]
     # All of them even for magnitude: they are part of the saved configuration a resume must match.
     args += ["--calib", cfg.calib, "--nsamples", str(cfg.nsamples), "--seqlen", str(cfg.seqlen), "--seed", str(cfg.seed)]
+    if cfg.calib_field:
+        args += ["--calib-field", cfg.calib_field]
+    if cfg.chat_template != "auto":
+        args += ["--chat-template", cfg.chat_template]
     if cfg.eval_data:
         args += ["--eval-data", cfg.eval_data]
         if cfg.eval_windows is not None:
