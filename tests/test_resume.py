@@ -10,6 +10,7 @@ import fcntl
 import hashlib
 import json
 import random
+import re
 import shlex
 import shutil
 import signal
@@ -42,9 +43,10 @@ def prune_args(model: Path, out: Path, *extra: str) -> list[str]:
 
 def checkpoint_files(out: Path) -> dict[str, str]:
     """Hashes of everything a loader reads: shards, index, config, tokenizer (not the timing report), and
-    the model card, whose command line names the output directory."""
+    the model card, its command line's input and output paths (which differ between runs) left out."""
     got = {k: v for k, v in tree_hash(out).items() if k != REPORT}
-    card = (out / "README.md").read_text().replace(str(out), "OUT")
+    card = re.sub(r"^wanda-stream prune \S+ \S+ ", "wanda-stream prune MODEL OUT ", (out / "README.md").read_text(),
+                  flags=re.M)
     return {**got, "README.md": hashlib.sha256(card.encode()).hexdigest()}
 
 
