@@ -37,7 +37,7 @@ def test_card_front_matter_body_and_original_below() -> None:
 
 def test_card_command_drops_how_to_run_flags() -> None:
     argv = ["prune", "in dir", "out", "--resume", "--overwrite", "--quiet", "--log-format", "json",
-            "--log-format=bar", "--res", "--seqlen", "512"]
+            "--log-format=bar", "--res", "--seqlen", "512", "--work-dir", "/scratch/w", "--keep-work-dir"]
     assert card_command(argv) == "wanda-stream prune 'in dir' out --seqlen 512"
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, run_cli, tree_hash
+from tests.helpers import ROOT, checkpoint_files, run_cli, tree_hash
 from wanda_stream.cli import main
 
 # Names of every kind the tool writes or copies (shards, index, report, card, config and tokenizer
@@ -42,13 +42,8 @@ def test_overwrite_deletes_only_what_the_tool_writes(tiny_model: Path, tmp_path:
         assert main(_magnitude(tiny_model, out, "--overwrite")) == 0
         got = tree_hash(out)
         assert {n: (out / n).read_bytes() for n in UNRELATED} == UNRELATED
-        ours = {n: h for n, h in got.items() if n not in UNRELATED}
-        assert ours.pop("wanda_stream.json") and ours == _weights_and_side_files(clean)
-
-
-def _weights_and_side_files(out: Path) -> dict[str, str]:
-    """The output's files but the report (which holds paths and timings)."""
-    return {n: h for n, h in tree_hash(out).items() if n != "wanda_stream.json"}
+        assert got["wanda_stream.json"]
+        assert {n: h for n, h in checkpoint_files(out).items() if n not in UNRELATED} == checkpoint_files(clean)
 
 
 # Imports happen before the barrier, so the processes reach the lock within milliseconds of each other.
@@ -80,7 +75,7 @@ def test_simultaneous_starts_one_wins_the_others_get_the_lock_message(tiny_model
     for rc, err in results:
         if rc == 2:
             assert "another wanda-stream process" in err and err.count("\n") == 1, err
-    assert _weights_and_side_files(out) == _weights_and_side_files(single)
+    assert checkpoint_files(out) == checkpoint_files(single)
 
 
 def test_progress_is_a_line_per_block_when_stderr_is_not_a_terminal(tiny_model: Path, tmp_path: Path) -> None:

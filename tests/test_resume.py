@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import ROOT, run_cli, tree_hash, write_tiny_model
+from tests.helpers import ROOT, checkpoint_files, run_cli, tree_hash, write_tiny_model
 from wanda_stream import state as state_mod
 from wanda_stream.cli import main
 from wanda_stream.state import WorkDir
@@ -39,15 +39,6 @@ VOLATILE = ("peak_rss_bytes", "peak_cuda_bytes", "io", "seconds_this_process", "
 
 def prune_args(model: Path, out: Path, *extra: str) -> list[str]:
     return ["prune", str(model), str(out), *ARGS, *extra]
-
-
-def checkpoint_files(out: Path) -> dict[str, str]:
-    """Hashes of everything a loader reads: shards, index, config, tokenizer (not the timing report), and
-    the model card, its command line's input and output paths (which differ between runs) left out."""
-    got = {k: v for k, v in tree_hash(out).items() if k != REPORT}
-    card = re.sub(r"^wanda-stream prune \S+ \S+ ", "wanda-stream prune MODEL OUT ", (out / "README.md").read_text(),
-                  flags=re.M)
-    return {**got, "README.md": hashlib.sha256(card.encode()).hexdigest()}
 
 
 def report_core(out: Path) -> dict[str, Any]:
