@@ -101,3 +101,6 @@ def test_default_seqlen_is_the_model_context_and_magnitude_ignores_seqlen(
     assert main(["prune", str(tiny_model), str(tmp_path / "m"), "--method", "magnitude", "--seqlen", "4096",
                  "--quiet"]) == 0
     assert capsys.readouterr().err == ""
+    assert main(["eval", str(tiny_model), "--data", "pydoc", "--max-windows", "2", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["seqlen"] == 256 and "--seqlen 256 (min of 2048" in err

@@ -133,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Perplexity over non-overlapping windows, one block at a time.")
     e.add_argument("model_dir", type=Path, help="checkpoint directory, or a hub model id ORG/NAME")
     e.add_argument("--data", default="wikitext2", help="wikitext2|pydoc|FILE|DIR")
-    e.add_argument("--seqlen", type=int, default=2048, help="tokens per evaluation window")
+    e.add_argument("--seqlen", type=int, default=None,
+                   help="tokens per evaluation window (default: min(2048, the model's context))")
     e.add_argument("--max-windows", type=int, default=None, help="evaluate at most this many windows (default: all)")
     e.add_argument("--work-dir", type=Path, default=None, help="hidden states (default: a temporary directory)")
     e.add_argument("--json", action="store_true", help="print one JSON object")

@@ -80,7 +80,7 @@ def build_prune_config(args: argparse.Namespace) -> tuple[RunConfig, Any]:
     ckpt, sk = open_model(model_dir)
     fp = checkpoint_fingerprint(ckpt)
     config = sk.model.config
-    seqlen = args.seqlen if args.seqlen is not None else _default_seqlen(args, config)
+    seqlen = args.seqlen if args.seqlen is not None else default_seqlen(args, config)
     if args.method == "wanda" or (args.eval_data and args.eval_seqlen is None):
         _check_seqlen(config, seqlen, "--seqlen")  # magnitude reads no calibration windows
     if args.eval_seqlen is not None:
@@ -98,7 +98,7 @@ def build_prune_config(args: argparse.Namespace) -> tuple[RunConfig, Any]:
     return cfg, (fp, sk, ckpt)
 
 
-def _default_seqlen(args: argparse.Namespace, config: Any) -> int:
+def default_seqlen(args: argparse.Namespace, config: Any) -> int:
     """min(2048, the model's context), as the Wanda paper's code sets it; said on stderr unless --quiet."""
     limit = getattr(config.get_text_config(), "max_position_embeddings", None)
     seqlen = min(DEFAULT_SEQLEN, limit) if limit else DEFAULT_SEQLEN

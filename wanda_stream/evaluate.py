@@ -45,14 +45,19 @@ def run_dense(
 
 
 def evaluate(
-    model_dir: Path, data: str, seqlen: int, max_windows: int | None, device: str, compute_dtype: str,
+    model_dir: Path, data: str, seqlen: int | None, max_windows: int | None, device: str, compute_dtype: str,
     work_dir: Path, args: argparse.Namespace | None = None,
 ) -> dict[str, Any]:
-    """Perplexity of the model on non-overlapping `seqlen` windows of `data`, one block at a time."""
-    from wanda_stream.commands import _check_seqlen, auto_batch
+    """Perplexity of the model on non-overlapping `seqlen` windows of `data`, one block at a time.
+
+    `seqlen` None is min(2048, the model's context).
+    """
+    from wanda_stream.commands import _check_seqlen, auto_batch, default_seqlen
 
     t0 = time.monotonic()
     ckpt, sk = open_model(model_dir)
+    if seqlen is None:
+        seqlen = default_seqlen(args, sk.model.config)
     _check_seqlen(sk.model.config, seqlen, "--seqlen")
     dtype_name = resolve_compute_dtype(compute_dtype, device, checkpoint_dtype(ckpt, sk))
     dtype = DTYPE_NAMES[dtype_name]
