@@ -7,10 +7,8 @@ plus SIGKILLs at random moments; every run is a subprocess, as a batch scheduler
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import random
-import re
 import shlex
 import shutil
 import signal
