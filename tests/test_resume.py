@@ -32,7 +32,8 @@ ARGS = ["--calib", "pydoc", "--nsamples", "4", "--seqlen", "32", "--device", "cp
 REPORT = "wanda_stream.json"
 INDEX = "model.safetensors.index.json"
 # Report fields that legitimately differ between runs: timings, memory, I/O counters, paths.
-VOLATILE = ("peak_rss_bytes", "peak_cuda_bytes", "io", "seconds_this_process", "block_loop_seconds_this_process", "versions")
+VOLATILE = ("peak_rss_bytes", "peak_cuda_bytes", "io", "seconds_this_process", "block_loop_seconds_this_process",
+            "versions")
 
 
 def prune_args(model: Path, out: Path, *extra: str) -> list[str]:
