@@ -73,6 +73,19 @@ def tree_hash(path: Path) -> dict[str, str]:
             for p in sorted(path.rglob("*")) if p.is_file()}
 
 
+def checkpoint_files(out: Path) -> dict[str, str]:
+    """Hashes of an output's files but the report (paths, timings), the model card's command line taken
+    without its input and output paths, which differ between two runs of one configuration."""
+    import re
+
+    got = {k: v for k, v in tree_hash(out).items() if k != "wanda_stream.json"}
+    if (out / "README.md").is_file():
+        card = re.sub(r"^wanda-stream prune \S+ \S+ ", "wanda-stream prune MODEL OUT ",
+                      (out / "README.md").read_text(), flags=re.M)
+        got["README.md"] = hashlib.sha256(card.encode()).hexdigest()
+    return got
+
+
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run `python -m wanda_stream ARGS` in a subprocess."""
     full_env = {**os.environ, **(env or {})}

@@ -22,7 +22,7 @@ from typing import Callable
 
 import pytest
 
-from tests.helpers import ROOT, tree_hash
+from tests.helpers import ROOT, checkpoint_files, tree_hash
 from wanda_stream.cli import main
 from wanda_stream.state import KILL_ENV
 
@@ -289,10 +289,6 @@ def reference(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     return out
 
 
-def _checkpoint_files(out: Path) -> dict[str, str]:
-    return {k: v for k, v in tree_hash(out).items() if k != "wanda_stream.json"}
-
-
 def test_file_size_limit_mid_write_then_resume(tiny_model: Path, reference: Path, tmp_path: Path) -> None:
     """EFBIG from RLIMIT_FSIZE fails a shard write part-way, as a full disk would; resuming finishes it."""
     out = tmp_path / "out"
@@ -310,7 +306,7 @@ def test_file_size_limit_mid_write_then_resume(tiny_model: Path, reference: Path
     assert list(out.glob("*.partial")), "the limit should have stopped a shard part-way"
     assert not (out / INDEX).exists()
     assert main(["prune", str(tiny_model), str(out), *ARGS, "--resume"]) == 0
-    assert _checkpoint_files(out) == _checkpoint_files(reference)
+    assert checkpoint_files(out) == checkpoint_files(reference)
     assert tree_hash(tiny_model) == before
 
 
@@ -363,7 +359,7 @@ def test_disk_full_on_tmpfs_then_resume(tiny_model: Path, reference: Path, tmp_p
         assert not (out / INDEX).exists()
         (disk / "filler").unlink()
         assert main(["prune", str(tiny_model), str(out), *ARGS, "--resume"]) == 0
-        assert _checkpoint_files(out) == _checkpoint_files(reference)
+        assert checkpoint_files(out) == checkpoint_files(reference)
         assert tree_hash(tiny_model) == before
     finally:
         subprocess.run(["umount", str(disk)], capture_output=True, timeout=30)

@@ -187,7 +187,7 @@ def test_refuses_early_on_a_real_small_disk(tiny_model: Path, tmp_path: Path,
         assert main(["prune", str(tiny_model), str(out), *ARGS]) == 2
         err = capsys.readouterr().err.strip()
         assert re.fullmatch(rf"wanda-stream: error: {re.escape(str(out))}: needs about [0-9.]+ KiB free for the "
-                            r"pruned checkpoint, has 256\.0 KiB; .*", err), err
+                            r"pruned checkpoint, has 25\d\.0 KiB; .*", err), err  # the run's lock file may hold a block
         assert list(disk.iterdir()) == []
     finally:
         subprocess.run(["umount", str(disk)], capture_output=True, timeout=30)
@@ -207,4 +207,5 @@ def test_bar_on_a_terminal_counts_resumed_blocks() -> None:
     progress.update(41, block=40)
     progress.close()
     assert "41/80" in term.getvalue() and "prune" in term.getvalue()
-    assert Progress("bar", 3, "prune", stream=io.StringIO()).bar.disable  # no terminal, no bar
+    plain = Progress("bar", 3, "prune", stream=io.StringIO())
+    assert plain.bar is None and plain.mode == "lines"  # no terminal, no bar: a line per block

@@ -144,3 +144,108 @@ def test_unreachable_hub_is_one_line(tiny_model: Path, tmp_path: Path) -> None:
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "c4" in lines[0] and "pydoc" in lines[0] and "Traceback" not in r.stderr
+
+
+CHAT_TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+
+
+def _conversations(n: int) -> list[list[dict[str, str]]]:
+    from tests.helpers import small_text
+
+    words = small_text().split()
+    return [[{"role": "user", "content": " ".join(words[i * 60:i * 60 + 30])},
+             {"role": "assistant", "content": " ".join(words[i * 60 + 30:i * 60 + 60])}] for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def chat_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with a small chat template in its tokenizer."""
+    import shutil
+
+    model = tmp_path_factory.mktemp("chat") / "model"
+    shutil.copytree(tiny_model, model)
+    tokenizer = calib.load_tokenizer(model)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(str(model))
+    return model
+
+
+def test_chat_records_are_rendered_with_the_template_and_packed(chat_model: Path, tmp_path: Path) -> None:
+    convs = _conversations(12)
+    path = tmp_path / "chat.jsonl"
+    path.write_text("\n".join(json.dumps({"messages": c}) for c in convs))
+    docs = calib.documents(str(path), field=None)
+    assert docs == convs
+    tok = calib.load_tokenizer(chat_model)
+    windows = calib.sample_windows(docs, tok, 4, 64, 0, str(path))
+    rendered = "".join(tok.apply_chat_template(c, tokenize=False) for c in convs)
+    assert "<|assistant|>" in rendered
+    packed = tok(rendered, add_special_tokens=False)["input_ids"]
+    for row in windows.tolist():
+        assert any(packed[j:j + 64] == row for j in range(len(packed) - 64)), "a window of the rendered chats"
+    # The same records as parquet give the same windows.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist([{"messages": c} for c in convs]), tmp_path / "chat.parquet")
+    as_parquet = calib.documents(str(tmp_path / "chat.parquet"), field=None)
+    assert torch.equal(calib.sample_windows(as_parquet, tok, 4, 64, 0, "p"), windows)
+
+
+def test_chat_calibration_on_the_command_line(chat_model: Path, tiny_model: Path, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from wanda_stream.cli import main
+
+    path = tmp_path / "chat.json"
+    path.write_text(json.dumps([{"messages": c} for c in _conversations(12)]))
+    args = ["--calib", str(path), "--nsamples", "2", "--seqlen", "32", "--quiet"]
+    assert main(["prune", str(chat_model), str(tmp_path / "out"), *args]) == 0
+    report = json.loads((tmp_path / "out" / "wanda_stream.json").read_text())
+    assert report["config"]["chat_template"] == "auto"
+
+    def refused(argv: list[str]) -> str:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1, err
+        return err
+
+    err = refused(["prune", str(tiny_model), str(tmp_path / "o2"), *args])
+    assert "the model's tokenizer has no chat template" in err and "--chat-template never" in err
+    err = refused(["prune", str(chat_model), str(tmp_path / "o3"), *args, "--chat-template", "never"])
+    assert f"{path}: record 0 has no a string field 'text'" in err
+    assert "--calib-field messages needs the chat template" in refused(
+        ["prune", str(chat_model), str(tmp_path / "o4"), *args, "--chat-template", "never", "--calib-field", "messages"])
+    for out in ("o2", "o3", "o4"):
+        assert not (tmp_path / out).exists()
+
+
+def test_run_identity_covers_the_chat_options() -> None:
+    from wanda_stream.config import RunConfig
+
+    base = RunConfig("/m", "/o", "/o/.wanda-stream")
+    never = RunConfig("/m", "/o", "/o/.wanda-stream", chat_template="never")
+    field = RunConfig("/m", "/o", "/o/.wanda-stream", calib_field="text")
+    assert len({base.fingerprint(), never.fingerprint(), field.fingerprint()}) == 3
+    assert never.differences(base) == ["chat_template: 'never' -> 'auto'"]
+    # Runs made before the options existed keep their fingerprint.
+    assert "chat_template" not in base.result_fields() and "calib_field" not in base.result_fields()
+
+
+def test_hub_spec_parsing_and_the_offline_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets
+    from huggingface_hub import constants
+
+    assert calib.parse_hub_spec("hub:HuggingFaceH4/ultrachat_200k@train_sft") == calib.HubSpec(
+        "HuggingFaceH4/ultrachat_200k", None, "train_sft")
+    assert calib.parse_hub_spec("hub:allenai/c4:en@validation") == calib.HubSpec("allenai/c4", "en", "validation")
+    assert calib.parse_hub_spec("hub:org/name") == calib.HubSpec("org/name", None, "train")
+    assert calib.parse_hub_spec("c4") is None and calib.parse_hub_spec("./data.jsonl") is None
+    for bad in ("hub:noslash", "hub:a/b@", "hub:a/b:c:d"):
+        with pytest.raises(InputError, match=r"use hub:ORG/NAME\[:CONFIG\]\[@SPLIT\]"):
+            calib.parse_hub_spec(bad)
+    assert calib.spec_fingerprint("hub:org/name@train") == "hub:org/name@train"
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(InputError, match=r"^cannot load 'hub:acme/chats@train_sft' from the Hugging Face hub "
+                                         r"\(.*OfflineModeIsEnabled"):
+        calib.documents("hub:acme/chats@train_sft", field="messages")

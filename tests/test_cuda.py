@@ -7,6 +7,7 @@ near-tie in a score may flip: masks are compared by agreement, not for equality.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,9 @@ ARGS = ["--calib", "pydoc", "--nsamples", "6", "--seqlen", "32", "--device", "cu
 def test_cuda_prune_matches_cpu_reference(tiny_model: Path, tmp_path: Path, pattern: str) -> None:
     out = tmp_path / "out"
     assert main(["prune", str(tiny_model), str(out), "--pattern", pattern, *ARGS]) == 0
+    report = json.loads((out / "wanda_stream.json").read_text())
+    # The CUDA allocator's high-water mark: at least one block's weights were on the device.
+    assert report["peak_cuda_bytes"] >= max(t.numel() * 4 for t in load_state_dict(tiny_model).values())
     got = load_state_dict(out)
     tokens = calib.sample_windows(calib.documents("pydoc"), calib.load_tokenizer(tiny_model), 6, 32, 0, "pydoc")
     nm = None if pattern == "unstructured" else (2, 4)
@@ -43,10 +47,10 @@ def test_cuda_prune_matches_cpu_reference(tiny_model: Path, tmp_path: Path, patt
 
 
 def test_cuda_eval_matches_transformers(tiny_model: Path, capsys: pytest.CaptureFixture) -> None:
-    import json
-
     capsys.readouterr()
     assert main(["eval", str(tiny_model), "--data", "pydoc", "--seqlen", "48", "--max-windows", "5",
                  "--device", "cuda", "--compute-dtype", "float32", "--json"]) == 0
-    got = json.loads(capsys.readouterr().out)["perplexity"]
+    result = json.loads(capsys.readouterr().out)
+    assert result["peak_cuda_bytes"] > 0
+    got = result["perplexity"]
     assert got == pytest.approx(in_memory_ppl(tiny_model, _windows(tiny_model)), rel=1e-4)

@@ -91,3 +91,49 @@ def test_inspect_dense_and_2_4(tiny_model: Path, tmp_path: Path, capsys: pytest.
     assert main(["inspect", str(out)]) == 0
     table = capsys.readouterr().out
     assert "model.layers.2.mlp.down_proj.weight" in table and "total sparsity" in table
+
+
+def test_inspect_sorts_numerically_and_summarizes_and_status_reads(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    import re
+
+    model = write_tiny_model(tmp_path / "m11", tiny_llama_config(num_hidden_layers=11, hidden_size=32,
+                                                                 intermediate_size=64))
+    out = tmp_path / "out"
+    assert main(["prune", str(model), str(out), "--method", "magnitude", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--json"]) == 0
+    blocks = [int(m["name"].split(".")[2]) for m in json.loads(capsys.readouterr().out)["matrices"]]
+    assert blocks == sorted(blocks) and blocks[-1] == 10  # 0, 1, 2, ..., 10: not 0, 1, 10, 2
+    assert main(["inspect", str(out), "--summary", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert [b["name"] for b in summary["by_block"]] == list(range(11))
+    assert all(b["matrices"] == 7 and b["sparsity"] == 0.5 for b in summary["by_block"])
+    kinds = {k["name"]: k["matrices"] for k in summary["by_kind"]}
+    assert kinds["self_attn.q_proj.weight"] == 11 and len(kinds) == 7
+    assert sum(k["weights"] for k in summary["by_kind"]) == summary["parameters"]
+    assert main(["inspect", str(out), "--summary"]) == 0
+    text = capsys.readouterr().out
+    assert re.search(r"^mlp\.down_proj\.weight\s+11\s+\d+\s+0\.5000$", text, re.M), text
+    assert main(["status", str(out)]) == 0
+    status = capsys.readouterr().out
+    assert re.search(r"^total_sparsity\s+0\.5000$", status, re.M), status  # separated, rounded
+    assert re.search(r"^sparsity\s+0\.5000$", status, re.M), status
+
+
+def test_every_flag_has_help_and_prune_help_shows_defaults(capsys: pytest.CaptureFixture) -> None:
+    import argparse
+
+    from wanda_stream.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, p in sub.choices.items():
+        for action in p._actions:
+            assert action.help, f"{name} {action.option_strings or action.dest} has no help text"
+    with pytest.raises(SystemExit):
+        main(["prune", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for shown in ("(default: 0.5)", "(default: wanda)", "(default: c4)", "(default: 128)", "(default: 0)",
+                  "min(2048, the model's context)", "examples:"):
+        assert shown in text, shown

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import ROOT, run_cli, tree_hash, write_tiny_model
+from tests.helpers import ROOT, checkpoint_files, run_cli, tree_hash, write_tiny_model
 from wanda_stream import state as state_mod
 from wanda_stream.cli import main
 from wanda_stream.state import WorkDir
@@ -32,23 +32,19 @@ ARGS = ["--calib", "pydoc", "--nsamples", "4", "--seqlen", "32", "--device", "cp
 REPORT = "wanda_stream.json"
 INDEX = "model.safetensors.index.json"
 # Report fields that legitimately differ between runs: timings, memory, I/O counters, paths.
-VOLATILE = ("peak_rss_bytes", "io", "seconds_this_process", "block_loop_seconds_this_process", "versions")
+VOLATILE = ("peak_rss_bytes", "peak_cuda_bytes", "io", "seconds_this_process", "block_loop_seconds_this_process",
+            "versions")
 
 
 def prune_args(model: Path, out: Path, *extra: str) -> list[str]:
     return ["prune", str(model), str(out), *ARGS, *extra]
 
 
-def checkpoint_files(out: Path) -> dict[str, str]:
-    """Hashes of everything a loader reads: shards, index, config, tokenizer (not the timing report)."""
-    return {k: v for k, v in tree_hash(out).items() if k != REPORT}
-
-
 def report_core(out: Path) -> dict[str, Any]:
     """The report without what legitimately differs between two runs of one configuration."""
     rep = json.loads((out / REPORT).read_text())
     for k in VOLATILE:
-        rep.pop(k)
+        rep.pop(k, None)
     for k in ("output_dir", "work_dir"):
         rep["config"].pop(k)
     rep.pop("config_fingerprint")  # covers output_dir, which differs between the two directories

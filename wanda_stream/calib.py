@@ -1,8 +1,13 @@
 """Text sources to token windows: calibration (random windows) and evaluation (consecutive ones).
 
 A SPEC is a local file (.txt, .jsonl/.json with a `text` field, .parquet), a directory of them,
-`c4` or `wikitext2` (hub data sets, through `datasets`), or `pydoc` (the documentation text that
-ships with CPython, so the tool runs with no data set at all).
+`c4` or `wikitext2` (hub data sets, through `datasets`), `hub:ORG/NAME[:CONFIG][@SPLIT]` (any hub
+data set, streamed), or `pydoc` (the documentation text that ships with CPython, so the tool runs
+with no data set at all).
+
+Records may hold a `messages` list (role/content) instead of text: calibration renders such
+conversations with the checkpoint tokenizer's chat template and packs them into one token stream,
+so that windows of any length fit however short each conversation is.
 """
 
 from __future__ import annotations
@@ -10,6 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,24 +32,38 @@ FILE_SUFFIXES = (".txt", ".raw", ".tokens", ".jsonl", ".json", ".parquet")
 C4_REPO = "allenai/c4"
 C4_FILE = "en/c4-train.00000-of-01024.json.gz"
 C4_DOCS = 20000
+HUB_PREFIX = "hub:"
+HUB_DOCS = 20000  # records read from the start of a hub data set's split, as for C4
+FIELDS = ("text", "messages")
+Conversation = list[dict[str, str]]
+Document = str | Conversation  # a text, or a conversation to render with the chat template
 
 
-def _records_text(path: Path, records: list[Any]) -> list[str]:
-    out = []
-    for i, r in enumerate(records):
-        if not isinstance(r, dict) or not isinstance(r.get("text"), str):
-            raise InputError(f"{path}: record {i} has no string field 'text'; each record needs one")
-        out.append(r["text"])
-    return out
+def _record_document(where: str, i: int, r: Any, field: str | None) -> Document:
+    """The text or conversation of one record; `field` None takes `messages` when there is a list, else `text`."""
+    if isinstance(r, dict):
+        if field in (None, "messages") and isinstance(r.get("messages"), list):
+            return r["messages"]
+        if field in (None, "text") and isinstance(r.get("text"), str):
+            return r["text"]
+    wanted = {None: "a string field 'text' or a list 'messages'", "text": "a string field 'text'",
+              "messages": "a list field 'messages'"}[field]
+    raise InputError(f"{where}: record {i} has no {wanted}; each record needs one (see --calib-field)")
 
 
-def _file_documents(path: Path) -> list[str]:
+def _records_text(path: Path, records: list[Any], field: str | None = "text") -> list[Document]:
+    return [_record_document(str(path), i, r, field) for i, r in enumerate(records)]
+
+
+def _file_documents(path: Path, field: str | None = "text") -> list[Document]:
     suffix = path.suffix.lower()
     try:
         if suffix == ".parquet":
             import pyarrow.parquet as pq
 
             table = pq.read_table(path)
+            if field != "text" and "messages" in table.column_names:
+                return _records_text(path, table.to_pylist(), field)
             if "text" not in table.column_names:
                 raise InputError(f"{path}: no column 'text'; the parquet file needs one")
             return [t for t in table.column("text").to_pylist() if isinstance(t, str)]
@@ -54,23 +75,23 @@ def _file_documents(path: Path) -> list[str]:
             recs = [json.loads(line) for line in text.splitlines() if line.strip()]
         except json.JSONDecodeError as e:
             raise InputError(f"{path}: invalid JSON line ({e.msg}, line {e.lineno}); fix the file") from None
-        return _records_text(path, recs)
+        return _records_text(path, recs, field)
     if suffix == ".json":
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise InputError(f"{path}: invalid JSON ({e.msg}); fix the file") from None
-        return _records_text(path, data if isinstance(data, list) else [data])
+        return _records_text(path, data if isinstance(data, list) else [data], field)
     return [text]
 
 
-def _local_documents(path: Path) -> list[str]:
+def _local_documents(path: Path, field: str | None = "text") -> list[Document]:
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in FILE_SUFFIXES)
         if not files:
             raise InputError(f"{path}: no .txt/.jsonl/.json/.parquet files in the directory")
-        return [d for f in files for d in _file_documents(f)]
-    return _file_documents(path)
+        return [d for f in files for d in _file_documents(f, field)]
+    return _file_documents(path, field)
 
 
 def _pydoc_documents() -> list[str]:
@@ -119,8 +140,54 @@ def wikitext2_text(split: str, repo: str = "wikitext", name: str = "wikitext-2-r
         raise _hub_error("wikitext2", e) from None
 
 
-def documents(spec: str, purpose: str = "calibration", stop: StopFlag | None = None) -> list[str]:
-    """The documents of a SPEC; raises Interrupted when `stop` is requested while C4 streams."""
+@dataclass(frozen=True)
+class HubSpec:
+    """`hub:ORG/NAME[:CONFIG][@SPLIT]`: a data set on the hub, read as a stream."""
+
+    repo: str
+    config: str | None
+    split: str
+
+
+def parse_hub_spec(spec: str) -> HubSpec | None:
+    """The parts of a `hub:` SPEC, None for any other SPEC; InputError for a malformed one."""
+    if not spec.startswith(HUB_PREFIX):
+        return None
+    m = re.fullmatch(r"hub:([\w.-]+/[\w.-]+)(?::([\w.-]+))?(?:@([\w.-]+))?", spec)
+    if not m:
+        raise InputError(f"--calib '{spec}': use hub:ORG/NAME[:CONFIG][@SPLIT], e.g. "
+                         "hub:HuggingFaceH4/ultrachat_200k@train_sft")
+    return HubSpec(m[1], m[2], m[3] or "train")
+
+
+def hub_documents(spec: str, field: str | None = None, limit: int = HUB_DOCS,
+                  stop: StopFlag | None = None) -> list[Document]:
+    """The first `limit` records of a `hub:` data set's split, streamed (never downloaded whole)."""
+    import datasets
+
+    hub = parse_hub_spec(spec)
+    docs: list[Document] = []
+    try:
+        ds = datasets.load_dataset(hub.repo, hub.config, split=hub.split, streaming=True)
+        for i, r in zip(range(limit), ds):
+            _check_stop(stop, f"reading {spec}")
+            docs.append(_record_document(spec, i, r, field))
+    except (Interrupted, InputError):
+        raise
+    except Exception as e:  # noqa: BLE001 - any hub/network failure becomes one line for the user
+        raise _hub_error(spec, e) from None
+    return docs
+
+
+def documents(spec: str, purpose: str = "calibration", stop: StopFlag | None = None,
+              field: str | None = "text") -> list[Document]:
+    """The documents of a SPEC; raises Interrupted when `stop` is requested while C4 streams.
+
+    `field` says what a record's document is: "text", "messages" (a conversation), or None for
+    whichever the record has.
+    """
+    if parse_hub_spec(spec):
+        return hub_documents(spec, field, stop=stop)
     if spec == "pydoc":
         return _pydoc_documents()
     if spec == "c4":
@@ -130,14 +197,15 @@ def documents(spec: str, purpose: str = "calibration", stop: StopFlag | None = N
     path = Path(spec)
     if not path.exists():
         flag = "--calib" if purpose == "calibration" else "--data/--eval-data"
-        raise InputError(f"{spec}: no such file or directory; {flag} takes a file, directory, c4, wikitext2 or pydoc")
-    return _local_documents(path)
+        raise InputError(f"{spec}: no such file or directory; {flag} takes a file, directory, c4, wikitext2, "
+                         "hub:ORG/NAME or pydoc")
+    return _local_documents(path, field)
 
 
 def spec_fingerprint(spec: str) -> str:
     """Identifies a SPEC's content: a hash for local files, the name for hub and built-in sources."""
     path = Path(spec)
-    if spec in HUB_SPECS + BUILTIN_SPECS or not path.exists():
+    if spec in HUB_SPECS + BUILTIN_SPECS or spec.startswith(HUB_PREFIX) or not path.exists():
         return spec
     h = hashlib.sha256()
     files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
@@ -173,15 +241,41 @@ def _tokenize_each(docs: list[str], tokenizer: Any, stop: StopFlag | None, what:
     return ids
 
 
-def sample_windows(docs: list[str], tokenizer: Any, nsamples: int, seqlen: int, seed: int, spec: str,
+def _chat_ids(conversations: list[Conversation], tokenizer: Any, where: str) -> list[int]:
+    """The conversations rendered by the tokenizer's chat template, packed into one token stream.
+
+    The rendered text carries the template's own special tokens, so none are added again.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise InputError(
+            f"calibration data '{where}' holds conversations (messages), but the model's tokenizer has no chat "
+            "template; give records a 'text' field and add --chat-template never, or use a chat model"
+        )
+    ids: list[int] = []
+    for conv in conversations:
+        try:
+            text = tokenizer.apply_chat_template(conv, tokenize=False)
+        except Exception as e:  # noqa: BLE001 - a template error is about the user's data
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise InputError(f"calibration data '{where}': the chat template cannot render a record ({first})") from None
+        ids += tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    return ids
+
+
+def sample_windows(docs: list[Document], tokenizer: Any, nsamples: int, seqlen: int, seed: int, spec: str,
                    stop: StopFlag | None = None) -> torch.Tensor:
     """`nsamples` random windows of `seqlen` tokens, as the paper samples C4.
 
     Repeatedly pick a random document until one is longer than `seqlen`, then a random window
-    of it; Python's `random` seeded with `seed` makes the choice reproducible. Raises Interrupted
-    when `stop` is requested while the documents are tokenized.
+    of it; Python's `random` seeded with `seed` makes the choice reproducible. Conversations are
+    rendered and packed into one document after the texts. Raises Interrupted when `stop` is
+    requested while the documents are tokenized.
     """
-    ids = _tokenize_each(docs, tokenizer, stop, "calibration")
+    texts = [d for d in docs if isinstance(d, str)]
+    ids = _tokenize_each(texts, tokenizer, stop, "calibration")
+    conversations = [d for d in docs if not isinstance(d, str)]
+    if conversations:
+        ids.append(_chat_ids(conversations, tokenizer, spec))
     if not any(len(t) > seqlen for t in ids):
         longest = max((len(t) for t in ids), default=0)
         raise InputError(

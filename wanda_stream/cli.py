@@ -47,6 +47,16 @@ STATUS_EXAMPLES = """examples:
 """
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Help with each flag's default, and the examples epilog kept as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        # Unset (None) and off (False) defaults say nothing, and a help text may explain its default itself.
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that exits 2 with one line (argparse's own default prints usage too)."""
 
@@ -81,8 +91,15 @@ def _add_method(p: argparse.ArgumentParser) -> None:
                        help=f"{f.metadata['help']} (with {owner}; default {f.default})")
 
 
+def _add_revision(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--revision", default=None,
+                   help="branch, tag or commit of a hub model id given as MODEL_DIR (default: main)")
+
+
 def _add_progress(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--log-format", choices=("bar", "json"), default="bar", help="tqdm bars or one JSON object per line")
+    p.add_argument("--log-format", choices=("bar", "json"), default="bar",
+                   help="bar: a progress bar on a terminal, and one plain line per block (block, elapsed, ETA, "
+                        "peak RSS) when stderr is not a terminal (a batch job's log); json: one JSON object per line")
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
 
@@ -98,18 +115,26 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("prune", help="prune a checkpoint", epilog=PRUNE_EXAMPLES,
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       formatter_class=_Formatter,
                        description="Prune the decoder linears (and MoE experts, per expert) of a Hugging Face "
                                    f"safetensors checkpoint; {supported}.")
-    p.add_argument("model_dir", type=Path, help="input checkpoint directory (never modified)")
+    p.add_argument("model_dir", type=Path,
+                   help="input checkpoint directory (never modified), or a hub model id ORG/NAME")
     p.add_argument("output_dir", type=Path, help="where the pruned checkpoint is written")
     p.add_argument("--sparsity", type=float, default=0.5, help="fraction of each decoder linear to remove (0<s<1)")
     p.add_argument("--pattern", default="unstructured", help="unstructured|2:4|4:8|N:M (N:M implies sparsity N/M)")
     _add_method(p)
-    p.add_argument("--calib", default="c4", help="c4|wikitext2|pydoc|FILE|DIR (.txt, .jsonl/.json, .parquet)")
+    p.add_argument("--calib", default="c4",
+                   help="c4|wikitext2|pydoc|hub:ORG/NAME[:CONFIG][@SPLIT]|FILE|DIR (.txt, .jsonl/.json, .parquet)")
+    p.add_argument("--calib-field", choices=("text", "messages"), default=None,
+                   help="the record field to calibrate on (default: 'messages' where a record has a list of "
+                        "them, else 'text')")
+    p.add_argument("--chat-template", choices=("auto", "never"), default="auto",
+                   help="auto: render records' 'messages' with the model's chat template; never: use 'text' only")
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
-    p.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seqlen", type=int, default=None,
+                   help="tokens per calibration window (default: min(2048, the model's context))")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random choice of calibration windows")
     p.add_argument("--work-dir", type=Path, default=None,
                    help="hidden states and run state (default OUTPUT_DIR/.wanda-stream)")
     p.add_argument("--keep-work-dir", action="store_true", help="keep the work dir after success")
@@ -120,36 +145,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="discard an earlier run or output and start over")
     p.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S,
                    help="under torchrun: seconds a rank waits for the others at a collective before giving up "
-                        "(exit 75); must exceed the longest block (default 1800)")
+                        "(exit 75); must exceed the longest block")
     p.add_argument("--no-prefetch", action="store_true",
                    help="read, compute and write in turn (no overlap; for benchmarking it)")
+    _add_revision(p)
     _add_device(p)
     _add_progress(p)
 
     e = sub.add_parser("eval", help="streamed perplexity", epilog=EVAL_EXAMPLES,
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       formatter_class=_Formatter,
                        description="Perplexity over non-overlapping windows, one block at a time.")
-    e.add_argument("model_dir", type=Path)
+    e.add_argument("model_dir", type=Path, help="checkpoint directory, or a hub model id ORG/NAME")
     e.add_argument("--data", default="wikitext2", help="wikitext2|pydoc|FILE|DIR")
-    e.add_argument("--seqlen", type=int, default=2048)
-    e.add_argument("--max-windows", type=int, default=None)
+    e.add_argument("--seqlen", type=int, default=None,
+                   help="tokens per evaluation window (default: min(2048, the model's context))")
+    e.add_argument("--max-windows", type=int, default=None, help="evaluate at most this many windows (default: all)")
     e.add_argument("--work-dir", type=Path, default=None, help="hidden states (default: a temporary directory)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_revision(e)
     _add_device(e)
     _add_progress(e)
 
     i = sub.add_parser("inspect", help="sparsity of a checkpoint", epilog=INSPECT_EXAMPLES,
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       formatter_class=_Formatter,
                        description="Per-matrix sparsity of the decoder linears, read one tensor at a time.")
-    i.add_argument("model_dir", type=Path)
+    i.add_argument("model_dir", type=Path, help="checkpoint directory, or a hub model id ORG/NAME")
+    _add_revision(i)
     i.add_argument("--pattern", default=None, help="also check this N:M pattern, e.g. 2:4")
-    i.add_argument("--json", action="store_true")
+    i.add_argument("--summary", action="store_true", help="totals per layer kind and per block, not per matrix")
+    i.add_argument("--json", action="store_true", help="print one JSON object")
 
     s = sub.add_parser("status", help="state of a run", epilog=STATUS_EXAMPLES,
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       formatter_class=_Formatter,
                        description="What run a work or output directory holds and whether it can resume.")
     s.add_argument("path", type=Path, help="a --work-dir or an OUTPUT_DIR")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
 
@@ -162,6 +192,7 @@ def _version() -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in the model card
     try:
         from wanda_stream import commands
 

@@ -15,7 +15,8 @@ import psutil
 import torch
 from transformers import PretrainedConfig
 
-from wanda_stream import calib, experts
+from wanda_stream import calib, experts, resources
+from wanda_stream.card import card_command
 from wanda_stream.checkpoint import Checkpoint
 from wanda_stream.config import RunConfig, parse_pattern, resolve_compute_dtype, resolve_device
 from wanda_stream.dist import World
@@ -23,40 +24,38 @@ from wanda_stream.errors import InputError, Interrupted
 from wanda_stream.methods import build as build_method
 from wanda_stream.methods import dataclass_flags, option_flags
 from wanda_stream.model import Skeleton
+from wanda_stream.outputs import own_files, shard_names
 from wanda_stream.profiles import Owl
 from wanda_stream.report import Progress
 from wanda_stream.resources import auto_batch, check_seqlen, parse_size
 from wanda_stream.state import (
-    REPORT_NAME, RUN_FILE, StopFlag, WorkDir, checkpoint_fingerprint, resume_command,
+    REPORT_NAME, RUN_FILE, RunLock, StopFlag, WorkDir, checkpoint_fingerprint, resume_command,
 )
+
 
 def build_prune_config(args: argparse.Namespace, world_size: int = 1) -> tuple[RunConfig, Any]:
     """Validate the prune arguments against the checkpoint; returns the config and (fingerprint, skeleton, checkpoint)."""
     from wanda_stream.stream import checkpoint_dtype, open_model
 
-    model_dir, output_dir = args.model_dir.resolve(), args.output_dir.resolve()
-    work_dir = (args.work_dir or output_dir / ".wanda-stream").resolve()
-    method_options, profile_options = chosen_options(args)
-    probe = RunConfig(str(model_dir), str(output_dir), str(work_dir), sparsity=args.sparsity, pattern=args.pattern,
-                      method=args.method, method_options=method_options, sparsity_profile=args.sparsity_profile,
-                      profile_options=profile_options, nsamples=args.nsamples, seqlen=args.seqlen,
-                      eval_windows=args.eval_windows)
-    probe.validate()
+    model_dir, work_dir = args.model_dir.resolve(), _work_dir(args)
+    probe = _probe_config(args)
     ckpt, sk = open_model(model_dir)
     check_pattern(ckpt, sk, probe.nm, args.pattern)
     fp = checkpoint_fingerprint(ckpt)
     config = sk.model.config
-    check_seqlen(config, args.seqlen, "--seqlen")
+    seqlen = args.seqlen if args.seqlen is not None else default_seqlen(args, config)
+    if probe.needs_calibration or (args.eval_data and args.eval_seqlen is None):
+        check_seqlen(config, seqlen, "--seqlen")  # magnitude reads no calibration windows
     if args.eval_seqlen is not None:
         check_seqlen(config, args.eval_seqlen, "--eval-seqlen")
     device = resolve_device(args.device)
     dtype_name = resolve_compute_dtype(args.compute_dtype, device, checkpoint_dtype(ckpt, sk))
-    saved = _saved_config(work_dir, output_dir) if args.resume else None
+    saved = _saved_config(work_dir, args.output_dir.resolve()) if args.resume else None
     if saved is not None and args.batch_size is None and args.max_activation_memory is None:
         batch = saved.batch_size  # the same micro-batches make a resumed run's bytes identical
     else:
-        batch = _batch(args, config, args.seqlen, _dtype(dtype_name), args.nsamples, device)
-    cfg = _run_config(args, device, dtype_name, batch, world_size,
+        batch = _batch(args, config, seqlen, _dtype(dtype_name), args.nsamples, device)
+    cfg = _run_config(args, seqlen, device, dtype_name, batch, world_size,
                       calib.spec_fingerprint(args.calib) if probe.needs_calibration else "",
                       calib.spec_fingerprint(args.eval_data) if args.eval_data else "")
     return cfg, (fp, sk, ckpt)
@@ -104,7 +103,24 @@ def _batch(args: argparse.Namespace, config: PretrainedConfig, seqlen: int, dtyp
     return auto_batch(config, seqlen, dtype, n, device, args.batch_size, budget)
 
 
-def _run_config(args: argparse.Namespace, device: str, compute_dtype: str, batch: int, world_size: int,
+def default_seqlen(args: argparse.Namespace, config: PretrainedConfig) -> int:
+    """min(2048, the model's context), as the Wanda paper's code sets it; said on stderr unless --quiet."""
+    _say(args, resources.seqlen_note(config))
+    return resources.default_seqlen(config)
+
+
+def _probe_config(args: argparse.Namespace) -> RunConfig:
+    """The arguments' checks that need no checkpoint (paths, method, profile, pattern), as a RunConfig."""
+    method_options, profile_options = chosen_options(args)
+    return RunConfig(
+        str(args.model_dir.resolve()), str(args.output_dir.resolve()), str(_work_dir(args)), sparsity=args.sparsity,
+        pattern=args.pattern, method=args.method, method_options=method_options,
+        sparsity_profile=args.sparsity_profile, profile_options=profile_options, nsamples=args.nsamples,
+        seqlen=resources.DEFAULT_SEQLEN if args.seqlen is None else args.seqlen,
+        eval_windows=args.eval_windows).validate()
+
+
+def _run_config(args: argparse.Namespace, seqlen: int, device: str, compute_dtype: str, batch: int, world_size: int,
                 calib_fp: str, eval_fp: str) -> RunConfig:
     """The validated RunConfig of the prune arguments, given what the checkpoint or an earlier run settles."""
     model_dir, output_dir = args.model_dir.resolve(), args.output_dir.resolve()
@@ -114,10 +130,12 @@ def _run_config(args: argparse.Namespace, device: str, compute_dtype: str, batch
         str(model_dir), str(output_dir), str((args.work_dir or output_dir / ".wanda-stream").resolve()),
         sparsity=nm[0] / nm[1] if nm else args.sparsity,  # N:M fixes the sparsity; record the real one
         pattern=args.pattern, method=args.method, method_options=method_options,
-        sparsity_profile=args.sparsity_profile, profile_options=profile_options, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
-        seed=args.seed, device=device, compute_dtype=compute_dtype, batch_size=batch, eval_data=args.eval_data,
-        eval_windows=args.eval_windows, eval_seqlen=args.eval_seqlen, keep_work_dir=args.keep_work_dir,
-        prefetch=not args.no_prefetch, world_size=world_size, calib_fingerprint=calib_fp, eval_fingerprint=eval_fp,
+        sparsity_profile=args.sparsity_profile, profile_options=profile_options, calib=args.calib,
+        nsamples=args.nsamples, seqlen=seqlen, seed=args.seed, device=device, compute_dtype=compute_dtype,
+        batch_size=batch, eval_data=args.eval_data, eval_windows=args.eval_windows, eval_seqlen=args.eval_seqlen,
+        keep_work_dir=args.keep_work_dir, prefetch=not args.no_prefetch, world_size=world_size,
+        calib_fingerprint=calib_fp, eval_fingerprint=eval_fp, chat_template=args.chat_template,
+        calib_field=args.calib_field,
     ).validate()
 
 
@@ -128,7 +146,7 @@ def _requested_config(args: argparse.Namespace, saved: RunConfig) -> RunConfig:
     content of calibration files deleted with it) is taken from `saved`, the finished run's.
     """
     return _run_config(
-        args, saved.device if args.device == "auto" else args.device,
+        args, saved.seqlen if args.seqlen is None else args.seqlen, saved.device if args.device == "auto" else args.device,
         saved.compute_dtype if args.compute_dtype == "auto" else args.compute_dtype,
         saved.batch_size if args.batch_size is None else args.batch_size, saved.world_size,
         _spec_fp(args.calib, saved.calib, saved.calib_fingerprint) if saved.needs_calibration else "",
@@ -222,7 +240,7 @@ def check_resources(cfg: RunConfig, sk: Any, total_bytes: int, largest_block: in
     if cfg.eval_data:
         states += 3 * eval_windows * (cfg.eval_seqlen or cfg.seqlen) * hidden * el
     out = Path(cfg.output_dir)
-    existing = sum(p.stat().st_size for p in out.glob("model-*.safetensors")) if out.exists() else 0
+    existing = sum((out / n).stat().st_size for n in shard_names(sk.n_layers) if (out / n).is_file())
     need_out = max(total_bytes - existing, 0)
     for path, need, what in ((out, need_out, "the pruned checkpoint"), (Path(cfg.work_dir), states, "hidden states")):
         anchor = next((p for p in [path, *path.parents] if p.exists()), Path("/"))
@@ -261,29 +279,88 @@ def cmd_prune(args: argparse.Namespace) -> int:
         world.close()
 
 
-def _prune(args: argparse.Namespace, stop: StopFlag, world: World) -> int:
-    from wanda_stream.prune import PruneRun, output_is_finished, prepare
+def resolve_model_arg(args: argparse.Namespace) -> str | None:
+    """Turn args.model_dir into a local directory (a hub id is fetched or found in the cache); returns the id."""
+    from wanda_stream.hub import resolve_model
 
-    if args.resume and not args.overwrite and not args.model_dir.exists() and \
-            world.on_main(lambda: _finished_without_input(args)):
+    resolved = resolve_model(args.model_dir, args.revision)
+    args.model_dir = resolved.path
+    return resolved.hub_id
+
+
+def _prune(args: argparse.Namespace, stop: StopFlag, world: World) -> int:
+    if world.size > 1:
+        # Rank 0 fetches a hub id first; the others then find it in the cache.
+        world.on_main(lambda: resolve_model_arg(argparse.Namespace(**vars(args))))
+    args.hub_id = resolve_model_arg(args)
+    lock: RunLock | None = None
+
+    def lock_and_prepare() -> RunConfig | None:
+        # The lock comes before anything is read from the run or written: of processes started at once
+        # on one output, one wins and the others are refused with the lock message.
+        nonlocal lock
+        lock = _lock(args)
+        try:
+            cfg = _prepare_locked(args, world)
+        except BaseException:
+            lock.release_unused()
+            raise
+        if cfg is None:
+            lock.release_unused()
+        return cfg
+
+    cfg = world.on_main(lock_and_prepare)  # rank 0's config (its automatic micro-batch) for every rank
+    if cfg is None:
         _say(args, f"{args.output_dir.resolve()}: this run is already complete; nothing to do", world)
         return 0
-    cfg, (fp, sk, ckpt) = world.together(lambda: build_prune_config(args, world.size))
-    local = cfg
-    cfg = world.on_main(lambda: local)  # rank 0's (its automatic micro-batch): the ranks must agree on it
+    try:
+        return _run_locked(args, stop, cfg, world)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _work_dir(args: argparse.Namespace) -> Path:
+    return (args.work_dir or args.output_dir.resolve() / ".wanda-stream").resolve()
+
+
+def _lock(args: argparse.Namespace) -> RunLock:
+    """The run's lock, taken once the paths are known not to overlap the input (the lock file is written)."""
+    work, out = _work_dir(args), args.output_dir.resolve()
+    _probe_config(args)
+    try:
+        return WorkDir(work).lock()
+    except OSError as e:
+        what = f"{out}: output directory" if work.parent == out else f"--work-dir {work}"
+        raise InputError(f"{what} is not writable ({e.strerror}); choose another directory") from None
+
+
+def _prepare_locked(args: argparse.Namespace, world: World) -> RunConfig | None:
+    """Validate, check resources and create or reopen the run; None when it is already finished."""
+    from wanda_stream.prune import output_is_finished, prepare
+
+    if args.resume and not args.overwrite and not args.model_dir.exists() and _finished_without_input(args):
+        return None
+    cfg, (fp, sk, ckpt) = build_prune_config(args, world.size)
     if args.overwrite or not (args.resume and output_is_finished(cfg)):
         # Before prepare() creates the run: a refusal here leaves nothing behind to --resume or --overwrite.
         largest = max(sum(t.nbytes for k, t in ckpt.tensors.items() if k.startswith(sk.block_prefix(i)))
                       for i in range(sk.n_layers))
-        world.together(lambda: check_resources(cfg, sk, ckpt.total_bytes(), largest, cfg.eval_windows or 0,
-                                               world.local_size))
-    if not world.on_main(lambda: prepare(cfg, fp, args.resume, args.overwrite)):
-        _say(args, f"{cfg.output_dir}: this run is already complete; nothing to do", world)
-        return 0
-    lock = WorkDir(Path(cfg.work_dir)).lock() if world.main else None
+        check_resources(cfg, sk, ckpt.total_bytes(), largest, cfg.eval_windows or 0, world.local_size)
+    card = {"base_model": args.hub_id or Path(cfg.model_dir).name, "command": card_command(args.argv)}
+    if not prepare(cfg, fp, args.resume, args.overwrite, own_files(Path(cfg.model_dir), sk.n_layers), card):
+        return None
+    return cfg
+
+
+def _run_locked(args: argparse.Namespace, stop: StopFlag, cfg: RunConfig, world: World) -> int:
+    from wanda_stream.model import load_config
+    from wanda_stream.prune import PruneRun
+
+    blocks = load_config(Path(cfg.model_dir)).get_text_config().num_hidden_layers
     passes = 2 if cfg.owl is not None else 1  # OWL's pass over the dense model, then the pruning pass
-    mode = "quiet" if args.quiet or (args.log_format == "bar" and not world.main) else args.log_format
-    progress = Progress(mode, passes * sk.n_layers, "prune")
+    mode = "quiet" if args.quiet or (args.log_format != "json" and not world.main) else args.log_format
+    progress = Progress(mode, passes * blocks, "prune")
     try:
         if world.any(stop.requested):
             raise Interrupted("stopped before the first block")
@@ -296,8 +373,6 @@ def _prune(args: argparse.Namespace, stop: StopFlag, world: World) -> int:
         raise
     finally:
         progress.close()
-        if lock is not None:
-            lock.close()
     if report is not None:
         _summary(args, cfg, report)
     return 0
@@ -314,7 +389,7 @@ def _summary(args: argparse.Namespace, cfg: RunConfig, report: dict) -> None:
     if args.log_format == "json":
         print(json.dumps({"event": "done", "output_dir": cfg.output_dir, "total_sparsity": report["total_sparsity"],
                           "perplexity": report.get("eval", {}).get("perplexity"),
-                          "peak_rss_bytes": report["peak_rss_bytes"]}), flush=True)
+                          **_peaks(report)}), flush=True)
         return
     print(f"pruned {cfg.model_dir} -> {cfg.output_dir}")
     profile = f", {cfg.sparsity_profile} profile" if cfg.sparsity_profile != "uniform" else ""
@@ -323,12 +398,25 @@ def _summary(args: argparse.Namespace, cfg: RunConfig, report: dict) -> None:
     if "eval" in report:
         ev = report["eval"]
         print(f"  perplexity {ev['perplexity']:.4f} on {ev['windows']} x {ev['seqlen']} tokens of {ev['data']}")
-    print(f"  peak RSS {report['peak_rss_bytes'] / 2**20:.0f} MiB")
+    print(f"  {_peak_text(report)}")
+
+
+def _peaks(report: dict) -> dict[str, int]:
+    return {k: report[k] for k in ("peak_rss_bytes", "peak_cuda_bytes") if k in report}
+
+
+def _peak_text(report: dict) -> str:
+    """'peak RSS 871 MiB' (ru_maxrss), plus the CUDA allocator's peak on a GPU run."""
+    text = f"peak RSS {report['peak_rss_bytes'] / 2**20:.0f} MiB"
+    if "peak_cuda_bytes" in report:
+        text += f", peak CUDA {report['peak_cuda_bytes'] / 2**20:.0f} MiB"
+    return text
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from wanda_stream.evaluate import evaluate
 
+    resolve_model_arg(args)
     device = resolve_device(args.device)
     if args.max_windows is not None and args.max_windows <= 0:
         raise InputError(f"--max-windows {args.max_windows}: must be a positive integer")
@@ -338,10 +426,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         tmp = tempfile.mkdtemp(prefix="wanda-stream-eval-")
         work = Path(tmp)
     try:
-        batch = lambda config, dtype, n: _batch(args, config, args.seqlen, dtype, n, device)  # noqa: E731
+        batch = lambda config, seqlen, dtype, n: _batch(args, config, seqlen, dtype, n, device)  # noqa: E731
         mode = "quiet" if args.quiet or args.json else args.log_format
         result = evaluate(args.model_dir.resolve(), args.data, args.seqlen, args.max_windows, device,
-                          args.compute_dtype, work, batch, mode)
+                          args.compute_dtype, work, batch, mode, say=lambda text: _say(args, text))
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -350,27 +438,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         rows = [("perplexity", f"{result['perplexity']:.4f}"), ("tokens", result["tokens"]),
                 ("windows", result["windows"]), ("seqlen", result["seqlen"]), ("seconds", result["seconds"]),
-                ("peak RSS (MiB)", f"{result['peak_rss_bytes'] / 2**20:.0f}")]
+                ("peak memory", _peak_text(result))]
         for k, v in rows:
             print(f"{k:<16}{v}")
     return 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from wanda_stream.inspect import format_table, inspect_checkpoint
+    from wanda_stream.inspect import format_summary, format_table, inspect_checkpoint, summarize
 
-    result = inspect_checkpoint(args.model_dir.resolve(), args.pattern)
-    print(json.dumps(result) if args.json else format_table(result))
+    resolve_model_arg(args)
+    result = inspect_checkpoint(args.model_dir, args.pattern)
+    if args.summary:
+        summary = summarize(result)
+        print(json.dumps(summary) if args.json else format_summary(summary))
+    else:
+        print(json.dumps(result) if args.json else format_table(result))
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from wanda_stream.inspect import run_status
+    from wanda_stream.inspect import format_status, run_status
 
     result = run_status(args.path.resolve())
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for k, v in result.items():
-            print(f"{k:<14}{v}")
+    print(json.dumps(result) if args.json else format_status(result))
     return 0

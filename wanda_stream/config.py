@@ -19,6 +19,7 @@ from wanda_stream.profiles import PROFILES, Owl
 DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Fields that do not change the result: they may differ between a run and its resumption.
 NON_RESULT_FIELDS = ("work_dir", "keep_work_dir", "prefetch", "world_size")
+LATER_FIELDS = {"chat_template": "auto", "calib_field": None}
 
 
 def parse_pattern(pattern: str) -> tuple[int, int] | None:
@@ -86,6 +87,8 @@ class RunConfig:
     world_size: int = 1  # ranks of a torchrun launch: the same output, but a resume needs as many
     calib_fingerprint: str = ""
     eval_fingerprint: str = ""
+    chat_template: str = "auto"
+    calib_field: str | None = None
 
     @property
     def nm(self) -> tuple[int, int] | None:
@@ -115,6 +118,12 @@ class RunConfig:
         """Whether calibration windows run through the model: for the method's statistics or the profile's."""
         return self.pruning_method.stat is not Stat.NONE or self.owl is not None
 
+    @property
+    def record_field(self) -> str | None:
+        """What a calibration record's document is: --calib-field, or whichever it has (None) unless
+        --chat-template never rules conversations out."""
+        return self.calib_field or ("text" if self.chat_template == "never" else None)
+
     def validate(self) -> "RunConfig":
         """Raise InputError naming the flag for any invalid value; returns self."""
         nm = parse_pattern(self.pattern)
@@ -128,6 +137,12 @@ class RunConfig:
         for flag, v in (("--nsamples", self.nsamples), ("--seqlen", self.seqlen), ("--batch-size", self.batch_size)):
             if v <= 0:
                 raise InputError(f"{flag} {v}: must be a positive integer")
+        if self.chat_template not in ("auto", "never"):
+            raise InputError(f"--chat-template '{self.chat_template}': use auto or never")
+        if self.calib_field not in (None, "text", "messages"):
+            raise InputError(f"--calib-field '{self.calib_field}': use text or messages")
+        if self.chat_template == "never" and self.calib_field == "messages":
+            raise InputError("--calib-field messages needs the chat template; drop --chat-template never")
         if self.eval_windows is not None and self.eval_windows <= 0:
             raise InputError(f"--eval-windows {self.eval_windows}: must be a positive integer")
         out, model = Path(self.output_dir), Path(self.model_dir)
@@ -155,7 +170,9 @@ class RunConfig:
 
     def result_fields(self) -> dict:
         """The fields that determine the output bytes."""
-        return {k: v for k, v in asdict(self).items() if k not in NON_RESULT_FIELDS}
+        # Fields added after runs were made are left out at their defaults: those runs keep their fingerprints.
+        return {k: v for k, v in asdict(self).items()
+                if k not in NON_RESULT_FIELDS and not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(self.result_fields(), sort_keys=True).encode()).hexdigest()
@@ -163,4 +180,6 @@ class RunConfig:
     def differences(self, other: "RunConfig") -> list[str]:
         """Result-relevant fields whose values differ, as 'name: old -> new'."""
         a, b = self.result_fields(), other.result_fields()
-        return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in a if a[k] != b.get(k)]
+        keys = [*a, *(k for k in b if k not in a)]
+        old, new = ({k: d.get(k, LATER_FIELDS.get(k)) for k in keys} for d in (a, b))
+        return [f"{k}: {old[k]!r} -> {new[k]!r}" for k in keys if old[k] != new[k]]

@@ -15,13 +15,13 @@ from wanda_stream.activations import HiddenFile
 from wanda_stream.config import DTYPE_NAMES, resolve_compute_dtype
 from wanda_stream.errors import Interrupted
 from wanda_stream.model import release
-from wanda_stream.report import Progress, peak_rss_bytes
-from wanda_stream.resources import check_seqlen
+from wanda_stream.report import Progress, peak_figures
+from wanda_stream.resources import check_seqlen, default_seqlen, seqlen_note
 from wanda_stream.state import StopFlag
 from wanda_stream.stream import Streamer, checkpoint_dtype, open_model
 
-# (model config, compute dtype, number of windows) -> windows per micro-batch
-BatchRule = Callable[[PretrainedConfig, torch.dtype, int], int]
+# (model config, window length, compute dtype, number of windows) -> windows per micro-batch
+BatchRule = Callable[[PretrainedConfig, int, torch.dtype, int], int]
 
 
 def run_dense(
@@ -49,21 +49,26 @@ def run_dense(
 
 
 def evaluate(
-    model_dir: Path, data: str, seqlen: int, max_windows: int | None, device: str, compute_dtype: str,
+    model_dir: Path, data: str, seqlen: int | None, max_windows: int | None, device: str, compute_dtype: str,
     work_dir: Path, batch: BatchRule | None = None, progress_mode: str = "quiet",
+    say: Callable[[str], None] = lambda text: None,
 ) -> dict[str, Any]:
     """Perplexity of the model on non-overlapping `seqlen` windows of `data`, one block at a time.
 
-    `batch(config, dtype, windows)` gives the micro-batch (default 1).
+    `seqlen` None is min(2048, the model's context); `batch(config, seqlen, dtype, windows)` gives the
+    micro-batch (default 1); `say` gets the line naming a default window length.
     """
     t0 = time.monotonic()
     ckpt, sk = open_model(model_dir)
+    if seqlen is None:
+        seqlen = default_seqlen(sk.model.config)
+        say(seqlen_note(sk.model.config))
     check_seqlen(sk.model.config, seqlen, "--seqlen")
     dtype_name = resolve_compute_dtype(compute_dtype, device, checkpoint_dtype(ckpt, sk))
     dtype = DTYPE_NAMES[dtype_name]
     tokenizer = calib.load_tokenizer(model_dir)
     tokens = calib.eval_windows("\n\n".join(calib.documents(data, "evaluation")), tokenizer, seqlen, max_windows, data)
-    micro = batch(sk.model.config, dtype, tokens.shape[0]) if batch is not None else 1
+    micro = batch(sk.model.config, seqlen, dtype, tokens.shape[0]) if batch is not None else 1
     st = Streamer(ckpt, sk, device, dtype)
     work_dir.mkdir(parents=True, exist_ok=True)
     n, hidden = tokens.shape[0], st.hidden
@@ -80,7 +85,7 @@ def evaluate(
         for f in files:
             f.path.unlink(missing_ok=True)
     return {"perplexity": math.exp(nll / count), "tokens": count, "windows": n, "seqlen": seqlen,
-            "seconds": round(time.monotonic() - t0, 3), "peak_rss_bytes": peak_rss_bytes(),
+            "seconds": round(time.monotonic() - t0, 3), **peak_figures(device),
             "model_dir": str(model_dir), "data": data}
 
 

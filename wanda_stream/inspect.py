@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +33,61 @@ def inspect_checkpoint(model_dir: Path, pattern: str | None = None) -> dict[str,
         rows.append(row)
         zeros_total += zeros
         numel_total += w.numel()
+    rows.sort(key=lambda r: natural_key(r["name"]))
     result: dict[str, Any] = {"model_dir": str(model_dir), "matrices": rows,
                               "total_sparsity": zeros_total / max(numel_total, 1), "parameters": numel_total}
     if nm:
         result["pattern"] = pattern
         result["all_satisfy_pattern"] = all(r[f"{nm[0]}:{nm[1]}"] for r in rows)
     return result
+
+
+def natural_key(name: str) -> tuple[tuple[int, int | str], ...]:
+    """'layers.10.x' sorts after 'layers.2.x': digit runs compare as numbers."""
+    return tuple((0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", name) if part)
+
+
+def _block_and_kind(name: str) -> tuple[int | None, str]:
+    """'model.layers.12.self_attn.q_proj.weight' -> (12, 'self_attn.q_proj.weight')."""
+    m = re.search(r"\.(\d+)\.(.+)$", name)
+    return (int(m[1]), re.sub(r"\.\d+\.", ".*.", m[2])) if m else (None, name)
+
+
+def summarize(result: dict[str, Any]) -> dict[str, Any]:
+    """Weights, zeros and sparsity per layer kind (q_proj, experts' down_proj, ...) and per block."""
+    groups: dict[str, dict[Any, dict[str, int]]] = {"by_kind": {}, "by_block": {}}
+    for r in result["matrices"]:
+        numel = 1
+        for d in r["shape"]:
+            numel *= d
+        block, kind = _block_and_kind(r["name"])
+        for table, key in (("by_kind", kind), ("by_block", block)):
+            g = groups[table].setdefault(key, {"matrices": 0, "weights": 0, "zeros": 0})
+            g["matrices"] += 1
+            g["weights"] += numel
+            g["zeros"] += round(r["sparsity"] * numel)
+    return {table: [{"name": k, **v, "sparsity": v["zeros"] / max(v["weights"], 1)}
+                    for k, v in sorted(g.items(), key=lambda kv: natural_key(str(kv[0])))]
+            for table, g in groups.items()} | {"total_sparsity": result["total_sparsity"],
+                                               "parameters": result["parameters"]}
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    lines = []
+    for table, title in (("by_kind", "layer kind"), ("by_block", "block")):
+        head = f"{title:<40} {'matrices':>8} {'weights':>12} {'sparsity':>9}"
+        lines += [head, "-" * len(head)]
+        lines += [f"{str(g['name']):<40} {g['matrices']:>8} {g['weights']:>12} {g['sparsity']:>9.4f}"
+                  for g in summary[table]]
+        lines.append("")
+    lines.append(f"total sparsity of {summary['parameters']} decoder-linear weights: {summary['total_sparsity']:.4f}")
+    return "\n".join(lines)
+
+
+def format_status(row: dict[str, Any]) -> str:
+    """`status` as aligned 'label  value' lines, floats to four decimals."""
+    width = max(map(len, row)) + 2
+    return "\n".join(f"{k:<{width}}{f'{v:.4f}' if isinstance(v, float) else v}" for k, v in row.items())
 
 
 def format_table(result: dict[str, Any]) -> str:

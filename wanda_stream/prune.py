@@ -14,6 +14,7 @@ import re
 import shutil
 import socket
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -30,23 +31,18 @@ from wanda_stream.checkpoint import (
 from wanda_stream.config import RunConfig
 from wanda_stream.dist import World
 from wanda_stream.errors import Interrupted
+from wanda_stream.card import render_card
 from wanda_stream.methods import FALLBACK, NM, Method, Pruned, Stat
 from wanda_stream.model import release
 from wanda_stream.observe import BlockObserver, BlockStats, reduce_stats
+from wanda_stream.outputs import CARD_NAME, shard_count, shard_name, shard_names, side_files
 from wanda_stream.profiles import OWL_PAPER, outlier_ratio, owl_sparsities
-from wanda_stream.report import Progress, io_bytes, peak_rss_bytes, versions
-from wanda_stream.state import REPORT_NAME, RunState, StopFlag, WorkDir, killpoint
+from wanda_stream.report import Progress, io_bytes, peak_figures, versions
+from wanda_stream.state import REPORT_NAME, RunState, StopFlag, WorkDir, killpoint, resume_command
 from wanda_stream.stream import Streamer, open_model
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5", ".ckpt")
-SKIP_FILES = (INDEX_NAME, "pytorch_model.bin.index.json", REPORT_NAME)
 _RANK_FILE = re.compile(r"\.r\d+\.bin")  # a rank's own hidden-state file of a run on several ranks
 PROFILE_STAGE = "profile"  # the run's stage during OWL's pass, and where its results live in the state
-
-
-def shard_name(index: int, total: int) -> str:
-    """Hugging Face's shard naming: model-00001-of-00031.safetensors (1-based)."""
-    return f"model-{index + 1:05d}-of-{total:05d}.safetensors"
 
 
 def linear_modules(layer: nn.Module) -> dict[str, nn.Linear]:
@@ -137,7 +133,7 @@ class PruneRun:
         self.ckpt, self.sk = open_model(Path(cfg.model_dir))
         self.st = Streamer(self.ckpt, self.sk, world.device(cfg.device), cfg.dtype, prefetch=cfg.prefetch)
         self.n = self.sk.n_layers
-        self.total_shards = self.n + 1
+        self.total_shards = shard_count(self.n)
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="writer")
         self.t0 = time.monotonic()
         self.loop_seconds = 0.0
@@ -179,7 +175,7 @@ class PruneRun:
         if self.cfg.needs_calibration or self.cfg.eval_data:
             tokenizer = calib.load_tokenizer(Path(self.cfg.model_dir))
         if self.cfg.needs_calibration:
-            docs = calib.documents(self.cfg.calib, "calibration", self.stop)
+            docs = calib.documents(self.cfg.calib, "calibration", self.stop, self.cfg.record_field)
             toks["calib"] = calib.sample_windows(docs, tokenizer, self.cfg.nsamples, self.cfg.seqlen,
                                                  self.cfg.seed, self.cfg.calib, self.stop)
         if self.cfg.eval_data:
@@ -412,13 +408,14 @@ class PruneRun:
     def _finalize(self, state: RunState, streams: dict[str, torch.Tensor]) -> dict[str, Any]:
         report = self._report(state, streams)
         copy_side_files(Path(self.cfg.model_dir), self.out)
+        self._write_card(report)
         killpoint("finalize")
         weight_map = {}
         total = 0
-        for f in sorted(self.out.glob("model-*-of-*.safetensors")):
-            for k, v in read_header(f).items():
+        for name in shard_names(self.n):
+            for k, v in read_header(self.out / name).items():
                 if k != "__metadata__":
-                    weight_map[k] = f.name
+                    weight_map[k] = name
                     total += v["data_offsets"][1] - v["data_offsets"][0]
         atomic_write_json(self.out / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
         killpoint("finalize_index")
@@ -431,11 +428,20 @@ class PruneRun:
             shutil.rmtree(self.work.path, ignore_errors=True)
         return report
 
+    def _write_card(self, report: dict[str, Any]) -> None:
+        """README.md: our model card, with the input's own card below it."""
+        facts = self.work.load_run().get("card") or {}
+        source = Path(self.cfg.model_dir) / CARD_NAME
+        text = render_card(report, facts.get("base_model") or Path(self.cfg.model_dir).name,
+                           facts.get("command") or resume_command(self.cfg),
+                           source.read_text(encoding="utf-8", errors="replace") if source.is_file() else None)
+        atomic_write_bytes(self.out / CARD_NAME, text.encode())
+
     def _report(self, state: RunState, streams: dict[str, torch.Tensor]) -> dict[str, Any]:
         report: dict[str, Any] = {
             "config": self.cfg.to_json(), "config_fingerprint": self.cfg.fingerprint(),
             "model_fingerprint": self.ckpt.fingerprint(), "versions": versions(),
-            "blocks": state.blocks, "peak_rss_bytes": peak_rss_bytes(), "io": io_bytes(),
+            "blocks": state.blocks, **peak_figures(str(self.st.device)), "io": io_bytes(),
             "seconds_this_process": round(time.monotonic() - self.t0, 3),
             "block_loop_seconds_this_process": round(self.loop_seconds, 3),
         }
@@ -464,10 +470,8 @@ def _rounded(timing: dict[str, float]) -> dict[str, float]:
 
 def copy_side_files(src: Path, dst: Path) -> None:
     """Copy config, generation config, tokenizer and other non-weight files, atomically each."""
-    for p in sorted(src.iterdir()):
-        if not p.is_file() or p.name in SKIP_FILES or p.suffix in WEIGHT_SUFFIXES or p.name.endswith(".index.json"):
-            continue
-        atomic_write_bytes(dst / p.name, p.read_bytes())
+    for name in side_files(src):
+        atomic_write_bytes(dst / name, (src / name).read_bytes())
     fsync_dir(dst)
 
 
@@ -484,31 +488,22 @@ def output_is_finished(cfg: RunConfig) -> bool:
         return False
 
 
-def prepare(cfg: RunConfig, model_fp: dict[str, Any], resume: bool, overwrite: bool) -> bool:
+def prepare(cfg: RunConfig, model_fp: dict[str, Any], resume: bool, overwrite: bool,
+            own: Sequence[str] = (), card: dict[str, str] | None = None) -> bool:
     """Decide between a new run, a resumed one and nothing to do; returns False when already finished.
 
     Refuses (InputError) to touch an existing run or output unless --resume or --overwrite says how.
+    The caller holds the run's lock. --overwrite deletes the output files named in `own` (what this
+    run writes, outputs.own_files) and nothing else; `card` is recorded for the model card.
     """
     from wanda_stream.errors import InputError
     from wanda_stream.state import check_same_run
 
     out, work = Path(cfg.output_dir), WorkDir(Path(cfg.work_dir))
-    foreign = work.foreign_files()
-    if foreign:
-        raise InputError(
-            f"--work-dir {work.path}: holds files no run wrote ({', '.join(foreign[:3])}); the work dir is deleted "
-            "after the run, so choose an empty or new directory"
-        )
-    work.check_unlocked()  # before anything below deletes or continues another process's run
     if overwrite:
-        shutil.rmtree(work.path, ignore_errors=True)
-        if out.exists():
-            # Report and index first: a kill midway must not leave an index naming deleted shards.
-            for name in (REPORT_NAME, INDEX_NAME):
-                (out / name).unlink(missing_ok=True)
-            for p in out.iterdir():
-                if p.is_file() and p.name.startswith("model-"):
-                    p.unlink()
+        work.clear()
+        for name in own:  # in order: report and index before the shards they name
+            (out / name).unlink(missing_ok=True)
     elif work.exists():
         if not resume:
             raise InputError(
@@ -528,7 +523,7 @@ def prepare(cfg: RunConfig, model_fp: dict[str, Any], resume: bool, overwrite: b
     elif out.exists() and any(p.name != work.path.name for p in out.iterdir()):
         raise InputError(f"{out}: exists and is not empty; choose a new directory or add --overwrite")
     _check_writable(out)
-    work.create(cfg, model_fp)
+    work.create(cfg, model_fp, card)
     return True
 
 

@@ -15,6 +15,24 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def peak_cuda_bytes(device: str) -> int | None:
+    """The CUDA allocator's high-water mark on `device` for this process; None on a CPU run."""
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    return torch.cuda.max_memory_allocated(torch.device(device))
+
+
+def peak_figures(device: str) -> dict[str, int]:
+    """The peaks a report records: the kernel's ru_maxrss, and the CUDA allocator's on a GPU run."""
+    out = {"peak_rss_bytes": peak_rss_bytes()}
+    cuda = peak_cuda_bytes(device)
+    if cuda is not None:
+        out["peak_cuda_bytes"] = cuda
+    return out
+
+
 def io_bytes() -> dict[str, int]:
     """Bytes this process read from and wrote to storage (Linux /proc/self/io; zeros elsewhere)."""
     out = {"read_bytes": 0, "write_bytes": 0}
@@ -43,16 +61,21 @@ def versions() -> dict[str, str]:
 
 
 class Progress:
-    """One progress channel for a run: 'bar' (tqdm on a terminal), 'json' (one object per line) or 'quiet'."""
+    """One progress channel for a run: 'bar', 'json' (one object per line) or 'quiet'.
+
+    'bar' is a tqdm bar on a terminal; when the stream is not one (a batch job's log file, a pipe)
+    it prints one plain line per block instead, as a bar's redraws would be lost or garble the log.
+    """
 
     def __init__(self, mode: str, total: int, desc: str, stream: TextIO | None = None) -> None:
-        self.mode = mode
-        self.total = total
         self.stream = stream or sys.stderr
+        self.mode = "lines" if mode == "bar" and not _is_terminal(self.stream) else mode
+        self.total = total
+        self.desc = desc
         self.start = time.monotonic()
         self.initial = 0
         self.bar = None
-        if mode == "bar":
+        if self.mode == "bar":
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, desc=desc, unit="block", file=self.stream, disable=None)
@@ -71,19 +94,28 @@ class Progress:
             self.bar.n = done
             self.bar.refresh()
 
+    def _elapsed_eta(self, done: int) -> tuple[float, float | None]:
+        """Seconds since begin() and the estimated seconds left, from this process's blocks only."""
+        elapsed = time.monotonic() - self.start
+        this_run = done - self.initial
+        rate = this_run / elapsed if this_run > 0 and elapsed > 0 else 0.0
+        return elapsed, (self.total - done) / rate if rate else None
+
     def update(self, done: int, **fields: Any) -> None:
         if self.bar is not None:
             self.bar.n = done
             self.bar.refresh()
         elif self.mode == "json":
-            elapsed = time.monotonic() - self.start
-            this_run = done - self.initial
-            rate = this_run / elapsed if this_run > 0 and elapsed > 0 else 0.0
-            eta = (self.total - done) / rate if rate else None
+            elapsed, eta = self._elapsed_eta(done)
             rec = {"event": "block", "done": done, "total": self.total, "resumed_from": self.initial,
                    "elapsed_s": round(elapsed, 3), "eta_s": None if eta is None else round(eta, 1),
                    "peak_rss_bytes": peak_rss_bytes(), **fields}
             print(json.dumps(rec), file=self.stream, flush=True)
+        elif self.mode == "lines":
+            elapsed, eta = self._elapsed_eta(done)
+            print(f"{self.desc}: block {done}/{self.total}, elapsed {_clock(elapsed)}, "
+                  f"ETA {'?' if eta is None else _clock(eta)}, peak RSS {peak_rss_bytes() / 2**20:.0f} MiB",
+                  file=self.stream, flush=True)
 
     def message(self, text: str) -> None:
         if self.mode == "quiet":
@@ -98,3 +130,16 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def _is_terminal(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # a closed or file-like stream without a descriptor
+        return False
+
+
+def _clock(seconds: float) -> str:
+    """3725.4 -> '1:02:05'."""
+    s = round(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"

@@ -11,6 +11,7 @@ from transformers import PretrainedConfig
 from wanda_stream.errors import InputError
 
 MAX_AUTO_BATCH = 8
+DEFAULT_SEQLEN = 2048  # the Wanda paper's window, cut to the model's context where that is shorter
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -56,3 +57,15 @@ def check_seqlen(config: PretrainedConfig, seqlen: int, flag: str) -> None:
         raise InputError(f"{flag} {seqlen}: must be a positive integer")
     if limit is not None and seqlen > limit:
         raise InputError(f"{flag} {seqlen}: beyond the model's context of {limit} tokens; use at most {limit}")
+
+
+def default_seqlen(config: PretrainedConfig) -> int:
+    """min(2048, the model's context), as the Wanda paper's code sets it."""
+    limit = getattr(config.get_text_config(), "max_position_embeddings", None)
+    return min(DEFAULT_SEQLEN, limit) if limit else DEFAULT_SEQLEN
+
+
+def seqlen_note(config: PretrainedConfig) -> str:
+    """The line that tells the user which default window length was taken, and why."""
+    limit = getattr(config.get_text_config(), "max_position_embeddings", None)
+    return f"--seqlen {default_seqlen(config)} (min of {DEFAULT_SEQLEN} and the model's context of {limit} tokens)"

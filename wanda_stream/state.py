@@ -102,31 +102,46 @@ class WorkDir:
     def file(self, name: str) -> Path:
         return self.path / name
 
-    def lock(self) -> IO[str]:
+    def lock(self) -> "RunLock":
         """Hold the run's lock for the life of this process; refuse if another process holds it.
 
         Two processes on one run (a requeued job while the old one still finishes, a double submit)
         would delete each other's half-written files. flock is released by the kernel on any exit,
-        SIGKILL included, so a crash never leaves a stale lock behind.
+        SIGKILL included, so a crash never leaves a stale lock behind. Taken before anything of the
+        run is written or deleted.
         """
+        foreign = self.foreign_files()
+        if foreign:
+            raise InputError(
+                f"--work-dir {self.path}: holds files no run wrote ({', '.join(foreign[:3])}); the work dir is "
+                "deleted after the run, so choose an empty or new directory"
+            )
+        created = [d for d in [self.path, *self.path.parents] if not d.exists()]
         self.path.mkdir(parents=True, exist_ok=True)
-        f = open(self.path / LOCK_FILE, "a+")
+        path = self.path / LOCK_FILE
         # A `status` probe holds a shared lock for microseconds: retry briefly before calling it busy.
         for attempt in range(LOCK_TRIES):
+            f = open(path, "a+")
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
             except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "unknown"
+                f.close()
                 if attempt == LOCK_TRIES - 1:
-                    f.seek(0)
-                    holder = f.read().strip() or "unknown"
-                    f.close()
                     raise self._busy(holder) from None
                 time.sleep(0.05)
+                continue
+            if _same_file(f, path):
+                break
+            # The holder removed the work dir (a finished run) after we opened the file: the lock
+            # we got is on a deleted file that no later process would see; take the current one.
+            f.close()
+            self.path.mkdir(parents=True, exist_ok=True)
         f.truncate(0)
         f.write(f"{os.getpid()}\n")
         f.flush()
-        return f
+        return RunLock(f, path, created)
 
     def locked_by(self) -> str | None:
         """The pid of the process working on this run, or None; reads only, so `status` may call it."""
@@ -141,11 +156,13 @@ class WorkDir:
                 return f.read().strip() or "unknown"
         return None
 
-    def check_unlocked(self) -> None:
-        """Refuse (InputError) while another process holds the run's lock."""
-        holder = self.locked_by()
-        if holder is not None:
-            raise self._busy(holder)
+    def clear(self) -> None:
+        """Delete the run's files (--overwrite), keeping the lock file this process holds."""
+        if not self.path.is_dir():
+            return
+        for p in self.path.iterdir():  # only the run's own files: foreign_files() refused any other
+            if p.name != LOCK_FILE:
+                p.unlink()
 
     def _busy(self, holder: str) -> InputError:
         return InputError(
@@ -168,10 +185,15 @@ class WorkDir:
         except (OSError, json.JSONDecodeError, KeyError) as e:
             raise InputError(f"{p}: unreadable run state ({e}); start over with --overwrite")
 
-    def create(self, cfg: RunConfig, model_fp: dict[str, Any]) -> None:
-        """Start a run: the configuration and input fingerprint, written once."""
+    def create(self, cfg: RunConfig, model_fp: dict[str, Any], card: dict[str, str] | None = None) -> None:
+        """Start a run: the configuration, input fingerprint and model-card facts, written once.
+
+        The card's facts (base model, command line) are kept from the start so that a resumed run,
+        however its command was spelled, writes the same card.
+        """
         self.path.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.path / RUN_FILE, {"config": cfg.to_json(), "model_fingerprint": model_fp})
+        atomic_write_json(self.path / RUN_FILE, {"config": cfg.to_json(), "model_fingerprint": model_fp,
+                                                 "card": card or {}})
 
     def save_state(self, state: RunState) -> None:
         """Record progress (atomically: a crash leaves the old state or the new one)."""
@@ -189,6 +211,41 @@ class WorkDir:
             output_dir.rmdir()  # only when empty: it was created for this run
         except OSError:
             pass
+
+
+def _same_file(f: IO[str], path: Path) -> bool:
+    try:
+        return os.fstat(f.fileno()).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        return False
+
+
+class RunLock:
+    """The held lock of a run, and the directories taking it created."""
+
+    def __init__(self, f: IO[str], path: Path, created: list[Path]) -> None:
+        self.file = f
+        self.path = path
+        self.created = created
+
+    def release(self) -> None:
+        self.file.close()
+
+    def release_unused(self) -> None:
+        """Release, removing the lock file and the directories taking it created when no run was started.
+
+        A refused command (a typo, a missing --resume) must leave nothing behind. The file is removed
+        while still locked: a process waiting on it then sees it gone and takes a fresh one.
+        """
+        work = self.path.parent
+        if work in self.created and work.is_dir() and [p.name for p in work.iterdir()] == [LOCK_FILE]:
+            self.path.unlink()
+            for d in self.created:  # deepest first
+                try:
+                    d.rmdir()
+                except OSError:
+                    break
+        self.release()
 
 
 def checkpoint_fingerprint(ckpt: Checkpoint) -> dict[str, Any]:
@@ -295,6 +352,10 @@ def resume_command(cfg: RunConfig) -> str:
             args += [flag, repr(values[f.name])]
     # All of them even for magnitude: they are part of the saved configuration a resume must match.
     args += ["--calib", cfg.calib, "--nsamples", str(cfg.nsamples), "--seqlen", str(cfg.seqlen), "--seed", str(cfg.seed)]
+    if cfg.calib_field:
+        args += ["--calib-field", cfg.calib_field]
+    if cfg.chat_template != "auto":
+        args += ["--chat-template", cfg.chat_template]
     if cfg.eval_data:
         args += ["--eval-data", cfg.eval_data]
         if cfg.eval_windows is not None:
