@@ -2,6 +2,7 @@
 
     python tools/bench_prune.py MODEL_DIR --nsamples 4 --seqlen 128 --device cpu
     python tools/bench_prune.py MODEL_DIR --runs streamer,streamer-no-prefetch,in-memory --json out.json
+    python tools/bench_prune.py MODEL_DIR --runs streamer --method sparsegpt --nproc 2 --threads 1
 
 Every run is its own process: `streamer` is `wanda-stream prune`, `streamer-no-prefetch` the same
 with --no-prefetch (block reads and shard writes in series with the compute), and `in-memory`
@@ -224,13 +225,26 @@ def command(kind: str, a: argparse.Namespace, out: Path) -> list[str]:
                            "seqlen": a.seqlen, "sparsity": a.sparsity, "seed": a.seed, "device": a.device,
                            "compute_dtype": a.compute_dtype_resolved, "batch": a.batch_size_resolved})
         return [sys.executable, str(Path(__file__).resolve()), "--in-memory-child", spec]
-    cmd = [sys.executable, "-m", "wanda_stream", "prune", str(a.model_dir), str(out), "--calib", a.calib,
+    launcher = [sys.executable, "-m", "wanda_stream"]
+    if a.nproc > 1:  # torchrun's launcher; its workers' usage is counted in its own once it reaps them
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(a.nproc),
+                    "--master-port", str(free_port()), "-m", "wanda_stream"]
+    cmd = [*launcher, "prune", str(a.model_dir), str(out), "--calib", a.calib,
            "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen), "--sparsity", str(a.sparsity),
+           "--method", a.method, "--sparsity-profile", a.sparsity_profile,
            "--seed", str(a.seed), "--device", a.device, "--compute-dtype", a.compute_dtype_resolved,
            "--batch-size", str(a.batch_size_resolved), "--quiet", "--overwrite"]
     if kind == "streamer-no-prefetch":
         cmd.append("--no-prefetch")
     return cmd
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def fmt_table(results: list[dict[str, Any]], facts: dict[str, Any]) -> str:
@@ -313,6 +327,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nsamples", type=int, default=4)
     p.add_argument("--seqlen", type=int, default=128)
     p.add_argument("--sparsity", type=float, default=0.5)
+    p.add_argument("--method", default="wanda", help="the streamer's --method (the in-memory run is always wanda)")
+    p.add_argument("--sparsity-profile", default="uniform", help="the streamer's --sparsity-profile")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="ranks of the streamer runs (torchrun --nproc-per-node; gloo on CPU); peak RSS is then the "
+                        "largest rank's, CPU and I/O all ranks' together")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--compute-dtype", default="auto", help="auto: float32 on CPU, the checkpoint's dtype on GPU")
@@ -377,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(out, ignore_errors=True)
     m = machine()
     settings = (f"{facts['model_type']}, {facts['n_layers']} blocks, checkpoint {facts['bytes'] / 1e9:.2f} GB "
-                f"({facts['file_bytes'] / 1e9:.2f} GB of files); {a.sparsity:.0%} wanda, {a.nsamples} x {a.seqlen} "
+                f"({facts['file_bytes'] / 1e9:.2f} GB of files); {a.sparsity:.0%} {a.method} ({a.sparsity_profile}), "
+                f"{a.nproc} rank(s), {a.nsamples} x {a.seqlen} "
                 f"tokens of {a.calib}, device {a.device}, compute {a.compute_dtype_resolved}, micro-batch "
                 f"{a.batch_size_resolved}; calibration hidden states {facts['hidden_state_bytes'] / 1e9:.2f} GB; "
                 f"compute threads {a.threads or torch.get_num_threads()}")
