@@ -305,6 +305,8 @@ def _summary(args: argparse.Namespace, cfg: RunConfig, report: dict) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     from wanda_stream.evaluate import evaluate
 
+    if args.tasks is not None:
+        return cmd_eval_tasks(args)
     device = resolve_device(args.device)
     if args.max_windows is not None and args.max_windows <= 0:
         raise InputError(f"--max-windows {args.max_windows}: must be a positive integer")
@@ -347,4 +349,32 @@ def cmd_status(args: argparse.Namespace) -> int:
     else:
         for k, v in result.items():
             print(f"{k:<14}{v}")
+    return 0
+
+
+def cmd_eval_tasks(args: argparse.Namespace) -> int:
+    """`eval --tasks`: lm-eval tasks on the streamed model; its results table, or its results object with --json."""
+    from wanda_stream.task_eval import TaskRun, evaluate_tasks, require_lm_eval, results_table, save_results
+
+    require_lm_eval()
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise InputError("--tasks: give at least one task name, e.g. --tasks arc_easy")
+    batch = args.batch_size
+    if batch is not None and batch <= 0:
+        raise InputError(f"--batch-size {batch}: must be a positive integer")
+    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+    run = TaskRun(args.model_dir.resolve(), tasks, args.include_path, args.num_fewshot, limit,
+                  resolve_device(args.device), args.compute_dtype, batch,
+                  "quiet" if args.quiet or args.json else args.log_format, args.work_dir,
+                  log_samples=args.output_path is not None)
+    stop = StopFlag().install()
+    try:
+        results = evaluate_tasks(run, stop)
+    finally:
+        stop.restore()
+    if args.output_path is not None:
+        save_results(results, args.output_path, run.model_dir)
+    results.pop("samples", None)
+    print(json.dumps(results) if args.json else results_table(results))
     return 0

@@ -1,0 +1,127 @@
+"""Zero-shot (or few-shot) task accuracy through lm-evaluation-harness, with the streamed model.
+
+lm-eval supplies task definitions, prompts, metrics and the results object; the model is
+`lm_eval_backend.WandaStreamLM`. Tasks are loaded (and their data sets read) before the model is
+opened, so an unknown task, an unreachable data set or a generation task is refused in one line.
+Resuming an interrupted task evaluation is not supported: a stopped run starts over.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from wanda_stream.errors import InputError
+from wanda_stream.state import StopFlag
+
+if TYPE_CHECKING:
+    from lm_eval.api.group import Group
+    from lm_eval.api.task import Task
+    from lm_eval.tasks import TaskManager
+
+INSTALL_HINT = "pip install 'wanda-stream[eval]'"
+
+
+@dataclass(frozen=True)
+class TaskRun:
+    """What to evaluate and how; the typed form of `eval --tasks`."""
+
+    model_dir: Path
+    tasks: list[str]
+    include_path: Path | None = None
+    num_fewshot: int | None = None
+    limit: float | None = None
+    device: str = "auto"
+    compute_dtype: str = "auto"
+    batch_size: int | None = None
+    progress: str = "quiet"
+    work_dir: Path | None = None
+    log_samples: bool = False
+
+
+def require_lm_eval() -> None:
+    """Raise InputError with the install command when lm-eval is missing."""
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        raise InputError(f"--tasks needs lm-evaluation-harness, which is not installed: {INSTALL_HINT}") from None
+
+
+def load_tasks(names: list[str], include_path: Path | None) -> tuple[TaskManager, list[Task | Group]]:
+    """lm-eval's tasks (and groups) by name, with their data sets read; InputError naming what fails."""
+    from lm_eval.tasks import TaskManager
+
+    if include_path is not None and not include_path.is_dir():
+        raise InputError(f"--include-path {include_path}: not a directory of task YAML files")
+    tm = TaskManager(include_path=str(include_path) if include_path else None)
+    unknown = [n for n in names if n not in tm.all_tasks]
+    if unknown:
+        raise InputError(f"--tasks: unknown task(s) {', '.join(unknown)}; list them with `lm_eval ls tasks`, "
+                         "or give local task YAMLs with --include-path")
+    built: list[Task | Group] = []
+    for name in names:
+        try:
+            loaded = tm.load([name])
+        except (OSError, ValueError) as e:
+            data = tm.task_index[name].cfg.get("dataset_path", "its data set")
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise InputError(f"task {name}: data set {data} could not be loaded ({first}); "
+                             "connect to the Hugging Face hub once to cache it, or define the task on local files "
+                             "with --include-path") from None
+        _refuse_generation(loaded["tasks"])
+        built += [loaded["groups"][name]] if name in loaded["groups"] else list(loaded["tasks"].values())
+    return tm, built
+
+
+def _refuse_generation(tasks: dict[str, Task]) -> None:
+    from wanda_stream.lm_eval_backend import refusal_of_generation
+
+    generative = sorted(n for n, t in tasks.items() if t.OUTPUT_TYPE == "generate_until")
+    if generative:
+        raise InputError(refusal_of_generation(generative))
+
+
+def evaluate_tasks(run: TaskRun, stop: StopFlag | None = None) -> dict:
+    """lm-eval's results object (JSON-ready) for `run`; the model is streamed one block at a time."""
+    require_lm_eval()
+    import json
+
+    import lm_eval
+    from lm_eval.utils import handle_non_serializable
+
+    from wanda_stream.lm_eval_backend import WandaStreamLM
+
+    if run.num_fewshot is not None and run.num_fewshot < 0:
+        raise InputError(f"--num-fewshot {run.num_fewshot}: must be 0 or more")
+    if run.limit is not None and run.limit <= 0:
+        raise InputError(f"--limit {run.limit}: must be positive (a count, or a fraction below 1)")
+    tm, tasks = load_tasks(run.tasks, run.include_path)
+    lm = WandaStreamLM(str(run.model_dir), device=run.device, dtype=run.compute_dtype, batch_size=run.batch_size,
+                       work_dir=str(run.work_dir) if run.work_dir else None, progress=run.progress, stop=stop)
+    results = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=tm, num_fewshot=run.num_fewshot,
+                                      limit=run.limit, log_samples=run.log_samples)
+    # One round trip makes every value plain JSON (numpy numbers, dtypes, functions in configs).
+    return json.loads(json.dumps(results, default=handle_non_serializable))
+
+
+def results_table(results: dict) -> str:
+    """lm-eval's own markdown table of the results (and of the groups, when there are any)."""
+    from lm_eval.utils import make_table
+
+    table = make_table(results)
+    return table + ("\n" + make_table(results, "groups") if results.get("groups") else "")
+
+
+def save_results(results: dict, output_path: Path, model_dir: Path) -> None:
+    """Write the results and per-task samples where lm-eval's own --output_path puts them (a folder per model)."""
+    from lm_eval.loggers import EvaluationTracker
+    from lm_eval.utils import sanitize_model_name
+
+    tracker = EvaluationTracker(output_path=str(output_path))
+    tracker.general_config_tracker.model_name = str(model_dir)
+    tracker.general_config_tracker.model_name_sanitized = sanitize_model_name(str(model_dir))
+    samples = results.pop("samples", {})
+    tracker.save_results_aggregated(results=results, samples=samples)
+    for task, task_samples in samples.items():
+        tracker.save_results_samples(task_name=task, samples=task_samples)
