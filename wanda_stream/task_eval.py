@@ -8,9 +8,11 @@ Resuming an interrupted task evaluation is not supported: a stopped run starts o
 
 from __future__ import annotations
 
+import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 from wanda_stream.errors import InputError
 from wanda_stream.state import StopFlag
@@ -48,13 +50,23 @@ def require_lm_eval() -> None:
         raise InputError(f"--tasks needs lm-evaluation-harness, which is not installed: {INSTALL_HINT}") from None
 
 
-def load_tasks(names: list[str], include_path: Path | None) -> tuple[TaskManager, list[Task | Group]]:
-    """lm-eval's tasks (and groups) by name, with their data sets read; InputError naming what fails."""
+def task_manager(names: list[str], include_path: Path | None) -> TaskManager:
+    """lm-eval's task index: of `include_path` alone when it defines every task named (indexing lm-eval's
+    thousands of built-in YAMLs takes seconds), else of both."""
     from lm_eval.tasks import TaskManager
 
-    if include_path is not None and not include_path.is_dir():
+    if include_path is None:
+        return TaskManager()
+    if not include_path.is_dir():
         raise InputError(f"--include-path {include_path}: not a directory of task YAML files")
-    tm = TaskManager(include_path=str(include_path) if include_path else None)
+    local = TaskManager(include_path=str(include_path), include_defaults=False)
+    if all(n in local.all_tasks for n in names):
+        return local
+    return TaskManager(include_path=str(include_path))
+
+
+def load_tasks(tm: TaskManager, names: list[str]) -> list[Task | Group]:
+    """lm-eval's tasks (and groups) by name, with their data sets read; InputError naming what fails."""
     unknown = [n for n in names if n not in tm.all_tasks]
     if unknown:
         raise InputError(f"--tasks: unknown task(s) {', '.join(unknown)}; list them with `lm_eval ls tasks`, "
@@ -62,7 +74,8 @@ def load_tasks(names: list[str], include_path: Path | None) -> tuple[TaskManager
     built: list[Task | Group] = []
     for name in names:
         try:
-            loaded = tm.load([name])
+            with _quiet_lm_eval():
+                loaded = tm.load([name])
         except (OSError, ValueError) as e:
             data = tm.task_index[name].cfg.get("dataset_path", "its data set")
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
@@ -71,7 +84,19 @@ def load_tasks(names: list[str], include_path: Path | None) -> tuple[TaskManager
                              "with --include-path") from None
         _refuse_generation(loaded["tasks"])
         built += [loaded["groups"][name]] if name in loaded["groups"] else list(loaded["tasks"].values())
-    return tm, built
+    return built
+
+
+@contextmanager
+def _quiet_lm_eval() -> Iterator[None]:
+    """lm-eval's warnings about task YAMLs (default aggregations, ...) would bury a refusal's one line."""
+    log = logging.getLogger("lm_eval")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def _refuse_generation(tasks: dict[str, Task]) -> None:
@@ -96,7 +121,8 @@ def evaluate_tasks(run: TaskRun, stop: StopFlag | None = None) -> dict:
         raise InputError(f"--num-fewshot {run.num_fewshot}: must be 0 or more")
     if run.limit is not None and run.limit <= 0:
         raise InputError(f"--limit {run.limit}: must be positive (a count, or a fraction below 1)")
-    tm, tasks = load_tasks(run.tasks, run.include_path)
+    tm = task_manager(run.tasks, run.include_path)
+    tasks = load_tasks(tm, run.tasks)
     lm = WandaStreamLM(str(run.model_dir), device=run.device, dtype=run.compute_dtype, batch_size=run.batch_size,
                        work_dir=str(run.work_dir) if run.work_dir else None, progress=run.progress, stop=stop)
     results = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=tm, num_fewshot=run.num_fewshot,
