@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from tests.helpers import ROOT, WIKI_TEST, run_cli, small_text
-from wanda_stream.loglik import Request, model_input, per_request, plan_buckets, rolling_windows, token_scores
+from wanda_stream.loglik import (
+    Request, model_input, per_request, plan_buckets, rolling_windows, scored_positions, token_scores,
+)
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval not installed (pip install -e '.[eval]')")
 
@@ -71,8 +73,12 @@ def test_buckets_pad_right_and_truncate_like_lm_eval() -> None:
     buckets = plan_buckets(reqs, 64)
     assert [b.seqlen for b in buckets] == [16, 64]
     assert buckets[0].members == [0] and buckets[1].members == [1, 2]
-    assert buckets[0].tokens[0, :4].tolist() == [1, 2, 3, 4] and buckets[0].lengths == [4]
-    assert buckets[1].lengths == [39, 64]
+    assert buckets[0].tokens[0, :4].tolist() == [1, 2, 3, 4] and buckets[0].meta[0].tolist() == [0, 4, 2]
+    assert buckets[0].targets[0, :4].tolist() == [2, 3, 4, 5]
+    assert buckets[1].meta[:, 1:].tolist() == [[39, 1], [64, 3]]
+    rows, pos, targets, sizes = scored_positions(buckets[1], 0, 2)
+    assert rows.tolist() == [0, 1, 1, 1] and pos.tolist() == [38, 61, 62, 63]
+    assert targets.tolist() == [7, 8, 8, 8] and sizes == [1, 3]
 
 
 @pytest.mark.parametrize("n", [1, 7, 8, 9, 30])
@@ -153,59 +159,80 @@ def test_loglikelihoods_equal_hf_smollm2(smollm2: Path, tmp_path: Path) -> None:
 
 
 # ---- the command line ---------------------------------------------------------------------------
-def test_eval_tasks_json_is_lm_eval_results(tiny_model: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def builtin_tasks() -> object:
+    """lm-eval's index of its built-in tasks (seconds to build: shared by the tests that need it)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager()
+
+
+def test_eval_tasks_json_is_lm_eval_results(tiny_model: Path, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    from wanda_stream.cli import main
+
     task_dir = write_toy_task(tmp_path / "tasks", n=8)
-    r = run_cli("eval", str(tiny_model), "--tasks", "toy_mc", "--include-path", str(task_dir), "--device", "cpu",
-                "--json", "--output-path", str(tmp_path / "out"), env=OFFLINE)
-    assert r.returncode == 0, r.stderr
-    res = json.loads(r.stdout)
+    code = main(["eval", str(tiny_model), "--tasks", "toy_mc", "--include-path", str(task_dir), "--device", "cpu",
+                 "--json", "--output-path", str(tmp_path / "out")])
+    assert code == 0
+    res = json.loads(capsys.readouterr().out)
     assert 0.0 <= res["results"]["toy_mc"]["acc,none"] <= 1.0 and res["n-samples"]["toy_mc"]["effective"] == 8
     saved = list((tmp_path / "out").rglob("results_*.json"))
     assert len(saved) == 1 and json.loads(saved[0].read_text())["results"] == res["results"]
+    assert len(list((tmp_path / "out").rglob("samples_toy_mc_*.jsonl"))) == 1
 
 
-def test_lm_eval_command_with_wanda_stream_model(tiny_model: Path, tmp_path: Path) -> None:
-    """lm-eval's own command line, through the wrapper that registers the model."""
+def test_lm_eval_command_with_wanda_stream_model(tiny_model: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """lm-eval's own command line (`wanda-stream-lm-eval`, the console script) with the model registered."""
+    from wanda_stream import lm_eval_backend
+
     task_dir = write_toy_task(tmp_path / "tasks", n=4)
-    r = subprocess.run([sys.executable, "-m", "wanda_stream.lm_eval_backend", "--model", "wanda-stream",
-                        "--model_args", f"pretrained={tiny_model}", "--tasks", "toy_mc", "--include_path",
-                        str(task_dir), "--device", "cpu"], capture_output=True, text=True, cwd=ROOT,
-                       env={**__import__("os").environ, **OFFLINE}, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "toy_mc" in r.stdout and "acc" in r.stdout
+    monkeypatch.setattr(sys, "argv", ["wanda-stream-lm-eval", "--model", "wanda-stream", "--model_args",
+                                      f"pretrained={tiny_model}", "--tasks", "toy_mc", "--include_path",
+                                      str(task_dir), "--device", "cpu"])
+    lm_eval_backend.main()
+    out = capsys.readouterr().out
+    assert "|toy_mc|" in out and "acc" in out
 
 
-def test_paper_tasks_resolve_by_name() -> None:
-    from lm_eval.tasks import TaskManager
-
-    known = TaskManager().all_tasks
-    assert [t for t in PAPER_TASKS if t not in known] == []
+def test_paper_tasks_resolve_by_name(builtin_tasks: object) -> None:
+    assert [t for t in PAPER_TASKS if t not in builtin_tasks.all_tasks] == []
 
 
-@pytest.mark.parametrize("tasks, expect", [
-    ("boolq", "task boolq: data set aps/super_glue could not be loaded"),
-    ("arc_easy,no_such_task", "unknown task(s) no_such_task"),
-])
-def test_bad_tasks_one_line_exit_2(tiny_model: Path, tasks: str, expect: str) -> None:
-    r = run_cli("eval", str(tiny_model), "--tasks", tasks, "--device", "cpu", "--quiet", env=OFFLINE)
-    assert r.returncode == 2
-    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("wanda-stream")]
-    assert len(lines) == 1 and expect in lines[0] and "Traceback" not in r.stderr
+def test_unknown_task_names_it(builtin_tasks: object) -> None:
+    from wanda_stream.errors import InputError
+    from wanda_stream.task_eval import load_tasks
+
+    with pytest.raises(InputError, match=r"unknown task\(s\) no_such_task;"):
+        load_tasks(builtin_tasks, ["arc_easy", "no_such_task"])
 
 
-def test_generation_task_refused(tiny_model: Path, tmp_path: Path) -> None:
-    task_dir = write_toy_task(tmp_path / "tasks", name="toy_gen", output_type="generate_until", n=2)
-    r = run_cli("eval", str(tiny_model), "--tasks", "toy_gen", "--include-path", str(task_dir), "--device", "cpu",
-                env=OFFLINE)
-    assert r.returncode == 2 and "task(s) toy_gen: free generation (generate_until) is not supported" in r.stderr
-
-
-def test_missing_lm_eval_one_line(tiny_model: Path) -> None:
-    code = ("import sys; sys.modules['lm_eval'] = None; from wanda_stream.cli import main; "
-            f"sys.exit(main(['eval', {str(tiny_model)!r}, '--tasks', 'arc_easy']))")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert r.returncode == 2
+def test_offline_data_set_one_line_exit_2(tiny_model: Path) -> None:
+    r = run_cli("eval", str(tiny_model), "--tasks", "boolq", "--device", "cpu", "--quiet", env=OFFLINE)
+    assert r.returncode == 2, r.stderr
     assert r.stderr.strip().splitlines() == [
+        "wanda-stream: error: task boolq: data set aps/super_glue could not be loaded (Couldn't reach "
+        "'aps/super_glue' on the Hub (OfflineModeIsEnabled)); connect to the Hugging Face hub once to cache it, "
+        "or define the task on local files with --include-path"]
+
+
+def test_generation_task_refused(tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from wanda_stream.cli import main
+
+    task_dir = write_toy_task(tmp_path / "tasks", name="toy_gen", output_type="generate_until", n=2)
+    assert main(["eval", str(tiny_model), "--tasks", "toy_gen", "--include-path", str(task_dir)]) == 2
+    assert "task(s) toy_gen: free generation (generate_until) is not supported" in capsys.readouterr().err
+
+
+def test_missing_lm_eval_one_line(tiny_model: Path, monkeypatch: pytest.MonkeyPatch,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from wanda_stream.cli import main
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval now raises ImportError
+    assert main(["eval", str(tiny_model), "--tasks", "arc_easy"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
         "wanda-stream: error: --tasks needs lm-evaluation-harness, which is not installed: pip install 'wanda-stream[eval]'"]
 
 
@@ -220,3 +247,32 @@ def test_sigterm_during_task_eval_exits_75(tiny_model: Path, tmp_path: Path, mon
                      "--quiet", "--work-dir", str(work), "--batch-size", "1"])
     assert code == 75
     assert list(work.iterdir()) == []  # hidden states removed
+
+
+# ---- prune --eval-tasks -------------------------------------------------------------------------
+def _prune_with_tasks(model: Path, out: Path, task_dir: Path, *extra: str) -> int:
+    from wanda_stream.cli import main
+
+    return main(["prune", str(model), str(out), "--method", "magnitude", "--device", "cpu", "--quiet",
+                 "--seqlen", "64", "--eval-tasks", "toy_mc", "--eval-include-path", str(task_dir), "--batch-size", "2",
+                 *extra])
+
+
+def test_prune_eval_tasks_equal_eval_of_the_output(tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """The suite scored inside the pruning pass (interrupted and resumed once) equals `eval --tasks` of the output."""
+    from wanda_stream import state as state_mod
+    from wanda_stream.lm_eval_backend import WandaStreamLM
+    from wanda_stream.task_eval import run_suite
+
+    task_dir = write_toy_task(tmp_path / "tasks", n=8)
+    out = tmp_path / "out"
+    monkeypatch.setenv(state_mod.KILL_ENV, "block_done:1:TERM")
+    assert _prune_with_tasks(tiny_model, out, task_dir) == 75
+    monkeypatch.delenv(state_mod.KILL_ENV)
+    resume = capsys.readouterr().err.split("Resume with: ")[1].split()
+    assert resume[resume.index("--eval-tasks") + 1] == "toy_mc" and "--eval-include-path" in resume
+    assert _prune_with_tasks(tiny_model, out, task_dir, "--resume") == 0
+    inside = json.loads((out / "wanda_stream.json").read_text())["eval_tasks"]["results"]["toy_mc"]
+    after = run_suite(WandaStreamLM(str(out), device="cpu"), ["toy_mc"], task_dir, None, None)["results"]["toy_mc"]
+    assert inside["acc,none"] == after["acc,none"] and inside["sample_len"] == after["sample_len"] == 8

@@ -83,7 +83,7 @@ def machine() -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("dense", type=Path)
+    ap.add_argument("dense", type=Path, nargs="?")
     ap.add_argument("pruned", type=Path, nargs="?")
     ap.add_argument("--items", type=int, default=200)
     ap.add_argument("--batch-size", type=int, default=16, help="the hf backend's batch size")
@@ -92,6 +92,8 @@ def main() -> int:
     if args.child:
         child(*args.child, args.batch_size)
         return 0
+    if args.dense is None:
+        ap.error("give the dense model directory")
     task_dir = Path(tempfile.mkdtemp(prefix="bench-lm-eval-"))
     subprocess.run([sys.executable, str(ROOT / "tools" / "build_next_sentence_task.py"), str(WIKI_TEST),
                     str(task_dir), "--items", str(args.items)], check=True)

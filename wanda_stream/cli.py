@@ -109,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-data", default=None, help="also report perplexity on this SPEC, in the same pass")
     p.add_argument("--eval-windows", type=int, default=None, help="at most this many evaluation windows")
     p.add_argument("--eval-seqlen", type=int, default=None, help="evaluation window length (default --seqlen)")
+    p.add_argument("--eval-tasks", default=None,
+                   help="also run these lm-eval tasks (comma-separated) on the pruned model, in the same pass")
+    p.add_argument("--eval-include-path", type=Path, default=None, help="directory of extra task YAMLs")
+    p.add_argument("--eval-num-fewshot", type=int, default=None, help="few-shot examples (default: the task's)")
+    p.add_argument("--eval-limit", type=float, default=None, help="at most this many documents per task")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run (or start one)")
     p.add_argument("--overwrite", action="store_true", help="discard an earlier run or output and start over")
     p.add_argument("--no-prefetch", action="store_true",

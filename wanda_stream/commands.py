@@ -111,7 +111,23 @@ def _run_config(args: argparse.Namespace, device: str, compute_dtype: str, batch
         seed=args.seed, device=device, compute_dtype=compute_dtype, batch_size=batch, eval_data=args.eval_data,
         eval_windows=args.eval_windows, eval_seqlen=args.eval_seqlen, keep_work_dir=args.keep_work_dir,
         prefetch=not args.no_prefetch, calib_fingerprint=calib_fp, eval_fingerprint=eval_fp,
+        **_task_fields(args),
     ).validate()
+
+
+def _task_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The RunConfig fields of prune --eval-tasks (checked here: lm-eval is an optional extra)."""
+    if not args.eval_tasks:
+        return {}
+    from wanda_stream.task_eval import check_suite_args, require_lm_eval
+
+    require_lm_eval()
+    check_suite_args(args.eval_num_fewshot, args.eval_limit)
+    tasks = ",".join(t.strip() for t in args.eval_tasks.split(",") if t.strip())
+    limit = _count_or_fraction(args.eval_limit)
+    include = str(args.eval_include_path.resolve()) if args.eval_include_path else ""
+    return {"eval_tasks": tasks, "eval_include_path": include, "eval_num_fewshot": args.eval_num_fewshot,
+            "eval_limit": limit}
 
 
 def _requested_config(args: argparse.Namespace, saved: RunConfig) -> RunConfig:
@@ -299,6 +315,10 @@ def _summary(args: argparse.Namespace, cfg: RunConfig, report: dict) -> None:
     if "eval" in report:
         ev = report["eval"]
         print(f"  perplexity {ev['perplexity']:.4f} on {ev['windows']} x {ev['seqlen']} tokens of {ev['data']}")
+    if "eval_tasks" in report:
+        from wanda_stream.task_eval import results_table
+
+        print(results_table(report["eval_tasks"]))
     print(f"  peak RSS {report['peak_rss_bytes'] / 2**20:.0f} MiB")
 
 
@@ -363,7 +383,7 @@ def cmd_eval_tasks(args: argparse.Namespace) -> int:
     batch = args.batch_size
     if batch is not None and batch <= 0:
         raise InputError(f"--batch-size {batch}: must be a positive integer")
-    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+    limit = _count_or_fraction(args.limit)
     run = TaskRun(args.model_dir.resolve(), tasks, args.include_path, args.num_fewshot, limit,
                   resolve_device(args.device), args.compute_dtype, batch,
                   "quiet" if args.quiet or args.json else args.log_format, args.work_dir,
@@ -378,3 +398,8 @@ def cmd_eval_tasks(args: argparse.Namespace) -> int:
     results.pop("samples", None)
     print(json.dumps(results) if args.json else results_table(results))
     return 0
+
+
+def _count_or_fraction(limit: float | None) -> float | None:
+    """lm-eval's --limit: a document count when 1 or more (an int, as lm-eval expects), else a fraction."""
+    return int(limit) if limit is not None and limit >= 1 else limit

@@ -78,6 +78,10 @@ class RunConfig:
     prefetch: bool = True
     calib_fingerprint: str = ""
     eval_fingerprint: str = ""
+    eval_tasks: str = ""  # lm-eval tasks, comma-separated (prune --eval-tasks)
+    eval_include_path: str = ""
+    eval_num_fewshot: int | None = None
+    eval_limit: float | None = None
 
     @property
     def nm(self) -> tuple[int, int] | None:

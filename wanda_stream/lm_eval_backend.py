@@ -29,35 +29,25 @@ from wanda_stream.loglik import Request, rolling_windows
 from wanda_stream.loglik_stream import MAX_AUTO_ROWS, Batching, streamed_loglikelihoods
 from wanda_stream.report import Progress
 from wanda_stream.state import StopFlag
+from wanda_stream.model import load_config
 from wanda_stream.stream import Streamer, checkpoint_dtype, open_model
 
 MODEL_NAME = "wanda-stream"
 
 
-@register_model(MODEL_NAME)
-class WandaStreamLM(TemplateLM):
-    """A checkpoint directory scored block by block; model_args: pretrained, device, dtype, batch_size, ..."""
+class TokenizedLM(TemplateLM):
+    """lm-eval's requests tokenized as its HF model does, for a checkpoint directory; `score` is the subclass's."""
 
-    def __init__(
-        self, pretrained: str, device: str = "auto", dtype: str = "auto", batch_size: int | str | None = None,
-        max_batch_size: int | None = None, max_length: int | None = None, add_bos_token: bool | None = None,
-        work_dir: str | None = None, progress: str = "quiet", stop: StopFlag | None = None,
-    ) -> None:
+    def __init__(self, model_dir: Path, max_length: int | None = None, add_bos_token: bool | None = None) -> None:
         super().__init__()
-        model_dir = Path(pretrained)
-        ckpt, sk = open_model(model_dir)
-        self._device_name = resolve_device(device)
-        compute = DTYPE_NAMES[resolve_compute_dtype(dtype, self._device_name, checkpoint_dtype(ckpt, sk))]
-        self.st = Streamer(ckpt, sk, self._device_name, compute)
         self.tokenizer = calib.load_tokenizer(model_dir)
         self.add_bos_token = add_bos_token
-        self._max_length = max_length or resolve_max_length(sk.model.config, self.tokenizer,
+        self._max_length = max_length or resolve_max_length(load_config(model_dir), self.tokenizer,
                                                             default=DEFAULT_MAX_LENGTH)
-        self.batching = batching(batch_size, max_batch_size)
-        self.work_dir = Path(work_dir) if work_dir else None
-        self.progress_mode = progress
-        self.stop = stop
-        self.pretrained = str(model_dir)
+
+    def score(self, requests: list[Request]) -> list[tuple[float, bool]]:
+        """(log-likelihood, greedy) of every request, in order."""
+        raise NotImplementedError
 
     # ---- what lm-eval's TemplateLM needs ---------------------------------------------------
     @property
@@ -108,7 +98,28 @@ class WandaStreamLM(TemplateLM):
     def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
         raise InputError(refusal_of_generation(sorted({str(r.task_name) for r in requests})))
 
-    # ---- the streamed pass -------------------------------------------------------------------
+
+
+@register_model(MODEL_NAME)
+class WandaStreamLM(TokenizedLM):
+    """A checkpoint directory scored block by block; model_args: pretrained, device, dtype, batch_size, ..."""
+
+    def __init__(
+        self, pretrained: str, device: str = "auto", dtype: str = "auto", batch_size: int | str | None = None,
+        max_batch_size: int | None = None, max_length: int | None = None, add_bos_token: bool | None = None,
+        work_dir: str | None = None, progress: str = "quiet", stop: StopFlag | None = None,
+    ) -> None:
+        model_dir = Path(pretrained)
+        super().__init__(model_dir, max_length, add_bos_token)
+        ckpt, sk = open_model(model_dir)
+        device_name = resolve_device(device)
+        compute = DTYPE_NAMES[resolve_compute_dtype(dtype, device_name, checkpoint_dtype(ckpt, sk))]
+        self.st = Streamer(ckpt, sk, device_name, compute)
+        self.batching = batching(batch_size, max_batch_size)
+        self.work_dir = Path(work_dir) if work_dir else None
+        self.progress_mode = progress
+        self.stop = stop
+
     def score(self, requests: list[Request]) -> list[tuple[float, bool]]:
         """(log-likelihood, greedy) of every request, in one pass over the blocks."""
         progress = Progress(self.progress_mode, self.st.sk.n_layers, "eval")

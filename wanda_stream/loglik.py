@@ -16,6 +16,7 @@ import torch
 
 MIN_BUCKET = 16
 PAD_ID = 0  # any token id: right padding is never attended by the positions that are scored
+TARGETS, META = ".targets", ".meta"  # suffixes of a saved bucket's side tensors
 
 
 @dataclass(frozen=True)
@@ -28,21 +29,37 @@ class Request:
 
 @dataclass(frozen=True)
 class Bucket:
-    """Requests padded to one length: `tokens` [len(members), seqlen]; row r holds request members[r]."""
+    """Requests padded to one length, one per row.
 
-    seqlen: int
-    members: list[int]
+    tokens [n, seqlen]: the model inputs; targets [n, seqlen]: the token each position predicts;
+    meta [n, 3] int64: (request index, input length, continuation length) per row. All tensors, so a
+    bucket can be saved and scored by a later process.
+    """
+
     tokens: torch.Tensor
-    lengths: list[int]  # real (unpadded) input length of each row
+    targets: torch.Tensor
+    meta: torch.Tensor
+
+    @property
+    def seqlen(self) -> int:
+        return int(self.tokens.shape[1])
+
+    @property
+    def members(self) -> list[int]:
+        return self.meta[:, 0].tolist()
 
 
 def model_input(req: Request, max_length: int) -> list[int]:
     """The tokens the model sees: truncated from the left to max_length, the last token dropped."""
+    return _window(req, max_length)[:-1]
+
+
+def _window(req: Request, max_length: int) -> list[int]:
     if not req.context or not req.continuation:
         raise ValueError("a request needs a non-empty context and continuation")
     if len(req.continuation) > max_length:
         raise ValueError(f"continuation of {len(req.continuation)} tokens is longer than max_length {max_length}")
-    return (req.context + req.continuation)[-(max_length + 1):][:-1]
+    return (req.context + req.continuation)[-(max_length + 1):]
 
 
 def bucket_length(n: int, max_length: int) -> int:
@@ -55,37 +72,56 @@ def bucket_length(n: int, max_length: int) -> int:
 
 def plan_buckets(requests: list[Request], max_length: int) -> list[Bucket]:
     """Every request in exactly one bucket, buckets in increasing length, requests in their order."""
-    rows: dict[int, list[tuple[int, list[int]]]] = {}
+    rows: dict[int, list[int]] = {}
     for idx, req in enumerate(requests):
-        inp = model_input(req, max_length)
-        rows.setdefault(bucket_length(len(inp), max_length), []).append((idx, inp))
+        rows.setdefault(bucket_length(len(_window(req, max_length)) - 1, max_length), []).append(idx)
     out = []
     for seqlen in sorted(rows):
-        members = [idx for idx, _ in rows[seqlen]]
-        tokens = torch.full((len(members), seqlen), PAD_ID, dtype=torch.long)
-        for r, (_, inp) in enumerate(rows[seqlen]):
-            tokens[r, : len(inp)] = torch.tensor(inp, dtype=torch.long)
-        out.append(Bucket(seqlen, members, tokens, [len(inp) for _, inp in rows[seqlen]]))
+        tokens = torch.full((len(rows[seqlen]), seqlen), PAD_ID, dtype=torch.long)
+        targets = torch.full_like(tokens, PAD_ID)
+        meta = torch.zeros(len(rows[seqlen]), 3, dtype=torch.long)
+        for r, idx in enumerate(rows[seqlen]):
+            window = torch.tensor(_window(requests[idx], max_length), dtype=torch.long)
+            n = len(window) - 1
+            tokens[r, :n], targets[r, :n] = window[:-1], window[1:]
+            meta[r] = torch.tensor([idx, n, len(requests[idx].continuation)])
+        out.append(Bucket(tokens, targets, meta))
     return out
 
 
-def scored_positions(bucket: Bucket, requests: list[Request], start: int, count: int
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+def scored_positions(bucket: Bucket, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
     """For rows [start, start+count) of a bucket: which (row, position) predicts which continuation token.
 
     Returns row indices (relative to `start`), positions, target tokens, and the number of
     continuation tokens of each row (to sum the per-token scores back per request).
     """
-    rows, pos, targets, sizes = [], [], [], []
+    rows, pos = [], []
     for r in range(start, start + count):
-        cont = requests[bucket.members[r]].continuation
-        end = bucket.lengths[r]
-        rows += [r - start] * len(cont)
-        pos += range(end - len(cont), end)
-        targets += cont
-        sizes.append(len(cont))
-    as_long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
-    return as_long(rows), as_long(pos), as_long(targets), sizes
+        _, end, cont = bucket.meta[r].tolist()
+        rows += [r - start] * cont
+        pos += range(end - cont, end)
+    rows_t, pos_t = torch.tensor(rows, dtype=torch.long), torch.tensor(pos, dtype=torch.long)
+    return rows_t, pos_t, bucket.targets[rows_t + start, pos_t], bucket.meta[start : start + count, 2].tolist()
+
+
+def bucket_tensors(name: str, bucket: Bucket) -> dict[str, torch.Tensor]:
+    """A bucket as named tensors (for a safetensors file): `name` holds the model inputs, the stream."""
+    return {name: bucket.tokens, name + TARGETS: bucket.targets, name + META: bucket.meta}
+
+
+def bucket_from_tensors(toks: dict[str, torch.Tensor], name: str) -> Bucket:
+    return Bucket(toks[name], toks[name + TARGETS], toks[name + META])
+
+
+def hidden_streams(toks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The token tensors that are streams of model inputs (not a bucket's targets or meta)."""
+    return {n: t for n, t in toks.items() if not n.endswith((TARGETS, META))}
+
+
+def request_key(bucket: Bucket, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Row r's (model input, continuation) as tuples: what identifies a request's score across processes."""
+    _, end, cont = bucket.meta[r].tolist()
+    return tuple(bucket.tokens[r, :end].tolist()), tuple(bucket.targets[r, end - cont : end].tolist())
 
 
 def token_scores(logits_fn: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, targets: torch.Tensor,

@@ -20,6 +20,7 @@ from wanda_stream.report import Progress
 from wanda_stream.state import StopFlag
 from wanda_stream.stream import LOGIT_CHUNK_BYTES, Streamer
 
+STOPPED = "task evaluation stopped; it cannot be resumed: rerun the command"
 # Rows per micro-batch when none is given: about this many tokens, whatever the bucket's length.
 AUTO_BATCH_TOKENS = 8192
 MAX_AUTO_ROWS = 64
@@ -40,7 +41,7 @@ class Batching:
 
 def bucket_files(work_dir: Path, buckets: list[Bucket], hidden: int, dtype: torch.dtype) -> list[list[HiddenFile]]:
     """Two hidden-state files per bucket (a block's input and output)."""
-    return [[HiddenFile(work_dir / f"loglik_{b.seqlen:06d}_{k}.bin", len(b.members), b.seqlen, hidden, dtype)
+    return [[HiddenFile(work_dir / f"loglik_{b.seqlen:06d}_{k}.bin", *b.tokens.shape, hidden, dtype)
              for k in range(2)] for b in buckets]
 
 
@@ -52,7 +53,7 @@ def run_buckets(st: Streamer, buckets: list[Bucket], files: list[list[HiddenFile
     """
     for b, (first, _) in zip(buckets, files):
         if not st.embed_windows(b.tokens, first, batching.rows_for(b.seqlen), stop):
-            raise Interrupted("evaluation stopped")
+            raise Interrupted(STOPPED)
     st.prefetch(0)
     for i in range(st.sk.n_layers):
         stored, _ = st.block_tensors(i)
@@ -63,7 +64,7 @@ def run_buckets(st: Streamer, buckets: list[Bucket], files: list[list[HiddenFile
                 ok = st.run_block(i, layer, pair[i % 2], batching.rows_for(b.seqlen),
                                   dst=pair[(i + 1) % 2], stop=stop)
                 if not ok:
-                    raise Interrupted("evaluation stopped")
+                    raise Interrupted(STOPPED)
         finally:
             release(st.sk.layers[i])
         if progress is not None:
@@ -71,14 +72,14 @@ def run_buckets(st: Streamer, buckets: list[Bucket], files: list[list[HiddenFile
     return [pair[st.sk.n_layers % 2] for pair in files]
 
 
-def score_bucket(st: Streamer, bucket: Bucket, requests: list[Request], last: HiddenFile,
+def score_bucket(st: Streamer, bucket: Bucket, last: HiddenFile,
                  batching: Batching) -> list[tuple[int, tuple[float, bool]]]:
     """(request index, (log-likelihood, greedy)) for every request of a bucket, from its last-block outputs."""
     vocab = st.sk.model.get_output_embeddings().weight.shape[0]
     chunk = max(1, LOGIT_CHUNK_BYTES // (vocab * 4))
     out = []
     for start, count, normed in st.final_states(last, batching.rows_for(bucket.seqlen)):
-        rows, pos, targets, sizes = scored_positions(bucket, requests, start, count)
+        rows, pos, targets, sizes = scored_positions(bucket, start, count)
         logp, greedy = token_scores(st.head_logits, normed[rows.to(normed.device), pos.to(normed.device)],
                                     targets, chunk)
         out += zip(bucket.members[start : start + count], per_request(logp, greedy, sizes))
@@ -102,7 +103,7 @@ def streamed_loglikelihoods(
     try:
         lasts = run_buckets(st, buckets, files, batching, stop, progress)
         for b, last in zip(buckets, lasts):
-            for idx, score in score_bucket(st, b, requests, last, batching):
+            for idx, score in score_bucket(st, b, last, batching):
                 results[idx] = score
     finally:
         for f in (f for pair in files for f in pair):

@@ -27,6 +27,7 @@ from wanda_stream.checkpoint import (
 )
 from wanda_stream.config import RunConfig
 from wanda_stream.errors import Interrupted
+from wanda_stream.loglik import hidden_streams
 from wanda_stream.report import Progress, io_bytes, peak_rss_bytes, versions
 from wanda_stream.model import release
 from wanda_stream.state import REPORT_NAME, RunState, StopFlag, WorkDir, killpoint
@@ -161,6 +162,10 @@ class PruneRun:
             text = "\n\n".join(calib.documents(self.cfg.eval_data, "evaluation", self.stop))
             toks["eval"] = calib.eval_windows(text, tokenizer, self.cfg.eval_seqlen or self.cfg.seqlen,
                                               self.cfg.eval_windows, self.cfg.eval_data, self.stop)
+        if self.cfg.eval_tasks:
+            from wanda_stream.task_prune import task_spec, task_tokens
+
+            toks.update(task_tokens(Path(self.cfg.model_dir), task_spec(self.cfg)))
         tmp = path.with_name(path.name + ".partial")
         save_file(toks, str(tmp))
         atomic_write_bytes(path, tmp.read_bytes())
@@ -172,7 +177,7 @@ class PruneRun:
         state = self.work.load_state()
         self.progress.begin(state.next_block)
         toks = self.tokens()
-        streams = {name: t for name, t in toks.items()}
+        streams = hidden_streams(toks)  # lm-eval request buckets bring targets and meta beside their inputs
         if state.next_block == 0 and "stem_written" not in state.extra:
             self._start(streams, state)
         self._clean_stale(state, streams)
@@ -282,9 +287,7 @@ class PruneRun:
         timing["write_wait_s"] = time.perf_counter() - t0
         state.blocks[-1]["timing"].update(_rounded(timing))
         self.work.save_state(state)
-        stale = self.work.file(f"calib_{state.next_block - 1:05d}.bin"), self.work.file(
-            f"eval_{state.next_block - 1:05d}.bin")
-        for p in stale:
+        for p in self.work.path.glob(f"*_{state.next_block - 1:05d}.bin"):  # every stream's input to that block
             p.unlink(missing_ok=True)
         killpoint("block_done")
 
@@ -326,6 +329,12 @@ class PruneRun:
             nll, count = self.st.final_nll(self.hidden("eval", self.n, *t.shape), t, self.cfg.batch_size)
             report["eval"] = {"perplexity": math.exp(nll / count), "tokens": count, "windows": t.shape[0],
                               "seqlen": t.shape[1], "data": self.cfg.eval_data}
+        if self.cfg.eval_tasks:
+            from wanda_stream.task_prune import task_results, task_spec
+
+            report["eval_tasks"] = task_results(
+                self.st, Path(self.cfg.model_dir), task_spec(self.cfg), self.tokens(),
+                lambda name: self.hidden(name, self.n, *streams[name].shape), self.cfg.batch_size)
         return report
 
 

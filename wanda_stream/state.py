@@ -37,7 +37,7 @@ EX_TEMPFAIL = 75
 KILL_ENV = "WANDA_STREAM_KILL_AT"
 
 # Everything a run writes in its work dir (temporaries included, as a kill may leave them).
-_OWN_NAME = re.compile(r"lock|(run\.json|state\.json|tokens\.safetensors|(calib|eval)_\d{5}\.bin)(\.tmp|\.partial)?")
+_OWN_NAME = re.compile(r"lock|(run\.json|state\.json|tokens\.safetensors|(calib|eval|tasks_\d{5})_\d{5}\.bin)(\.tmp|\.partial)?")
 _kill_counts: dict[str, int] = {}
 
 
@@ -285,6 +285,7 @@ def resume_command(cfg: RunConfig) -> str:
             args += ["--eval-windows", str(cfg.eval_windows)]
         if cfg.eval_seqlen is not None:
             args += ["--eval-seqlen", str(cfg.eval_seqlen)]
+    args += _task_args(cfg)
     if Path(cfg.work_dir) != Path(cfg.output_dir) / ".wanda-stream":
         args += ["--work-dir", cfg.work_dir]
     if cfg.keep_work_dir:
@@ -292,3 +293,17 @@ def resume_command(cfg: RunConfig) -> str:
     args += ["--device", cfg.device, "--compute-dtype", cfg.compute_dtype, "--batch-size", str(cfg.batch_size),
              "--resume"]
     return shlex.join(args)
+
+
+def _task_args(cfg: RunConfig) -> list[str]:
+    """The --eval-tasks flags of a run's configuration."""
+    if not cfg.eval_tasks:
+        return []
+    args = ["--eval-tasks", cfg.eval_tasks]
+    if cfg.eval_include_path:
+        args += ["--eval-include-path", cfg.eval_include_path]
+    if cfg.eval_num_fewshot is not None:
+        args += ["--eval-num-fewshot", str(cfg.eval_num_fewshot)]
+    if cfg.eval_limit is not None:
+        args += ["--eval-limit", repr(cfg.eval_limit)]
+    return args

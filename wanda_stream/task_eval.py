@@ -1,8 +1,8 @@
 """Zero-shot (or few-shot) task accuracy through lm-evaluation-harness, with the streamed model.
 
 lm-eval supplies task definitions, prompts, metrics and the results object; the model is
-`lm_eval_backend.WandaStreamLM`. Tasks are loaded (and their data sets read) before the model is
-opened, so an unknown task, an unreachable data set or a generation task is refused in one line.
+`lm_eval_backend.WandaStreamLM`. Tasks are loaded (and their data sets read) before any block runs,
+so an unknown task, an unreachable data set or a generation task is refused in one line.
 Resuming an interrupted task evaluation is not supported: a stopped run starts over.
 """
 
@@ -19,6 +19,7 @@ from wanda_stream.state import StopFlag
 
 if TYPE_CHECKING:
     from lm_eval.api.group import Group
+    from lm_eval.api.model import LM
     from lm_eval.api.task import Task
     from lm_eval.tasks import TaskManager
 
@@ -107,28 +108,42 @@ def _refuse_generation(tasks: dict[str, Task]) -> None:
         raise InputError(refusal_of_generation(generative))
 
 
-def evaluate_tasks(run: TaskRun, stop: StopFlag | None = None) -> dict:
-    """lm-eval's results object (JSON-ready) for `run`; the model is streamed one block at a time."""
-    require_lm_eval()
+def check_suite_args(num_fewshot: int | None, limit: float | None) -> None:
+    """InputError naming the flag for a negative few-shot count or a non-positive limit."""
+    if num_fewshot is not None and num_fewshot < 0:
+        raise InputError(f"--num-fewshot {num_fewshot}: must be 0 or more")
+    if limit is not None and limit <= 0:
+        raise InputError(f"--limit {limit}: must be positive (a count, or a fraction below 1)")
+
+
+def run_suite(lm: LM, tasks: list[str], include_path: Path | None, num_fewshot: int | None, limit: float | None,
+              log_samples: bool = False) -> dict:
+    """lm-eval's results object (made plain JSON) of `tasks` on the model `lm`."""
     import json
 
     import lm_eval
     from lm_eval.utils import handle_non_serializable
 
-    from wanda_stream.lm_eval_backend import WandaStreamLM
-
-    if run.num_fewshot is not None and run.num_fewshot < 0:
-        raise InputError(f"--num-fewshot {run.num_fewshot}: must be 0 or more")
-    if run.limit is not None and run.limit <= 0:
-        raise InputError(f"--limit {run.limit}: must be positive (a count, or a fraction below 1)")
-    tm = task_manager(run.tasks, run.include_path)
-    tasks = load_tasks(tm, run.tasks)
-    lm = WandaStreamLM(str(run.model_dir), device=run.device, dtype=run.compute_dtype, batch_size=run.batch_size,
-                       work_dir=str(run.work_dir) if run.work_dir else None, progress=run.progress, stop=stop)
-    results = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=tm, num_fewshot=run.num_fewshot,
-                                      limit=run.limit, log_samples=run.log_samples)
+    tm = task_manager(tasks, include_path)
+    loaded = load_tasks(tm, tasks)
+    results = lm_eval.simple_evaluate(model=lm, tasks=loaded, task_manager=tm, num_fewshot=num_fewshot,
+                                      limit=limit, log_samples=log_samples)
     # One round trip makes every value plain JSON (numpy numbers, dtypes, functions in configs).
     return json.loads(json.dumps(results, default=handle_non_serializable))
+
+
+def evaluate_tasks(run: TaskRun, stop: StopFlag | None = None) -> dict:
+    """lm-eval's results object (JSON-ready) for `run`; the model is streamed one block at a time.
+
+    Tasks and data sets are loaded before any block runs, so their refusals cost no pass over the weights.
+    """
+    require_lm_eval()
+    from wanda_stream.lm_eval_backend import WandaStreamLM
+
+    check_suite_args(run.num_fewshot, run.limit)
+    lm = WandaStreamLM(str(run.model_dir), device=run.device, dtype=run.compute_dtype, batch_size=run.batch_size,
+                       work_dir=str(run.work_dir) if run.work_dir else None, progress=run.progress, stop=stop)
+    return run_suite(lm, run.tasks, run.include_path, run.num_fewshot, run.limit, run.log_samples)
 
 
 def results_table(results: dict) -> str:
