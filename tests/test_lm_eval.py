@@ -12,14 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import ROOT, WIKI_TEST, run_cli, small_text
+from tests.helpers import ROOT, WIKI_TEST, small_text
 from wanda_stream.loglik import (
     Request, model_input, per_request, plan_buckets, rolling_windows, scored_positions, token_scores,
 )
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval not installed (pip install -e '.[eval]')")
 
-OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 PAPER_TASKS = ["boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]
 TOY_YAML = """task: {name}
 dataset_path: json
@@ -94,7 +93,7 @@ def test_rolling_windows_match_lm_eval(n: int) -> None:
 def _instances(task_dir: Path, name: str) -> list:
     from lm_eval.tasks import TaskManager
 
-    task = TaskManager(include_path=str(task_dir)).load([name])["tasks"][name]
+    task = TaskManager(include_path=str(task_dir), include_defaults=False).load([name])["tasks"][name]
     task.build_all_requests(rank=0, world_size=1)
     return task.instances
 
@@ -209,10 +208,21 @@ def test_unknown_task_names_it(builtin_tasks: object) -> None:
         load_tasks(builtin_tasks, ["arc_easy", "no_such_task"])
 
 
-def test_offline_data_set_one_line_exit_2(tiny_model: Path) -> None:
-    r = run_cli("eval", str(tiny_model), "--tasks", "boolq", "--device", "cpu", "--quiet", env=OFFLINE)
-    assert r.returncode == 2, r.stderr
-    assert r.stderr.strip().splitlines() == [
+def test_offline_data_set_one_line_exit_2(tiny_model: Path, builtin_tasks: object, monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """A paper task whose hub data set cannot be reached: one line naming the data set, exit 2."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    from wanda_stream import task_eval
+    from wanda_stream.cli import main
+
+    for mod in (datasets.config, huggingface_hub.constants):  # as HF_*_OFFLINE=1 at import time would set them
+        monkeypatch.setattr(mod, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True, raising=False)
+    monkeypatch.setattr(task_eval, "task_manager", lambda names, include_path: builtin_tasks)  # the shared index
+    assert main(["eval", str(tiny_model), "--tasks", "boolq", "--device", "cpu", "--quiet"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
         "wanda-stream: error: task boolq: data set aps/super_glue could not be loaded (Couldn't reach "
         "'aps/super_glue' on the Hub (OfflineModeIsEnabled)); connect to the Hugging Face hub once to cache it, "
         "or define the task on local files with --include-path"]
