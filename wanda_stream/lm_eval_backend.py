@@ -11,9 +11,9 @@ of multiple-choice tasks costs one read of the weights.
 
 from __future__ import annotations
 
-import shutil
 import sys
 import tempfile
+from contextlib import nullcontext
 from pathlib import Path
 
 import lm_eval.models  # noqa: F401 - lm-eval's own models, registered lazily before ours (see get_model)
@@ -123,17 +123,14 @@ class WandaStreamLM(TokenizedLM):
     def score(self, requests: list[Request]) -> list[tuple[float, bool]]:
         """(log-likelihood, greedy) of every request, in one pass over the blocks."""
         progress = Progress(self.progress_mode, self.st.sk.n_layers, "eval")
-        tmp = None
-        work = self.work_dir
-        if work is None:
-            tmp = tempfile.mkdtemp(prefix="wanda-stream-lm-eval-")
-            work = Path(tmp)
+        scratch = (nullcontext(str(self.work_dir)) if self.work_dir is not None
+                   else tempfile.TemporaryDirectory(prefix="wanda-stream-lm-eval-"))
         try:
-            return streamed_loglikelihoods(self.st, requests, self.max_length, work, self.batching, self.stop, progress)
+            with scratch as work:
+                return streamed_loglikelihoods(self.st, requests, self.max_length, Path(work), self.batching,
+                                               self.stop, progress)
         finally:
             progress.close()
-            if tmp is not None:
-                shutil.rmtree(tmp, ignore_errors=True)
 
 
 def refusal_of_generation(tasks: list[str]) -> str:
