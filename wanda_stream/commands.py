@@ -383,6 +383,9 @@ def cmd_eval_tasks(args: argparse.Namespace) -> int:
     batch = args.batch_size
     if batch is not None and batch <= 0:
         raise InputError(f"--batch-size {batch}: must be a positive integer")
+    if args.max_activation_memory is not None:
+        raise InputError("--max-activation-memory: not used with --tasks (requests come in buckets of many lengths); "
+                         "set rows per micro-batch with --batch-size")
     limit = _count_or_fraction(args.limit)
     run = TaskRun(args.model_dir.resolve(), tasks, args.include_path, args.num_fewshot, limit,
                   resolve_device(args.device), args.compute_dtype, batch,
