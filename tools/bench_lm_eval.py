@@ -45,9 +45,9 @@ def child(backend: str, model_dir: str, task_dir: str, batch_size: int) -> None:
     tm = TaskManager(include_path=task_dir, include_defaults=False)
     res = lm_eval.simple_evaluate(model=lm, tasks=[TASK], task_manager=tm)["results"][TASK]
     io = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
-    print(json.dumps({"acc": res["acc,none"], "acc_norm": res["acc_norm,none"],
-                      "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                      "read_bytes": int(io["read_bytes"])}))
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    print(json.dumps({"acc": res["acc,none"], "acc_norm": res["acc_norm,none"], "peak_rss_bytes": ru.ru_maxrss * 1024,
+                      "cpu_s": ru.ru_utime + ru.ru_stime, "read_bytes": int(io["read_bytes"])}))
 
 
 def evict(model_dir: Path) -> None:
@@ -105,11 +105,12 @@ def main() -> int:
         for backend in ("streamed", "hf"):
             m = measure(backend, model, task_dir, args.batch_size)
             rows.append(f"| {label} | {backend} | {m['acc']:.4f} | {m['acc_norm']:.4f} | {m['wall_s']:.1f} | "
+                        f"{m['cpu_s']:.0f} | "
                         f"{m['peak_rss_bytes'] / 2**20:.0f} | {m['read_bytes'] / 2**20:.0f} | {size / 2**20:.0f} |")
             print(rows[-1], file=sys.stderr, flush=True)
     print(f"{TASK}, {args.items} items x 4 choices; {datetime.date.today()}; {machine()}\n")
-    print("| model | backend | acc | acc_norm | wall s | peak RSS MiB | read MiB | checkpoint MiB |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print("| model | backend | acc | acc_norm | wall s | CPU s | peak RSS MiB | read MiB | checkpoint MiB |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     print("\n".join(rows))
     return 0
 
