@@ -185,9 +185,16 @@ def test_lm_eval_command_with_wanda_stream_model(tiny_model: Path, tmp_path: Pat
                                                  monkeypatch: pytest.MonkeyPatch,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     """lm-eval's own command line (`wanda-stream-lm-eval`, the console script) with the model registered."""
+    import functools
+
+    import lm_eval.tasks
+
     from wanda_stream import lm_eval_backend
 
     task_dir = write_toy_task(tmp_path / "tasks", n=4)
+    # Only the local task: indexing lm-eval's built-in tasks takes its command line many seconds here.
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager",
+                        functools.partial(lm_eval.tasks.TaskManager, include_defaults=False))
     monkeypatch.setattr(sys, "argv", ["wanda-stream-lm-eval", "--model", "wanda-stream", "--model_args",
                                       f"pretrained={tiny_model}", "--tasks", "toy_mc", "--include_path",
                                       str(task_dir), "--device", "cpu"])
