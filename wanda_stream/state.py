@@ -299,11 +299,6 @@ def _task_args(cfg: RunConfig) -> list[str]:
     """The --eval-tasks flags of a run's configuration."""
     if not cfg.eval_tasks:
         return []
-    args = ["--eval-tasks", cfg.eval_tasks]
-    if cfg.eval_include_path:
-        args += ["--eval-include-path", cfg.eval_include_path]
-    if cfg.eval_num_fewshot is not None:
-        args += ["--eval-num-fewshot", str(cfg.eval_num_fewshot)]
-    if cfg.eval_limit is not None:
-        args += ["--eval-limit", repr(cfg.eval_limit)]
-    return args
+    flags = {"--eval-tasks": cfg.eval_tasks, "--eval-include-path": cfg.eval_include_path or None,
+             "--eval-num-fewshot": cfg.eval_num_fewshot, "--eval-limit": cfg.eval_limit}
+    return [arg for flag, value in flags.items() if value is not None for arg in (flag, str(value))]
