@@ -36,6 +36,12 @@ full (one line on stderr); 75 stopped by SIGTERM/SIGINT with its state saved: re
 EVAL_EXAMPLES = """examples:
   wanda-stream eval ./Llama-2-7b-wanda50 --data wikitext2 --seqlen 2048
   wanda-stream eval ./model --data ./wiki.test.raw --seqlen 512 --max-windows 40 --json
+  # lm-evaluation-harness tasks (pip install 'wanda-stream[eval]'), every request through each block once
+  wanda-stream eval ./model --tasks boolq,rte,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa
+  wanda-stream eval ./model --tasks wikitext_next_sentence --include-path ./tasks --limit 100 --json
+
+--tasks: log-likelihood tasks only (multiple choice, perplexity); generation tasks are refused. A task
+evaluation stopped by SIGTERM/SIGINT exits 75 and cannot be resumed: rerun it.
 """
 INSPECT_EXAMPLES = """examples:
   wanda-stream inspect ./Llama-2-7b-wanda50
@@ -103,6 +109,15 @@ def _add_progress(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
 
+def _add_task_args(p: argparse.ArgumentParser) -> None:
+    t = p.add_argument_group("lm-evaluation-harness tasks (instead of --data perplexity)")
+    t.add_argument("--tasks", default=None, help="comma-separated lm-eval task names, e.g. boolq,rte,arc_easy")
+    t.add_argument("--include-path", type=Path, default=None, help="directory of extra task YAMLs (lm-eval's flag)")
+    t.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples per prompt (default: the task's)")
+    t.add_argument("--limit", type=float, default=None, help="at most this many documents per task (<1: a fraction)")
+    t.add_argument("--output-path", type=Path, default=None, help="also save lm-eval's results and samples here")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from wanda_stream.dist import DEFAULT_TIMEOUT_S
     from wanda_stream.families import TESTED_FAMILIES
@@ -141,6 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-data", default=None, help="also report perplexity on this SPEC, in the same pass")
     p.add_argument("--eval-windows", type=int, default=None, help="at most this many evaluation windows")
     p.add_argument("--eval-seqlen", type=int, default=None, help="evaluation window length (default --seqlen)")
+    p.add_argument("--eval-tasks", default=None,
+                   help="also run these lm-eval tasks (comma-separated) on the pruned model, in the same pass")
+    p.add_argument("--eval-include-path", type=Path, default=None, help="directory of extra task YAMLs")
+    p.add_argument("--eval-num-fewshot", type=int, default=None, help="few-shot examples (default: the task's)")
+    p.add_argument("--eval-limit", type=float, default=None, help="at most this many documents per task")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run (or start one)")
     p.add_argument("--overwrite", action="store_true", help="discard an earlier run or output and start over")
     p.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S,
@@ -163,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--work-dir", type=Path, default=None, help="hidden states (default: a temporary directory)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     _add_revision(e)
+    _add_task_args(e)
     _add_device(e)
     _add_progress(e)
 

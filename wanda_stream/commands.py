@@ -135,8 +135,23 @@ def _run_config(args: argparse.Namespace, seqlen: int, device: str, compute_dtyp
         batch_size=batch, eval_data=args.eval_data, eval_windows=args.eval_windows, eval_seqlen=args.eval_seqlen,
         keep_work_dir=args.keep_work_dir, prefetch=not args.no_prefetch, world_size=world_size,
         calib_fingerprint=calib_fp, eval_fingerprint=eval_fp, chat_template=args.chat_template,
-        calib_field=args.calib_field,
+        calib_field=args.calib_field, **_task_fields(args),
     ).validate()
+
+
+def _task_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The RunConfig fields of prune --eval-tasks (checked here: lm-eval is an optional extra)."""
+    if not args.eval_tasks:
+        return {}
+    from wanda_stream.task_eval import check_suite_args, require_lm_eval
+
+    require_lm_eval()
+    check_suite_args(args.eval_num_fewshot, args.eval_limit)
+    tasks = ",".join(t.strip() for t in args.eval_tasks.split(",") if t.strip())
+    limit = _count_or_fraction(args.eval_limit)
+    include = str(args.eval_include_path.resolve()) if args.eval_include_path else ""
+    return {"eval_tasks": tasks, "eval_include_path": include, "eval_num_fewshot": args.eval_num_fewshot,
+            "eval_limit": limit}
 
 
 def _requested_config(args: argparse.Namespace, saved: RunConfig) -> RunConfig:
@@ -398,6 +413,10 @@ def _summary(args: argparse.Namespace, cfg: RunConfig, report: dict) -> None:
     if "eval" in report:
         ev = report["eval"]
         print(f"  perplexity {ev['perplexity']:.4f} on {ev['windows']} x {ev['seqlen']} tokens of {ev['data']}")
+    if "eval_tasks" in report:
+        from wanda_stream.task_eval import results_table
+
+        print(results_table(report["eval_tasks"]))
     print(f"  {_peak_text(report)}")
 
 
@@ -417,6 +436,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from wanda_stream.evaluate import evaluate
 
     resolve_model_arg(args)
+    if args.tasks is not None:
+        return cmd_eval_tasks(args)
     device = resolve_device(args.device)
     if args.max_windows is not None and args.max_windows <= 0:
         raise InputError(f"--max-windows {args.max_windows}: must be a positive integer")
@@ -463,3 +484,39 @@ def cmd_status(args: argparse.Namespace) -> int:
     result = run_status(args.path.resolve())
     print(json.dumps(result) if args.json else format_status(result))
     return 0
+
+
+def cmd_eval_tasks(args: argparse.Namespace) -> int:
+    """`eval --tasks`: lm-eval tasks on the streamed model; its results table, or its results object with --json."""
+    from wanda_stream.task_eval import TaskRun, evaluate_tasks, require_lm_eval, results_table, save_results
+
+    require_lm_eval()
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise InputError("--tasks: give at least one task name, e.g. --tasks arc_easy")
+    batch = args.batch_size
+    if batch is not None and batch <= 0:
+        raise InputError(f"--batch-size {batch}: must be a positive integer")
+    if args.max_activation_memory is not None:
+        raise InputError("--max-activation-memory: not used with --tasks (requests come in buckets of many lengths); "
+                         "set rows per micro-batch with --batch-size")
+    limit = _count_or_fraction(args.limit)
+    run = TaskRun(args.model_dir.resolve(), tasks, args.include_path, args.num_fewshot, limit,
+                  resolve_device(args.device), args.compute_dtype, batch,
+                  "quiet" if args.quiet or args.json else args.log_format, args.work_dir,
+                  log_samples=args.output_path is not None)
+    stop = StopFlag().install()
+    try:
+        results = evaluate_tasks(run, stop)
+    finally:
+        stop.restore()
+    if args.output_path is not None:
+        save_results(results, args.output_path, run.model_dir)
+    results.pop("samples", None)
+    print(json.dumps(results) if args.json else results_table(results))
+    return 0
+
+
+def _count_or_fraction(limit: float | None) -> float | None:
+    """lm-eval's --limit: a document count when 1 or more (an int, as lm-eval expects), else a fraction."""
+    return int(limit) if limit is not None and limit >= 1 else limit

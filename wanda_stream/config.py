@@ -89,6 +89,10 @@ class RunConfig:
     eval_fingerprint: str = ""
     chat_template: str = "auto"
     calib_field: str | None = None
+    eval_tasks: str = ""  # lm-eval tasks, comma-separated (prune --eval-tasks)
+    eval_include_path: str = ""
+    eval_num_fewshot: int | None = None
+    eval_limit: float | None = None
 
     @property
     def nm(self) -> tuple[int, int] | None:

@@ -32,6 +32,7 @@ from wanda_stream.config import RunConfig
 from wanda_stream.dist import World
 from wanda_stream.errors import Interrupted
 from wanda_stream.card import render_card
+from wanda_stream.loglik import hidden_streams
 from wanda_stream.methods import FALLBACK, NM, Method, Pruned, Stat
 from wanda_stream.model import release
 from wanda_stream.observe import BlockObserver, BlockStats, reduce_stats
@@ -147,18 +148,23 @@ class PruneRun:
         return HiddenFile(self.work.file(name), n, seqlen, self.st.hidden, self.cfg.dtype)
 
     def my_streams(self, toks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The token windows this rank carries: its share of the calibration; the evaluation on rank 0."""
+        """The token windows this rank carries: its share of the calibration; the evaluation streams
+        (perplexity windows, lm-eval request buckets) on rank 0."""
         out = {}
-        if "calib" in toks:
-            start, count = self.world.share(toks["calib"].shape[0], self.cfg.batch_size)
-            out["calib"] = toks["calib"][start : start + count]
-        if "eval" in toks and self.world.main:
-            out["eval"] = toks["eval"]
+        for name, t in hidden_streams(toks).items():
+            if name == "calib":
+                start, count = self.world.share(t.shape[0], self.cfg.batch_size)
+                out[name] = t[start : start + count]
+            elif self.world.main:
+                out[name] = t
         return out
 
     def tokens(self) -> dict[str, torch.Tensor]:
         """Every window of the run: made by rank 0, then read by every rank from the file."""
         self.world.on_main(self._make_tokens)
+        return self.saved_tokens()
+
+    def saved_tokens(self) -> dict[str, torch.Tensor]:
         return load_file(str(self.work.file("tokens.safetensors")))
 
     def _make_tokens(self) -> None:
@@ -182,6 +188,10 @@ class PruneRun:
             text = "\n\n".join(calib.documents(self.cfg.eval_data, "evaluation", self.stop))
             toks["eval"] = calib.eval_windows(text, tokenizer, self.cfg.eval_seqlen or self.cfg.seqlen,
                                               self.cfg.eval_windows, self.cfg.eval_data, self.stop)
+        if self.cfg.eval_tasks:
+            from wanda_stream.task_prune import task_spec, task_tokens
+
+            toks.update(task_tokens(Path(self.cfg.model_dir), task_spec(self.cfg)))
         tmp = path.with_name(path.name + ".partial")
         save_file(toks, str(tmp))
         atomic_write_bytes(path, tmp.read_bytes())
@@ -401,8 +411,8 @@ class PruneRun:
         timing["write_wait_s"] = time.perf_counter() - t0
         state.blocks[-1]["timing"].update(_rounded(timing))
         self.work.save_state(state)
-        for name in ("calib", "eval"):
-            self.work.file(f"{name}_{state.next_block - 1:05d}{self.world.suffix}.bin").unlink(missing_ok=True)
+        for p in self.work.path.glob(f"*_{state.next_block - 1:05d}{self.world.suffix}.bin"):
+            p.unlink(missing_ok=True)  # every stream's input to that block
         killpoint("block_done")
 
     def _finalize(self, state: RunState, streams: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -455,6 +465,12 @@ class PruneRun:
             nll, count = self.st.final_nll(self.hidden("eval", self.n, *t.shape), t, self.cfg.batch_size)
             report["eval"] = {"perplexity": math.exp(nll / count), "tokens": count, "windows": t.shape[0],
                               "seqlen": t.shape[1], "data": self.cfg.eval_data}
+        if self.cfg.eval_tasks:
+            from wanda_stream.task_prune import task_results, task_spec
+
+            report["eval_tasks"] = task_results(
+                self.st, Path(self.cfg.model_dir), task_spec(self.cfg), self.saved_tokens(),
+                lambda name: self.hidden(name, self.n, *streams[name].shape), self.cfg.batch_size)
         return report
 
 

@@ -38,7 +38,7 @@ KILL_ENV = "WANDA_STREAM_KILL_AT"
 
 # Everything a run writes in its work dir (temporaries included, as a kill may leave them).
 _OWN_NAME = re.compile(
-    r"lock|(run\.json|state\.json|rank\d+\.json|tokens\.safetensors|(calib|eval|owl)_\d{5}(\.r\d+)?\.bin)(\.tmp|\.partial)?")
+    r"lock|(run\.json|state\.json|rank\d+\.json|tokens\.safetensors|(calib|eval|owl|tasks_\d{5})_\d{5}(\.r\d+)?\.bin)(\.tmp|\.partial)?")
 _kill_counts: dict[str, int] = {}
 
 
@@ -362,6 +362,7 @@ def resume_command(cfg: RunConfig) -> str:
             args += ["--eval-windows", str(cfg.eval_windows)]
         if cfg.eval_seqlen is not None:
             args += ["--eval-seqlen", str(cfg.eval_seqlen)]
+    args += _task_args(cfg)
     if Path(cfg.work_dir) != Path(cfg.output_dir) / ".wanda-stream":
         args += ["--work-dir", cfg.work_dir]
     if cfg.keep_work_dir:
@@ -371,3 +372,12 @@ def resume_command(cfg: RunConfig) -> str:
     if cfg.world_size > 1:  # the same torchrun launch as the run's (with its node and rendezvous flags)
         return f"torchrun <the run's launch flags, {cfg.world_size} ranks in all> -m wanda_stream {shlex.join(args[1:])}"
     return shlex.join(args)
+
+
+def _task_args(cfg: RunConfig) -> list[str]:
+    """The --eval-tasks flags of a run's configuration."""
+    if not cfg.eval_tasks:
+        return []
+    flags = {"--eval-tasks": cfg.eval_tasks, "--eval-include-path": cfg.eval_include_path or None,
+             "--eval-num-fewshot": cfg.eval_num_fewshot, "--eval-limit": cfg.eval_limit}
+    return [arg for flag, value in flags.items() if value is not None for arg in (flag, str(value))]

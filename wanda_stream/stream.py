@@ -207,6 +207,14 @@ class Streamer:
             self._release_stem()
             release(head)
 
+    def final_states(self, src: HiddenFile, batch: int) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """(start, count, final-norm outputs) per micro-batch of the last block's outputs `src`; see `head_logits`."""
+        return self._tail(src, batch)
+
+    def head_logits(self, rows: torch.Tensor) -> torch.Tensor:
+        """float32 logits of final-norm outputs `rows` [m, hidden]; only while `final_states` is being consumed."""
+        return _logits(self.sk.model.get_output_embeddings(), rows, self._softcap())
+
     def _softcap(self) -> float | None:
         return getattr(self.sk.model.config.get_text_config(), LOGIT_SOFTCAP_ATTR, None)
 
