@@ -1,5 +1,14 @@
 #!/usr/bin/env python3
-"""Cross-check wanda-stream's Wanda masks against a peer implementation: llm-compressor.
+"""Cross-check wanda-stream's Wanda or SparseGPT against a peer implementation: llm-compressor.
+
+`--method wanda` (default) compares with WandaPruningModifier as described below; `--method
+sparsegpt` with SparseGPTModifier (sparsity 0.5 or 2:4, dampening_frac 0.01, block_size 128, the
+same targets and ignore list, the same oneshot settings). For SparseGPT the script compares masks
+and the weights both sides kept (SparseGPT updates them), the drift of the two sides' Hessian
+diagonals (the peer's captured by wrapping its sparsify_weight, whose dampened Hessian is also
+checked to factor: llm-compressor 0.14 silently falls back to the identity when it does not), and
+times both prunes with /usr/bin/time -v next to `uptime`. The differences it neutralizes and the
+recorded results are in docs/peer_comparison.md, section "SparseGPT".
 
 Not part of the test suite and not run in CI: it needs a second virtual environment with
 `llmcompressor` installed (kept apart from the project's, because llmcompressor pins its own
