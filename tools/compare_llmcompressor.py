@@ -1,5 +1,14 @@
 #!/usr/bin/env python3
-"""Cross-check wanda-stream's Wanda masks against a peer implementation: llm-compressor.
+"""Cross-check wanda-stream's Wanda or SparseGPT against a peer implementation: llm-compressor.
+
+`--method wanda` (default) compares with WandaPruningModifier as described below; `--method
+sparsegpt` with SparseGPTModifier (sparsity 0.5 or 2:4, dampening_frac 0.01, block_size 128, the
+same targets and ignore list, the same oneshot settings). For SparseGPT the script compares masks
+and the weights both sides kept (SparseGPT updates them), the drift of the two sides' Hessian
+diagonals (the peer's captured by wrapping its sparsify_weight, whose dampened Hessian is also
+checked to factor: llm-compressor 0.14 silently falls back to the identity when it does not), and
+times both prunes with /usr/bin/time -v next to `uptime`. The differences it neutralizes and the
+recorded results are in docs/peer_comparison.md, section "SparseGPT".
 
 Not part of the test suite and not run in CI: it needs a second virtual environment with
 `llmcompressor` installed (kept apart from the project's, because llmcompressor pins its own
@@ -106,6 +115,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -117,6 +127,8 @@ HERE = Path(__file__).resolve()
 REPO = HERE.parent.parent
 BLOCK_PREFIX = "model.layers."
 PATTERNS = {"unstructured": None, "2:4": (2, 4)}
+METHODS = ("wanda", "sparsegpt")
+TIME = "/usr/bin/time"
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json", "chat_template.jinja")
 
@@ -134,8 +146,57 @@ def tensor_sha256(t: Any) -> str:
 # Peer side: runs inside the llmcompressor venv. Imports nothing from wanda_stream.
 # ============================================================================================
 
-def run_peer(model_dir: Path, tokens_file: Path, pattern: str, out_dir: Path) -> None:
-    """Prune `model_dir` with llm-compressor's WandaPruningModifier on the windows in `tokens_file`.
+def peer_modifier(method: str, pattern: str) -> tuple[Any, Any]:
+    """llm-compressor's modifier for `method` and the module whose `sparsify_weight` it calls.
+
+    Both get the same targets: every Linear inside the model except the (tied) lm_head.
+    SparseGPT: the paper's (and wanda-stream's) defaults, 1 % dampening, column blocks of 128.
+    """
+    nm = PATTERNS[pattern]
+    common: dict[str, Any] = dict(sparsity=0.5, mask_structure=f"{nm[0]}:{nm[1]}" if nm else "0:0",
+                                  targets=["Linear"], ignore=["re:.*lm_head"])
+    if method == "sparsegpt":
+        import llmcompressor.modifiers.pruning.sparsegpt.base as sgpt_base
+        from llmcompressor.modifiers.pruning.sparsegpt import SparseGPTModifier
+
+        return SparseGPTModifier(**common, dampening_frac=0.01, block_size=128), sgpt_base
+    import llmcompressor.modifiers.pruning.wanda.base as wanda_base
+    from llmcompressor.modifiers.pruning.wanda import WandaPruningModifier
+
+    return WandaPruningModifier(**common), wanda_base
+
+
+def peer_column_sums(method: str, modifier: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The float64 per-column sums of x**2 over all calibration tokens that llm-compressor holds for
+    the module being pruned (called with `sparsify_weight`'s keyword arguments), and notes on it.
+
+    Wanda keeps a running mean over samples of ||x_j||^2; SparseGPT a running mean over samples of
+    2 X^T X, whose diagonal is 2 sum x_j^2 / samples. Both times the sample count = the plain sum,
+    comparable with wanda-stream's. For SparseGPT the notes also say whether the dampened Hessian
+    factors: when it does not, llm-compressor silently prunes that matrix with the identity
+    (magnitude pruning) where wanda-stream raises the dampening.
+    """
+    import torch
+
+    module = kwargs["module"]
+    count = int(modifier._num_samples[module])
+    if method == "wanda":
+        return kwargs["row_scalars_dict"][module].detach().to(torch.float64).cpu() * count, {}
+    h = kwargs["hessians_dict"][module].detach().to(torch.float64).cpu()
+    diag = torch.diagonal(h).clone()
+    sums = diag * count / 2
+    # The same dampening and first factorization as sgpt_sparsify.sparsify_weight, on a copy.
+    hd = kwargs["hessians_dict"][module].detach().clone()
+    d = torch.diagonal(hd)
+    d[d == 0] = 1
+    d += kwargs["dampening_frac"] * torch.mean(d)
+    info = int(torch.linalg.cholesky_ex(hd).info)
+    return sums, {"dead_inputs": int((diag == 0).sum()), "cholesky_ok": info == 0}
+
+
+def run_peer(model_dir: Path, tokens_file: Path, pattern: str, out_dir: Path, method: str = "wanda") -> None:
+    """Prune `model_dir` with llm-compressor's WandaPruningModifier or SparseGPTModifier on the
+    windows in `tokens_file`.
 
     Writes `out_dir/model.safetensors` (the whole pruned model, tied head dropped), the side files,
     `peer_stats.safetensors` (per-module float64 sums of x**2 over all calibration tokens, as
@@ -147,9 +208,7 @@ def run_peer(model_dir: Path, tokens_file: Path, pattern: str, out_dir: Path) ->
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import llmcompressor
-    import llmcompressor.modifiers.pruning.wanda.base as wanda_base
     from llmcompressor import oneshot
-    from llmcompressor.modifiers.pruning.wanda import WandaPruningModifier
 
     calib = load_file(str(tokens_file))["calib"].to(torch.long)
     tokens_sha256 = tensor_sha256(calib)
@@ -175,30 +234,24 @@ def run_peer(model_dir: Path, tokens_file: Path, pattern: str, out_dir: Path) ->
     names = {m: n for n, m in model.named_modules()}
     layer_cls = type(model.model.layers[0]).__name__
 
-    nm = PATTERNS[pattern]
-    modifier = WandaPruningModifier(
-        sparsity=0.5,
-        mask_structure=f"{nm[0]}:{nm[1]}" if nm else "0:0",
-        targets=["Linear"],
-        ignore=["re:.*lm_head"],
-    )
+    modifier, base = peer_modifier(method, pattern)
 
     # Record the statistics llm-compressor prunes with: wrap (not copy) its sparsify_weight.
     stats: dict[str, torch.Tensor] = {}
     samples: dict[str, int] = {}
-    original = wanda_base.sparsify_weight
+    notes: dict[str, dict[str, Any]] = {}
+    original = base.sparsify_weight
 
-    def recording_sparsify_weight(module: torch.nn.Module, row_scalars_dict: dict, sparsity: float,
-                                  prune_n: int, prune_m: int) -> torch.Tensor:
+    def recording_sparsify_weight(**kwargs: Any) -> Any:
+        module = kwargs["module"]
         name = names.get(module, modifier._module_names.get(module, "?"))
-        count = int(modifier._num_samples[module])
-        # llm-compressor's accumulator is a mean over samples; times the count = the sum over them.
-        stats[name] = row_scalars_dict[module].detach().to(torch.float64).cpu() * count
-        samples[name] = count
-        return original(module=module, row_scalars_dict=row_scalars_dict, sparsity=sparsity,
-                        prune_n=prune_n, prune_m=prune_m)
+        samples[name] = int(modifier._num_samples[module])
+        stats[name], note = peer_column_sums(method, modifier, kwargs)
+        if note:
+            notes[name] = note
+        return original(**kwargs)
 
-    wanda_base.sparsify_weight = recording_sparsify_weight
+    base.sparsify_weight = recording_sparsify_weight
     settings = dict(
         pipeline="sequential", sequential_targets=[layer_cls], propagate_error=True,
         batch_size=1, num_calibration_samples=nsamples, shuffle_calibration_samples=False,
@@ -208,7 +261,7 @@ def run_peer(model_dir: Path, tokens_file: Path, pattern: str, out_dir: Path) ->
     try:
         model = oneshot(model=model, processor=tokenizer, dataset=loader, recipe=[modifier], **settings)
     finally:
-        wanda_base.sparsify_weight = original
+        base.sparsify_weight = original
     seconds = time.monotonic() - t0
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -233,9 +286,10 @@ def run_peer(model_dir: Path, tokens_file: Path, pattern: str, out_dir: Path) ->
     info = {
         "versions": {"llmcompressor": llmcompressor.__version__, "transformers": transformers.__version__,
                      "torch": torch.__version__, "compressed_tensors": compressed_tensors.__version__},
-        "pattern": pattern, "nsamples": nsamples, "seqlen": seqlen, "tokens_sha256": tokens_sha256,
-        "modifier": {"sparsity": 0.5, "mask_structure": modifier.mask_structure,
-                     "targets": modifier.targets, "ignore": modifier.ignore},
+        "method": method, "pattern": pattern, "nsamples": nsamples, "seqlen": seqlen, "tokens_sha256": tokens_sha256,
+        "modifier": {"class": type(modifier).__name__, **modifier.model_dump(
+            include={"sparsity", "mask_structure", "targets", "ignore", "dampening_frac", "block_size"})},
+        "hessian_notes": {k: v for k, v in notes.items() if v != {"dead_inputs": 0, "cholesky_ok": True}},
         "oneshot": settings, "pruned_modules": sorted(stats), "samples_per_module": sorted(set(samples.values())),
         "seconds": round(seconds, 1),
     }
@@ -246,12 +300,34 @@ def run_peer(model_dir: Path, tokens_file: Path, pattern: str, out_dir: Path) ->
 # Orchestrator and comparison: run with the project venv's interpreter.
 # ============================================================================================
 
-def run_cmd(cmd: list[str], log: Path) -> None:
-    """Run `cmd` with its output appended to `log`; raise SystemExit with the log's tail on failure."""
+def uptime() -> str:
+    """`uptime`'s line (the load averages), for the record next to every timing."""
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
+def timing_files(side_dir: Path) -> tuple[Path, Path]:
+    """Where the `/usr/bin/time -v` report and the `uptime` lines of the run writing `side_dir` go."""
+    return side_dir.parent / f"time_{side_dir.name}.txt", side_dir.parent / f"load_{side_dir.name}.txt"
+
+
+def run_cmd(cmd: list[str], log: Path, timed: Path | None = None) -> None:
+    """Run `cmd` (in the repository root, so that `python -m wanda_stream` is this checkout's) with its
+    output appended to `log`; raise SystemExit with the log's tail on failure.
+
+    With `timed` (the output directory the command writes), it runs under `/usr/bin/time -v` when
+    that exists, and `uptime` is recorded before and after: the host's load is part of a timing.
+    """
+    if timed is not None and Path(TIME).is_file():
+        time_file, load_file = timing_files(timed)
+        load_file.write_text(uptime() + "\n")
+        cmd = [TIME, "-v", "-o", str(time_file)] + cmd
     print("+ " + " ".join(cmd), flush=True)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     with open(log, "a") as f:
-        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    if timed is not None and Path(TIME).is_file():
+        with open(load_file, "a") as f:
+            f.write(uptime() + "\n")
     if rc != 0:
         tail = log.read_text()[-3000:]
         raise SystemExit(f"command failed (exit {rc}): {' '.join(cmd)}\n{tail}")
@@ -355,11 +431,34 @@ def boundary_gaps(score: Any, where: Any, sparsity: float, nm: tuple[int, int] |
     return (score[r, c] - b).abs() / b.clamp_min(torch.finfo(torch.float64).tiny)
 
 
+def kept_weight_difference(wo: Any, wp: Any, keep: Any) -> dict[str, float]:
+    """Differences of the weights both sides kept (SparseGPT updates them): the largest absolute
+    difference, that over the largest kept weight, and the relative Frobenius norm ||wo - wp|| / ||wo||."""
+    import torch
+
+    a, b = wo[keep].to(torch.float64), wp[keep].to(torch.float64)
+    if a.numel() == 0:
+        return {"max_abs": 0.0, "max_rel": 0.0, "fro_rel": 0.0, "d2": 0.0, "a2": 0.0}
+    d = (a - b).abs()
+    # d2 / a2: squared norms, so that blocks and the whole model can be summed up exactly.
+    return {"max_abs": float(d.max()), "max_rel": float(d.max() / a.abs().max().clamp_min(1e-300)),
+            "fro_rel": float(d.norm() / a.norm().clamp_min(1e-300)),
+            "d2": float((d * d).sum()), "a2": float((a * a).sum())}
+
+
 def compare_pattern(
     pattern: str, original: dict[str, Any], ours_dir: Path, peer_dir: Path, ours_stats: dict[str, Any],
-    rtol: float,
+    rtol: float, method: str = "wanda",
 ) -> dict[str, Any]:
-    """Matrix-by-matrix comparison of the two sides' masks; returns a JSON-able record."""
+    """Matrix-by-matrix comparison of the two sides' masks; returns a JSON-able record.
+
+    Wanda keeps the weights it does not remove, so both sides must leave them bit-identical, and its
+    mask is a function of the column statistics alone (self-check and near-tie classification).
+    SparseGPT's mask depends on the weights it has already updated, column block by column block, so
+    neither applies; instead the weights both sides kept are compared (`kept_weight_difference`).
+    The statistics drift is computed for both methods: for SparseGPT it is the drift of the diagonal
+    of the two sides' Hessians, i.e. how far apart the inputs each side saw are.
+    """
     import torch
     from safetensors.torch import load_file
 
@@ -388,19 +487,24 @@ def compare_pattern(
         W = original[k]
         mo, mp = ours_w[k] == 0, peer_w[k] == 0
         rec: dict[str, Any] = {"name": k, "numel": W.numel(), "orig_zeros": int((W == 0).sum())}
-        for side, w, mask in (("ours", ours_w[k], mo), ("peer", peer_w[k], mp)):
-            if not torch.equal(w[~mask], W[~mask]):
-                problems.append(f"{side}: kept weights of {k} changed")
+        if method == "wanda":
+            for side, w, mask in (("ours", ours_w[k], mo), ("peer", peer_w[k], mp)):
+                if not torch.equal(w[~mask], W[~mask]):
+                    problems.append(f"{side}: kept weights of {k} changed")
         diff = mo ^ mp
         rec["diff"] = int(diff.sum())
         rec["ours_pruned"], rec["peer_pruned"] = int(mo.sum()), int(mp.sum())
-        absw = W.to(torch.float64).abs()
-        so = absw * ours_stats[k].sqrt().reshape(1, -1)
-        sp = absw * peer_stats[k].sqrt().reshape(1, -1)
         # drift: the largest relative difference between the two sides' column norms.
         ratio = (ours_stats[k] / peer_stats[k].clamp_min(1e-300)).sqrt()
         drift = float((ratio - 1).abs().max())
         rec["drift"] = drift
+        if method != "wanda":
+            rec["weights"] = kept_weight_difference(ours_w[k], peer_w[k], ~mo & ~mp)
+            rows.append(rec)
+            continue
+        absw = W.to(torch.float64).abs()
+        so = absw * ours_stats[k].sqrt().reshape(1, -1)
+        sp = absw * peer_stats[k].sqrt().reshape(1, -1)
         # self-consistency: each side's mask against the paper's rule on its own statistics.
         self_o = paper_mask(so, sparsity, nm) ^ mo
         self_p = paper_mask(sp, sparsity, nm) ^ mp
@@ -426,12 +530,15 @@ def compare_pattern(
             problems.append(f"{k}: {rec['not_near_tie']} differing entries are not near-ties "
                             f"(gap up to {rec['max_gap']:.2e} > tol {tol:.2e})")
     total = sum(r["numel"] for r in rows)
-    return {"pattern": pattern, "matrices": rows, "total_weights": total,
-            "total_diff": sum(r["diff"] for r in rows), "problems": problems,
-            "peer_info": json.loads((peer_dir / "peer_info.json").read_text())}
+    peer_info = json.loads((peer_dir / "peer_info.json").read_text())
+    for name, note in peer_info.get("hessian_notes", {}).items():
+        if not note.get("cholesky_ok", True):
+            problems.append(f"peer: the Hessian of {name} did not factor; llm-compressor pruned it with the identity")
+    return {"method": method, "pattern": pattern, "matrices": rows, "total_weights": total,
+            "total_diff": sum(r["diff"] for r in rows), "problems": problems, "peer_info": peer_info}
 
 
-def perplexity(wanda_stream: str, model_dir: Path, data: str, seqlen: int, windows: int, log: Path) -> float:
+def perplexity(wanda_stream: list[str], model_dir: Path, data: str, seqlen: int, windows: int, log: Path) -> float:
     """Perplexity by `wanda-stream eval` (the same evaluator for every model compared).
 
     Cached in `log`'s directory (ppl.json), keyed by model directory, data, seqlen and windows.
@@ -441,11 +548,11 @@ def perplexity(wanda_stream: str, model_dir: Path, data: str, seqlen: int, windo
     key = f"{model_dir}|{data}|{seqlen}|{windows}"
     if key in cache:
         return float(cache[key])
-    cmd = [wanda_stream, "eval", str(model_dir), "--data", data, "--seqlen", str(seqlen),
+    cmd = [*wanda_stream, "eval", str(model_dir), "--data", data, "--seqlen", str(seqlen),
            "--max-windows", str(windows), "--device", "cpu", "--json", "--quiet"]
     print("+ " + " ".join(cmd), flush=True)
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
     with open(log, "a") as f:
         f.write(res.stderr)
     if res.returncode != 0:
@@ -457,11 +564,14 @@ def perplexity(wanda_stream: str, model_dir: Path, data: str, seqlen: int, windo
     return value
 
 
-def ours_version(work: Path, patterns: list[str]) -> str:
-    """wanda-stream's version and the repository commit its runs came from (dirty: uncommitted changes)."""
+def ours_version(runs: dict[str, Path]) -> str:
+    """wanda-stream's version and the repository commit its runs came from (dirty: uncommitted changes).
+
+    `runs`: pattern -> our output directory.
+    """
     parts = []
-    for pattern in patterns:
-        report = work / f"ours_{pattern.replace(':', 'of')}" / "wanda_stream.json"
+    for pattern, ours in runs.items():
+        report = ours / "wanda_stream.json"
         if report.is_file():
             v = json.loads(report.read_text()).get("versions", {})
             parts.append(f"{pattern}: wanda_stream {v.get('wanda_stream')} transformers {v.get('transformers')}")
@@ -476,47 +586,135 @@ def ours_version(work: Path, patterns: list[str]) -> str:
     return "; ".join(parts)
 
 
+def timing(side_dir: Path) -> dict[str, Any]:
+    """The `/usr/bin/time -v` figures of the run that wrote `side_dir` (empty when not timed)."""
+    time_file, load_file = timing_files(side_dir)
+    # /usr/bin/time creates its file when the command starts and fills it when it ends.
+    text = time_file.read_text() if time_file.is_file() else ""
+    if "Elapsed" not in text:
+        return {"run": side_dir.name}
+    fields = {}
+    for line in text.splitlines():
+        key, _, value = line.strip().rpartition(": ")
+        fields[key] = value
+    h_m_s = [float(x) for x in fields["Elapsed (wall clock) time (h:mm:ss or m:ss)"].split(":")]
+    wall = sum(v * 60 ** i for i, v in enumerate(reversed(h_m_s)))
+    loads = [line.split("load average:")[-1].strip() for line in load_file.read_text().splitlines()] \
+        if load_file.is_file() else []
+    return {"run": side_dir.name, "user_s": float(fields["User time (seconds)"]),
+            "sys_s": float(fields["System time (seconds)"]), "wall_s": wall,
+            "max_rss_gib": int(fields["Maximum resident set size (kbytes)"]) / 2 ** 20,
+            "exit": int(fields.get("Exit status", "0")), "load_before": loads[0] if loads else "?",
+            "load_after": loads[1] if len(loads) > 1 else "?",
+            "finished_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime(time_file.stat().st_mtime))}
+
+
+def machine() -> str:
+    """CPU model, logical CPUs and memory of this host: the context of every timing."""
+    cpu = "?"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    with open("/proc/meminfo") as f:
+        mem_kib = int(f.readline().split()[1])
+    return f"{cpu}, {os.cpu_count()} logical CPUs, {mem_kib / 2 ** 20:.1f} GiB RAM"
+
+
+def timing_lines(results: list[dict[str, Any]]) -> list[str]:
+    """Markdown table of the timed runs (both sides, every pattern), with the host and its load."""
+    lines = ["", f"Timing (`/usr/bin/time -v`; machine: {machine()}; now {uptime()}):", "",
+             "| run | CPU s (user + sys) | wall s | max RSS GiB | load avg before (1/5/15 min) | after | finished (UTC) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results:
+        for t in r.get("timing", []):
+            if "user_s" not in t:
+                lines.append(f"| {t['run']} | not timed (run reused or no {TIME}) | | | | | |")
+                continue
+            lines.append(f"| {t['run']} | {t['user_s'] + t['sys_s']:.1f} ({t['user_s']:.1f} + {t['sys_s']:.1f}) | "
+                         f"{t['wall_s']:.1f} | {t['max_rss_gib']:.2f} | {t['load_before']} | {t['load_after']} | "
+                         f"{t['finished_utc']} |")
+    return lines
+
+
 def block_of(key: str) -> int:
     return int(key[len(BLOCK_PREFIX):].split(".")[0])
 
 
+def _weights_rel(xs: list[dict[str, Any]]) -> float:
+    """||ours - peer|| / ||ours|| over the weights both sides kept in the matrices `xs` (SparseGPT)."""
+    a2 = sum(x["weights"]["a2"] for x in xs)
+    return (sum(x["weights"]["d2"] for x in xs) / a2) ** 0.5 if a2 else 0.0
+
+
+def _columns(method: str) -> dict[str, list[tuple[str, Any]]]:
+    """The method-specific columns of the tables: (header, cell of a list of matrix records).
+
+    Wanda: how far differing entries lie from their row's boundary and each side's self-check;
+    SparseGPT: how far the weights both sides kept are apart.
+    """
+    if method == "wanda":
+        return {
+            "summary": [("not near-tie", lambda m: sum(x["not_near_tie"] for x in m)),
+                        ("self-check ours / peer (entries)",
+                         lambda m: f"{sum(x['self_ours'] for x in m)} / {sum(x['self_peer'] for x in m)}")],
+            "block": [("max gap", lambda m: f"{max(x['max_gap'] for x in m):.1e}"),
+                      ("not near-tie", lambda m: sum(x["not_near_tie"] for x in m))],
+            "matrix": [("max gap", lambda m: f"{m[0]['max_gap']:.1e}"), ("tol", lambda m: f"{m[0]['tol']:.1e}"),
+                       ("self ours", lambda m: m[0]["self_ours"]), ("self peer", lambda m: m[0]["self_peer"])],
+        }
+    weight_cols = [("kept weights: max abs diff", lambda m: f"{max(x['weights']['max_abs'] for x in m):.1e}"),
+                   ("max abs diff / max abs weight", lambda m: f"{max(x['weights']['max_rel'] for x in m):.1e}"),
+                   ("relative L2 diff", lambda m: f"{_weights_rel(m):.1e}")]
+    return {"summary": [("block 0 differing", lambda m: sum(x["diff"] for x in m if block_of(x["name"]) == 0)),
+                        *weight_cols],
+            "block": weight_cols, "matrix": weight_cols}
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    """A markdown table."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + \
+        ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+
+
 def print_tables(results: list[dict[str, Any]], ppl: dict[str, float], verbose: bool) -> str:
-    """Print (and return as markdown) the summary and the per-block / per-matrix tables."""
-    lines = ["| pattern | differing mask entries | of weights | fraction | not near-tie | "
-             "self-check ours / peer (entries) | ppl ours | ppl peer |",
-             "|---|---|---|---|---|---|---|---|"]
+    """Print (and return as markdown) the summary, per-block, per-kind, per-matrix and timing tables."""
+    lines: list[str] = []
     for r in results:
-        m = r["matrices"]
-        lines.append(
-            f"| {r['pattern']} | {r['total_diff']} | {r['total_weights']} | "
-            f"{r['total_diff'] / r['total_weights']:.2e} | {sum(x['not_near_tie'] for x in m)} | "
-            f"{sum(x['self_ours'] for x in m)} / {sum(x['self_peer'] for x in m)} | "
-            f"{ppl.get('ours_' + r['pattern'], float('nan')):.3f} | {ppl.get('peer_' + r['pattern'], float('nan')):.3f} |")
+        m, cols = r["matrices"], _columns(r.get("method", "wanda"))
+        lines += _table(
+            ["method", "pattern", "differing mask entries", "of weights", "fraction",
+             *[h for h, _ in cols["summary"]], "ppl ours", "ppl peer"],
+            [[r.get("method", "wanda"), r["pattern"], r["total_diff"], r["total_weights"],
+              f"{r['total_diff'] / r['total_weights']:.2e}", *[f(m) for _, f in cols["summary"]],
+              f"{ppl.get('ours_' + r['pattern'], float('nan')):.3f}",
+              f"{ppl.get('peer_' + r['pattern'], float('nan')):.3f}"]])
     if "dense" in ppl:
         lines.append(f"\nDense perplexity (same evaluator): {ppl['dense']:.3f}")
     for r in results:
+        cols = _columns(r.get("method", "wanda"))
         lines += ["", f"Per block, {r['pattern']} (diff = differing mask entries; drift = max relative "
-                  "difference of the two sides' column norms; gap = largest relative distance of a "
-                  "differing entry's score to its row/group boundary):", "",
-                  "| block | diff | max drift | max gap | not near-tie |", "|---|---|---|---|---|"]
+                  "difference of the two sides' column norms ||X_j||, i.e. of their inputs):", ""]
         blocks: dict[int, list[dict[str, Any]]] = {}
         for x in r["matrices"]:
             blocks.setdefault(block_of(x["name"]), []).append(x)
-        for b, xs in sorted(blocks.items()):
-            lines.append(f"| {b} | {sum(x['diff'] for x in xs)} | {max(x['drift'] for x in xs):.1e} | "
-                         f"{max(x['max_gap'] for x in xs):.1e} | {sum(x['not_near_tie'] for x in xs)} |")
+        lines += _table(["block", "diff", "max drift", *[h for h, _ in cols["block"]]],
+                        [[b, sum(x["diff"] for x in xs), f"{max(x['drift'] for x in xs):.1e}",
+                          *[f(xs) for _, f in cols["block"]]] for b, xs in sorted(blocks.items())])
         kinds: dict[str, list[dict[str, Any]]] = {}
         for x in r["matrices"]:
             kinds.setdefault(x["name"].split(".", 3)[3], []).append(x)
-        lines += ["", f"Per matrix kind, {r['pattern']}:", "", "| matrix | diff | weights |", "|---|---|---|"]
-        for kind, xs in sorted(kinds.items()):
-            lines.append(f"| {kind} | {sum(x['diff'] for x in xs)} | {sum(x['numel'] for x in xs)} |")
+        lines += ["", f"Per matrix kind, {r['pattern']}:", ""]
+        lines += _table(["matrix", "diff", "weights"],
+                        [[kind, sum(x["diff"] for x in xs), sum(x["numel"] for x in xs)]
+                         for kind, xs in sorted(kinds.items())])
         if verbose:
-            lines += ["", f"Per matrix, {r['pattern']}:", "",
-                      "| matrix | diff | drift | max gap | tol | self ours | self peer |", "|---|---|---|---|---|---|---|"]
-            for x in r["matrices"]:
-                lines.append(f"| {x['name']} | {x['diff']} | {x['drift']:.1e} | {x['max_gap']:.1e} | "
-                             f"{x['tol']:.1e} | {x['self_ours']} | {x['self_peer']} |")
+            lines += ["", f"Per matrix, {r['pattern']}:", ""]
+            lines += _table(["matrix", "diff", "drift", *[h for h, _ in cols["matrix"]]],
+                            [[x["name"], x["diff"], f"{x['drift']:.1e}", *[f([x]) for _, f in cols["matrix"]]]
+                             for x in r["matrices"]])
+    lines += timing_lines(results)
     text = "\n".join(lines)
     print(text)
     return text
@@ -531,8 +729,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--tokens", type=Path, required=True)
         p.add_argument("--pattern", choices=sorted(PATTERNS), required=True)
         p.add_argument("--out", type=Path, required=True)
+        p.add_argument("--method", choices=METHODS, default="wanda")
         a = p.parse_args(argv[1:])
-        run_peer(a.model, a.tokens, a.pattern, a.out)
+        run_peer(a.model, a.tokens, a.pattern, a.out, a.method)
         return 0
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -545,7 +744,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--patterns", default="unstructured,2:4", help="comma-separated: unstructured,2:4")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/wanda-peer-compare"),
                    help="outputs: ours_<pattern>/, peer_<pattern>/, logs, results.json (reused when finished)")
-    p.add_argument("--wanda-stream", default=str(REPO / ".venv/bin/wanda-stream"))
+    p.add_argument("--method", choices=METHODS, default="wanda",
+                   help="wanda: WandaPruningModifier; sparsegpt: SparseGPTModifier (outputs in *_sparsegpt_*)")
+    p.add_argument("--wanda-stream", default=f"{sys.executable} -m wanda_stream",
+                   help="command running wanda-stream, in the repository root (default: this interpreter, "
+                        "so this checkout's code)")
     p.add_argument("--llmc-python", default="/work/venv-llmc/bin/python",
                    help="interpreter of the venv with llmcompressor installed")
     p.add_argument("--eval-data", default="/work/shared/data/wikitext2/wiki.test.raw")
@@ -567,15 +770,18 @@ def main(argv: list[str] | None = None) -> int:
     log = work / "log.txt"
     model = a.model.resolve()
     original = load_weights(model)
-    results, ppl = [], {}
+    ws = shlex.split(a.wanda_stream)
+    results, ppl, runs = [], {}, {}
     for pattern in a.patterns.split(","):
-        tag = pattern.replace(":", "of")
+        # Wanda keeps the directory names of its earlier recorded runs; other methods are prefixed.
+        tag = (f"{a.method}_" if a.method != "wanda" else "") + pattern.replace(":", "of")
         ours, peer = work / f"ours_{tag}", work / f"peer_{tag}"
+        runs[pattern] = ours
         if not (ours / "wanda_stream.json").is_file():
             shutil.rmtree(ours, ignore_errors=True)
-            run_cmd([a.wanda_stream, "prune", str(model), str(ours), "--calib", a.calib, "--nsamples",
-                     str(a.nsamples), "--seqlen", str(a.seqlen), "--seed", str(a.seed), "--device", "cpu",
-                     "--pattern", pattern, "--keep-work-dir", "--quiet"], log)
+            run_cmd([*ws, "prune", str(model), str(ours), "--method", a.method, "--calib", a.calib,
+                     "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen), "--seed", str(a.seed),
+                     "--device", "cpu", "--pattern", pattern, "--keep-work-dir", "--quiet"], log, timed=ours)
         tokens_file = ours / ".wanda-stream" / "tokens.safetensors"
         tokens = load_file(str(tokens_file))["calib"]
         if tuple(tokens.shape) != (a.nsamples, a.seqlen):
@@ -583,7 +789,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (peer / "peer_info.json").is_file():
             shutil.rmtree(peer, ignore_errors=True)
             run_cmd([a.llmc_python, str(HERE), "peer", "--model", str(model), "--tokens", str(tokens_file),
-                     "--pattern", pattern, "--out", str(peer)], log)
+                     "--pattern", pattern, "--out", str(peer), "--method", a.method], log, timed=peer)
         stats_file = work / f"oracle_ours_{tag}.safetensors"
         if stats_file.is_file():
             stats = load_file(str(stats_file))
@@ -592,7 +798,8 @@ def main(argv: list[str] | None = None) -> int:
             from safetensors.torch import save_file
             stats = oracle_stats(model, ours, tokens, a.oracle_batch)
             save_file(stats, str(stats_file))
-        r = compare_pattern(pattern, original, ours, peer, stats, a.rtol)
+        r = compare_pattern(pattern, original, ours, peer, stats, a.rtol, a.method)
+        r["timing"] = [timing(d) for d in (ours, peer)]
         peer_sha = r["peer_info"].get("tokens_sha256")
         if peer_sha is not None and peer_sha != tensor_sha256(tokens):
             r["problems"].append("the peer calibrated on other windows than ours (tokens_sha256 differs)")
@@ -602,13 +809,13 @@ def main(argv: list[str] | None = None) -> int:
         results.append(r)
         if a.eval_windows > 0:
             for side, d in (("ours", ours), ("peer", peer)):
-                ppl[f"{side}_{pattern}"] = perplexity(a.wanda_stream, d, a.eval_data, a.seqlen, a.eval_windows, log)
+                ppl[f"{side}_{pattern}"] = perplexity(ws, d, a.eval_data, a.seqlen, a.eval_windows, log)
     if a.eval_windows > 0:
-        ppl["dense"] = perplexity(a.wanda_stream, model, a.eval_data, a.seqlen, a.eval_windows, log)
+        ppl["dense"] = perplexity(ws, model, a.eval_data, a.seqlen, a.eval_windows, log)
     text = print_tables(results, ppl, a.verbose)
     info = results[0]["peer_info"]["versions"] if results else {}
     print(f"\npeer versions: {info}")
-    print(f"ours: {ours_version(work, a.patterns.split(','))}")
+    print(f"ours: {ours_version(runs)}")
     (work / "results.json").write_text(json.dumps({"results": results, "perplexity": ppl}, indent=1))
     if a.markdown:
         a.markdown.write_text(text + "\n")
@@ -618,7 +825,8 @@ def main(argv: list[str] | None = None) -> int:
     if problems:
         print(f"{len(problems)} problem(s): masks differ beyond near-ties or a side broke the rules")
         return 1
-    print("masks agree up to near-ties")
+    print("masks agree up to near-ties" if a.method == "wanda" else
+          "no structural problem (same matrices pruned, other tensors untouched, same windows, block 0 inputs equal)")
     return 0
 
 
