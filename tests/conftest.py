@@ -31,3 +31,11 @@ def smollm2(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cache = os.environ.get("WANDA_STREAM_TEST_CACHE")
     base = Path(cache) if cache else tmp_path_factory.mktemp("smollm2")
     return convert(base / "smollm2-135m")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_killpoint_counts() -> None:
+    """Each test counts WANDA_STREAM_KILL_AT's k-th passage from zero, also for runs in this process."""
+    from wanda_stream import state
+
+    state._kill_counts.clear()

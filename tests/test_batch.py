@@ -161,9 +161,9 @@ def test_sigterm_during_start_up_exits_75(tiny_model: Path, tmp_path: Path, caps
 
     original = commands.build_prune_config
 
-    def signalled(args: object) -> object:
+    def signalled(*args: object) -> object:
         os.kill(os.getpid(), signal.SIGTERM)  # while the checkpoint is being opened and checked
-        return original(args)
+        return original(*args)
 
     monkeypatch.setattr(commands, "build_prune_config", signalled)
     out = tmp_path / "out"
