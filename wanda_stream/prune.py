@@ -14,6 +14,7 @@ import re
 import shutil
 import socket
 import time
+from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -70,7 +71,7 @@ def prune_block(
 ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
     """Prune every linear and expert matrix of block i; returns the output tensors (stored dtype) and records.
 
-    The block's modules get the pruned weights too, so that it then computes the next block's inputs.
+    The block is rebuilt from the pruned tensors, so that it then computes the next block's inputs.
     Per-expert tensors are pruned in the checkpoint's own layout, and their records carry the number
     of calibration tokens routed to the expert; an expert that got none falls back to magnitude, and
     its record says so.
@@ -78,22 +79,30 @@ def prune_block(
     out = dict(stored)
     records = []
     linears = linear_modules(layer)
-    prepared: tuple[int, object] | None = None  # the last input's prepared statistic: shared inputs are adjacent
-    for key, name in experts.prunable_keys(st.sk, i, layer, stored, linears).items():
-        obs = stats.obs.get(name) if stats is not None else None
+    keys = experts.prunable_keys(st.sk, i, layer, stored, linears)
+    # The block's compute-dtype weights (0.8 GB for a 7B block in float32) are not needed while its
+    # matrices are pruned: freed here, rebuilt from the pruned tensors below.
+    release(layer)
+    observed = {key: stats.obs.get(name) if stats is not None else None for key, name in keys.items()}
+    # A prepared statistic (a Hessian inverse: 0.5 GB for a 7B MLP input) lives while matrices still need it.
+    users = Counter(id(o) for o in observed.values())
+    prepared: dict[int, object] = {}
+    for key, name in keys.items():
+        obs = observed[key]
         fallback = method.stat is not Stat.NONE and obs is None
         m = FALLBACK if fallback else method
-        if prepared is None or prepared[0] != id(obs):
-            prepared = None  # freed before the next one is made: a 7B MLP's is 0.5 GB
-            prepared = (id(obs), m.prepare(obs))
+        if id(obs) not in prepared:
+            prepared[id(obs)] = m.prepare(obs)
         w = stored[key]
         wd = w.to(st.device)
-        result = m.prune(wd, prepared[1], sparsity, nm)
+        result = m.prune(wd, prepared[id(obs)], sparsity, nm)
+        users[id(obs)] -= 1
+        if not users[id(obs)]:
+            del prepared[id(obs)]
         pruned = _pruned(wd, result)
-        out[key] = pruned.to("cpu")
-        if name in linears:
-            with torch.no_grad():
-                linears[name].weight.copy_(pruned)
+        if pruned is not w:
+            w.copy_(pruned)  # into the stored tensor: no second host copy of the block
+        out[key] = w
         zeros = w.numel() - int(torch.count_nonzero(out[key]))  # (x == 0).sum() is 10x slower on CPU
         record: dict[str, Any] = {"name": key, "shape": list(w.shape), "dtype": str(w.dtype).removeprefix("torch."),
                                   "sparsity": zeros / w.numel(), **result.info}
@@ -102,19 +111,20 @@ def prune_block(
         if fallback:
             record["fallback"] = "magnitude: no calibration token was routed to this expert"
         records.append(record)
-    if experts.expert_params(layer):
-        # The fused expert parameters are rebuilt from the pruned per-expert tensors, as transformers loads them.
-        st.load_block(i, out)
+    # The pruned block, to compute the next block's inputs (fused expert parameters rebuilt from the
+    # pruned per-expert tensors, as transformers loads them).
+    st.load_block(i, out)
     return out, records
 
 
 def _pruned(wd: torch.Tensor, result: Pruned) -> torch.Tensor:
-    """The pruned matrix in the stored dtype, on the compute device."""
+    """`wd` (the matrix in the stored dtype, on the compute device) pruned in place.
+
+    In place: on the CPU `wd` is the stored copy, and a second copy of the block's matrices would add
+    its whole size (400 MB for a 7B block) to the peak.
+    """
     if result.weight is not None:
-        # Cast first, then zero: the removed weights must be exact zeros in any dtype.
-        return result.weight.to(wd.dtype).masked_fill_(result.mask, 0)
-    # In place: on the CPU `wd` is the stored copy, and a second copy of the block's matrices would
-    # add its whole size (400 MB for a 7B block) to the peak.
+        wd.copy_(result.weight)  # cast first, then zero: the removed weights must be exact zeros in any dtype
     return wd.masked_fill_(result.mask, 0)
 
 

@@ -39,7 +39,7 @@ class HessianInverse:
 def inverse_hessian(gram: torch.Tensor, tokens: int, dampening: float) -> HessianInverse:
     """U, the upper Cholesky factor of (2 X^T X / n + damp I)^-1, from the float32 Gram matrix X^T X.
 
-    Consumes `gram`. Raises the dampening tenfold while a factorization fails.
+    Scales `gram` in place. Raises the dampening tenfold while a factorization fails.
     """
     h = gram.mul_(2.0 / max(tokens, 1))
     diag = torch.arange(h.shape[0], device=h.device)
@@ -59,15 +59,23 @@ def inverse_hessian(gram: torch.Tensor, tokens: int, dampening: float) -> Hessia
 
 
 def _upper_inverse_factor(h: torch.Tensor) -> torch.Tensor | None:
+    """chol(h^-1) as an upper factor, in one buffer beside `h` (kept for a retry): on a 7B MLP input
+    each n x n buffer is 0.5 GB."""
     low, info = torch.linalg.cholesky_ex(h)
     if int(info) != 0:
         return None
-    inv = torch.cholesky_inverse(low)
-    del low
-    upper, info = torch.linalg.cholesky_ex(inv, upper=True)
-    if int(info) != 0 or not bool(torch.isfinite(upper).all()):
+    torch.cholesky_inverse(low, out=low)
+    info = torch.empty((), dtype=torch.int32, device=low.device)
+    torch.linalg.cholesky_ex(low, upper=True, out=(low, info))
+    if int(info) != 0 or not _finite(low):
         return None
-    return upper
+    return low
+
+
+def _finite(t: torch.Tensor) -> bool:
+    # Row slices: a whole-matrix isfinite of a 7B MLP input's factor is a 120 MB bool tensor.
+    step = max(1, (1 << 24) // max(1, t.shape[1]))
+    return all(bool(torch.isfinite(t[r : r + step]).all()) for r in range(0, t.shape[0], step))
 
 
 def sparsegpt_prune(weight: torch.Tensor, hinv: HessianInverse, sparsity: float, nm: NM | None,
@@ -98,7 +106,7 @@ def sparsegpt_prune(weight: torch.Tensor, hinv: HessianInverse, sparsity: float,
         w1.masked_fill_(mask1, 0)
         wt[i2:].addmm_(u[i1:i2, i2:].t(), err1, alpha=-1)
         maskt[i1:i2] = mask1
-    return wt.t().contiguous(), maskt.t().contiguous()
+    return wt.t(), maskt.t()  # views: the caller copies them into the stored weight
 
 
 def _block_mask(w1: torch.Tensor, d1: torch.Tensor, sparsity: float) -> torch.Tensor:
@@ -132,7 +140,9 @@ class SparseGPT(Method[HessianInverse]):
 
     def prepare(self, obs: Observation | None) -> HessianInverse:
         assert obs is not None
-        return inverse_hessian(obs.stat, obs.tokens, self.dampening)
+        hinv = inverse_hessian(obs.stat, obs.tokens, self.dampening)
+        obs.stat = obs.stat.new_empty(0)  # consumed: the Gram matrix is freed as soon as it is factored
+        return hinv
 
     def prune(self, weight: torch.Tensor, prepared: HessianInverse, sparsity: float, nm: NM | None) -> Pruned:
         w, mask = sparsegpt_prune(weight, prepared, sparsity, nm, self.block_size)
