@@ -261,6 +261,8 @@ class PruneRun:
                 raise Interrupted(f"stopped after block {i}")
         self._finish_pending(pending, pending_state)
         self.loop_seconds = time.perf_counter() - loop_start
+        # Every rank is done with the work dir before rank 0 finalizes (and removes it).
+        self.world.any(False)
         return self._finalize(state, streams) if self.world.main else None
 
     @property
@@ -361,7 +363,9 @@ class PruneRun:
             if self._own_hidden(name):
                 if p.name != name or name not in keep:
                     p.unlink()
-            elif self.world.main and (p.suffix == ".tmp" or (p.name != name and not _RANK_FILE.search(name))):
+            elif p.name == f"rank{self.world.rank}.json.tmp" or (self.world.main and (
+                    (p.suffix == ".tmp" and not p.name.startswith("rank"))  # another rank may be writing its own
+                    or (p.name != name and not _RANK_FILE.search(name)))):
                 p.unlink()
         if self.world.main:
             for pattern in ("*.partial", "*.tmp"):
