@@ -1,5 +1,6 @@
 """Golden, hand-computed masks for the pure kernel."""
 
+import pytest
 import torch
 
 from wanda_stream import kernel
@@ -87,3 +88,18 @@ def test_selection_equals_stable_sort_under_heavy_ties():
         ref_m = torch.zeros(flat.numel(), dtype=torch.bool)
         ref_m[torch.sort(flat, stable=True).indices[:kf]] = True
         assert torch.equal(kernel.matrix_mask(score, sparsity), ref_m.reshape(score.shape))
+
+
+@pytest.mark.parametrize("width", [5, 128, 300, 4100])
+def test_gram_upper_tiles_then_symmetrize_equal_the_full_product(width: int) -> None:
+    gen = torch.Generator().manual_seed(width)
+    xs = [torch.randn(2, 7, width, generator=gen) for _ in range(2)]
+    gram = torch.zeros(width, width)
+    for x in xs:
+        kernel.add_gram(gram, x)
+    # Only the diagonal band of tiles and above is computed until symmetrized.
+    assert (gram.tril(-kernel.gram_tile(width)) == 0).all() and (width <= 128 or gram.tril(-1).any())
+    full = sum(x.reshape(-1, width).double().t() @ x.reshape(-1, width).double() for x in xs)
+    kernel.symmetrize(gram)
+    assert torch.equal(gram, gram.t())
+    assert torch.allclose(gram.double(), full, rtol=1e-5, atol=1e-4)

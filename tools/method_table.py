@@ -30,12 +30,28 @@ ROOT = Path(__file__).resolve().parents[1]
 WIKI = ROOT.parent / "shared" / "data" / "wikitext2"
 METHODS = ("magnitude", "wanda", "ria", "sparsegpt")
 SETTINGS = ("0.5", "0.6", "0.7", "2:4")
-DEFAULT_RUNS = [f"{m}:{s}" for m in METHODS for s in SETTINGS] + [
+DEFAULT_RUNS = ["dense"] + [f"{m}:{s}" for m in METHODS for s in SETTINGS] + [
     f"{m}+owl:{s}" for m in METHODS for s in SETTINGS if s != "2:4"]
 
 
+def run_dense(model: Path, a: argparse.Namespace) -> dict:
+    """The unpruned model's perplexity on the same evaluation windows (the baseline of the table)."""
+    args = [sys.executable, "-m", "wanda_stream", "eval", str(model), "--data", a.eval_data, "--seqlen", "512",
+            "--max-windows", "40", "--device", "cpu", "--json", "--quiet"]
+    t0 = time.monotonic()
+    r = subprocess.run(args, capture_output=True, text=True)
+    wall = time.monotonic() - t0
+    if r.returncode != 0:
+        raise SystemExit(f"dense: exit {r.returncode}\n{r.stderr[-3000:]}")
+    rep = json.loads(r.stdout)
+    return {"run": "dense", "method": "dense", "profile": "uniform", "setting": "0", "perplexity": rep["perplexity"],
+            "total_sparsity": 0.0, "wall_s": round(wall, 1), "peak_rss_bytes": rep.get("peak_rss_bytes", 0)}
+
+
 def run_one(model: Path, spec: str, a: argparse.Namespace, work: Path) -> dict:
-    """One prune + perplexity: spec is METHOD[+owl]:SPARSITY or METHOD:N:M."""
+    """One prune + perplexity: spec is dense, METHOD[+owl]:SPARSITY or METHOD:N:M."""
+    if spec == "dense":
+        return run_dense(model, a)
     method, _, setting = spec.partition(":")
     method, owl = method.removesuffix("+owl"), method.endswith("+owl")
     out = work / spec.replace(":", "_").replace("+", "_")
@@ -73,6 +89,9 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        if r["method"] == "dense":
+            ax.axhline(r["perplexity"], color="gray", linestyle=":", label=f"dense ({r['perplexity']:.2f})")
     for m in METHODS:
         for profile, style in (("uniform", "-"), ("owl", "--")):
             pts = sorted((float(r["setting"]), r["perplexity"]) for r in rows

@@ -26,7 +26,7 @@ class Stat(enum.Enum):
 
     NONE = "none"
     SQ_SUM = "sq_sum"  # per input column: sum of x**2 (float64)
-    GRAM = "gram"  # X^T X (float32), the Hessian of the layer-wise squared error up to a factor
+    GRAM = "gram"  # X^T X (float32; the upper triangle), the Hessian of the layer-wise squared error up to a factor
 
 
 @dataclass

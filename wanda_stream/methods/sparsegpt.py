@@ -21,6 +21,7 @@ from typing import ClassVar
 
 import torch
 
+from wanda_stream import kernel
 from wanda_stream.errors import InputError
 from wanda_stream.methods.base import NM, Method, Observation, Pruned, Stat
 
@@ -37,11 +38,12 @@ class HessianInverse:
 
 
 def inverse_hessian(gram: torch.Tensor, tokens: int, dampening: float) -> HessianInverse:
-    """U, the upper Cholesky factor of (2 X^T X / n + damp I)^-1, from the float32 Gram matrix X^T X.
+    """U, the upper Cholesky factor of (2 X^T X / n + damp I)^-1, from the float32 Gram matrix X^T X
+    (its upper triangle is read, as `kernel.add_gram` accumulates it).
 
     Scales `gram` in place. Raises the dampening tenfold while a factorization fails.
     """
-    h = gram.mul_(2.0 / max(tokens, 1))
+    h = kernel.symmetrize(gram).mul_(2.0 / max(tokens, 1))
     diag = torch.arange(h.shape[0], device=h.device)
     dead = torch.diagonal(h) == 0
     h[diag[dead], diag[dead]] = 1.0
@@ -112,7 +114,10 @@ def sparsegpt_prune(weight: torch.Tensor, hinv: HessianInverse, sparsity: float,
 def _block_mask(w1: torch.Tensor, d1: torch.Tensor, sparsity: float) -> torch.Tensor:
     """The adaptive mask of a column block: w^2 / U_jj^2 at or below its int(numel * s)-th lowest value."""
     tmp = w1 ** 2 / d1 ** 2
-    thresh = torch.sort(tmp.flatten()).values[int(tmp.numel() * sparsity)]
+    k = int(tmp.numel() * sparsity)
+    # The (k+1)-th smallest value is what a full sort puts at index k, found by selection: on a
+    # CPU about 9x faster than sorting, and the same value, so the same mask.
+    thresh = torch.kthvalue(tmp.flatten(), k + 1).values
     return tmp <= thresh
 
 
