@@ -170,6 +170,6 @@ def run_status(path: Path) -> dict[str, Any]:
 def _rank_progress(work: WorkDir, rank: int) -> dict[str, Any]:
     """The last block rank `rank` of a torchrun launch finished (each rank notes it after every block)."""
     try:
-        return json.loads(work.file(f"rank{rank}.json").read_text())
+        return json.loads(work.rank_note(rank).read_text())
     except (OSError, ValueError):
         return {"rank": rank, "block": None}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import shutil
 import socket
 import time
@@ -43,7 +42,6 @@ from wanda_stream.report import Progress, io_bytes, peak_figures, versions
 from wanda_stream.state import REPORT_NAME, RunState, StopFlag, WorkDir, killpoint, resume_command
 from wanda_stream.stream import Streamer, open_model
 
-_RANK_FILE = re.compile(r"\.r\d+\.bin")  # a rank's own hidden-state file of a run on several ranks
 PROFILE_STAGE = "profile"  # the run's stage during OWL's pass, and where its results live in the state
 
 
@@ -154,8 +152,7 @@ class PruneRun:
     # ---- files in the work directory -------------------------------------------------------
     def hidden(self, stream: str, i: int, n: int, seqlen: int) -> HiddenFile:
         """Stream `stream`'s hidden states entering block i (this rank's share of them)."""
-        name = f"{stream}_{i:05d}{self.world.suffix}.bin"
-        return HiddenFile(self.work.file(name), n, seqlen, self.st.hidden, self.cfg.dtype)
+        return HiddenFile(self.work.hidden_file(stream, i, self.world.suffix), n, seqlen, self.st.hidden, self.cfg.dtype)
 
     def my_streams(self, toks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The token windows this rank carries: its share of the calibration; the evaluation streams
@@ -286,7 +283,7 @@ class PruneRun:
 
     def _note_progress(self, stage: str, i: int) -> None:
         """This rank's last finished block, for `status`."""
-        atomic_write_json(self.work.file(f"rank{self.world.rank}.json"),
+        atomic_write_json(self.work.rank_note(self.world.rank),
                           {"rank": self.world.rank, "world_size": self.world.size, "stage": stage, "block": i,
                            "pid": os.getpid(), "host": socket.gethostname()})
 
@@ -358,23 +355,12 @@ class PruneRun:
         if state.stage == PROFILE_STAGE:
             done = len(state.extra[PROFILE_STAGE]["outlier_ratios"])
             keep.add(self.hidden("owl", done, *streams["calib"].shape).path.name)
-        for p in self.work.path.iterdir():
-            name = p.name.removesuffix(".partial")
-            if self._own_hidden(name):
-                if p.name != name or name not in keep:
-                    p.unlink()
-            elif p.name == f"rank{self.world.rank}.json.tmp" or (self.world.main and (
-                    (p.suffix == ".tmp" and not p.name.startswith("rank"))  # another rank may be writing its own
-                    or (p.name != name and not _RANK_FILE.search(name)))):
-                p.unlink()
+        for p in self.work.stale(self.world.rank, self.world.suffix, keep):
+            p.unlink()
         if self.world.main:
             for pattern in ("*.partial", "*.tmp"):
                 for p in self.out.glob(pattern):
                     p.unlink()
-
-    def _own_hidden(self, name: str) -> bool:
-        """Whether `name` is a hidden-state file of this rank (every .bin file, for a single process)."""
-        return name.endswith(".bin") and (self.world.size == 1 or name.endswith(f"{self.world.suffix}.bin"))
 
     def _block(
         self, i: int, stored: dict[str, torch.Tensor], streams: dict[str, torch.Tensor], sparsity: float,
@@ -425,7 +411,7 @@ class PruneRun:
         timing["write_wait_s"] = time.perf_counter() - t0
         state.blocks[-1]["timing"].update(_rounded(timing))
         self.work.save_state(state)
-        for p in self.work.path.glob(f"*_{state.next_block - 1:05d}{self.world.suffix}.bin"):
+        for p in self.work.block_inputs(state.next_block - 1, self.world.suffix):
             p.unlink(missing_ok=True)  # every stream's input to that block
         killpoint("block_done")
 

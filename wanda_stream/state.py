@@ -39,6 +39,7 @@ KILL_ENV = "WANDA_STREAM_KILL_AT"
 # Everything a run writes in its work dir (temporaries included, as a kill may leave them).
 _OWN_NAME = re.compile(
     r"lock|(run\.json|state\.json|rank\d+\.json|tokens\.safetensors|(calib|eval|owl|tasks_\d{5})_\d{5}(\.r\d+)?\.bin)(\.tmp|\.partial)?")
+_RANK_HIDDEN = re.compile(r"\.r\d+\.bin")  # a rank's own hidden-state file of a run on several ranks
 _kill_counts: dict[str, int] = {}
 
 
@@ -101,6 +102,37 @@ class WorkDir:
 
     def file(self, name: str) -> Path:
         return self.path / name
+
+    def hidden_file(self, stream: str, block: int, rank_suffix: str = "") -> Path:
+        """Stream `stream`'s hidden states entering `block` (with `rank_suffix`: one rank's share of them)."""
+        return self.path / f"{stream}_{block:05d}{rank_suffix}.bin"
+
+    def block_inputs(self, block: int, rank_suffix: str = "") -> list[Path]:
+        """Every stream's hidden-state file entering `block` (of the rank with `rank_suffix`)."""
+        return sorted(self.path.glob(f"*_{block:05d}{rank_suffix}.bin"))
+
+    def rank_note(self, rank: int) -> Path:
+        """Where rank `rank` of a run on several ranks notes its last finished block (for `status`)."""
+        return self.path / f"rank{rank}.json"
+
+    def stale(self, rank: int, rank_suffix: str, keep: set[str]) -> list[Path]:
+        """What rank `rank` deletes before it (re)starts: its half-written hidden states, its own that
+        are not in `keep`, its half-written progress note; rank 0 also the run's other temporaries.
+
+        Never another rank's hidden states or progress note: that rank may be writing them now.
+        """
+        note_tmp = self.rank_note(rank).name + ".tmp"
+        found = []
+        for p in self.path.iterdir():
+            name = p.name.removesuffix(".partial")
+            if name.endswith(".bin") and (not rank_suffix or name.endswith(f"{rank_suffix}.bin")):
+                if p.name != name or name not in keep:
+                    found.append(p)
+            elif p.name == note_tmp or (rank == 0 and (
+                    (p.suffix == ".tmp" and not p.name.startswith("rank"))
+                    or (p.name != name and not _RANK_HIDDEN.search(name)))):
+                found.append(p)
+        return found
 
     def lock(self) -> "RunLock":
         """Hold the run's lock for the life of this process; refuse if another process holds it.
