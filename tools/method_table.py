@@ -2,9 +2,10 @@
 
 Every run prunes with `wanda-stream prune` in its own process (calibration: --nsamples x --seqlen
 windows of --calib, seed 0, the same windows for every run) and measures WikiText-2 perplexity in the
-same pass; the pruned checkpoint is deleted after its report is read. Prints a markdown table with
-the machine and date; `--json` keeps the figures, `--plot` draws perplexity against sparsity
-(matplotlib, the `plot` extra).
+same pass; the pruned checkpoint is deleted after its report is read; `dense` is the unpruned
+model on the same evaluation windows. Prints a markdown table of the runs with the machine and
+date, then perplexity by method and setting; `--json` keeps the figures (and resumes: runs already
+in the file are skipped), `--plot` draws perplexity against sparsity (matplotlib, the `plot` extra).
 
     python tools/convert_smollm2.py /data/smollm2
     python tools/method_table.py /data/smollm2 --runs wanda:0.5,sparsegpt:0.5,wanda+owl:0.7 --json t.json
@@ -81,14 +82,35 @@ def table(rows: list[dict], header: str) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: Path) -> None:
-    """Perplexity (log scale) against unstructured sparsity, one line per method and profile; 2:4 as markers."""
+def grid(rows: list[dict]) -> str:
+    """Perplexity by method and profile (rows) and setting (columns), the best of each column in bold."""
+    by = {(r["method"], r["profile"], r["setting"]): r["perplexity"] for r in rows}
+    best = {s: min((v for (m, _, st), v in by.items() if st == s and m != "dense"), default=None) for s in SETTINGS}
+    head = ["50%", "60%", "70%", "2:4"]
+    lines = ["| method | " + " | ".join(head) + " |", "|---|" + "---:|" * len(head)]
+    if ("dense", "uniform", "0") in by:
+        lines.append(f"| dense | {by['dense', 'uniform', '0']:.2f} | | | |")
+    for profile in ("uniform", "owl"):
+        for m in METHODS:
+            cells = []
+            for st in SETTINGS:
+                v = by.get((m, profile, st))
+                cells.append("" if v is None else f"**{v:.2f}**" if v == best[st] else f"{v:.2f}")
+            if any(cells):
+                lines.append(f"| {m}{' + OWL' if profile == 'owl' else ''} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path, title: str | None = None) -> None:
+    """Perplexity (log scale) against unstructured sparsity, one line per method and profile; 2:4 as
+    squares in a column of their own (2:4 is 50% sparse, but constrained), the dense model as a line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    nm_x = 0.42
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for r in rows:
         if r["method"] == "dense":
             ax.axhline(r["perplexity"], color="gray", linestyle=":", label=f"dense ({r['perplexity']:.2f})")
@@ -100,10 +122,14 @@ def plot(rows: list[dict], path: Path) -> None:
                 line, = ax.plot(*zip(*pts), style, marker="o", label=m + (" + OWL" if profile == "owl" else ""))
                 nm = [r["perplexity"] for r in rows if r["method"] == m and r["setting"] == "2:4"]
                 if nm and profile == "uniform":
-                    ax.plot([0.5], nm, marker="s", color=line.get_color(), linestyle="none")
+                    ax.plot([nm_x], nm, marker="s", color=line.get_color(), linestyle="none")
+    ax.set_xticks([nm_x, 0.5, 0.6, 0.7], ["2:4", "50%", "60%", "70%"])
+    ax.axvline((nm_x + 0.5) / 2, color="black", linewidth=0.5)
     ax.set_yscale("log")
-    ax.set_xlabel("sparsity of decoder linears (squares: 2:4)")
-    ax.set_ylabel("WikiText-2 perplexity")
+    ax.set_xlabel("sparsity of the decoder's linear layers (dashed: OWL's per-block sparsities)")
+    ax.set_ylabel("WikiText-2 perplexity (lower is better)")
+    if title:
+        ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
@@ -121,6 +147,7 @@ def main() -> None:
     p.add_argument("--json", type=Path, help="append each run's figures to this JSON file as it finishes")
     p.add_argument("--from-json", type=Path, help="print (and plot) figures measured earlier instead of running")
     p.add_argument("--plot", type=Path, help="write a PNG of perplexity against sparsity")
+    p.add_argument("--title", help="the plot's title (the model and calibration, say)")
     a = p.parse_args()
     if a.from_json:
         rows = json.loads(a.from_json.read_text())
@@ -140,8 +167,10 @@ def main() -> None:
     header = (f"{platform.processor() or platform.machine()}, {psutil.cpu_count()} CPUs, "
               f"{psutil.virtual_memory().total / 2**30:.1f} GiB, {datetime.date.today()}")
     print(table(rows, header))
+    print()
+    print(grid(rows))
     if a.plot:
-        plot(rows, a.plot)
+        plot(rows, a.plot, a.title)
 
 
 if __name__ == "__main__":
