@@ -114,15 +114,15 @@ def plot(rows: list[dict], path: Path, title: str | None = None) -> None:
     for r in rows:
         if r["method"] == "dense":
             ax.axhline(r["perplexity"], color="gray", linestyle=":", label=f"dense ({r['perplexity']:.2f})")
-    for m in METHODS:
-        for profile, style in (("uniform", "-"), ("owl", "--")):
+    for m, color in zip(METHODS, plt.rcParams["axes.prop_cycle"].by_key()["color"]):
+        for profile, style, marker in (("uniform", "-", "o"), ("owl", "--", "^")):
             pts = sorted((float(r["setting"]), r["perplexity"]) for r in rows
                          if r["method"] == m and r["profile"] == profile and ":" not in r["setting"])
             if pts:
-                line, = ax.plot(*zip(*pts), style, marker="o", label=m + (" + OWL" if profile == "owl" else ""))
-                nm = [r["perplexity"] for r in rows if r["method"] == m and r["setting"] == "2:4"]
-                if nm and profile == "uniform":
-                    ax.plot([nm_x], nm, marker="s", color=line.get_color(), linestyle="none")
+                ax.plot(*zip(*pts), style, marker=marker, color=color, label=m + (" + OWL" if profile == "owl" else ""))
+        nm = [r["perplexity"] for r in rows if r["method"] == m and r["setting"] == "2:4"]
+        if nm:
+            ax.plot([nm_x], nm, marker="s", color=color, linestyle="none")
     ax.set_xticks([nm_x, 0.5, 0.6, 0.7], ["2:4", "50%", "60%", "70%"])
     ax.axvline((nm_x + 0.5) / 2, color="black", linewidth=0.5)
     ax.set_yscale("log")
