@@ -209,3 +209,24 @@ def test_bar_on_a_terminal_counts_resumed_blocks() -> None:
     assert "41/80" in term.getvalue() and "prune" in term.getvalue()
     plain = Progress("bar", 3, "prune", stream=io.StringIO())
     assert plain.bar is None and plain.mode == "lines"  # no terminal, no bar: a line per block
+
+
+def test_refuses_before_the_first_hidden_state_when_uncapped_evaluation_does_not_fit(
+        tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    # Without --eval-windows the preflight cannot know how many windows the text makes; the run checks
+    # again once they are known, before any hidden state is written, and the fix is a resume.
+    out = tmp_path / "out"
+    args = ["prune", str(tiny_model), str(out), *ARGS, "--eval-data", "pydoc", "--eval-seqlen", "32"]
+    monkeypatch.setattr(commands.shutil, "disk_usage", _free(10_000))
+    assert main(args) == 2
+    preflight = float(re.search(r"needs about ([0-9.]+) KiB", capsys.readouterr().err)[1])
+    monkeypatch.setattr(commands.shutil, "disk_usage", _free(int((preflight + 20) * 1024)))
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert re.fullmatch(rf"wanda-stream: error: {re.escape(str(out))}: needs about [0-9.]+ (KiB|MiB) free for the pruned "
+                        r"checkpoint, has [0-9.]+ KiB; free space, then resume with: wanda-stream prune .* --resume.*", err), err
+    assert not list((out / ".wanda-stream").glob("*.bin"))  # nothing computed yet
+    monkeypatch.undo()
+    assert main([*args, "--resume", "--quiet"]) == 0
+    report = json.loads((out / "wanda_stream.json").read_text())
+    assert report["eval"]["windows"] > 10

@@ -27,7 +27,7 @@ from wanda_stream.model import Skeleton
 from wanda_stream.outputs import own_files, shard_names
 from wanda_stream.profiles import Owl
 from wanda_stream.report import Progress
-from wanda_stream.resources import auto_batch, check_seqlen, parse_size
+from wanda_stream.resources import auto_batch, check_disk, check_seqlen, human_bytes, parse_size
 from wanda_stream.state import (
     REPORT_NAME, RUN_FILE, RunLock, StopFlag, WorkDir, checkpoint_fingerprint, resume_command,
 )
@@ -232,15 +232,6 @@ def _saved_config(work_dir: Path, output_dir: Path) -> RunConfig | None:
         return None
 
 
-def human_bytes(n: int) -> str:
-    """1536 -> '1.5 KiB': sizes in refusals are read by people deciding what to free."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
 def check_resources(cfg: RunConfig, sk: Any, total_bytes: int, largest_block: int, eval_windows: int,
                     ranks_per_node: int = 1) -> None:
     """Refuse early, with numbers, when disk or memory cannot hold what the run needs (every rank of this
@@ -257,16 +248,7 @@ def check_resources(cfg: RunConfig, sk: Any, total_bytes: int, largest_block: in
     out = Path(cfg.output_dir)
     existing = sum((out / n).stat().st_size for n in shard_names(sk.n_layers) if (out / n).is_file())
     need_out = max(total_bytes - existing, 0)
-    for path, need, what in ((out, need_out, "the pruned checkpoint"), (Path(cfg.work_dir), states, "hidden states")):
-        anchor = next((p for p in [path, *path.parents] if p.exists()), Path("/"))
-        free = shutil.disk_usage(anchor).free
-        same_fs = anchor.stat().st_dev == next(p for p in [out, *out.parents] if p.exists()).stat().st_dev
-        total_need = need_out + states if same_fs else need
-        if total_need > free:
-            raise InputError(
-                f"{path}: needs about {human_bytes(total_need)} free for {what}, has {human_bytes(free)}; "
-                "free space or choose another --work-dir / output directory"
-            )
+    check_disk([(out, need_out, "the pruned checkpoint"), (Path(cfg.work_dir), states, "hidden states")])
     scale = max(1, el // 2) if cfg.device == "cpu" else 1
     # Four micro-batches of hidden states: the input computed on, the next one read ahead, the
     # output and the previous output still being written.

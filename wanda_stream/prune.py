@@ -39,6 +39,7 @@ from wanda_stream.observe import BlockObserver, BlockStats, reduce_stats
 from wanda_stream.outputs import CARD_NAME, shard_count, shard_name, shard_names, side_files
 from wanda_stream.profiles import OWL_PAPER, outlier_ratio, owl_sparsities
 from wanda_stream.report import Progress, io_bytes, peak_figures, versions
+from wanda_stream.resources import check_disk
 from wanda_stream.state import REPORT_NAME, RunState, StopFlag, WorkDir, killpoint, resume_command
 from wanda_stream.stream import Streamer, open_model
 
@@ -208,8 +209,10 @@ class PruneRun:
     def run(self) -> dict[str, Any] | None:
         """Run (or continue) the prune; returns the report on rank 0, None on the other ranks."""
         state = self.world.on_main(self.work.load_state)
-        streams = self.my_streams(self.tokens())
+        toks = self.tokens()
+        streams = self.my_streams(toks)
         if state.next_block == 0 and "stem_written" not in state.extra:
+            self._check_disk(toks)
             self._start(streams, state)
         self._clean_stale(state, streams)
         if state.stage == PROFILE_STAGE:
@@ -329,6 +332,21 @@ class PruneRun:
             self.progress.update(i + 1, block=i, outlier_ratio=ratios[-1], **self.log_fields)
             if self._at_boundary(PROFILE_STAGE, i, {"calib": calib}) and i + 1 < self.n:
                 raise Interrupted(f"stopped after block {i} of the OWL pass")
+
+    def _check_disk(self, toks: dict[str, torch.Tensor]) -> None:
+        """Refuse a run whose hidden states and checkpoint cannot fit, before the first is written.
+
+        The command's preflight cannot count what is only known now: lm-eval's request buckets, and
+        every evaluation window when their number was not capped. Every rank checks the whole run.
+        """
+        el = torch.empty(0, dtype=self.cfg.dtype).element_size()
+        # Three sets per stream at the peak, as in the preflight: a block's input, its output and the
+        # previous block's input, kept until that block's shard is durable.
+        states = sum(3 * t.shape[0] * t.shape[1] * self.st.hidden * el for t in hidden_streams(toks).values())
+        # The windows are saved by now (lm-eval's can take long to build): the fix is to resume, not restart.
+        check_disk([(self.out, self.ckpt.total_bytes(), "the pruned checkpoint"),
+                    (self.work.path, states, "hidden states (calibration, evaluation and lm-eval windows)")],
+                   f"free space, then resume with: {resume_command(self.cfg)}")
 
     def _start(self, streams: dict[str, torch.Tensor], state: RunState) -> None:
         """Write the non-block tensors' shard (rank 0) and the block-0 hidden states (every rank its own)."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import shutil
+from pathlib import Path
 
 import psutil
 import torch
@@ -69,3 +71,27 @@ def seqlen_note(config: PretrainedConfig) -> str:
     """The line that tells the user which default window length was taken, and why."""
     limit = getattr(config.get_text_config(), "max_position_embeddings", None)
     return f"--seqlen {default_seqlen(config)} (min of {DEFAULT_SEQLEN} and the model's context of {limit} tokens)"
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB': sizes in refusals are read by people deciding what to free."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def check_disk(needs: list[tuple[Path, int, str]],
+               fix: str = "free space or choose another --work-dir / output directory") -> None:
+    """Refuse, naming the path, both sizes and `fix`, when a file system lacks room for what a run will
+    write there: `needs` holds (directory, bytes, what); the needs of directories on one file system add up."""
+    anchors = [next((p for p in [path, *path.parents] if p.exists()), Path("/")) for path, _, _ in needs]
+    for (path, _, what), anchor in zip(needs, anchors):
+        dev = anchor.stat().st_dev
+        total = sum(n for (_, n, _), a in zip(needs, anchors) if a.stat().st_dev == dev)
+        free = shutil.disk_usage(anchor).free
+        if total > free:
+            raise InputError(
+                f"{path}: needs about {human_bytes(total)} free for {what}, has {human_bytes(free)}; {fix}")
+
