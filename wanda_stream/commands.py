@@ -27,7 +27,9 @@ from wanda_stream.model import Skeleton
 from wanda_stream.outputs import own_files, shard_names
 from wanda_stream.profiles import Owl
 from wanda_stream.report import Progress
-from wanda_stream.resources import auto_batch, check_disk, check_seqlen, human_bytes, parse_size
+from wanda_stream.resources import (
+    auto_batch, check_disk, check_seqlen, hidden_states_bytes, human_bytes, parse_size,
+)
 from wanda_stream.state import (
     REPORT_NAME, RUN_FILE, RunLock, StopFlag, WorkDir, checkpoint_fingerprint, resume_command,
 )
@@ -127,7 +129,7 @@ def _run_config(args: argparse.Namespace, seqlen: int, device: str, compute_dtyp
     nm = parse_pattern(args.pattern)
     method_options, profile_options = chosen_options(args)
     return RunConfig(
-        str(model_dir), str(output_dir), str((args.work_dir or output_dir / ".wanda-stream").resolve()),
+        str(model_dir), str(output_dir), str(_work_dir(args)),
         sparsity=nm[0] / nm[1] if nm else args.sparsity,  # N:M fixes the sparsity; record the real one
         pattern=args.pattern, method=args.method, method_options=method_options,
         sparsity_profile=args.sparsity_profile, profile_options=profile_options, calib=args.calib,
@@ -238,13 +240,11 @@ def check_resources(cfg: RunConfig, sk: Any, total_bytes: int, largest_block: in
     node holds its own blocks; the hidden states are shared out, so all ranks together need what one would)."""
     el = torch.empty(0, dtype=cfg.dtype).element_size()
     hidden = sk.hidden_size()
-    # Three sets per stream coexist at the peak: a block's input, its output, and the previous block's
-    # input, which is kept until that block's shard is durable (so a crash can redo it).
     states = 0
     if cfg.needs_calibration:
-        states += 3 * cfg.nsamples * cfg.seqlen * hidden * el
+        states += hidden_states_bytes(cfg.nsamples, cfg.seqlen, hidden, cfg.dtype)
     if cfg.eval_data:
-        states += 3 * eval_windows * (cfg.eval_seqlen or cfg.seqlen) * hidden * el
+        states += hidden_states_bytes(eval_windows, cfg.eval_seqlen or cfg.seqlen, hidden, cfg.dtype)
     out = Path(cfg.output_dir)
     existing = sum((out / n).stat().st_size for n in shard_names(sk.n_layers) if (out / n).is_file())
     need_out = max(total_bytes - existing, 0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -57,9 +58,7 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
     """Weights, zeros and sparsity per layer kind (q_proj, experts' down_proj, ...) and per block."""
     groups: dict[str, dict[Any, dict[str, int]]] = {"by_kind": {}, "by_block": {}}
     for r in result["matrices"]:
-        numel = 1
-        for d in r["shape"]:
-            numel *= d
+        numel = math.prod(r["shape"])
         block, kind = _block_and_kind(r["name"])
         for table, key in (("by_kind", kind), ("by_block", block)):
             g = groups[table].setdefault(key, {"matrices": 0, "weights": 0, "zeros": 0})

@@ -6,10 +6,12 @@ A mask is a bool tensor shaped like the weight; True marks a weight to remove.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 import torch
 
 NM = tuple[int, int]
-# Scores are computed this many at a time (64 MB of float32); see wanda_mask.
+# Scores are computed this many at a time (64 MB of float32); see row_slices.
 SCORE_CHUNK_ELEMENTS = 1 << 24
 
 
@@ -113,18 +115,32 @@ def nm_mask(score: torch.Tensor, nm: NM) -> torch.Tensor:
     return mask.reshape(rows, cols)
 
 
+def row_slices(weight: torch.Tensor) -> Iterator[slice]:
+    """Consecutive slices of `weight`'s rows of about SCORE_CHUNK_ELEMENTS entries each.
+
+    Scores are computed a slice at a time: whole, the float32 scores of a 7B MLP matrix and a
+    selection's values and indices over them hold ~500 MB at once.
+    """
+    step = max(1, SCORE_CHUNK_ELEMENTS // max(1, weight.shape[1]))
+    for r in range(0, weight.shape[0], step):
+        yield slice(r, r + step)
+
+
+def row_rule_mask(weight: torch.Tensor, score: Callable[[torch.Tensor], torch.Tensor], sparsity: float,
+                  nm: NM | None) -> torch.Tensor:
+    """The mask of a per-row rule (floor(in * s) lowest per row, or N:M) on `score` of each slice of rows."""
+    mask = torch.empty(weight.shape, dtype=torch.bool, device=weight.device)
+    for rows in row_slices(weight):
+        s = score(weight[rows])
+        mask[rows] = nm_mask(s, nm) if nm else row_mask(s, sparsity)
+    return mask
+
+
 def wanda_mask(
     weight: torch.Tensor, sq_sum: torch.Tensor, sparsity: float, nm: NM | None = None
 ) -> torch.Tensor:
     """Wanda mask of one linear weight [out, in] from the inputs' per-column sum of squares."""
-    # Both rules are per row, so rows are scored and selected a slice at a time: whole, the float32
-    # score and the selection's values and indices of a 7B MLP matrix hold ~500 MB at once.
-    step = max(1, SCORE_CHUNK_ELEMENTS // max(1, weight.shape[1]))
-    mask = torch.empty(weight.shape, dtype=torch.bool, device=weight.device)
-    for r in range(0, weight.shape[0], step):
-        score = wanda_score(weight[r : r + step], sq_sum)
-        mask[r : r + step] = nm_mask(score, nm) if nm else row_mask(score, sparsity)
-    return mask
+    return row_rule_mask(weight, lambda rows: wanda_score(rows, sq_sum), sparsity, nm)
 
 
 def magnitude_mask(weight: torch.Tensor, sparsity: float, nm: NM | None = None) -> torch.Tensor:

@@ -63,9 +63,8 @@ def outlier_ratio(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], m: float) 
 
 
 def _score_slices(w: torch.Tensor, sq: torch.Tensor) -> Iterable[torch.Tensor]:
-    step = max(1, kernel.SCORE_CHUNK_ELEMENTS // max(1, w.shape[1]))
-    for r in range(0, w.shape[0], step):
-        yield kernel.wanda_score(w[r : r + step], sq)
+    for rows in kernel.row_slices(w):
+        yield kernel.wanda_score(w[rows], sq)
 
 
 def owl_sparsities(ratios: list[float], sparsity: float, lmbda: float) -> list[float]:

@@ -39,7 +39,7 @@ from wanda_stream.observe import BlockObserver, BlockStats, reduce_stats
 from wanda_stream.outputs import CARD_NAME, shard_count, shard_name, shard_names, side_files
 from wanda_stream.profiles import OWL_PAPER, outlier_ratio, owl_sparsities
 from wanda_stream.report import Progress, io_bytes, peak_figures, versions
-from wanda_stream.resources import check_disk
+from wanda_stream.resources import check_disk, hidden_states_bytes
 from wanda_stream.state import REPORT_NAME, RunState, StopFlag, WorkDir, killpoint, resume_command
 from wanda_stream.stream import Streamer, open_model
 
@@ -339,10 +339,8 @@ class PruneRun:
         The command's preflight cannot count what is only known now: lm-eval's request buckets, and
         every evaluation window when their number was not capped. Every rank checks the whole run.
         """
-        el = torch.empty(0, dtype=self.cfg.dtype).element_size()
-        # Three sets per stream at the peak, as in the preflight: a block's input, its output and the
-        # previous block's input, kept until that block's shard is durable.
-        states = sum(3 * t.shape[0] * t.shape[1] * self.st.hidden * el for t in hidden_streams(toks).values())
+        streams = hidden_streams(toks).values()
+        states = sum(hidden_states_bytes(*t.shape, self.st.hidden, self.cfg.dtype) for t in streams)
         # The windows are saved by now (lm-eval's can take long to build): the fix is to resume, not restart.
         check_disk([(self.out, self.ckpt.total_bytes(), "the pruned checkpoint"),
                     (self.work.path, states, "hidden states (calibration, evaluation and lm-eval windows)")],

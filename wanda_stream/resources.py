@@ -82,14 +82,20 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
+def hidden_states_bytes(windows: int, seqlen: int, hidden: int, dtype: torch.dtype) -> int:
+    """Disk a stream of `windows` x `seqlen` tokens holds at its peak: three sets of its hidden states
+    (a block's input, its output, and the previous block's input, kept until that block's shard is durable)."""
+    return 3 * windows * seqlen * hidden * torch.empty(0, dtype=dtype).element_size()
+
+
 def check_disk(needs: list[tuple[Path, int, str]],
                fix: str = "free space or choose another --work-dir / output directory") -> None:
     """Refuse, naming the path, both sizes and `fix`, when a file system lacks room for what a run will
     write there: `needs` holds (directory, bytes, what); the needs of directories on one file system add up."""
     anchors = [next((p for p in [path, *path.parents] if p.exists()), Path("/")) for path, _, _ in needs]
-    for (path, _, what), anchor in zip(needs, anchors):
-        dev = anchor.stat().st_dev
-        total = sum(n for (_, n, _), a in zip(needs, anchors) if a.stat().st_dev == dev)
+    devices = [a.stat().st_dev for a in anchors]
+    for (path, _, what), anchor, dev in zip(needs, anchors, devices):
+        total = sum(n for (_, n, _), d in zip(needs, devices) if d == dev)
         free = shutil.disk_usage(anchor).free
         if total > free:
             raise InputError(

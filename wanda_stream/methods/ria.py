@@ -34,12 +34,7 @@ def ria_score(weight: torch.Tensor, col_abs_sum: torch.Tensor, sq_sum: torch.Ten
 def ria_mask(weight: torch.Tensor, sq_sum: torch.Tensor, sparsity: float, nm: NM | None, alpha: float) -> torch.Tensor:
     """RIA mask of one linear weight [out, in]; rows are scored a slice at a time, as for Wanda."""
     col = weight.detach().to(torch.float32).abs().sum(dim=0)
-    step = max(1, kernel.SCORE_CHUNK_ELEMENTS // max(1, weight.shape[1]))
-    mask = torch.empty(weight.shape, dtype=torch.bool, device=weight.device)
-    for r in range(0, weight.shape[0], step):
-        score = ria_score(weight[r : r + step], col, sq_sum, alpha)
-        mask[r : r + step] = kernel.nm_mask(score, nm) if nm else kernel.row_mask(score, sparsity)
-    return mask
+    return kernel.row_rule_mask(weight, lambda rows: ria_score(rows, col, sq_sum, alpha), sparsity, nm)
 
 
 @dataclass(frozen=True)
