@@ -46,15 +46,41 @@ def _yaml(key: str, value: str | list[str]) -> str:
     return f"{key}: {json.dumps(value)}\n"
 
 
+def _structural(config: dict[str, Any]) -> bool:
+    return bool(config.get("drop_blocks") or config.get("drop_ffn") or config.get("drop_heads"))
+
+
+def _masked(config: dict[str, Any]) -> bool:
+    return config["pattern"] != "unstructured" or config["sparsity"] > 0
+
+
 def _tags(config: dict[str, Any]) -> list[str]:
-    tags = ["pruned", config["method"], f"sparsity-{round(100 * config['sparsity'])}"]
+    tags = ["pruned"] + (["structured"] if _structural(config) else [])
+    if _masked(config):
+        tags += [config["method"], f"sparsity-{round(100 * config['sparsity'])}"]
     if config["pattern"] != "unstructured":
         tags.append(config["pattern"])
     return [*tags, "wanda-stream"]
 
 
+def _structure(report: dict[str, Any]) -> str:
+    """What structured pruning removed, and the parameters before and after."""
+    st, config, params = report["structure"], report["config"], report["parameters"]
+    parts = []
+    if st["drop_blocks"]:
+        score = "block influence" if st["block_score"] == "bi" else "angular distance"
+        parts.append(f"{st['drop_blocks']} decoder blocks (by {score}: {', '.join(map(str, st['dropped_blocks']))})")
+    refit = " with a least-squares refit of the matrix that reads them" if st["refit"] else ""
+    if st["drop_ffn"]:
+        parts.append(f"{config['drop_ffn']:.0%} of every MLP's channels{refit}")
+    if st["drop_heads"]:
+        parts.append(f"{config['drop_heads']:.0%} of every attention's query heads{refit}")
+    return (f"removed {'; '.join(parts)}; parameters {params['before']:,} -> {params['after']:,} "
+            f"(decoder blocks: {params['decoder_after'] / max(params['decoder_before'], 1):.1%} kept)")
+
+
 def _calibration(config: dict[str, Any]) -> str:
-    if config["method"] != "wanda":
+    if config["method"] == "magnitude" and not _structural(config):
         return "none (magnitude pruning reads no data)"
     text = f"`{config['calib']}`, {config['nsamples']} x {config['seqlen']} tokens, seed {config['seed']}"
     field = config.get("calib_field")
@@ -75,18 +101,24 @@ def render_card(report: dict[str, Any], base_model: str, command: str, original:
     version = report["versions"]["wanda_stream"]
     front = ("---\n" + _yaml("base_model", base_model) + _yaml("library_name", "transformers")
              + _yaml("pipeline_tag", "text-generation") + _yaml("tags", _tags(config)) + "---\n")
-    rows = [("method", config["method"]), ("pattern", config["pattern"]),
-            ("sparsity", f"{config['sparsity']:.2%} of each decoder linear layer "
-                         f"(measured over all of them: {report['total_sparsity']:.4f})"),
-            ("calibration", _calibration(config))]
+    rows = [("structure", _structure(report))] if "structure" in report else []
+    if _masked(config):
+        rows += [("method", config["method"]), ("pattern", config["pattern"]),
+                 ("sparsity", f"{config['sparsity']:.2%} of each decoder linear layer "
+                              f"(measured over all of them: {report['total_sparsity']:.4f})")]
+    rows.append(("calibration", _calibration(config)))
     if "eval" in report:
         ev = report["eval"]
         rows.append(("perplexity", f"{ev['perplexity']:.4f} on `{ev['data']}`, {ev['windows']} x {ev['seqlen']} "
                                    "tokens, measured in the pruning run"))
     rows.append(("wanda-stream", version))
     table = "| | |\n| --- | --- |\n" + "".join(f"| {k} | {v} |\n" for k, v in rows)
-    body = (f"\n# {base_model.rsplit('/', 1)[-1]}, pruned ({config['method']}, {config['pattern']})\n\n"
-            f"`{base_model}` with the weights of its decoder linear layers pruned by wanda-stream {version}.\n\n"
+    what = ", ".join((["structured"] if "structure" in report else [])
+                     + ([config["method"], config["pattern"]] if _masked(config) else []))
+    done = ("made smaller (whole structures removed: a standard checkpoint of the same architecture)"
+            if "structure" in report else "with the weights of its decoder linear layers pruned")
+    body = (f"\n# {base_model.rsplit('/', 1)[-1]}, pruned ({what})\n\n"
+            f"`{base_model}` {done} by wanda-stream {version}.\n\n"
             f"{table}\nMade with:\n\n```bash\n{command}\n```\n")
     if original and original.strip():
         body += f"\n## Original model card\n\n{_original(original)}"

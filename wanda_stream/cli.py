@@ -26,6 +26,10 @@ PRUNE_EXAMPLES = """examples:
   wanda-stream prune ./model ./model-2of4 --pattern 2:4 --calib pydoc --eval-data ./wiki.test.raw
   # a batch job: resume after preemption, JSON progress lines for the log collector
   wanda-stream prune ./model ./out --resume --log-format json
+  # a smaller model for every runtime: 25% of the MLP channels and 6 blocks removed, a stock checkpoint
+  wanda-stream prune ./model ./model-small --drop-ffn 0.25 --drop-blocks 6
+  # structure first, then 2:4 SparseGPT masks on what is left, in one pass
+  wanda-stream prune ./model ./model-s24 --drop-ffn 0.25 --method sparsegpt --pattern 2:4
   # data-parallel calibration on 8 GPUs (gloo on CPUs); the same output as one process
   torchrun --nproc-per-node 8 -m wanda_stream prune ./model ./out --resume
 
@@ -97,6 +101,24 @@ def _add_method(p: argparse.ArgumentParser) -> None:
                        help=f"{f.metadata['help']} (with {owner}; default {f.default})")
 
 
+def _add_structure(p: argparse.ArgumentParser) -> None:
+    from wanda_stream.shrink import BLOCK_SCORES
+
+    g = p.add_argument_group("structured pruning (a smaller standard checkpoint; combines with --method/--pattern)")
+    g.add_argument("--drop-blocks", type=int, default=0, metavar="N",
+                   help="remove N whole decoder blocks, chosen by --block-score on a pass over the dense model")
+    g.add_argument("--block-score", choices=BLOCK_SCORES, default="bi",
+                   help="bi: ShortGPT's block influence, the N lowest; angular: Gromov et al.'s angular distance, "
+                        "the N contiguous blocks where it is smallest")
+    g.add_argument("--drop-ffn", type=float, default=0.0, metavar="R",
+                   help="remove round(R x intermediate) channels of every MLP (Wanda-sp score), down_proj refit")
+    g.add_argument("--drop-heads", type=float, default=0.0, metavar="R",
+                   help="remove round(R x heads) query heads of every attention (within each KV group, or whole "
+                        "groups), o_proj refit")
+    g.add_argument("--no-refit", action="store_true",
+                   help="keep the weights that read the removed channels and heads as they are (no least-squares refit)")
+
+
 def _add_revision(p: argparse.ArgumentParser) -> None:
     p.add_argument("--revision", default=None,
                    help="branch, tag or commit of a hub model id given as MODEL_DIR (default: main)")
@@ -136,9 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir", type=Path,
                    help="input checkpoint directory (never modified), or a hub model id ORG/NAME")
     p.add_argument("output_dir", type=Path, help="where the pruned checkpoint is written")
-    p.add_argument("--sparsity", type=float, default=0.5, help="fraction of each decoder linear to remove (0<s<1)")
+    p.add_argument("--sparsity", type=float, default=None,
+                   help="fraction of each decoder linear to remove (0<s<1); default 0.5, or no masks at all "
+                        "beside a --drop-* flag")
     p.add_argument("--pattern", default="unstructured", help="unstructured|2:4|4:8|N:M (N:M implies sparsity N/M)")
     _add_method(p)
+    _add_structure(p)
     p.add_argument("--calib", default="c4",
                    help="c4|wikitext2|pydoc|hub:ORG/NAME[:CONFIG][@SPLIT]|FILE|DIR (.txt, .jsonl/.json, .parquet)")
     p.add_argument("--calib-field", choices=("text", "messages"), default=None,

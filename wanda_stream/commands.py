@@ -15,7 +15,7 @@ import psutil
 import torch
 from transformers import PretrainedConfig
 
-from wanda_stream import calib, experts, resources
+from wanda_stream import calib, experts, resources, shrink
 from wanda_stream.card import card_command
 from wanda_stream.checkpoint import Checkpoint
 from wanda_stream.config import RunConfig, parse_pattern, resolve_compute_dtype, resolve_device
@@ -42,6 +42,8 @@ def build_prune_config(args: argparse.Namespace, world_size: int = 1) -> tuple[R
     model_dir, work_dir = args.model_dir.resolve(), _work_dir(args)
     probe = _probe_config(args)
     ckpt, sk = open_model(model_dir)
+    if probe.shrink.active:
+        shrink.check(probe.shrink, sk.model.config, probe.nm if probe.masks else None)
     check_pattern(ckpt, sk, probe.nm, args.pattern)
     fp = checkpoint_fingerprint(ckpt)
     config = sk.model.config
@@ -115,8 +117,8 @@ def _probe_config(args: argparse.Namespace) -> RunConfig:
     """The arguments' checks that need no checkpoint (paths, method, profile, pattern), as a RunConfig."""
     method_options, profile_options = chosen_options(args)
     return RunConfig(
-        str(args.model_dir.resolve()), str(args.output_dir.resolve()), str(_work_dir(args)), sparsity=args.sparsity,
-        pattern=args.pattern, method=args.method, method_options=method_options,
+        str(args.model_dir.resolve()), str(args.output_dir.resolve()), str(_work_dir(args)), sparsity=_sparsity(args),
+        pattern=args.pattern, **_shrink_fields(args), method=args.method, method_options=method_options,
         sparsity_profile=args.sparsity_profile, profile_options=profile_options, nsamples=args.nsamples,
         seqlen=resources.DEFAULT_SEQLEN if args.seqlen is None else args.seqlen,
         eval_windows=args.eval_windows).validate()
@@ -130,8 +132,8 @@ def _run_config(args: argparse.Namespace, seqlen: int, device: str, compute_dtyp
     method_options, profile_options = chosen_options(args)
     return RunConfig(
         str(model_dir), str(output_dir), str(_work_dir(args)),
-        sparsity=nm[0] / nm[1] if nm else args.sparsity,  # N:M fixes the sparsity; record the real one
-        pattern=args.pattern, method=args.method, method_options=method_options,
+        sparsity=nm[0] / nm[1] if nm else _sparsity(args),  # N:M fixes the sparsity; record the real one
+        pattern=args.pattern, **_shrink_fields(args), method=args.method, method_options=method_options,
         sparsity_profile=args.sparsity_profile, profile_options=profile_options, calib=args.calib,
         nsamples=args.nsamples, seqlen=seqlen, seed=args.seed, device=device, compute_dtype=compute_dtype,
         batch_size=batch, eval_data=args.eval_data, eval_windows=args.eval_windows, eval_seqlen=args.eval_seqlen,
@@ -139,6 +141,23 @@ def _run_config(args: argparse.Namespace, seqlen: int, device: str, compute_dtyp
         calib_fingerprint=calib_fp, eval_fingerprint=eval_fp, chat_template=args.chat_template,
         calib_field=args.calib_field, **_task_fields(args),
     ).validate()
+
+
+def _shrink_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The RunConfig fields of structured pruning (--drop-blocks, --block-score, --drop-ffn, --drop-heads, --no-refit)."""
+    return {"drop_blocks": args.drop_blocks, "block_score": args.block_score, "drop_ffn": args.drop_ffn,
+            "drop_heads": args.drop_heads, "refit": not args.no_refit}
+
+
+def _structural(args: argparse.Namespace) -> bool:
+    return bool(args.drop_blocks or args.drop_ffn or args.drop_heads)
+
+
+def _sparsity(args: argparse.Namespace) -> float:
+    """--sparsity; unset, 0.5 as the paper, but none at all beside a --drop-* flag (no silent masks on top)."""
+    if args.sparsity is not None:
+        return args.sparsity
+    return 0.0 if _structural(args) else 0.5
 
 
 def _task_fields(args: argparse.Namespace) -> dict[str, Any]:
@@ -246,7 +265,7 @@ def check_resources(cfg: RunConfig, sk: Any, total_bytes: int, largest_block: in
     if cfg.eval_data:
         states += hidden_states_bytes(eval_windows, cfg.eval_seqlen or cfg.seqlen, hidden, cfg.dtype)
     out = Path(cfg.output_dir)
-    existing = sum((out / n).stat().st_size for n in shard_names(sk.n_layers) if (out / n).is_file())
+    existing = sum((out / n).stat().st_size for n in shard_names(sk.n_layers - cfg.drop_blocks) if (out / n).is_file())
     need_out = max(total_bytes - existing, 0)
     check_disk([(out, need_out, "the pruned checkpoint"), (Path(cfg.work_dir), states, "hidden states")])
     scale = max(1, el // 2) if cfg.device == "cpu" else 1
@@ -345,7 +364,8 @@ def _prepare_locked(args: argparse.Namespace, world: World) -> RunConfig | None:
                       for i in range(sk.n_layers))
         check_resources(cfg, sk, ckpt.total_bytes(), largest, cfg.eval_windows or 0, world.local_size)
     card = {"base_model": args.hub_id or Path(cfg.model_dir).name, "command": card_command(args.argv)}
-    if not prepare(cfg, fp, args.resume, args.overwrite, own_files(Path(cfg.model_dir), sk.n_layers), card):
+    own = own_files(Path(cfg.model_dir), sk.n_layers - cfg.drop_blocks)
+    if not prepare(cfg, fp, args.resume, args.overwrite, own, card):
         return None
     return cfg
 
@@ -355,7 +375,8 @@ def _run_locked(args: argparse.Namespace, stop: StopFlag, cfg: RunConfig, world:
     from wanda_stream.prune import PruneRun
 
     blocks = load_config(Path(cfg.model_dir)).get_text_config().num_hidden_layers
-    passes = 2 if cfg.owl is not None else 1  # OWL's pass over the dense model, then the pruning pass
+    # OWL's or --drop-blocks' pass over the dense model, then the pruning pass
+    passes = 2 if cfg.owl is not None or cfg.drop_blocks else 1
     mode = "quiet" if args.quiet or (args.log_format != "json" and not world.main) else args.log_format
     progress = Progress(mode, passes * blocks, "prune")
     try:
@@ -389,9 +410,14 @@ def _summary(args: argparse.Namespace, cfg: RunConfig, report: dict) -> None:
                           **_peaks(report)}), flush=True)
         return
     print(f"pruned {cfg.model_dir} -> {cfg.output_dir}")
-    profile = f", {cfg.sparsity_profile} profile" if cfg.sparsity_profile != "uniform" else ""
-    print(f"  method {cfg.method}{profile}, pattern {cfg.pattern}, "
-          f"sparsity of decoder linears {report['total_sparsity']:.4f}")
+    if "structure" in report:
+        st, params = report["structure"], report["parameters"]
+        print(f"  structure: {st['drop_blocks']} blocks removed {st['dropped_blocks']}, sizes {st['sizes']}; "
+              f"parameters {params['before']:,} -> {params['after']:,}")
+    if cfg.masks:
+        profile = f", {cfg.sparsity_profile} profile" if cfg.sparsity_profile != "uniform" else ""
+        print(f"  method {cfg.method}{profile}, pattern {cfg.pattern}, "
+              f"sparsity of decoder linears {report['total_sparsity']:.4f}")
     if "eval" in report:
         ev = report["eval"]
         print(f"  perplexity {ev['perplexity']:.4f} on {ev['windows']} x {ev['seqlen']} tokens of {ev['data']}")

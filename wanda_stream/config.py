@@ -15,11 +15,13 @@ from wanda_stream import methods
 from wanda_stream.errors import InputError
 from wanda_stream.methods import Method, Stat
 from wanda_stream.profiles import PROFILES, Owl
+from wanda_stream.shrink import ShrinkSpec
 
 DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Fields that do not change the result: they may differ between a run and its resumption.
 NON_RESULT_FIELDS = ("work_dir", "keep_work_dir", "prefetch", "world_size")
-LATER_FIELDS = {"chat_template": "auto", "calib_field": None}
+LATER_FIELDS = {"chat_template": "auto", "calib_field": None, "drop_blocks": 0, "block_score": "bi", "drop_ffn": 0.0,
+                "drop_heads": 0.0, "refit": True}
 
 
 def parse_pattern(pattern: str) -> tuple[int, int] | None:
@@ -93,6 +95,12 @@ class RunConfig:
     eval_include_path: str = ""
     eval_num_fewshot: int | None = None
     eval_limit: float | None = None
+    # Structured pruning (--drop-blocks, --drop-ffn, --drop-heads); sparsity 0 then means no masks on top.
+    drop_blocks: int = 0
+    block_score: str = "bi"
+    drop_ffn: float = 0.0
+    drop_heads: float = 0.0
+    refit: bool = True
 
     @property
     def nm(self) -> tuple[int, int] | None:
@@ -102,6 +110,16 @@ class RunConfig:
     def effective_sparsity(self) -> float:
         nm = self.nm
         return nm[0] / nm[1] if nm else self.sparsity
+
+    @property
+    def shrink(self) -> ShrinkSpec:
+        """What structured pruning removes (inactive when no --drop-* flag was given)."""
+        return ShrinkSpec(self.drop_blocks, self.block_score, self.drop_ffn, self.drop_heads, self.refit)
+
+    @property
+    def masks(self) -> bool:
+        """Whether matrices get unstructured or N:M masks (always, unless structured pruning alone was asked for)."""
+        return self.nm is not None or self.sparsity > 0
 
     @property
     def dtype(self) -> torch.dtype:
@@ -120,7 +138,12 @@ class RunConfig:
     @property
     def needs_calibration(self) -> bool:
         """Whether calibration windows run through the model: for the method's statistics or the profile's."""
-        return self.pruning_method.stat is not Stat.NONE or self.owl is not None
+        return self.masks_observe or self.owl is not None or self.shrink.active
+
+    @property
+    def masks_observe(self) -> bool:
+        """Whether the method's masks need the statistics of the calibration inputs."""
+        return self.masks and self.pruning_method.stat is not Stat.NONE
 
     @property
     def record_field(self) -> str | None:
@@ -131,8 +154,12 @@ class RunConfig:
     def validate(self) -> "RunConfig":
         """Raise InputError naming the flag for any invalid value; returns self."""
         nm = parse_pattern(self.pattern)
-        if nm is None and not 0.0 < self.sparsity < 1.0:
+        self.shrink.check_flags()
+        structural_only = self.shrink.active and self.sparsity == 0.0
+        if nm is None and not 0.0 < self.sparsity < 1.0 and not structural_only:
             raise InputError(f"--sparsity {self.sparsity}: must be strictly between 0 and 1, e.g. 0.5")
+        if not self.masks and self.owl is not None:
+            raise InputError("--sparsity-profile owl: shapes the sparsity of masks; add --sparsity (or drop the profile)")
         self.pruning_method.check(nm)
         if self.sparsity_profile not in PROFILES:
             raise InputError(f"--sparsity-profile '{self.sparsity_profile}': use {' or '.join(PROFILES)}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 # The family table: every model_type tests/test_families.py runs (streamed dense forward equals
 # transformers' logits; streamed prune equals an in-memory reference), and what it exercises there.
 # No family needs code of its own in transformers 5: the parts are discovered from the model and the
@@ -23,3 +25,66 @@ FAMILIES: dict[str, str] = {
     "qwen3_moe": "MoE: per-expert gate/up/down on disk, q/k norms",
 }
 TESTED_FAMILIES = tuple(FAMILIES)
+
+
+# ---- structured pruning: what a family's blocks are made of ---------------------------------------------
+@dataclass(frozen=True)
+class Ffn:
+    """An MLP whose hidden channels can be removed: the linears that produce them (their output rows), the
+    linear that reads them (its input columns; refit), and the config key of their number. `parts` channel
+    blocks are stacked in each producer's rows (Phi-3's gate_up_proj holds gate then up: 2)."""
+
+    producers: tuple[str, ...]
+    consumer: str
+    width_key: str
+    parts: int = 1
+
+
+@dataclass(frozen=True)
+class Attention:
+    """Attention whose heads can be removed: the q, k, v projections (or one fused `qkv`, rows q | k | v)
+    and the output projection that reads the heads (refit). Per-head norms (q_norm over head_dim) are
+    untouched; a family whose norms span all heads (OLMo-2) has no entry."""
+
+    o: str
+    q: str = ""
+    k: str = ""
+    v: str = ""
+    qkv: str = ""
+
+
+@dataclass(frozen=True)
+class Structure:
+    """What `--drop-ffn` and `--drop-heads` may shrink in a family, and how `--drop-blocks` keeps its layer
+    kinds: `moe_step` = (the every-k-th-layer key, the key of the list of dense-MLP layer indices), made
+    explicit when blocks are removed (a kept block keeps its kind once the indices shift)."""
+
+    ffn: tuple[Ffn, ...] = ()
+    heads: Attention | None = None
+    moe_step: tuple[str, str] | None = None
+
+
+_MLP = Ffn(("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj", "intermediate_size")
+_ATTN = Attention(o="self_attn.o_proj", q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj")
+_QWEN_MOE_STEP = ("decoder_sparse_step", "mlp_only_layers")
+# Every family of FAMILIES can lose whole blocks; these can also lose FFN channels and heads. GPT-NeoX and
+# OPT derive their head size from hidden_size / num_attention_heads, so their heads cannot go; Mixtral's
+# and Qwen3-MoE's MLPs are experts only (expert removal is --drop-experts' business).
+STRUCTURE: dict[str, Structure] = {
+    "llama": Structure((_MLP,), _ATTN),
+    "mistral": Structure((_MLP,), _ATTN),
+    "qwen2": Structure((_MLP,), _ATTN),
+    "qwen3": Structure((_MLP,), _ATTN),
+    "gemma2": Structure((_MLP,), _ATTN),
+    "gemma3_text": Structure((_MLP,), _ATTN),
+    "phi3": Structure((Ffn(("mlp.gate_up_proj",), "mlp.down_proj", "intermediate_size", parts=2),),
+                      Attention(o="self_attn.o_proj", qkv="self_attn.qkv_proj")),
+    "olmo2": Structure((_MLP,)),
+    "gpt_neox": Structure((Ffn(("mlp.dense_h_to_4h",), "mlp.dense_4h_to_h", "intermediate_size"),)),
+    "opt": Structure((Ffn(("fc1",), "fc2", "ffn_dim"),)),
+    "mixtral": Structure((), _ATTN),
+    "qwen2_moe": Structure((Ffn(("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj"),
+                                "mlp.shared_expert.down_proj", "shared_expert_intermediate_size"), _MLP),
+                           _ATTN, _QWEN_MOE_STEP),
+    "qwen3_moe": Structure((_MLP,), _ATTN, _QWEN_MOE_STEP),
+}

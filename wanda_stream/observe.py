@@ -34,7 +34,7 @@ class BlockObserver:
     """Context manager gathering `kind` statistics of every linear in `linears` and every expert of `layer`."""
 
     def __init__(self, model: nn.Module, layer: nn.Module, linears: dict[str, nn.Linear], kind: Stat,
-                 device: torch.device, keep_batches: bool = False) -> None:
+                 device: torch.device, keep_batches: bool = False, with_experts: bool = True) -> None:
         self.kind = kind
         self.device = device
         self.keep_batches = keep_batches
@@ -43,7 +43,7 @@ class BlockObserver:
         self.obs: dict[str, Observation] = {}
         self._leader: dict[str, str] = {}
         self._last: tuple[str, torch.Tensor] | None = None
-        self._experts = experts.ExpertStats(model, layer, self.record)
+        self._experts = experts.ExpertStats(model, layer if with_experts else nn.Module(), self.record)
         self._stack = contextlib.ExitStack()
 
     def record(self, name: str, x: torch.Tensor) -> None:

@@ -8,13 +8,15 @@ the block's tensors are written as one output shard while the next block compute
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import os
 import shutil
 import socket
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from wanda_stream import calib, experts
+from wanda_stream import calib, experts, plans, shrink, widths
 from wanda_stream.activations import HiddenFile
 from wanda_stream.checkpoint import (
     INDEX_NAME, atomic_write_bytes, atomic_write_json, fsync_dir, read_header, write_shard,
@@ -34,7 +36,7 @@ from wanda_stream.errors import Interrupted
 from wanda_stream.card import render_card
 from wanda_stream.loglik import hidden_streams
 from wanda_stream.methods import FALLBACK, NM, Method, Pruned, Stat
-from wanda_stream.model import release
+from wanda_stream.model import Skeleton, release
 from wanda_stream.observe import BlockObserver, BlockStats, reduce_stats
 from wanda_stream.outputs import CARD_NAME, shard_count, shard_name, shard_names, side_files
 from wanda_stream.profiles import OWL_PAPER, outlier_ratio, owl_sparsities
@@ -43,7 +45,13 @@ from wanda_stream.resources import check_disk, hidden_states_bytes
 from wanda_stream.state import REPORT_NAME, RunState, StopFlag, WorkDir, killpoint, resume_command
 from wanda_stream.stream import Streamer, open_model
 
-PROFILE_STAGE = "profile"  # the run's stage during OWL's pass, and where its results live in the state
+PROFILE_STAGE = "profile"  # the run's stage during the dense pass (OWL, --drop-blocks), and where its results live
+CONFIG_NAME = "config.json"
+STRUCTURE_PAPERS = {
+    "bi": "Men et al. 2024, ShortGPT: Layers in Large Language Models are More Redundant Than You Expect",
+    "angular": "Gromov et al. 2024, The Unreasonable Ineffectiveness of the Deeper Layers",
+    "ffn_heads": "An et al. 2024, Fluctuation-based Adaptive Structured Pruning (FLAP), its Wanda-sp score",
+}
 
 
 def linear_modules(layer: nn.Module) -> dict[str, nn.Linear]:
@@ -58,27 +66,45 @@ def observe(
 ) -> BlockStats | None:
     """Run block i over the calibration states `src` (into `dst` when given), observing every prunable
     matrix's inputs as `kind` says, summed over every rank's share; None when a stop was requested midway."""
-    observer = BlockObserver(st.sk.model, layer, linear_modules(layer), kind, st.device, keep_batches=world.size > 1)
-    with observer:
+    got = observe_all(st, i, layer, [(kind, linear_modules(layer), True)], src, batch, stop, dst, world)
+    return None if got is None else got[0]
+
+
+Watch = tuple[Stat, dict[str, nn.Linear], bool]  # a statistic, of these linears' inputs, and of the experts' too
+
+
+def observe_all(
+    st: Streamer, i: int, layer: nn.Module, watches: list[Watch], src: HiddenFile, batch: int,
+    stop: StopFlag | None, dst: HiddenFile | None = None, world: World = World(), hooks: Sequence[Any] = (),
+) -> list[BlockStats] | None:
+    """`observe` for several statistics in one run of the block (the method's, and a width plan's of the
+    matrices it refits); `hooks` are further context managers entered around the run."""
+    observers = [BlockObserver(st.sk.model, layer, linears, kind, st.device, keep_batches=world.size > 1,
+                               with_experts=with_experts) for kind, linears, with_experts in watches]
+    with contextlib.ExitStack() as stack:
+        for ctx in [*observers, *hooks]:
+            stack.enter_context(ctx)
         finished = st.run_block(i, layer, src, batch, dst=dst, stop=stop)
-    return reduce_stats(world, observer.results()) if finished else None
+    return [reduce_stats(world, o.results()) for o in observers] if finished else None
 
 
 def prune_block(
     method: Method[Any], sparsity: float, nm: NM | None, st: Streamer, i: int, layer: nn.Module,
-    stored: dict[str, torch.Tensor], stats: BlockStats | None,
-) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
-    """Prune every linear and expert matrix of block i; returns the output tensors (stored dtype) and records.
+    stored: dict[str, torch.Tensor], stats: BlockStats | None, narrow: bool = False,
+) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]], nn.Module]:
+    """Prune every linear and expert matrix of block i; returns the output tensors (stored dtype), records,
+    and the pruned block.
 
-    The block is rebuilt from the pruned tensors, so that it then computes the next block's inputs.
-    Per-expert tensors are pruned in the checkpoint's own layout, and their records carry the number
-    of calibration tokens routed to the expert; an expert that got none falls back to magnitude, and
-    its record says so.
+    The block is rebuilt from the pruned tensors (in the skeleton of the new widths when `narrow`), so
+    that it then computes the next block's inputs. Per-expert tensors are pruned in the checkpoint's own
+    layout, and their records carry the number of calibration tokens routed to the expert; an expert
+    that got none falls back to magnitude, and its record says so. `sparsity` 0 (structured pruning
+    alone) masks nothing.
     """
     out = dict(stored)
-    records = []
+    records: list[dict[str, Any]] = []
     linears = linear_modules(layer)
-    keys = experts.prunable_keys(st.sk, i, layer, stored, linears)
+    keys = experts.prunable_keys(st.sk, i, layer, stored, linears) if sparsity > 0 else {}
     # The block's compute-dtype weights (0.8 GB for a 7B block in float32) are not needed while its
     # matrices are pruned: freed here, rebuilt from the pruned tensors below.
     release(layer)
@@ -112,8 +138,7 @@ def prune_block(
         records.append(record)
     # The pruned block, to compute the next block's inputs (fused expert parameters rebuilt from the
     # pruned per-expert tensors, as transformers loads them).
-    st.load_block(i, out)
-    return out, records
+    return out, records, st.load_block(i, out, narrow=narrow)
 
 
 def _pruned(wd: torch.Tensor, result: Pruned) -> torch.Tensor:
@@ -143,12 +168,25 @@ class PruneRun:
         self.ckpt, self.sk = open_model(Path(cfg.model_dir))
         self.st = Streamer(self.ckpt, self.sk, world.device(cfg.device), cfg.dtype, prefetch=cfg.prefetch)
         self.n = self.sk.n_layers
-        self.total_shards = shard_count(self.n)
+        self.spec = cfg.shrink
+        self.structure = shrink.structure_of(self.sk.model.config.model_type)
+        self.shape = shrink.Shape.of(self.sk.model.config, self.structure)
+        if self.spec.widths:
+            narrow = Skeleton.from_config(shrink.width_config(self.sk.model.config, self.spec))
+            narrow.bind(self.ckpt.keys())
+            self.st.narrow = narrow
+        self.n_out = self.n - self.spec.drop_blocks
+        self.total_shards = shard_count(self.n_out)
+        self.dropped: list[int] = []  # known once the pass over the dense model has chosen them
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="writer")
         self.t0 = time.monotonic()
         self.loop_seconds = 0.0
         self.method = cfg.pruning_method
         self.owl = cfg.owl
+        # A pass over the dense model first: OWL's outlier ratios, the blocks' scores for --drop-blocks.
+        self.profiled = self.owl is not None or self.spec.drop_blocks > 0
+        # The pruning pass observes the calibration inputs: for the method's masks or the width plans.
+        self.observes = cfg.masks_observe or self.spec.widths
 
     # ---- files in the work directory -------------------------------------------------------
     def hidden(self, stream: str, i: int, n: int, seqlen: int) -> HiddenFile:
@@ -216,29 +254,40 @@ class PruneRun:
             self._start(streams, state)
         self._clean_stale(state, streams)
         if state.stage == PROFILE_STAGE:
-            self.progress.begin(len(state.extra[PROFILE_STAGE]["outlier_ratios"]))
+            self.progress.begin(_profile_done(state.extra[PROFILE_STAGE]))
             self._profile_pass(state, streams["calib"])
-            self._clean_stale(state, streams)  # the OWL pass's last hidden states
-        done_before = self.n if self.owl else 0  # the OWL pass counts as a first pass over the blocks
+            self._clean_stale(state, streams)  # the dense pass's last hidden states
+        done_before = self.n if self.profiled else 0  # the dense pass counts as a first pass over the blocks
         self.progress.begin(done_before + state.next_block)
-        self.st.prefetch(state.next_block)
+        self.dropped = state.extra.get(PROFILE_STAGE, {}).get("dropped", [])
+        self.st.prefetch(self._next_kept(state.next_block))
         pending: Future | None = None
         pending_state: RunState | None = None
         loop_start = time.perf_counter()
         for i in range(state.next_block, self.n):
+            if i in self.dropped:
+                self._finish_pending(pending, pending_state)
+                pending = pending_state = None
+                state = self._skip_block(i, state, streams)
+                self.progress.update(done_before + i + 1, block=i, **self.log_fields)
+                if self._at_boundary("blocks", i, streams):
+                    raise Interrupted(f"stopped after block {i}")
+                continue
             stored, timing = self.st.block_tensors(i)
-            self.st.prefetch(i + 1)
+            self.st.prefetch(self._next_kept(i + 1))
             compute_start, hidden_wait = time.perf_counter(), self.st.hidden_wait_s
             target = self.block_sparsity(state, i)
             result = self._block(i, stored, streams, target)
             if result is None:
                 self._finish_pending(pending, pending_state)
                 raise Interrupted(f"stopped during block {i}")
-            out, records = result
+            out, records, plan = result
             timing["compute_s"] = time.perf_counter() - compute_start
             timing["hidden_wait_s"] = self.st.hidden_wait_s - hidden_wait  # part of compute_s
             entry = {"block": i, "matrices": records, "sparsity": _weighted_sparsity(records),
                      "seconds": round(timing["read_wait_s"] + timing["compute_s"], 3), "timing": _rounded(timing)}
+            if plan:
+                entry["structure"] = plan
             if self.owl is not None:
                 entry.update(target_sparsity=target,
                              outlier_ratio=state.extra[PROFILE_STAGE]["outlier_ratios"][i])
@@ -248,7 +297,7 @@ class PruneRun:
                 pending, pending_state = self.writer.submit(self._write_block_shard, i, out), new_state
             # Only the writer may hold block i's tensors now: kept here, they would stay resident
             # through block i+1 (a third block in RAM, beside block i+1 and the prefetch of i+2).
-            del out, result
+            del out, result, stored
             if not self.cfg.prefetch:
                 # --no-prefetch: read, compute and write strictly in turn, the baseline the overlap beats.
                 self._finish_pending(pending, pending_state)
@@ -280,8 +329,13 @@ class PruneRun:
         if self.world.size > 1:
             self._note_progress(stage, i)
             if not self.world.main and i > 0:
-                for name, t in streams.items():
-                    self.hidden("owl" if stage == PROFILE_STAGE else name, i - 1, *t.shape).path.unlink(missing_ok=True)
+                if stage == PROFILE_STAGE:
+                    old = self._profile_unneeded(i - 1)
+                    if old is not None:
+                        self.hidden("owl", old, *streams["calib"].shape).path.unlink(missing_ok=True)
+                else:
+                    for name, t in streams.items():
+                        self.hidden(name, i - 1, *t.shape).path.unlink(missing_ok=True)
         return stopping
 
     def _note_progress(self, stage: str, i: int) -> None:
@@ -296,42 +350,112 @@ class PruneRun:
         return profile[i] if profile else self.cfg.sparsity
 
     def _profile_pass(self, state: RunState, calib: torch.Tensor) -> None:
-        """OWL's pass over the dense model: every block's outlier ratio, then the blocks' sparsities.
+        """The pass over the dense model: every block's OWL outlier ratio and, for --drop-blocks, its block
+        influence and the angular distances; then the blocks' sparsities and the blocks to remove.
 
         The dense blocks carry the calibration states forward in files of their own (owl_*), so the
         pruning pass still starts from block 0's. Progress is saved after every block.
         """
-        assert self.owl is not None
         record = state.extra[PROFILE_STAGE]
-        ratios: list[float] = record["outlier_ratios"]
-        self.st.prefetch(len(ratios))
-        for i in range(len(ratios), self.n):
+        done = _profile_done(record)
+        self.st.prefetch(done)
+        for i in range(done, self.n):
             stored, _ = self.st.block_tensors(i)
             self.st.prefetch(i + 1 if i + 1 < self.n else 0)
             layer = self.st.load_block(i, stored)
             try:
-                src = self.hidden("calib" if i == 0 else "owl", i, *calib.shape)
-                dst = self.hidden("owl", i + 1, *calib.shape) if i + 1 < self.n else None
-                stats = observe(self.st, i, layer, Stat.SQ_SUM, src, self.cfg.batch_size, self.midblock_stop, dst,
-                                self.world)
-                if stats is None:
-                    raise Interrupted(f"stopped during block {i} of the OWL pass")
-                keys = experts.prunable_keys(self.sk, i, layer, stored, linear_modules(layer))
-                ratios.append(outlier_ratio(((stored[k].to(self.st.device), stats.obs[n].stat)
-                                             for k, n in keys.items() if n in stats.obs), self.owl.m))
+                found = self._profile_block(i, layer, stored, calib)
             finally:
                 release(self.sk.layers[i])
+            for key, value in found.items():
+                record[key].append(value)
             if i + 1 == self.n:
-                record["block_sparsity"] = owl_sparsities(ratios, self.cfg.sparsity, self.owl.lmbda)
+                self._conclude_profile(record)
                 state.stage = "blocks"
             if self.world.main:
                 self.work.save_state(state)
-            if i > 0 and self.world.main:
-                self.hidden("owl", i, *calib.shape).path.unlink(missing_ok=True)
+                old = self._profile_unneeded(i)
+                if old is not None:
+                    self.hidden("owl", old, *calib.shape).path.unlink(missing_ok=True)
             killpoint("profile_block_done")
-            self.progress.update(i + 1, block=i, outlier_ratio=ratios[-1], **self.log_fields)
+            self.progress.update(i + 1, block=i, **found, **self.log_fields)
             if self._at_boundary(PROFILE_STAGE, i, {"calib": calib}) and i + 1 < self.n:
-                raise Interrupted(f"stopped after block {i} of the OWL pass")
+                raise Interrupted(f"stopped after block {i} of the pass over the dense model")
+
+    def _dense_state(self, j: int, calib: torch.Tensor) -> HiddenFile:
+        """The dense model's calibration states entering block j, in the dense pass."""
+        return self.hidden("calib" if j == 0 else "owl", j, *calib.shape)
+
+    def _profile_block(self, i: int, layer: nn.Module, stored: dict[str, torch.Tensor], calib: torch.Tensor
+                       ) -> dict[str, float]:
+        """Run dense block i over the calibration states; what the dense pass records of it."""
+        src = self._dense_state(i, calib)
+        dst = self._dense_state(i + 1, calib) if i + 1 < self.n else None
+        n = self.spec.drop_blocks
+        probe = None
+        if n:
+            back = i + 1 - n if self.spec.block_score == "angular" else -1
+            probe = DepthProbe(self._dense_state(back, calib) if back >= 0 else None)
+        watches: list[Watch] = [(Stat.SQ_SUM, linear_modules(layer), True)] if self.owl is not None else []
+        got = observe_all(self.st, i, layer, watches, src, self.cfg.batch_size, self.midblock_stop, dst, self.world,
+                          hooks=[probe.on(layer)] if probe is not None else [])
+        if got is None:
+            raise Interrupted(f"stopped during block {i} of the pass over the dense model")
+        found: dict[str, float] = {}
+        if self.owl is not None:
+            keys = experts.prunable_keys(self.sk, i, layer, stored, linear_modules(layer))
+            stats = got[0]
+            found["outlier_ratios"] = outlier_ratio(((stored[k].to(self.st.device), stats.obs[nm].stat)
+                                                     for k, nm in keys.items() if nm in stats.obs), self.owl.m)
+        if probe is not None:
+            found.update(probe.results(self.world))
+        return found
+
+    def _profile_unneeded(self, i: int) -> int | None:
+        """The dense pass's state file no longer needed once block i is done (None: keep them all).
+
+        Block i+1 reads owl_{i+1}; the angular distance of block i+1 also reads the states N-1 blocks back.
+        """
+        j = i + 1 - self.spec.drop_blocks if self.spec.block_score == "angular" and self.spec.drop_blocks else i
+        return j if j >= 1 else None
+
+    def _conclude_profile(self, record: dict[str, Any]) -> None:
+        """After the dense pass: the blocks to remove, and OWL's sparsities of the blocks that stay."""
+        n = self.spec.drop_blocks
+        if n:
+            record["dropped"] = (plans.blocks_by_angle(record["angular"], n) if self.spec.block_score == "angular"
+                                 else plans.blocks_by_influence(record["influence"], n))
+        if self.owl is not None:
+            kept = [i for i in range(self.n) if i not in record.get("dropped", [])]
+            sparsities = owl_sparsities([record["outlier_ratios"][i] for i in kept], self.cfg.sparsity, self.owl.lmbda)
+            full = [0.0] * self.n
+            for i, value in zip(kept, sparsities):
+                full[i] = value
+            record["block_sparsity"] = full
+
+    def _next_kept(self, i: int) -> int:
+        """The first block from i on that is not removed (n past the end)."""
+        while i in self.dropped:
+            i += 1
+        return i
+
+    def _skip_block(self, i: int, state: RunState, streams: dict[str, torch.Tensor]) -> RunState:
+        """A removed block: its inputs are the next block's (a second name for each file), and no shard."""
+        for name, t in streams.items():
+            if name == "calib" and (not self.observes or i == self.n - 1):
+                continue
+            _link(self.hidden(name, i, *t.shape).path, self.hidden(name, i + 1, *t.shape).path)
+        record = state.extra[PROFILE_STAGE]
+        entry: dict[str, Any] = {"block": i, "dropped": True, "block_influence": record["influence"][i]}
+        if self.spec.block_score == "angular":
+            entry["angular_distance_from_here"] = record["angular"][i] if i < len(record["angular"]) else None
+        new_state = RunState(i + 1, "blocks", state.blocks + [entry], state.extra)
+        if self.world.main:
+            self.work.save_state(new_state)
+            for p in self.work.block_inputs(i, self.world.suffix):
+                p.unlink(missing_ok=True)
+        killpoint("block_done")
+        return new_state
 
     def _check_disk(self, toks: dict[str, torch.Tensor]) -> None:
         """Refuse a run whose hidden states and checkpoint cannot fit, before the first is written.
@@ -359,9 +483,12 @@ class PruneRun:
         if self.world.any(self.stop.requested):
             raise Interrupted("stopped after computing the first hidden states")
         state.extra["stem_written"] = True
-        if self.owl is not None:
+        if self.profiled:
             state.stage = PROFILE_STAGE
-            state.extra[PROFILE_STAGE] = {"outlier_ratios": []}
+            record: dict[str, list] = {"outlier_ratios": []} if self.owl is not None else {}
+            if self.spec.drop_blocks:
+                record.update(influence=[], angular=[])
+            state.extra[PROFILE_STAGE] = record
         if self.world.main:
             self.work.save_state(state)
 
@@ -369,8 +496,10 @@ class PruneRun:
         """Remove this rank's half-written and unused hidden states; rank 0 also the run's other temporaries."""
         keep = {self.hidden(name, state.next_block, *t.shape).path.name for name, t in streams.items()}
         if state.stage == PROFILE_STAGE:
-            done = len(state.extra[PROFILE_STAGE]["outlier_ratios"])
-            keep.add(self.hidden("owl", done, *streams["calib"].shape).path.name)
+            done = _profile_done(state.extra[PROFILE_STAGE])
+            back = self.spec.drop_blocks - 1 if self.spec.block_score == "angular" else 0
+            for j in range(max(1, done - back), done + 1):
+                keep.add(self.hidden("owl", j, *streams["calib"].shape).path.name)
         for p in self.work.stale(self.world.rank, self.world.suffix, keep):
             p.unlink()
         if self.world.main:
@@ -380,34 +509,72 @@ class PruneRun:
 
     def _block(
         self, i: int, stored: dict[str, torch.Tensor], streams: dict[str, torch.Tensor], sparsity: float,
-    ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]] | None:
+    ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]], dict[str, Any]] | None:
+        """Block i observed, shrunk by its width plan, masked, and run to make the next block's inputs;
+        returns its output tensors, the matrices' records and the plan's record (None: a stop midway)."""
         layer = self.st.load_block(i, stored)
         b = self.cfg.batch_size
-        observes = self.method.stat is not Stat.NONE
         try:
-            stats = None
-            if observes:
-                stats = observe(self.st, i, layer, self.method.stat, self.hidden("calib", i, *streams["calib"].shape),
-                                b, self.midblock_stop, world=self.world)
-                if stats is None:
+            stats, consumers = None, {}
+            if self.observes:
+                watches: list[Watch] = []
+                if self.cfg.masks_observe:
+                    watches.append((self.method.stat, linear_modules(layer), True))
+                watches += self._width_watches(layer)
+                got = observe_all(self.st, i, layer, watches, self.hidden("calib", i, *streams["calib"].shape),
+                                  b, self.midblock_stop, world=self.world)
+                if got is None:
                     return None
-            out, records = prune_block(self.method, sparsity, self.cfg.nm, self.st, i, layer, stored, stats)
+                stats = got.pop(0) if self.cfg.masks_observe else None
+                consumers = _consumers(got)
+            plan: dict[str, Any] = {}
+            if self.spec.widths:
+                stored, kept, plan = widths.shrink_block(self.spec, self.structure, self.shape, stored,
+                                                         self._keys(i, stored), consumers)
+                if stats is not None:
+                    for name, keep in kept.items():
+                        stats.obs[name] = widths.narrow_observation(stats.obs[name], keep)
+            del consumers
+            out, records, layer = prune_block(self.method, sparsity if self.cfg.masks else 0.0, self.cfg.nm, self.st,
+                                              i, layer, stored, stats, narrow=self.spec.widths)
             del stats  # a block's Gram matrices are freed before the pruned block runs
             for name, t in streams.items():
-                if name == "calib" and (not observes or i == self.n - 1):
+                if name == "calib" and (not self.observes or i == self.n - 1):
                     continue
                 src, dst = self.hidden(name, i, *t.shape), self.hidden(name, i + 1, *t.shape)
                 if not self.st.run_block(i, layer, src, b, dst=dst, stop=self.midblock_stop):
                     return None
         finally:
-            release(self.sk.layers[i])
-        return out, records
+            self.st.release_block(i)
+        return out, records, plan
+
+    def _width_watches(self, layer: nn.Module) -> list[Watch]:
+        """What a width plan observes: the inputs of the matrices that read the removed channels and heads
+        (their sums of squares for the scores; their Gram matrices for the refit)."""
+        if not self.spec.widths:
+            return []
+        linears = linear_modules(layer)
+        names = {n: linears[n] for n in widths.consumers(self.spec, self.structure) if n in linears}
+        return [(Stat.SQ_SUM, names, False)] + ([(Stat.GRAM, names, False)] if self.spec.refit else [])
+
+    def _keys(self, i: int, stored: dict[str, torch.Tensor]) -> widths.Keys:
+        """A linear of block i (relative name) -> the checkpoint keys of its weight and bias (None: no bias)."""
+        prefix = self.sk.block_prefix(i)
+
+        def keys(name: str) -> tuple[str, str | None]:
+            w, b = (self.sk.layout.source_key(prefix + name + part, {}) or prefix + name + part
+                    for part in (".weight", ".bias"))
+            return w, b if b in stored else None
+        return keys
 
     def _write_block_shard(self, i: int, tensors: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Write block i's output shard; returns its wall and writing-thread CPU seconds."""
+        """Write block i's output shard (as the output's block j, past removed blocks); returns its wall and
+        writing-thread CPU seconds."""
         t0, c0 = time.perf_counter(), time.thread_time()
+        j = shrink.new_index(i, self.dropped)
+        tensors = shrink.renumber(tensors, self.sk.block_prefix(i), self.sk.block_prefix(j))
         items = [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
-        write_shard(self.out / shard_name(i + 1, self.total_shards), items, tensors.__getitem__,
+        write_shard(self.out / shard_name(j + 1, self.total_shards), items, tensors.__getitem__,
                     before_rename=lambda: killpoint("shard_write"))
         return {"write_s": time.perf_counter() - t0, "write_cpu_s": time.thread_time() - c0}
 
@@ -432,17 +599,16 @@ class PruneRun:
         killpoint("block_done")
 
     def _finalize(self, state: RunState, streams: dict[str, torch.Tensor]) -> dict[str, Any]:
-        report = self._report(state, streams)
-        copy_side_files(Path(self.cfg.model_dir), self.out)
+        weight_map, total, params = self._output_index()
+        report = self._report(state, streams, params)
+        overrides = {}
+        if self.spec.active:
+            raw = json.loads((Path(self.cfg.model_dir) / CONFIG_NAME).read_text())
+            config = shrink.output_config(raw, self.sk.model.config, self.spec, self.dropped)
+            overrides[CONFIG_NAME] = (json.dumps(config, indent=2) + "\n").encode()
+        copy_side_files(Path(self.cfg.model_dir), self.out, overrides)
         self._write_card(report)
         killpoint("finalize")
-        weight_map = {}
-        total = 0
-        for name in shard_names(self.n):
-            for k, v in read_header(self.out / name).items():
-                if k != "__metadata__":
-                    weight_map[k] = name
-                    total += v["data_offsets"][1] - v["data_offsets"][0]
         atomic_write_json(self.out / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
         killpoint("finalize_index")
         atomic_write_json(self.out / REPORT_NAME, report)
@@ -454,6 +620,25 @@ class PruneRun:
             shutil.rmtree(self.work.path, ignore_errors=True)
         return report
 
+    def _output_index(self) -> tuple[dict[str, str], int, dict[str, int]]:
+        """The output's weight map and byte total from its shards' headers, and its parameter counts beside
+        the input's (all tensors, and the decoder blocks')."""
+        weight_map: dict[str, str] = {}
+        total = 0
+        after = decoder_after = 0
+        for name in shard_names(self.n_out):
+            for k, v in read_header(self.out / name).items():
+                if k != "__metadata__":
+                    weight_map[k] = name
+                    total += v["data_offsets"][1] - v["data_offsets"][0]
+                    after += math.prod(v["shape"])
+                    decoder_after += math.prod(v["shape"]) if self.sk.is_block_key(k) else 0
+        infos = self.ckpt.tensors
+        before = sum(math.prod(t.shape) for t in infos.values())
+        decoder_before = sum(math.prod(t.shape) for k, t in infos.items() if self.sk.is_block_key(k))
+        return weight_map, total, {"before": before, "after": after, "decoder_before": decoder_before,
+                                   "decoder_after": decoder_after}
+
     def _write_card(self, report: dict[str, Any]) -> None:
         """README.md: our model card, with the input's own card below it."""
         facts = self.work.load_run().get("card") or {}
@@ -463,7 +648,7 @@ class PruneRun:
                            source.read_text(encoding="utf-8", errors="replace") if source.is_file() else None)
         atomic_write_bytes(self.out / CARD_NAME, text.encode())
 
-    def _report(self, state: RunState, streams: dict[str, torch.Tensor]) -> dict[str, Any]:
+    def _report(self, state: RunState, streams: dict[str, torch.Tensor], params: dict[str, int]) -> dict[str, Any]:
         report: dict[str, Any] = {
             "config": self.cfg.to_json(), "config_fingerprint": self.cfg.fingerprint(),
             "model_fingerprint": self.ckpt.fingerprint(), "versions": versions(),
@@ -471,7 +656,16 @@ class PruneRun:
             "seconds_this_process": round(time.monotonic() - self.t0, 3),
             "block_loop_seconds_this_process": round(self.loop_seconds, 3),
         }
-        report["total_sparsity"] = _weighted_sparsity([m for b in state.blocks for m in b["matrices"]])
+        report["total_sparsity"] = _weighted_sparsity([m for b in state.blocks for m in b.get("matrices", [])])
+        report["parameters"] = params
+        if self.spec.active:
+            record = state.extra.get(PROFILE_STAGE, {})
+            report["structure"] = {"drop_blocks": self.spec.drop_blocks, "block_score": self.spec.block_score,
+                                   "drop_ffn": self.spec.drop_ffn, "drop_heads": self.spec.drop_heads,
+                                   "refit": self.spec.refit, "papers": STRUCTURE_PAPERS,
+                                   "dropped_blocks": self.dropped,
+                                   **{k: record[k] for k in ("influence", "angular") if k in record},
+                                   "sizes": shrink.new_sizes(self.spec, self.shape)}
         report["method"] = {"name": self.method.name, "paper": self.method.paper, **self.cfg.method_options}
         if self.owl is not None:
             report["sparsity_profile"] = {"name": "owl", "paper": OWL_PAPER, **self.cfg.profile_options,
@@ -500,11 +694,80 @@ def _rounded(timing: dict[str, float]) -> dict[str, float]:
     return {k: round(v, 3) for k, v in timing.items()}
 
 
-def copy_side_files(src: Path, dst: Path) -> None:
-    """Copy config, generation config, tokenizer and other non-weight files, atomically each."""
+def copy_side_files(src: Path, dst: Path, overrides: dict[str, bytes] | None = None) -> None:
+    """Copy config, generation config, tokenizer and other non-weight files, atomically each; a file named
+    in `overrides` is written with those bytes instead (the smaller model's config.json)."""
+    overrides = overrides or {}
     for name in side_files(src):
-        atomic_write_bytes(dst / name, (src / name).read_bytes())
+        atomic_write_bytes(dst / name, overrides[name] if name in overrides else (src / name).read_bytes())
     fsync_dir(dst)
+
+
+def _link(src: Path, dst: Path) -> None:
+    """`dst` as a second name of the complete file `src` (a copy where the file system has no hard links)."""
+    dst.unlink(missing_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        tmp = dst.with_name(dst.name + ".partial")
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    fsync_dir(dst.parent)
+
+
+def _profile_done(record: dict[str, Any]) -> int:
+    """Blocks the dense pass has finished, from its record (OWL's ratios, or the blocks' influence)."""
+    return len(record["outlier_ratios"] if "outlier_ratios" in record else record["influence"])
+
+
+def _consumers(got: list[BlockStats]) -> dict[str, widths.Consumer]:
+    """A width plan's observations (sums of squares, then Gram matrices when refit) by matrix name."""
+    if not got:
+        return {}
+    sq = got[0].obs
+    grams = got[1].obs if len(got) > 1 else {}
+    return {n: widths.Consumer(ob.stat, grams[n].stat if n in grams else None) for n, ob in sq.items()}
+
+
+class DepthProbe:
+    """Per calibration window, the sums over its tokens of cos(h_in, h_out) of a dense block and, given the
+    states `back` that entered the block N-1 earlier, of the angular distance d(h_back, h_out)."""
+
+    def __init__(self, back: HiddenFile | None) -> None:
+        self.back = back
+        self.cos: list[torch.Tensor] = []
+        self.angles: list[torch.Tensor] = []
+        self.tokens = 0
+        self._pos = 0
+
+    @contextlib.contextmanager
+    def on(self, layer: nn.Module) -> Iterator[None]:
+        """Watch `layer`'s calls (one per micro-batch, in window order) while in the context."""
+        def hook(mod: nn.Module, args: tuple, out: Any) -> None:
+            h_in, h_out = args[0], out[0] if isinstance(out, tuple) else out
+            self.cos.append(plans.token_cosines(h_in, h_out).cpu())
+            if self.back is not None:
+                old = self.back.read(self._pos, h_out.shape[0]).to(h_out.device)
+                self.angles.append(plans.token_angles(old, h_out).cpu())
+            self._pos += h_out.shape[0]
+            self.tokens += h_out.shape[0] * h_out.shape[1]
+
+        handle = layer.register_forward_hook(hook)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def results(self, world: World) -> dict[str, float]:
+        """The block's influence 1 - mean cos and, with `back`, the mean angular distance, over every rank's
+        windows (per-window sums added in window order: the same bits for any batching or rank count)."""
+        parts = world.gather({"cos": torch.cat(self.cos).tolist(), "angles": torch.cat(self.angles).tolist()
+                              if self.angles else [], "tokens": self.tokens})
+        tokens = sum(p["tokens"] for p in parts)
+        out = {"influence": 1.0 - sum(c for p in parts for c in p["cos"]) / tokens}
+        if self.back is not None:
+            out["angular"] = sum(a for p in parts for a in p["angles"]) / tokens
+        return out
 
 
 def output_is_finished(cfg: RunConfig) -> bool:

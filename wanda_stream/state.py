@@ -375,6 +375,7 @@ def resume_command(cfg: RunConfig) -> str:
     else:
         args += ["--pattern", cfg.pattern]
     args += ["--method", cfg.method]
+    args += _shrink_args(cfg)
     options = [(dataclass_flags(type(cfg.pruning_method)), cfg.method_options)]
     if cfg.owl is not None:
         args += ["--sparsity-profile", cfg.sparsity_profile]
@@ -404,6 +405,16 @@ def resume_command(cfg: RunConfig) -> str:
     if cfg.world_size > 1:  # the same torchrun launch as the run's (with its node and rendezvous flags)
         return f"torchrun <the run's launch flags, {cfg.world_size} ranks in all> -m wanda_stream {shlex.join(args[1:])}"
     return shlex.join(args)
+
+
+def _shrink_args(cfg: RunConfig) -> list[str]:
+    """The structured-pruning flags of a run's configuration (none when it has none)."""
+    spec = cfg.shrink
+    if not spec.active:
+        return []
+    args = ["--drop-blocks", str(spec.drop_blocks), "--block-score", spec.block_score, "--drop-ffn",
+            repr(spec.drop_ffn), "--drop-heads", repr(spec.drop_heads)]
+    return args + ([] if spec.refit else ["--no-refit"])
 
 
 def _task_args(cfg: RunConfig) -> list[str]:

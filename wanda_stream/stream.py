@@ -74,6 +74,7 @@ class Streamer:
         # Width of the base model's inputs_embeds: OPT-350m projects 512-wide embeddings to 1024 (project_in).
         self.embed_dim = int(embed.weight.shape[1])
         self.layers_name = sk.layers_prefix[len(sk.base_prefix) + 1 :]
+        self.narrow: Skeleton | None = None  # the blocks at structured pruning's widths, when they change
 
     # ---- reading blocks -------------------------------------------------------------------
     def block_keys(self, i: int) -> list[str]:
@@ -102,13 +103,21 @@ class Streamer:
         out, timing = fut.result() if fut is not None else self._read_block(i)
         return out, {**timing, "read_wait_s": time.perf_counter() - t0}
 
-    def load_block(self, i: int, stored: dict[str, torch.Tensor]) -> nn.Module:
-        """Materialize block i on the device, in the compute dtype, from its stored tensors."""
-        layer = self.sk.layers[i]
-        view = _DictCheckpoint(self.ckpt.root, self.sk.layout.to_params(stored))
-        materialize(layer, self.sk.block_prefix(i), view, self.device, self.dtype, {}, self.sk.model)
+    def load_block(self, i: int, stored: dict[str, torch.Tensor], narrow: bool = False) -> nn.Module:
+        """Materialize block i on the device, in the compute dtype, from its stored tensors; `narrow`: into
+        the skeleton of structured pruning's new widths (`self.narrow`), for a block whose tensors shrank."""
+        sk = self.narrow if narrow and self.narrow is not None else self.sk
+        layer = sk.layers[i]
+        view = _DictCheckpoint(self.ckpt.root, sk.layout.to_params(stored))
+        materialize(layer, sk.block_prefix(i), view, self.device, self.dtype, {}, sk.model)
         layer.eval()
         return layer
+
+    def release_block(self, i: int) -> None:
+        """Free block i's weights, in both skeletons."""
+        release(self.sk.layers[i])
+        if self.narrow is not None:
+            release(self.narrow.layers[i])
 
     def close(self) -> None:
         for pool in (self._reader, self._hidden_reader, self._hidden_writer):

@@ -1,0 +1,160 @@
+"""Structural plans as pure tensor math: which blocks, FFN channels and attention heads to remove, and the
+least-squares refit of the matrix that reads what remains.
+
+Nothing here touches files, modules or ranks: statistics and weights in, indices and weights out. Every
+selection is a stable sort (ties keep the lower index), so equal inputs give equal plans.
+
+- Blocks: ShortGPT's block influence (Men et al. 2024), BI_i = 1 - mean cos(h_in, h_out) over the
+  calibration tokens, the N lowest removed; or Gromov et al. (2024)'s angular distance
+  d(h_l, h_{l+N}) = arccos(cos) / pi, the N contiguous blocks from the l where it is smallest.
+- FFN channels and attention heads: Wanda-sp's structured score (An et al. 2024, FLAP's baseline),
+  channel j scores ||a_j||_2 * ||W_out[:, j]||_2, a head the sum over its columns; the lowest removed.
+- Refit (the consuming matrix, down_proj or o_proj): W' = W G[:, K] G[K, K]^-1, the least-squares fit of the
+  dense outputs X W^T from the kept inputs X_K, G = X^T X dampened as SparseGPT dampens its Hessian.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from wanda_stream import kernel
+
+REFIT_DAMPENING = 0.01  # fraction of G[K, K]'s mean diagonal, as SparseGPT's default
+DAMPENING_TRIES = 5
+
+
+def token_cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per window, the float64 sum over its tokens of cos(a_t, b_t) (a, b: [windows, seqlen, hidden]).
+
+    Per window, not per micro-batch, so that totals do not depend on how windows were batched or shared
+    out over ranks: they are added in window order afterwards.
+    """
+    cos = torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1, eps=1e-12)
+    return cos.double().sum(dim=-1)
+
+
+def token_angles(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per window, the float64 sum over its tokens of the angular distance arccos(cos(a_t, b_t)) / pi."""
+    cos = torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1, eps=1e-12).double()
+    return (torch.arccos(cos.clamp(-1.0, 1.0)) / math.pi).sum(dim=-1)
+
+
+def lowest(scores: list[float] | torch.Tensor, k: int) -> list[int]:
+    """Indices of the k lowest scores (stable: the lower index first on ties), ascending."""
+    s = torch.as_tensor(scores, dtype=torch.float64)
+    order = torch.sort(s, stable=True).indices[:k]
+    return sorted(int(i) for i in order)
+
+
+def blocks_by_influence(influence: list[float], n: int) -> list[int]:
+    """ShortGPT: the n blocks of lowest block influence."""
+    return lowest(influence, n)
+
+
+def blocks_by_angle(angles: list[float], n: int) -> list[int]:
+    """Gromov et al.: angles[l] is d(h_l, h_{l+n}); the n contiguous blocks from the smallest (first on ties)."""
+    start = lowest(angles, 1)[0]
+    return list(range(start, start + n))
+
+
+def channel_scores(sq_sum: torch.Tensor, w_out: torch.Tensor) -> torch.Tensor:
+    """Wanda-sp's score of each input channel j of `w_out` [out, in]: ||a_j||_2 * ||W_out[:, j]||_2 (float64)."""
+    return torch.sqrt(sq_sum.double()) * torch.linalg.vector_norm(w_out.double(), dim=0)
+
+
+def kept(width: int, removed: list[int]) -> torch.Tensor:
+    """The indices 0..width-1 not in `removed`, ascending (int64)."""
+    keep = torch.ones(width, dtype=torch.bool)
+    keep[torch.as_tensor(removed, dtype=torch.int64)] = False
+    return torch.nonzero(keep).flatten()
+
+
+@dataclass(frozen=True)
+class HeadPlan:
+    """Query heads and key/value heads to remove from one attention block (ascending indices)."""
+
+    q_removed: list[int]
+    kv_removed: list[int]
+
+
+def head_counts(n_heads: int, n_kv: int, n_drop: int) -> tuple[int, int]:
+    """(query heads removed per KV group, whole KV groups removed) for removing n_drop query heads.
+
+    Query heads go within every KV group alike when n_drop is a multiple of the number of groups (and
+    leaves each group a head); else whole groups (a query head with its key/value head when n_kv == n_heads)
+    when n_drop is a multiple of the group size. Raises ValueError when neither keeps the heads a multiple
+    of the KV heads.
+    """
+    group = n_heads // n_kv
+    if n_drop % n_kv == 0 and n_drop // n_kv < group:
+        return n_drop // n_kv, 0
+    if n_drop % group == 0 and n_drop // group < n_kv:
+        return 0, n_drop // group
+    raise ValueError(f"removing {n_drop} of {n_heads} query heads leaves them no multiple of the {n_kv} key/value "
+                     f"heads: remove a multiple of {n_kv} (fewer than {n_heads}) within the groups, or a multiple "
+                     f"of {group} as whole groups")
+
+
+def plan_heads(head_scores: torch.Tensor, n_kv: int, n_drop: int) -> HeadPlan:
+    """The heads to remove given each query head's score (heads of KV group g are g*group .. g*group+group-1)."""
+    n_heads = head_scores.shape[0]
+    group = n_heads // n_kv
+    per_group, whole = head_counts(n_heads, n_kv, n_drop)
+    by_group = head_scores.double().reshape(n_kv, group)
+    if whole:
+        groups = lowest(by_group.sum(dim=1), whole)
+        return HeadPlan([g * group + h for g in groups for h in range(group)], groups)
+    return HeadPlan([g * group + h for g in range(n_kv) for h in lowest(by_group[g], per_group)], [])
+
+
+def head_scores(sq_sum: torch.Tensor, w_o: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Each query head's score: the sum of its o_proj input channels' Wanda-sp scores (float64)."""
+    return channel_scores(sq_sum, w_o).reshape(n_heads, -1).sum(dim=1)
+
+
+def head_rows(heads: list[int], head_dim: int) -> list[int]:
+    """The rows (of q/k/v) or columns (of o_proj) that heads occupy."""
+    return [h * head_dim + d for h in heads for d in range(head_dim)]
+
+
+def refit(w: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, dampening: float = REFIT_DAMPENING
+          ) -> tuple[torch.Tensor, float]:
+    """W' [out, |K|] = W G[:, K] (G[K, K] + damp)^-1 in float32, and the dampening used.
+
+    `gram` is X^T X of the matrix's inputs with its upper triangle filled (kernel.add_gram); it is not
+    modified. Inputs that no token touched (G_jj = 0) get G_jj = 1, as SparseGPT treats them; the
+    dampening is raised tenfold while G[K, K] does not factor.
+    """
+    g = kernel.symmetrize(gram.clone()).double()
+    diag = torch.arange(g.shape[0])
+    dead = torch.diagonal(g) == 0
+    g[diag[dead], diag[dead]] = 1.0
+    gkk = g[keep][:, keep]
+    rhs = w.double() @ g[:, keep]  # [out, |K|]
+    base = torch.diagonal(gkk).clone()
+    mean = float(base.mean())
+    frac = dampening
+    for _ in range(DAMPENING_TRIES):
+        idx = torch.arange(gkk.shape[0])
+        gkk[idx, idx] = base + frac * mean
+        low, info = torch.linalg.cholesky_ex(gkk)
+        if int(info) == 0:
+            # W' G_KK = rhs  <=>  G_KK W'^T = rhs^T (G_KK symmetric)
+            return torch.cholesky_solve(rhs.t(), low).t().float(), frac
+        frac *= 10.0
+    raise ValueError(f"the Gram matrix of the kept {gkk.shape[0]} inputs does not factor even with dampening "
+                     f"{frac / 10:g}; use more calibration tokens (--nsamples)")
+
+
+def output_error(w_new: torch.Tensor, w: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor) -> float:
+    """||X_K W'^T - X W^T||^2 / ||X W^T||^2 from the Gram matrix G = X^T X (upper triangle filled)."""
+    g = kernel.symmetrize(gram.clone()).double()
+    full = torch.zeros_like(w, dtype=torch.float64)
+    full[:, keep] = w_new.double()
+    d = full - w.double()
+    num = float(torch.einsum("oi,ij,oj->", d, g, d))
+    den = float(torch.einsum("oi,ij,oj->", w.double(), g, w.double()))
+    return num / den if den > 0 else 0.0
