@@ -16,6 +16,7 @@ selection is a stable sort (ties keep the lower index), so equal inputs give equ
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -26,20 +27,28 @@ REFIT_DAMPENING = 0.01  # fraction of G[K, K]'s mean diagonal, as SparseGPT's de
 DAMPENING_TRIES = 5
 
 
+def _window_cosines(a: torch.Tensor, b: torch.Tensor) -> Iterator[torch.Tensor]:
+    """Per window of a, b [windows, seqlen, hidden], cos(a_t, b_t) of its tokens in float64.
+
+    float64, one window at a time: the angle of nearly parallel states (the blocks worth removing) is
+    arccos of a cosine near 1, where float32's rounding alone moves it by 1e-4.
+    """
+    for u, v in zip(a, b):
+        yield torch.nn.functional.cosine_similarity(u.double(), v.double(), dim=-1, eps=1e-12)
+
+
 def token_cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per window, the float64 sum over its tokens of cos(a_t, b_t) (a, b: [windows, seqlen, hidden]).
 
     Per window, not per micro-batch, so that totals do not depend on how windows were batched or shared
     out over ranks: they are added in window order afterwards.
     """
-    cos = torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1, eps=1e-12)
-    return cos.double().sum(dim=-1)
+    return torch.stack([c.sum() for c in _window_cosines(a, b)])
 
 
 def token_angles(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per window, the float64 sum over its tokens of the angular distance arccos(cos(a_t, b_t)) / pi."""
-    cos = torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1, eps=1e-12).double()
-    return (torch.arccos(cos.clamp(-1.0, 1.0)) / math.pi).sum(dim=-1)
+    return torch.stack([(torch.arccos(c.clamp(-1.0, 1.0)) / math.pi).sum() for c in _window_cosines(a, b)])
 
 
 def lowest(scores: list[float] | torch.Tensor, k: int) -> list[int]:
