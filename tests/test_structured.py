@@ -63,16 +63,26 @@ def test_refit_is_the_least_squares_solution() -> None:
     x = torch.randn(500, 6, dtype=torch.float64) @ torch.randn(6, 6, dtype=torch.float64)
     w = torch.randn(3, 6, dtype=torch.float64)
     keep = torch.tensor([0, 2, 3, 5])
-    gram = torch.zeros(6, 6)
-    kernel.add_gram(gram, x.float())  # as the observation accumulates it (upper triangle)
-    new, damp = plans.refit(w.float(), gram, keep, dampening=0.0)
+
+    def gram() -> torch.Tensor:
+        g = torch.zeros(6, 6)
+        kernel.add_gram(g, x.float())  # as the observation accumulates it (upper triangle)
+        return g
+
+    fit = plans.fit_consumer(w.float(), gram(), keep, dampening=0.0)
     want = torch.linalg.lstsq(x[:, keep], x @ w.t()).solution.t()
-    assert damp == 0.0
-    assert torch.allclose(new.double(), want, rtol=1e-3, atol=1e-3)
-    err = plans.output_error(new, w.float(), gram, keep)
-    naive = plans.output_error(w.float()[:, keep], w.float(), gram, keep)
-    direct = float(((x[:, keep] @ want.t() - x @ w.t()) ** 2).sum() / ((x @ w.t()) ** 2).sum())
-    assert err == pytest.approx(direct, rel=1e-3) and err < naive
+    assert fit.dampening == 0.0
+    assert torch.allclose(fit.weight.double(), want, rtol=1e-3, atol=1e-3)
+
+    def direct(v: torch.Tensor) -> float:
+        return float(((x[:, keep] @ v.double().t() - x @ w.t()) ** 2).sum() / ((x @ w.t()) ** 2).sum())
+
+    assert fit.error == pytest.approx(direct(want), rel=1e-3)
+    assert fit.error_as_is == pytest.approx(direct(w[:, keep]), rel=1e-3) and fit.error < fit.error_as_is
+    damped = plans.fit_consumer(w.float(), gram(), keep)  # the default dampening: errors of the damped fit
+    assert damped.error == pytest.approx(direct(damped.weight), rel=1e-3)
+    as_is = plans.fit_consumer(w.float(), gram(), keep, refit=False)
+    assert as_is.dampening is None and torch.equal(as_is.weight, w.float()[:, keep])
 
 
 def test_channel_scores_by_hand() -> None:

@@ -529,6 +529,7 @@ class PruneRun:
                 consumers = _consumers(got)
             plan: dict[str, Any] = {}
             if self.spec.widths:
+                release(layer)  # its compute copy is not needed to plan: rebuilt from the shrunk tensors
                 stored, kept, plan = widths.shrink_block(self.spec, self.structure, self.shape, stored,
                                                          self._keys(i, stored), consumers)
                 if stats is not None:

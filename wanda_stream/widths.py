@@ -48,17 +48,18 @@ def _cols(t: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
 
 def _consume(out: dict[str, torch.Tensor], key: str, keep: torch.Tensor, obs: Consumer, spec: ShrinkSpec,
              record: dict) -> None:
-    """The consuming matrix on its kept input columns, refit by least squares unless --no-refit."""
+    """The consuming matrix on its kept input columns, refit by least squares unless --no-refit (the Gram
+    matrix, observed only for the refit, is consumed)."""
     w = out[key]
-    if spec.refit and obs.gram is not None:
-        new, damp = plans.refit(w, obs.gram, keep)
-        record.update(refit_dampening=damp, layer_error=plans.output_error(new, w, obs.gram, keep),
-                      layer_error_no_refit=plans.output_error(_cols(w, keep).float(), w, obs.gram, keep))
-        out[key] = new.to(w.dtype)
-    else:
-        if obs.gram is not None:
-            record["layer_error"] = plans.output_error(_cols(w, keep).float(), w, obs.gram, keep)
+    if obs.gram is None:
         out[key] = _cols(w, keep)
+        return
+    fit = plans.fit_consumer(w, obs.gram, keep, refit=spec.refit)
+    obs.gram = None
+    record.update(layer_error=fit.error, layer_error_no_refit=fit.error_as_is)
+    if fit.dampening is not None:
+        record["refit_dampening"] = fit.dampening
+    out[key] = fit.weight.to(w.dtype)
 
 
 def _rounded(scores: torch.Tensor, idx: list[int]) -> list[float]:
