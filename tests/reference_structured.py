@@ -5,7 +5,7 @@ full model (hooks, no KV cache). While the loop runs, removed FFN channels and h
 full-size model (a zero gate/up row and down column contribute nothing; a zero o_proj column removes a
 head's output), and removed blocks are skipped; the output state dict is sliced and renumbered at the end.
 The package instead slices tensors and loads them into a narrower skeleton, so the two meet only in the
-numbers. Llama-like module names (mlp.gate_proj/up_proj/down_proj, self_attn.q/k/v/o_proj).
+numbers. Llama-like module names (FFNS below, self_attn.q/k/v/o_proj).
 """
 
 from __future__ import annotations
@@ -21,6 +21,11 @@ from torch import nn
 from tests.reference import _layers, capture_block_inputs, ref_mask
 
 
+# The MLPs whose channels go: a dense MLP, and a Qwen2-MoE block's shared expert.
+FFNS = [("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+        ("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj", "mlp.shared_expert.down_proj")]
+
+
 @dataclass
 class RefResult:
     state_dict: dict[str, torch.Tensor]  # the output's tensors, sliced and renumbered (float32)
@@ -28,7 +33,7 @@ class RefResult:
     dropped: list[int]
     influence: list[float]
     angular: list[float]
-    removed_channels: dict[int, list[int]] = field(default_factory=dict)
+    removed_channels: dict[int, dict[str, list[int]]] = field(default_factory=dict)  # block -> down proj -> removed
     removed_heads: dict[int, list[int]] = field(default_factory=dict)
 
 
@@ -108,20 +113,22 @@ def reference_structured(model_dir: Path, tokens: torch.Tensor, drop_blocks: int
         keep: dict[str, tuple[list[int] | None, list[int] | None]] = {}
         lin = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
         x_all = _inputs_of(layer, list(lin), xs, kwargs[i])  # the dense block's inputs, all linears
-        if drop_ffn:
-            down = layer.mlp.down_proj
-            x = x_all["mlp.down_proj"]
+        for gate_name, up_name, down_name in FFNS if drop_ffn else ():
+            if down_name not in lin:
+                continue
+            down = lin[down_name]
+            x = x_all[down_name]
             s = torch.sqrt((x * x).sum(0)) * torch.linalg.vector_norm(down.weight.double(), dim=0)
             removed = _stable_lowest(s, round(drop_ffn * s.numel()))
             kept = [j for j in range(s.numel()) if j not in set(removed)]
-            res.removed_channels[i] = removed
+            res.removed_channels.setdefault(i, {})[down_name] = removed
             with torch.no_grad():
                 w = _refit(down.weight, x, kept, damp) if refit else down.weight.double()[:, kept]
                 down.weight.zero_()
                 down.weight[:, kept] = w.float()
-                for m in (layer.mlp.gate_proj, layer.mlp.up_proj):
-                    m.weight[removed] = 0
-            keep.update({"mlp.gate_proj": (kept, None), "mlp.up_proj": (kept, None), "mlp.down_proj": (None, kept)})
+                for name in (gate_name, up_name):
+                    lin[name].weight[removed] = 0
+            keep.update({gate_name: (kept, None), up_name: (kept, None), down_name: (None, kept)})
         if drop_heads:
             o = layer.self_attn.o_proj
             x = x_all["self_attn.o_proj"]
