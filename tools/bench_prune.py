@@ -22,6 +22,7 @@ import datetime as dt
 import json
 import os
 import platform
+import shlex
 import shutil
 import signal
 import subprocess
@@ -222,21 +223,29 @@ def machine() -> dict[str, Any]:
 def command(kind: str, a: argparse.Namespace, out: Path) -> list[str]:
     if kind == "in-memory":
         spec = json.dumps({"model_dir": str(a.model_dir), "out_dir": str(out), "nsamples": a.nsamples,
-                           "seqlen": a.seqlen, "sparsity": a.sparsity, "seed": a.seed, "device": a.device,
+                           "seqlen": a.seqlen, "sparsity": a.sparsity or 0.5, "seed": a.seed, "device": a.device,
                            "compute_dtype": a.compute_dtype_resolved, "batch": a.batch_size_resolved})
         return [sys.executable, str(Path(__file__).resolve()), "--in-memory-child", spec]
     launcher = [sys.executable, "-m", "wanda_stream"]
     if a.nproc > 1:  # torchrun's launcher; its workers' usage is counted in its own once it reaps them
         launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(a.nproc),
                     "--master-port", str(free_port()), "-m", "wanda_stream"]
+    # With --structure and no --sparsity, structured pruning alone (no masks on top), as the CLI does.
+    sparsity = [] if a.structure and a.sparsity is None else ["--sparsity", str(a.sparsity or 0.5)]
     cmd = [*launcher, "prune", str(a.model_dir), str(out), "--calib", a.calib,
-           "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen), "--sparsity", str(a.sparsity),
+           "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen), *sparsity, *shlex.split(a.structure),
            "--method", a.method, "--sparsity-profile", a.sparsity_profile,
            "--seed", str(a.seed), "--device", a.device, "--compute-dtype", a.compute_dtype_resolved,
            "--batch-size", str(a.batch_size_resolved), "--quiet", "--overwrite"]
     if kind == "streamer-no-prefetch":
         cmd.append("--no-prefetch")
     return cmd
+
+
+def _what(a: argparse.Namespace) -> str:
+    """The pruning asked for, in words: structure, and masks unless structured pruning alone."""
+    masks = "" if a.structure and a.sparsity is None else f"{a.sparsity or 0.5:.0%} {a.method} ({a.sparsity_profile})"
+    return ", ".join(p for p in (f"structure `{a.structure}`" if a.structure else "", masks) if p)
 
 
 def free_port() -> int:
@@ -326,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calib", default="pydoc")
     p.add_argument("--nsamples", type=int, default=4)
     p.add_argument("--seqlen", type=int, default=128)
-    p.add_argument("--sparsity", type=float, default=0.5)
+    p.add_argument("--sparsity", type=float, default=None, help="default 0.5 (none with --structure)")
+    p.add_argument("--structure", default="", help="the streamer's structured-pruning flags, e.g. '--drop-ffn 0.25'")
     p.add_argument("--method", default="wanda", help="the streamer's --method (the in-memory run is always wanda)")
     p.add_argument("--sparsity-profile", default="uniform", help="the streamer's --sparsity-profile")
     p.add_argument("--nproc", type=int, default=1,
@@ -396,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(out, ignore_errors=True)
     m = machine()
     settings = (f"{facts['model_type']}, {facts['n_layers']} blocks, checkpoint {facts['bytes'] / 1e9:.2f} GB "
-                f"({facts['file_bytes'] / 1e9:.2f} GB of files); {a.sparsity:.0%} {a.method} ({a.sparsity_profile}), "
+                f"({facts['file_bytes'] / 1e9:.2f} GB of files); {_what(a)}, "
                 f"{a.nproc} rank(s), {a.nsamples} x {a.seqlen} "
                 f"tokens of {a.calib}, device {a.device}, compute {a.compute_dtype_resolved}, micro-batch "
                 f"{a.batch_size_resolved}; calibration hidden states {facts['hidden_state_bytes'] / 1e9:.2f} GB; "
