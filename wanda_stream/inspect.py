@@ -11,7 +11,7 @@ from typing import Any
 from wanda_stream import experts, kernel
 from wanda_stream.config import parse_pattern
 from wanda_stream.errors import InputError
-from wanda_stream.state import REPORT_NAME, RUN_FILE, WorkDir
+from wanda_stream.state import REPORT_NAME, RUN_FILE, WorkDir, profile_blocks_done
 
 
 def inspect_checkpoint(model_dir: Path, pattern: str | None = None) -> dict[str, Any]:
@@ -144,7 +144,7 @@ def run_status(path: Path) -> dict[str, Any]:
         "blocks_done": state.next_block,
     }
     if "profile" in state.extra:
-        row["profile_blocks_done"] = len(state.extra["profile"]["outlier_ratios"])
+        row["profile_blocks_done"] = profile_blocks_done(state.extra["profile"])
     row["world_size"] = cfg.world_size
     if cfg.world_size > 1:
         row["ranks"] = [_rank_progress(work, r) for r in range(cfg.world_size)]

@@ -42,7 +42,9 @@ from wanda_stream.outputs import CARD_NAME, shard_count, shard_name, shard_names
 from wanda_stream.profiles import OWL_PAPER, outlier_ratio, owl_sparsities
 from wanda_stream.report import Progress, io_bytes, peak_figures, versions
 from wanda_stream.resources import check_disk, hidden_states_bytes
-from wanda_stream.state import REPORT_NAME, RunState, StopFlag, WorkDir, killpoint, resume_command
+from wanda_stream.state import (
+    REPORT_NAME, RunState, StopFlag, WorkDir, killpoint, profile_blocks_done, resume_command,
+)
 from wanda_stream.stream import Streamer, open_model
 
 PROFILE_STAGE = "profile"  # the run's stage during the dense pass (OWL, --drop-blocks), and where its results live
@@ -254,7 +256,7 @@ class PruneRun:
             self._start(streams, state)
         self._clean_stale(state, streams)
         if state.stage == PROFILE_STAGE:
-            self.progress.begin(_profile_done(state.extra[PROFILE_STAGE]))
+            self.progress.begin(profile_blocks_done(state.extra[PROFILE_STAGE]))
             self._profile_pass(state, streams["calib"])
             self._clean_stale(state, streams)  # the dense pass's last hidden states
         done_before = self.n if self.profiled else 0  # the dense pass counts as a first pass over the blocks
@@ -357,7 +359,7 @@ class PruneRun:
         pruning pass still starts from block 0's. Progress is saved after every block.
         """
         record = state.extra[PROFILE_STAGE]
-        done = _profile_done(record)
+        done = profile_blocks_done(record)
         self.st.prefetch(done)
         for i in range(done, self.n):
             stored, _ = self.st.block_tensors(i)
@@ -496,7 +498,7 @@ class PruneRun:
         """Remove this rank's half-written and unused hidden states; rank 0 also the run's other temporaries."""
         keep = {self.hidden(name, state.next_block, *t.shape).path.name for name, t in streams.items()}
         if state.stage == PROFILE_STAGE:
-            done = _profile_done(state.extra[PROFILE_STAGE])
+            done = profile_blocks_done(state.extra[PROFILE_STAGE])
             back = self.spec.drop_blocks - 1 if self.spec.block_score == "angular" else 0
             for j in range(max(1, done - back), done + 1):
                 keep.add(self.hidden("owl", j, *streams["calib"].shape).path.name)
@@ -714,11 +716,6 @@ def _link(src: Path, dst: Path) -> None:
         shutil.copyfile(src, tmp)
         os.replace(tmp, dst)
     fsync_dir(dst.parent)
-
-
-def _profile_done(record: dict[str, Any]) -> int:
-    """Blocks the dense pass has finished, from its record (OWL's ratios, or the blocks' influence)."""
-    return len(record["outlier_ratios"] if "outlier_ratios" in record else record["influence"])
 
 
 def _consumers(got: list[BlockStats]) -> dict[str, widths.Consumer]:

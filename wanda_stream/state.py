@@ -407,6 +407,12 @@ def resume_command(cfg: RunConfig) -> str:
     return shlex.join(args)
 
 
+def profile_blocks_done(record: dict[str, Any]) -> int:
+    """Blocks the pass over the dense model has finished, from its record in the run state (OWL's outlier
+    ratios, or the blocks' influence for --drop-blocks)."""
+    return len(record["outlier_ratios"] if "outlier_ratios" in record else record["influence"])
+
+
 def _shrink_args(cfg: RunConfig) -> list[str]:
     """The structured-pruning flags of a run's configuration (none when it has none)."""
     spec = cfg.shrink
