@@ -256,6 +256,9 @@ def test_killed_anywhere_resumes_to_the_same_bytes(gqa_model: Path, tmp_path: Pa
                   "finalize"):
         r = run_cli("prune", str(gqa_model), str(out), *ARGS, *flags, "--resume", env={state_mod.KILL_ENV: point})
         assert r.returncode == -signal.SIGKILL, (point, r.returncode, r.stderr[-2000:])
+        if point.startswith("profile"):
+            status = run_cli("status", str(out), "--json")
+            assert status.returncode == 0 and json.loads(status.stdout)["profile_blocks_done"] == 2, status.stderr
     assert main(["prune", str(gqa_model), str(out), *ARGS, *flags, "--resume"]) == 0
     assert checkpoint_files(out) == checkpoint_files(ref)
 
