@@ -16,7 +16,7 @@ import torch
 from transformers import PretrainedConfig
 
 from wanda_stream import calib, experts, resources
-from wanda_stream.card import card_command
+from wanda_stream.card import CardFacts, base_model_id, card_command
 from wanda_stream.checkpoint import Checkpoint
 from wanda_stream.config import RunConfig, parse_pattern, resolve_compute_dtype, resolve_device
 from wanda_stream.dist import World
@@ -24,7 +24,7 @@ from wanda_stream.errors import InputError, Interrupted
 from wanda_stream.methods import build as build_method
 from wanda_stream.methods import dataclass_flags, option_flags
 from wanda_stream.model import Skeleton
-from wanda_stream.outputs import own_files, shard_names
+from wanda_stream.outputs import input_card, own_files, shard_names
 from wanda_stream.profiles import Owl
 from wanda_stream.report import Progress
 from wanda_stream.resources import (
@@ -344,10 +344,17 @@ def _prepare_locked(args: argparse.Namespace, world: World) -> RunConfig | None:
         largest = max(sum(t.nbytes for k, t in ckpt.tensors.items() if k.startswith(sk.block_prefix(i)))
                       for i in range(sk.n_layers))
         check_resources(cfg, sk, ckpt.total_bytes(), largest, cfg.eval_windows or 0, world.local_size)
-    card = {"base_model": args.hub_id or Path(cfg.model_dir).name, "command": card_command(args.argv)}
+    card = card_facts(args.hub_id, Path(cfg.model_dir), card_command(args.argv))
     if not prepare(cfg, fp, args.resume, args.overwrite, own_files(Path(cfg.model_dir), sk.n_layers), card):
         return None
     return cfg
+
+
+def card_facts(hub_id: str | None, model_dir: Path, command: str) -> CardFacts:
+    """The model card's facts of this input: its base model id (see card.base_model_id) and its name."""
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    return {"base_model": base_model_id(hub_id, input_card(model_dir), config), "name": hub_id or model_dir.name,
+            "command": command}
 
 
 def _run_locked(args: argparse.Namespace, stop: StopFlag, cfg: RunConfig, world: World) -> int:
