@@ -41,6 +41,9 @@ def build_prune_config(args: argparse.Namespace, world_size: int = 1) -> tuple[R
 
     model_dir, work_dir = args.model_dir.resolve(), _work_dir(args)
     probe = _probe_config(args)
+    if probe.needs_calibration and args.nsamples < world_size:
+        raise InputError(f"--nsamples {args.nsamples}: fewer calibration windows than the {world_size} ranks; "
+                         f"raise --nsamples to at least {world_size} or start fewer ranks")
     ckpt, sk = open_model(model_dir)
     check_pattern(ckpt, sk, probe.nm, args.pattern)
     fp = checkpoint_fingerprint(ckpt)
@@ -56,7 +59,7 @@ def build_prune_config(args: argparse.Namespace, world_size: int = 1) -> tuple[R
     if saved is not None and args.batch_size is None and args.max_activation_memory is None:
         batch = saved.batch_size  # the same micro-batches make a resumed run's bytes identical
     else:
-        batch = _batch(args, config, seqlen, _dtype(dtype_name), args.nsamples, device)
+        batch = _batch(args, config, seqlen, _dtype(dtype_name), args.nsamples, device, world_size)
     cfg = _run_config(args, seqlen, device, dtype_name, batch, world_size,
                       calib.spec_fingerprint(args.calib) if probe.needs_calibration else "",
                       calib.spec_fingerprint(args.eval_data) if args.eval_data else "")
@@ -97,12 +100,13 @@ def check_pattern(ckpt: Checkpoint, sk: Skeleton, nm: tuple[int, int] | None, pa
 
 
 def _batch(args: argparse.Namespace, config: PretrainedConfig, seqlen: int, dtype: torch.dtype, n: int,
-           device: str) -> int:
-    """The micro-batch from --batch-size or --max-activation-memory (or the free memory)."""
+           device: str, ranks: int = 1) -> int:
+    """The micro-batch from --batch-size or --max-activation-memory (or the free memory); one that gives
+    each of `ranks` ranks work unless --batch-size says otherwise."""
     budget = None
     if args.max_activation_memory is not None:
         budget = parse_size(args.max_activation_memory, "--max-activation-memory")
-    return auto_batch(config, seqlen, dtype, n, device, args.batch_size, budget)
+    return auto_batch(config, seqlen, dtype, n, device, args.batch_size, budget, ranks)
 
 
 def default_seqlen(args: argparse.Namespace, config: PretrainedConfig) -> int:

@@ -59,7 +59,7 @@ def observe(
 ) -> BlockStats | None:
     """Run block i over the calibration states `src` (into `dst` when given), observing every prunable
     matrix's inputs as `kind` says, summed over every rank's share; None when a stop was requested midway."""
-    observer = BlockObserver(st.sk.model, layer, linear_modules(layer), kind, st.device, keep_batches=world.size > 1)
+    observer = BlockObserver(st.sk.model, layer, linear_modules(layer), kind, st.device, keep_windows=world.size > 1)
     with observer:
         finished = st.run_block(i, layer, src, batch, dst=dst, stop=stop)
     return reduce_stats(world, observer.results()) if finished else None
