@@ -63,6 +63,46 @@ def test_too_short_data_is_refused(tok, tmp_path: Path) -> None:
         calib.sample_windows(calib.documents(str(empty)), tok, 2, 64, 0, str(empty))
 
 
+def test_windows_count_the_distinct_tokens_they_cover(tok) -> None:
+    docs = [" ".join(f"w{i}" for i in range(30)), " ".join(f"x{i}" for i in range(20)), "short"]
+    w = calib.calibration_windows(docs, tok, 12, 16, 0, "x")
+    ids = [calib.tokenize(tok, d) for d in docs]
+    rows = [r.tolist() for r in w.tokens]
+    # Brute force: every (document, position) that some window starting there holds.
+    covered = {(d, j + k) for d, t in enumerate(ids) for j in range(len(t) - 16) if t[j : j + 16] in rows
+               for k in range(16)}
+    assert w.distinct == len(covered) and w.asked == 12 * 16
+    assert torch.equal(w.tokens, calib.sample_windows(docs, tok, 12, 16, 0, "x"))
+
+
+def test_short_calibration_text_is_said_and_recorded(tiny_model: Path, tmp_path: Path) -> None:
+    notes = tmp_path / "notes.txt"
+    notes.write_text(" ".join(f"w{i}" for i in range(60)))  # one document of a few hundred tokens
+    n_ids = len(calib.tokenize(calib.load_tokenizer(tiny_model), notes.read_text()))
+    out = tmp_path / "out"
+    r = run_cli("prune", str(tiny_model), str(out), "--calib", str(notes), "--nsamples", "16", "--seqlen", "64",
+                "--device", "cpu", "--log-format", "json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads((out / "wanda_stream.json").read_text())
+    distinct = report["calibration"]["distinct_tokens"]
+    assert report["calibration"]["tokens"] == 16 * 64 and 64 < distinct <= n_ids < 16 * 64 // 2
+    lines = [json.loads(x)["text"] for x in r.stderr.splitlines() if '"message"' in x]
+    assert lines == [f"calibration data '{notes}': the 16 x 64 windows cover only {distinct:,} distinct tokens of "
+                     "the 1,024 asked for (they overlap); give more text for statistics over more tokens"]
+    assert f"cover only {distinct:,} distinct tokens of the 1,024 asked for |" in (out / "README.md").read_text()
+    # Text enough for the windows asked: nothing said, the figures still in the report.
+    big = run_cli("prune", str(tiny_model), str(tmp_path / "big"), "--calib", "pydoc", "--nsamples", "4",
+                  "--seqlen", "64", "--device", "cpu", "--log-format", "json")
+    assert big.returncode == 0 and '"message"' not in big.stderr, big.stderr[-2000:]
+    assert json.loads((tmp_path / "big" / "wanda_stream.json").read_text())["calibration"]["distinct_tokens"] == 256
+    # Too short for one window: the one-line refusal, exit 2.
+    notes.write_text("w0 w1 w2 w3")
+    short = run_cli("prune", str(tiny_model), str(tmp_path / "short"), "--calib", str(notes), "--seqlen", "64",
+                    "--nsamples", "2", "--device", "cpu")
+    assert short.returncode == 2 and "is too short: no document has more than 64 tokens" in short.stderr
+    assert "Traceback" not in short.stderr
+
+
 def test_file_formats_and_directory(tmp_path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -130,3 +130,35 @@ def test_sigterm_to_both_ranks_exits_75_and_resumes(tiny_model: Path, tmp_path: 
 def assert_same_result_bytes(out: Path, ref: Path) -> None:
     assert checkpoint_files(out) == checkpoint_files(ref)
     assert not (out / ".wanda-stream").exists()
+
+
+UNBATCHED = [a for k, a in enumerate(ARGS) if "--batch-size" not in ARGS[max(k - 1, 0) : k + 1]]
+
+
+@pytest.mark.parametrize("extra", [("--method", "wanda"), ("--method", "wanda", "--sparsity-profile", "owl"),
+                                   ("--method", "ria", "--pattern", "2:4")], ids=["wanda", "wanda-owl", "ria-2:4"])
+def test_bytes_do_not_depend_on_the_batch_size_or_the_ranks(tiny_model: Path, tmp_path: Path,
+                                                             extra: tuple[str, ...]) -> None:
+    """Per-column sums are reduced per window in window order: one process with micro-batches of 1, 3 or 8
+    windows and 2 ranks with the automatic micro-batch (which gives both ranks work) write the same bytes."""
+    outs = []
+    for batch in ("1", "3", "8"):
+        outs.append(tmp_path / f"b{batch}")
+        assert main(["prune", str(tiny_model), str(outs[-1]), *UNBATCHED, "--batch-size", batch, *extra]) == 0
+    results = finish(launch(["prune", str(tiny_model), str(tmp_path / "two"), *UNBATCHED, *extra]))
+    assert [rc for rc, _ in results] == [0, 0], [err[-3000:] for _, err in results]
+    outs.append(tmp_path / "two")
+    files = [{k: v for k, v in checkpoint_files(d).items() if k != "README.md"} for d in outs]  # the card: its command
+    assert all(f == files[0] for f in files[1:])
+    assert json.loads((tmp_path / "two" / "wanda_stream.json").read_text())["config"]["batch_size"] == 4
+
+
+def test_ranks_with_the_automatic_micro_batch_are_never_refused(tiny_model: Path, tmp_path: Path) -> None:
+    """Without --batch-size, 3 ranks and 4 windows get micro-batches of 1; fewer windows than ranks is about
+    --nsamples, and says so."""
+    args = [a if a != "8" else "4" for a in UNBATCHED]
+    results = finish(launch(["prune", str(tiny_model), str(tmp_path / "three"), *args], ranks=3))
+    assert [rc for rc, _ in results] == [0, 0, 0], [err[-3000:] for _, err in results]
+    few = [a if a != "8" else "2" for a in UNBATCHED]
+    results = finish(launch(["prune", str(tiny_model), str(tmp_path / "few"), *few], ranks=3))
+    assert results[0][0] == 2 and "--nsamples 2: fewer calibration windows than the 3 ranks" in results[0][1]

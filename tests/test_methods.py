@@ -14,7 +14,7 @@ from tests.helpers import load_state_dict, run_cli
 from tests.reference import owl_ref_sparsities, reference_prune
 from tests.test_prune_tiny import CALIB_ARGS, _tokens
 from tests.test_resume import assert_same_result, kill_at, prune_args
-from wanda_stream import profiles
+from wanda_stream import kernel, profiles
 from wanda_stream.cli import main
 from wanda_stream.methods import Observation, Stat, build
 from wanda_stream.methods.ria import ria_mask, ria_score
@@ -184,3 +184,24 @@ def test_owl_pass_killed_resumes_to_the_same_bytes(tiny_model: Path, tmp_path: P
     r = run_cli(*prune_args(tiny_model, out, *extra, "--resume", "--quiet"))
     assert r.returncode == 0, r.stderr[-2000:]
     assert_same_result(out, ref)
+
+
+def test_sq_sums_are_the_same_bits_however_the_windows_are_batched() -> None:
+    """Each window's float64 sum, added in window order: micro-batches of 1, 3 or 8 windows (and ranks that
+    hold contiguous shares, whose kept window sums are added in the same order) give one result."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 16, 24) * torch.logspace(-3, 3, 24)  # widths far apart: float64 rounding shows
+    want = torch.zeros(24, dtype=torch.float64)
+    for w in x:
+        want += kernel.column_sq_sum(w)
+    for batch in (1, 3, 8):
+        ob = Observation.empty(Stat.SQ_SUM, 24, torch.device("cpu"), keep_windows=True)
+        for start in range(0, 8, batch):
+            ob.add(x[start : start + batch])
+            ob.close_batch()
+        assert torch.equal(ob.stat, want), batch
+        assert ob.tokens == 8 * 16 and torch.cat(ob.window_sums).shape == (8, 24)
+    routed = Observation.empty(Stat.SQ_SUM, 24, torch.device("cpu"))  # an expert's tokens: no window axis
+    routed.add(x.reshape(-1, 24))
+    routed.close_batch()
+    assert torch.allclose(routed.stat, want, rtol=1e-12)

@@ -262,14 +262,33 @@ def _chat_ids(conversations: list[Conversation], tokenizer: Any, where: str) -> 
     return ids
 
 
-def sample_windows(docs: list[Document], tokenizer: Any, nsamples: int, seqlen: int, seed: int, spec: str,
-                   stop: StopFlag | None = None) -> torch.Tensor:
-    """`nsamples` random windows of `seqlen` tokens, as the paper samples C4.
+@dataclass(frozen=True)
+class CalibWindows:
+    """Calibration windows [nsamples, seqlen] and how many distinct document tokens they cover."""
+
+    tokens: torch.Tensor
+    distinct: int
+
+    @property
+    def asked(self) -> int:
+        """The tokens asked for: nsamples x seqlen."""
+        return self.tokens.numel()
+
+    @property
+    def sparse_coverage(self) -> bool:
+        """Whether the windows overlap so much that they cover under half of the tokens asked for."""
+        return 2 * self.distinct < self.asked
+
+
+def calibration_windows(docs: list[Document], tokenizer: Any, nsamples: int, seqlen: int, seed: int, spec: str,
+                        stop: StopFlag | None = None) -> CalibWindows:
+    """`nsamples` random windows of `seqlen` tokens, as the paper samples C4, and the distinct tokens they cover.
 
     Repeatedly pick a random document until one is longer than `seqlen`, then a random window
     of it; Python's `random` seeded with `seed` makes the choice reproducible. Conversations are
-    rendered and packed into one document after the texts. Raises Interrupted when `stop` is
-    requested while the documents are tokenized.
+    rendered and packed into one document after the texts. Windows may overlap (as the paper's
+    sampler allows): on a short text many of them repeat the same tokens, which `distinct` tells.
+    Raises Interrupted when `stop` is requested while the documents are tokenized.
     """
     texts = [d for d in docs if isinstance(d, str)]
     ids = _tokenize_each(texts, tokenizer, stop, "calibration")
@@ -284,6 +303,7 @@ def sample_windows(docs: list[Document], tokenizer: Any, nsamples: int, seqlen: 
         )
     rng = random.Random(seed)
     out = torch.empty(nsamples, seqlen, dtype=torch.long)
+    covered: dict[int, torch.Tensor] = {}  # per document drawn from: which of its tokens some window holds
     for s in range(nsamples):
         while True:
             i = rng.randint(0, len(ids) - 1)
@@ -291,7 +311,21 @@ def sample_windows(docs: list[Document], tokenizer: Any, nsamples: int, seqlen: 
                 break
         j = rng.randint(0, len(ids[i]) - seqlen - 1)
         out[s] = torch.tensor(ids[i][j : j + seqlen])
-    return out
+        covered.setdefault(i, torch.zeros(len(ids[i]), dtype=torch.bool))[j : j + seqlen] = True
+    return CalibWindows(out, sum(int(c.sum()) for c in covered.values()))
+
+
+def sample_windows(docs: list[Document], tokenizer: Any, nsamples: int, seqlen: int, seed: int, spec: str,
+                   stop: StopFlag | None = None) -> torch.Tensor:
+    """The windows of `calibration_windows` alone."""
+    return calibration_windows(docs, tokenizer, nsamples, seqlen, seed, spec, stop).tokens
+
+
+def coverage_note(windows: CalibWindows, spec: str) -> str:
+    """The line that tells a user the windows repeat a short text rather than cover what was asked."""
+    n, seqlen = windows.tokens.shape
+    return (f"calibration data '{spec}': the {n} x {seqlen} windows cover only {windows.distinct:,} distinct tokens "
+            f"of the {windows.asked:,} asked for (they overlap); give more text for statistics over more tokens")
 
 
 def eval_windows(text: str, tokenizer: Any, seqlen: int, max_windows: int | None, spec: str,

@@ -10,12 +10,22 @@ import json
 import re
 import shlex
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypedDict
+
+from wanda_stream.hub import is_hub_id
 
 # Flags that say how to run, not what to compute: a resumed run's card must equal an uninterrupted one's.
 _RUN_ONLY_FLAGS = ("--resume", "--overwrite", "--quiet", "--keep-work-dir", "--no-prefetch")
 _RUN_ONLY_WITH_VALUE = ("--log-format", "--work-dir")
 _FRONT_MATTER = re.compile(r"\A---\n(.*?\n)---\n?", re.S)
+
+
+class CardFacts(TypedDict):
+    """What the card says of the input, settled when the run starts so that a resumed run writes the same card."""
+
+    base_model: str | list[str] | None  # the front matter's model id(s); None: left out
+    name: str  # what was pruned, as the body names it: the hub id or the input directory's name
+    command: str
 
 
 def _matches(token: str, flags: Sequence[str]) -> bool:
@@ -79,12 +89,17 @@ def _structure(report: dict[str, Any]) -> str:
             f"(decoder blocks: {params['decoder_after'] / max(params['decoder_before'], 1):.1%} kept)")
 
 
-def _calibration(config: dict[str, Any]) -> str:
-    if config["method"] == "magnitude" and not _structural(config):
+def _calibration(config: dict[str, Any], coverage: dict[str, int] | None) -> str:
+    if config["method"] == "magnitude" and config.get("sparsity_profile", "uniform") == "uniform" \
+            and not _structural(config):
         return "none (magnitude pruning reads no data)"
     text = f"`{config['calib']}`, {config['nsamples']} x {config['seqlen']} tokens, seed {config['seed']}"
     field = config.get("calib_field")
-    return text + (f", field `{field}`" if field else "")
+    text += f", field `{field}`" if field else ""
+    if coverage and 2 * coverage["distinct_tokens"] < coverage["tokens"]:
+        text += (f"; the windows overlap and cover only {coverage['distinct_tokens']:,} distinct tokens "
+                 f"of the {coverage['tokens']:,} asked for")
+    return text
 
 
 def _original(card: str) -> str:
@@ -95,18 +110,50 @@ def _original(card: str) -> str:
     return f"```yaml\n{m[1]}```\n\n{card[m.end():].strip()}\n"
 
 
-def render_card(report: dict[str, Any], base_model: str, command: str, original: str | None = None) -> str:
-    """README.md for the output directory: Hub front matter, what was done, and the input's own card below."""
+def base_model_id(hub_id: str | None, original: str | None, config: dict[str, Any]) -> str | list[str] | None:
+    """What the card's `base_model` names, which the Hub reads as model ids: the hub id the input came
+    from; else the input card's own `base_model`; else the config's `_name_or_path` when it is an
+    ORG/NAME id; else None (a local directory's name would link to nothing, or to someone else's model)."""
+    if hub_id:
+        return hub_id
+    own = _front_matter(original or "").get("base_model")
+    if isinstance(own, str) and own.strip():
+        return own.strip()
+    if isinstance(own, list) and own and all(isinstance(b, str) and b.strip() for b in own):
+        return [b.strip() for b in own]
+    name = config.get("_name_or_path")
+    return name if isinstance(name, str) and is_hub_id(name) else None
+
+
+def _front_matter(card: str) -> dict[str, Any]:
+    """The card's YAML metadata; {} when it has none or it does not parse (the card is still copied below ours)."""
+    import yaml
+
+    m = _FRONT_MATTER.match(card)
+    try:
+        data = yaml.safe_load(m[1]) if m else None
+    except yaml.YAMLError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def render_card(report: dict[str, Any], base_model: str | list[str] | None, name: str, command: str,
+                original: str | None = None) -> str:
+    """README.md for the output directory: Hub front matter, what was done, and the input's own card below.
+
+    `base_model` (None: left out) goes into the front matter; `name` says in the body what was pruned.
+    """
     config = report["config"]
     version = report["versions"]["wanda_stream"]
-    front = ("---\n" + _yaml("base_model", base_model) + _yaml("library_name", "transformers")
+    front = ("---\n" + (_yaml("base_model", base_model) if base_model else "")
+             + _yaml("library_name", "transformers")
              + _yaml("pipeline_tag", "text-generation") + _yaml("tags", _tags(config)) + "---\n")
     rows = [("structure", _structure(report))] if "structure" in report else []
     if _masked(config):
         rows += [("method", config["method"]), ("pattern", config["pattern"]),
                  ("sparsity", f"{config['sparsity']:.2%} of each decoder linear layer "
                               f"(measured over all of them: {report['total_sparsity']:.4f})")]
-    rows.append(("calibration", _calibration(config)))
+    rows.append(("calibration", _calibration(config, report.get("calibration"))))
     if "eval" in report:
         ev = report["eval"]
         rows.append(("perplexity", f"{ev['perplexity']:.4f} on `{ev['data']}`, {ev['windows']} x {ev['seqlen']} "
@@ -117,8 +164,8 @@ def render_card(report: dict[str, Any], base_model: str, command: str, original:
                      + ([config["method"], config["pattern"]] if _masked(config) else []))
     done = ("made smaller (whole structures removed: a standard checkpoint of the same architecture)"
             if "structure" in report else "with the weights of its decoder linear layers pruned")
-    body = (f"\n# {base_model.rsplit('/', 1)[-1]}, pruned ({what})\n\n"
-            f"`{base_model}` {done} by wanda-stream {version}.\n\n"
+    body = (f"\n# {name.rsplit('/', 1)[-1]}, pruned ({what})\n\n"
+            f"`{name}` {done} by wanda-stream {version}.\n\n"
             f"{table}\nMade with:\n\n```bash\n{command}\n```\n")
     if original and original.strip():
         body += f"\n## Original model card\n\n{_original(original)}"

@@ -16,7 +16,7 @@ import torch
 from transformers import PretrainedConfig
 
 from wanda_stream import calib, experts, resources, shrink
-from wanda_stream.card import card_command
+from wanda_stream.card import CardFacts, base_model_id, card_command
 from wanda_stream.checkpoint import Checkpoint
 from wanda_stream.config import RunConfig, parse_pattern, resolve_compute_dtype, resolve_device
 from wanda_stream.dist import World
@@ -24,7 +24,7 @@ from wanda_stream.errors import InputError, Interrupted
 from wanda_stream.methods import build as build_method
 from wanda_stream.methods import dataclass_flags, option_flags
 from wanda_stream.model import Skeleton
-from wanda_stream.outputs import own_files, shard_names
+from wanda_stream.outputs import input_card, own_files, shard_names
 from wanda_stream.profiles import Owl
 from wanda_stream.report import Progress
 from wanda_stream.resources import (
@@ -41,6 +41,9 @@ def build_prune_config(args: argparse.Namespace, world_size: int = 1) -> tuple[R
 
     model_dir, work_dir = args.model_dir.resolve(), _work_dir(args)
     probe = _probe_config(args)
+    if probe.needs_calibration and args.nsamples < world_size:
+        raise InputError(f"--nsamples {args.nsamples}: fewer calibration windows than the {world_size} ranks; "
+                         f"raise --nsamples to at least {world_size} or start fewer ranks")
     ckpt, sk = open_model(model_dir)
     if probe.shrink.active:
         shrink.check(probe.shrink, sk.model.config, probe.nm if probe.masks else None)
@@ -58,7 +61,7 @@ def build_prune_config(args: argparse.Namespace, world_size: int = 1) -> tuple[R
     if saved is not None and args.batch_size is None and args.max_activation_memory is None:
         batch = saved.batch_size  # the same micro-batches make a resumed run's bytes identical
     else:
-        batch = _batch(args, config, seqlen, _dtype(dtype_name), args.nsamples, device)
+        batch = _batch(args, config, seqlen, _dtype(dtype_name), args.nsamples, device, world_size)
     cfg = _run_config(args, seqlen, device, dtype_name, batch, world_size,
                       calib.spec_fingerprint(args.calib) if probe.needs_calibration else "",
                       calib.spec_fingerprint(args.eval_data) if args.eval_data else "")
@@ -99,12 +102,13 @@ def check_pattern(ckpt: Checkpoint, sk: Skeleton, nm: tuple[int, int] | None, pa
 
 
 def _batch(args: argparse.Namespace, config: PretrainedConfig, seqlen: int, dtype: torch.dtype, n: int,
-           device: str) -> int:
-    """The micro-batch from --batch-size or --max-activation-memory (or the free memory)."""
+           device: str, ranks: int = 1) -> int:
+    """The micro-batch from --batch-size or --max-activation-memory (or the free memory); one that gives
+    each of `ranks` ranks work unless --batch-size says otherwise."""
     budget = None
     if args.max_activation_memory is not None:
         budget = parse_size(args.max_activation_memory, "--max-activation-memory")
-    return auto_batch(config, seqlen, dtype, n, device, args.batch_size, budget)
+    return auto_batch(config, seqlen, dtype, n, device, args.batch_size, budget, ranks)
 
 
 def default_seqlen(args: argparse.Namespace, config: PretrainedConfig) -> int:
@@ -363,11 +367,18 @@ def _prepare_locked(args: argparse.Namespace, world: World) -> RunConfig | None:
         largest = max(sum(t.nbytes for k, t in ckpt.tensors.items() if k.startswith(sk.block_prefix(i)))
                       for i in range(sk.n_layers))
         check_resources(cfg, sk, ckpt.total_bytes(), largest, cfg.eval_windows or 0, world.local_size)
-    card = {"base_model": args.hub_id or Path(cfg.model_dir).name, "command": card_command(args.argv)}
+    card = card_facts(args.hub_id, Path(cfg.model_dir), card_command(args.argv))
     own = own_files(Path(cfg.model_dir), sk.n_layers - cfg.drop_blocks)
     if not prepare(cfg, fp, args.resume, args.overwrite, own, card):
         return None
     return cfg
+
+
+def card_facts(hub_id: str | None, model_dir: Path, command: str) -> CardFacts:
+    """The model card's facts of this input: its base model id (see card.base_model_id) and its name."""
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    return {"base_model": base_model_id(hub_id, input_card(model_dir), config), "name": hub_id or model_dir.name,
+            "command": command}
 
 
 def _run_locked(args: argparse.Namespace, stop: StopFlag, cfg: RunConfig, world: World) -> int:

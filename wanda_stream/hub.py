@@ -23,6 +23,11 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
+def is_hub_id(text: str) -> bool:
+    """Whether `text` is spelled as a hub model id, ORG/NAME."""
+    return bool(_HUB_ID.fullmatch(text))
+
+
 @dataclass(frozen=True)
 class ResolvedModel:
     """A model's local directory, and the hub id it came from (None for a local directory)."""
@@ -38,7 +43,7 @@ def resolve_model(spec: Path, revision: str | None = None) -> ResolvedModel:
     repository that holds only pickle weights.
     """
     text = str(spec)
-    if spec.exists() or not _HUB_ID.fullmatch(text):
+    if spec.exists() or not is_hub_id(text):
         if revision is not None:
             raise InputError(f"--revision {revision}: only for a hub model id (ORG/NAME); {text} is a local path")
         return ResolvedModel(spec.resolve())

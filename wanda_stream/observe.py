@@ -34,10 +34,10 @@ class BlockObserver:
     """Context manager gathering `kind` statistics of every linear in `linears` and every expert of `layer`."""
 
     def __init__(self, model: nn.Module, layer: nn.Module, linears: dict[str, nn.Linear], kind: Stat,
-                 device: torch.device, keep_batches: bool = False, with_experts: bool = True) -> None:
+                 device: torch.device, keep_windows: bool = False, with_experts: bool = True) -> None:
         self.kind = kind
         self.device = device
-        self.keep_batches = keep_batches
+        self.keep_windows = keep_windows
         self.layer = layer
         self.linears = linears
         self.obs: dict[str, Observation] = {}
@@ -60,7 +60,7 @@ class BlockObserver:
             raise RuntimeError(f"'{name}' read the input of '{self._leader[name]}' in one micro-batch, not in another")
         ob = self.obs.get(name)
         if ob is None:
-            ob = self.obs[name] = Observation.empty(self.kind, x.shape[-1], self.device, self.keep_batches)
+            ob = self.obs[name] = Observation.empty(self.kind, x.shape[-1], self.device, self.keep_windows)
         ob.add(x)
         self._last = (name, x)
 
@@ -99,10 +99,10 @@ class BlockObserver:
 def reduce_stats(world: World, stats: BlockStats) -> BlockStats:
     """The block's statistics over every rank's share, the same on every rank.
 
-    Sums of squares add every micro-batch's own sum in the single-process order (ranks hold
-    contiguous shares), so they equal the single-process statistics bit for bit. Gram matrices
-    are summed over the ranks in float64; their float32 totals then differ from a single process's
-    by rounding only.
+    Sums of squares add every window's own sum in window order (ranks hold contiguous shares), so
+    they equal the single-process statistics bit for bit, whatever the micro-batch size. Gram
+    matrices are summed over the ranks in float64; their float32 totals then differ from a single
+    process's by rounding only.
     """
     if world.size == 1:
         return stats
@@ -119,16 +119,17 @@ def reduce_stats(world: World, stats: BlockStats) -> BlockStats:
         groups.update(part["groups"])
     names = sorted({n for part in shared for n in part["kinds"]})
     sq = [n for n in names if next(p["kinds"][n] for p in shared if n in p["kinds"]) == Stat.SQ_SUM.value]
-    batch_sums = world.gather({n: [t.cpu() for t in leaders[n].batch_sums] for n in sq if n in leaders})
+    window_sums = world.gather({n: [t.cpu() for t in leaders[n].window_sums] for n in sq if n in leaders})
     device = next(iter(stats.obs.values())).stat.device if stats.obs else torch.device("cpu")
     merged: dict[str, Observation] = {}
     for n in names:
         width = next(p["widths"][n] for p in shared if n in p["widths"])
         if n in sq:
             ob = Observation.empty(Stat.SQ_SUM, width, device)
-            for part in batch_sums:  # rank order = micro-batch order
-                for t in part.get(n, []):
-                    ob.stat += t.to(device)
+            for part in window_sums:  # rank order, then micro-batch order: window order
+                for batch in part.get(n, []):
+                    for window in batch.to(device):
+                        ob.stat += window
         else:
             ob = leaders.get(n) or Observation.empty(Stat.GRAM, width, device)
             world.sum_(ob.stat)

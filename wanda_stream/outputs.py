@@ -33,6 +33,12 @@ def shard_names(n_blocks: int) -> list[str]:
     return [shard_name(i, total) for i in range(total)]
 
 
+def input_card(model_dir: Path) -> str | None:
+    """The input checkpoint's own model card (README.md), if it has one."""
+    source = model_dir / CARD_NAME
+    return source.read_text(encoding="utf-8", errors="replace") if source.is_file() else None
+
+
 def side_files(model_dir: Path) -> list[str]:
     """The input's non-weight files (config, generation config, tokenizer, chat template) a run copies."""
     return sorted(

@@ -33,12 +33,12 @@ from wanda_stream.checkpoint import (
 from wanda_stream.config import RunConfig
 from wanda_stream.dist import World
 from wanda_stream.errors import Interrupted
-from wanda_stream.card import render_card
+from wanda_stream.card import CardFacts, render_card
 from wanda_stream.loglik import hidden_streams
 from wanda_stream.methods import FALLBACK, NM, Method, Pruned, Stat
 from wanda_stream.model import Skeleton, release
 from wanda_stream.observe import BlockObserver, BlockStats, reduce_stats
-from wanda_stream.outputs import CARD_NAME, shard_count, shard_name, shard_names, side_files
+from wanda_stream.outputs import CARD_NAME, input_card, shard_count, shard_name, shard_names, side_files
 from wanda_stream.profiles import OWL_PAPER, outlier_ratio, owl_sparsities
 from wanda_stream.report import Progress, io_bytes, peak_figures, versions
 from wanda_stream.resources import check_disk, hidden_states_bytes
@@ -48,6 +48,7 @@ from wanda_stream.state import (
 from wanda_stream.stream import Streamer, open_model
 
 PROFILE_STAGE = "profile"  # the run's stage during the dense pass (OWL, --drop-blocks), and where its results live
+DISTINCT_KEY = "calib_distinct_tokens"  # tokens.safetensors metadata: distinct tokens the calibration windows cover
 CONFIG_NAME = "config.json"
 STRUCTURE_PAPERS = {
     "bi": "Men et al. 2024, ShortGPT: Layers in Large Language Models are More Redundant Than You Expect",
@@ -81,7 +82,7 @@ def observe_all(
 ) -> list[BlockStats] | None:
     """`observe` for several statistics in one run of the block (the method's, and a width plan's of the
     matrices it refits); `hooks` are further context managers entered around the run."""
-    observers = [BlockObserver(st.sk.model, layer, linears, kind, st.device, keep_batches=world.size > 1,
+    observers = [BlockObserver(st.sk.model, layer, linears, kind, st.device, keep_windows=world.size > 1,
                                with_experts=with_experts) for kind, linears, with_experts in watches]
     with contextlib.ExitStack() as stack:
         for ctx in [*observers, *hooks]:
@@ -215,6 +216,15 @@ class PruneRun:
     def saved_tokens(self) -> dict[str, torch.Tensor]:
         return load_file(str(self.work.file("tokens.safetensors")))
 
+    def calibration_coverage(self) -> dict[str, int] | None:
+        """Tokens asked for and distinct tokens the calibration windows cover, as saved with them
+        (None without calibration, or for windows saved before the count was)."""
+        header = read_header(self.work.file("tokens.safetensors"))
+        distinct = header.get("__metadata__", {}).get(DISTINCT_KEY)
+        if "calib" not in header or distinct is None:
+            return None
+        return {"tokens": math.prod(header["calib"]["shape"]), "distinct_tokens": int(distinct)}
+
     def _make_tokens(self) -> None:
         """Calibration and evaluation windows, made once and saved so a resumed run uses the same.
 
@@ -225,13 +235,17 @@ class PruneRun:
         if path.is_file():
             return
         toks: dict[str, torch.Tensor] = {}
+        meta: dict[str, str] = {}
         tokenizer = None
         if self.cfg.needs_calibration or self.cfg.eval_data:
             tokenizer = calib.load_tokenizer(Path(self.cfg.model_dir))
         if self.cfg.needs_calibration:
             docs = calib.documents(self.cfg.calib, "calibration", self.stop, self.cfg.record_field)
-            toks["calib"] = calib.sample_windows(docs, tokenizer, self.cfg.nsamples, self.cfg.seqlen,
-                                                 self.cfg.seed, self.cfg.calib, self.stop)
+            windows = calib.calibration_windows(docs, tokenizer, self.cfg.nsamples, self.cfg.seqlen,
+                                                self.cfg.seed, self.cfg.calib, self.stop)
+            toks["calib"], meta[DISTINCT_KEY] = windows.tokens, str(windows.distinct)
+            if windows.sparse_coverage:
+                self.progress.message(calib.coverage_note(windows, self.cfg.calib))
         if self.cfg.eval_data:
             text = "\n\n".join(calib.documents(self.cfg.eval_data, "evaluation", self.stop))
             toks["eval"] = calib.eval_windows(text, tokenizer, self.cfg.eval_seqlen or self.cfg.seqlen,
@@ -241,7 +255,7 @@ class PruneRun:
 
             toks.update(task_tokens(Path(self.cfg.model_dir), task_spec(self.cfg)))
         tmp = path.with_name(path.name + ".partial")
-        save_file(toks, str(tmp))
+        save_file(toks, str(tmp), metadata=meta or None)
         atomic_write_bytes(path, tmp.read_bytes())
         tmp.unlink()
 
@@ -645,10 +659,8 @@ class PruneRun:
     def _write_card(self, report: dict[str, Any]) -> None:
         """README.md: our model card, with the input's own card below it."""
         facts = self.work.load_run().get("card") or {}
-        source = Path(self.cfg.model_dir) / CARD_NAME
-        text = render_card(report, facts.get("base_model") or Path(self.cfg.model_dir).name,
-                           facts.get("command") or resume_command(self.cfg),
-                           source.read_text(encoding="utf-8", errors="replace") if source.is_file() else None)
+        text = render_card(report, facts.get("base_model"), facts.get("name") or Path(self.cfg.model_dir).name,
+                           facts.get("command") or resume_command(self.cfg), input_card(Path(self.cfg.model_dir)))
         atomic_write_bytes(self.out / CARD_NAME, text.encode())
 
     def _report(self, state: RunState, streams: dict[str, torch.Tensor], params: dict[str, int]) -> dict[str, Any]:
@@ -669,6 +681,9 @@ class PruneRun:
                                    "dropped_blocks": self.dropped,
                                    **{k: record[k] for k in ("influence", "angular") if k in record},
                                    "sizes": shrink.new_sizes(self.spec, self.shape)}
+        coverage = self.calibration_coverage()
+        if coverage is not None:
+            report["calibration"] = coverage
         report["method"] = {"name": self.method.name, "paper": self.method.paper, **self.cfg.method_options}
         if self.owl is not None:
             report["sparsity_profile"] = {"name": "owl", "paper": OWL_PAPER, **self.cfg.profile_options,
@@ -782,7 +797,7 @@ def output_is_finished(cfg: RunConfig) -> bool:
 
 
 def prepare(cfg: RunConfig, model_fp: dict[str, Any], resume: bool, overwrite: bool,
-            own: Sequence[str] = (), card: dict[str, str] | None = None) -> bool:
+            own: Sequence[str] = (), card: CardFacts | None = None) -> bool:
     """Decide between a new run, a resumed one and nothing to do; returns False when already finished.
 
     Refuses (InputError) to touch an existing run or output unless --resume or --overwrite says how.

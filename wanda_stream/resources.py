@@ -36,9 +36,10 @@ def window_bytes(config: PretrainedConfig, seqlen: int, dtype: torch.dtype) -> i
 
 
 def auto_batch(config: PretrainedConfig, seqlen: int, dtype: torch.dtype, n: int, device: str,
-               batch_size: int | None = None, budget: int | None = None) -> int:
+               batch_size: int | None = None, budget: int | None = None, ranks: int = 1) -> int:
     """Windows per micro-batch: `batch_size` when given, else as many as `budget` bytes (default: an
-    eighth of the free RAM, and a quarter of the free GPU memory on CUDA) hold, at most MAX_AUTO_BATCH."""
+    eighth of the free RAM, and a quarter of the free GPU memory on CUDA) hold, at most MAX_AUTO_BATCH,
+    and few enough that each of `ranks` ranks gets at least one micro-batch of the `n` windows."""
     if batch_size is not None:
         if batch_size <= 0:
             raise InputError(f"--batch-size {batch_size}: must be a positive integer")
@@ -49,7 +50,7 @@ def auto_batch(config: PretrainedConfig, seqlen: int, dtype: torch.dtype, n: int
             # The micro-batch is computed on the GPU: its free memory (less room for a block's
             # weights and the allocator's slack) bounds it as well as the host's.
             budget = min(budget, torch.cuda.mem_get_info(torch.device(device))[0] // 4)
-    return max(1, min(MAX_AUTO_BATCH, n, budget // window_bytes(config, seqlen, dtype)))
+    return max(1, min(MAX_AUTO_BATCH, n // ranks, budget // window_bytes(config, seqlen, dtype)))
 
 
 def check_seqlen(config: PretrainedConfig, seqlen: int, flag: str) -> None:

@@ -23,6 +23,7 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
+from wanda_stream.card import CardFacts
 from wanda_stream.checkpoint import Checkpoint, atomic_write_json
 from wanda_stream.config import RunConfig
 from wanda_stream.errors import InputError
@@ -217,10 +218,10 @@ class WorkDir:
         except (OSError, json.JSONDecodeError, KeyError) as e:
             raise InputError(f"{p}: unreadable run state ({e}); start over with --overwrite")
 
-    def create(self, cfg: RunConfig, model_fp: dict[str, Any], card: dict[str, str] | None = None) -> None:
+    def create(self, cfg: RunConfig, model_fp: dict[str, Any], card: CardFacts | None = None) -> None:
         """Start a run: the configuration, input fingerprint and model-card facts, written once.
 
-        The card's facts (base model, command line) are kept from the start so that a resumed run,
+        The card's facts (base model, name, command line) are kept from the start so that a resumed run,
         however its command was spelled, writes the same card.
         """
         self.path.mkdir(parents=True, exist_ok=True)

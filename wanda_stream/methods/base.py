@@ -33,41 +33,54 @@ class Stat(enum.Enum):
 class Observation:
     """A statistic of one input over the calibration tokens, and the token count.
 
-    `stat` is the total over the micro-batches closed so far (`close_batch`). For SQ_SUM the
-    micro-batches' own sums are added in their order, and kept in `batch_sums` when
-    `keep_batches`: ranks that each saw a share of the micro-batches then add all of them in the
-    single-process order, to the same bits.
+    `stat` is the total over the micro-batches closed so far (`close_batch`). For SQ_SUM every
+    calibration window's own float64 sum is added to it in window order, so that the total is the
+    same bits however the windows were grouped into micro-batches or shared among ranks. With
+    `keep_windows` the windows' sums are also kept (`window_sums`, one [windows, in] tensor per
+    micro-batch), for ranks that each saw a share of the windows to add all of them in that order.
+    Inputs without a window axis (the tokens routed to an MoE expert) count as one window per
+    micro-batch.
     """
 
     kind: Stat
     stat: torch.Tensor
     tokens: int = 0
-    keep_batches: bool = False
-    batch_sums: list[torch.Tensor] = field(default_factory=list)
-    _open: torch.Tensor | None = None
+    keep_windows: bool = False
+    window_sums: list[torch.Tensor] = field(default_factory=list)
+    _open: torch.Tensor | None = None  # the open micro-batch's sums per window, [windows, in]
 
     def add(self, x: torch.Tensor) -> None:
-        """Fold in the inputs `x` [..., in] of one call of the matrix."""
+        """Fold in the inputs `x` ([windows, seqlen, in], or [tokens, in]) of one call of the matrix."""
         if self.kind is Stat.SQ_SUM:
-            s = kernel.column_sq_sum(x)
+            s = _window_sq_sums(x)
             self._open = s if self._open is None else self._open.add_(s)
         else:
             kernel.add_gram(self.stat, x)
         self.tokens += x.numel() // x.shape[-1]
 
     def close_batch(self) -> None:
-        """End a micro-batch: its sum joins the total."""
+        """End a micro-batch: its windows' sums join the total, one window after another."""
         if self._open is not None:
-            self.stat += self._open
-            if self.keep_batches:
-                self.batch_sums.append(self._open)
+            for window in self._open:
+                self.stat += window
+            if self.keep_windows:
+                self.window_sums.append(self._open)
             self._open = None
 
     @classmethod
-    def empty(cls, kind: Stat, width: int, device: torch.device, keep_batches: bool = False) -> "Observation":
+    def empty(cls, kind: Stat, width: int, device: torch.device, keep_windows: bool = False) -> "Observation":
         if kind is Stat.SQ_SUM:
-            return cls(kind, torch.zeros(width, dtype=torch.float64, device=device), keep_batches=keep_batches)
+            return cls(kind, torch.zeros(width, dtype=torch.float64, device=device), keep_windows=keep_windows)
         return cls(kind, torch.zeros(width, width, dtype=torch.float32, device=device))
+
+
+def _window_sq_sums(x: torch.Tensor) -> torch.Tensor:
+    """Per window (x's first axis when it has a sequence axis, else all of x as one), the float64
+    column sums of squares: [windows, in]."""
+    if x.dim() < 3:
+        return kernel.column_sq_sum(x).unsqueeze(0)
+    windows = x.reshape(x.shape[0], -1, x.shape[-1])
+    return torch.stack([kernel.column_sq_sum(w) for w in windows])
 
 
 @dataclass
