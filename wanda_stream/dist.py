@@ -34,6 +34,8 @@ from wanda_stream.errors import InputError, Interrupted
 T = TypeVar("T")
 DEFAULT_TIMEOUT_S = 1800.0
 SETUP_TIMEOUT_S = 24 * 3600.0
+# gloo with CUDA tensors where NCCL cannot run (two ranks on one card: NCCL refuses a duplicate GPU).
+BACKEND_ENV = "WANDA_STREAM_DIST_BACKEND"
 # What torch.distributed's errors say when a peer is gone or did not answer in time (gloo, NCCL, the store).
 PEER_LOSS_MARKERS = ("timed out", "timeout", "connection closed", "connection reset", "connection refused",
                      "broken pipe", "remote process exited", "ncclremoteerror", "socket closed", "end of file",
@@ -68,7 +70,9 @@ class World:
         rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
         local_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-        backend = "nccl" if cuda else "gloo"
+        backend = os.environ.get(BACKEND_ENV) or ("nccl" if cuda else "gloo")
+        if backend not in ("nccl", "gloo") or (backend == "nccl" and not cuda):
+            raise InputError(f"{BACKEND_ENV}={backend}: use gloo, or nccl with --device cuda")
         index = 0
         if cuda:
             index = rank_cuda_index(local_rank, torch.cuda.device_count())
@@ -77,7 +81,7 @@ class World:
             os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")
         timeout = datetime.timedelta(seconds=timeout_s)
         dist.init_process_group(backend, timeout=timeout)
-        agree = dist.new_group(backend="gloo", timeout=timeout) if cuda else None
+        agree = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else None
         setup = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=max(timeout_s, SETUP_TIMEOUT_S)))
         return cls(rank, size, local_rank, local_size, backend, index, agree, setup)
 
