@@ -15,6 +15,9 @@ connection raises PeerLost, which the CLI turns into exit 75 with the state save
 of a collective (a NCCL configuration error, out of memory) stays an error (exit 1), so that a batch
 script does not requeue a job that can never succeed.
 
+WANDA_STREAM_DIST_BACKEND=gloo runs a CUDA run on gloo alone (CUDA tensors summed by gloo): for two
+ranks on one card, which NCCL refuses.
+
 Work that one rank does while the others wait before the run starts (a hub download, C4 or lm-eval
 windows: hours for a 70B model on a slow link) runs under a separate group with SETUP_TIMEOUT_S.
 """
