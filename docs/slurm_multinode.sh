@@ -11,7 +11,9 @@
 # it is passed to srun, which passes it to every launcher, which passes it to its ranks. The ranks
 # agree to stop at the end of the block in flight, save the state and exit 75. torchrun reports any
 # failed rank as exit 1, so what to do next is read from the run's own state (`wanda-stream status`):
-# a run that can resume is requeued, and the requeued job's same command line continues it.
+# a run that can resume is requeued, and the requeued job's same command line continues it, at most
+# MAX_REQUEUES times (SLURM counts the restarts in SLURM_RESTART_COUNT): a job that fails the same way
+# on every start (a NCCL misconfiguration, a card short of memory) stops instead of looping.
 #
 # Submit: sbatch docs/slurm_multinode.sh
 #SBATCH --job-name=wanda-prune-multinode
@@ -32,6 +34,7 @@ OUT=${OUT:-/shared/$USER/Llama-2-70b-wanda50}
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 PRUNE_ARGS=${PRUNE_ARGS:-"--sparsity 0.5 --calib c4 --nsamples 128 --seqlen 2048"}
 RDZV_PORT=${RDZV_PORT:-29500}
+MAX_REQUEUES=${MAX_REQUEUES:-10}
 HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 
 # shellcheck disable=SC2086  # PRUNE_ARGS is a list of flags
@@ -53,6 +56,13 @@ d = json.load(sys.stdin)
 print("finished" if d["state"] == "finished" else "resume" if d.get("can_resume") else "stuck")' || echo none)
 case $state in
     finished) echo "done: $OUT"; exit 0 ;;
-    resume) echo "stopped (torchrun exit $rc); requeueing"; scontrol requeue "$SLURM_JOB_ID"; exit 75 ;;
+    resume)
+        if [ "${SLURM_RESTART_COUNT:-0}" -ge "$MAX_REQUEUES" ]; then
+            echo "stopped (torchrun exit $rc) after $MAX_REQUEUES requeues; not requeueing again: see the errors above," \
+                 "then resubmit (the run resumes)"
+            exit "$rc"
+        fi
+        echo "stopped (torchrun exit $rc); requeueing ($(( ${SLURM_RESTART_COUNT:-0} + 1 )) of $MAX_REQUEUES)"
+        scontrol requeue "$SLURM_JOB_ID"; exit 75 ;;
     *) echo "failed (torchrun exit $rc, run state: $state): see the errors above"; exit "$rc" ;;
 esac

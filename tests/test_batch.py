@@ -69,8 +69,9 @@ def test_refuses_early_when_memory_is_too_small(tiny_model: Path, tmp_path: Path
     out = tmp_path / "out"
     assert main(["prune", str(tiny_model), str(out), *ARGS]) == 2
     err = capsys.readouterr().err.strip()
-    assert re.fullmatch(r"wanda-stream: error: these settings need about [0-9.]+ KiB of RAM, 195\.3 KiB is available; "
-                        r"lower --batch-size or --max-activation-memory, or use a bigger machine", err), err
+    assert re.fullmatch(r"wanda-stream: error: these settings need about [0-9.]+ KiB of RAM on this node, 195\.3 KiB is "
+                        r"available; lower --batch-size or --max-activation-memory, run fewer ranks per node, or use a "
+                        r"bigger machine", err), err
     assert not out.exists()
 
 

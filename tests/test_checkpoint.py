@@ -63,4 +63,24 @@ def test_get_pinned_on_cuda_hosts(tmp_path: Path) -> None:
     ckpt = Checkpoint(model)
     for key, expected in load_file(str(model / "model.safetensors")).items():
         got = ckpt.get(key, pin=True)
-        assert got.is_pinned() and torch.equal(got, expected), key
+        # An empty tensor has no memory to pin (the pinned allocator returns none for 0 bytes).
+        assert got.is_pinned() == (got.numel() > 0) and torch.equal(got, expected), key
+
+
+def test_empty_tensors_are_never_pinned(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What get() asks the allocator for, on any host: pinned memory for every tensor but the empty ones."""
+    import wanda_stream.checkpoint as checkpoint
+
+    model, _ = _write(tmp_path)
+    asked: dict[tuple[int, ...], bool] = {}
+    real_empty = torch.empty
+
+    def empty(shape: tuple[int, ...], dtype: torch.dtype, pin_memory: bool) -> torch.Tensor:
+        asked[tuple(shape)] = pin_memory
+        return real_empty(shape, dtype=dtype)
+
+    monkeypatch.setattr(checkpoint.torch, "empty", empty)
+    ckpt = Checkpoint(model)
+    for key in ckpt.keys():
+        ckpt.get(key, pin=True)
+    assert asked.pop((0, 4)) is False and all(asked.values()) and len(asked) == 5

@@ -32,7 +32,8 @@ def test_cuda_prune_matches_cpu_reference(tiny_model: Path, tmp_path: Path, patt
     report = json.loads((out / "wanda_stream.json").read_text())
     # The CUDA allocator's high-water mark: at least one block's weights were on the device.
     assert report["peak_cuda_bytes"] >= max(t.numel() * 4 for t in load_state_dict(tiny_model).values())
-    got = load_state_dict(out)
+    assert report["peak_cuda_reserved_bytes"] >= report["peak_cuda_bytes"]
+    got, dense = load_state_dict(out), load_state_dict(tiny_model)
     tokens = calib.sample_windows(calib.documents("pydoc"), calib.load_tokenizer(tiny_model), 6, 32, 0, "pydoc")
     nm = None if pattern == "unstructured" else (2, 4)
     ref = reference_prune(tiny_model, tokens, "wanda", 0.5, nm)
@@ -43,7 +44,9 @@ def test_cuda_prune_matches_cpu_reference(tiny_model: Path, tmp_path: Path, patt
         zeros = t == 0
         assert zeros.sum(1).tolist() == [t.shape[1] // 2] * t.shape[0], key  # exactly half of every row
         assert (zeros == (ref[key] == 0)).float().mean().item() > 0.99, key
-        assert torch.equal(t[~zeros], ref[key][~zeros]), key  # kept weights untouched
+        # Kept weights untouched: compared with the dense input, so that a near-tie the GPU breaks the
+        # other way (kept here, removed in the reference) does not fail the check.
+        assert torch.equal(t[~zeros], dense[key][~zeros]), key
 
 
 def test_cuda_eval_matches_transformers(tiny_model: Path, capsys: pytest.CaptureFixture) -> None:

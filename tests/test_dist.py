@@ -114,6 +114,19 @@ def test_a_killed_rank_stops_the_other_and_both_resume(tiny_model: Path, tmp_pat
     assert_same_result_bytes(out, single)
 
 
+def test_slow_setup_on_rank_0_is_not_a_lost_peer(tiny_model: Path, tmp_path: Path) -> None:
+    """Rank 0 alone makes the windows (C4 or lm-eval requests: hours for big suites) while the other
+    waits: under the setup group's long timeout, not --dist-timeout, so the run goes on."""
+    single, two = tmp_path / "single", tmp_path / "two"
+    assert main(["prune", str(tiny_model), str(single), *ARGS]) == 0
+    slow = {"WANDA_STREAM_KILL_AT": "tokens:1:CONT:15"}  # sleeps 15 s, then a harmless SIGCONT
+    results = finish(launch(["prune", str(tiny_model), str(two), *ARGS, "--dist-timeout", "8"], env={0: slow}))
+    assert [rc for rc, _ in results] == [0, 0], [err[-2000:] for _, err in results]
+    got, want = checkpoint_files(two), checkpoint_files(single)
+    del got["README.md"], want["README.md"]  # the model card records the command, --dist-timeout included
+    assert got == want
+
+
 def test_sigterm_to_both_ranks_exits_75_and_resumes(tiny_model: Path, tmp_path: Path) -> None:
     single, out = tmp_path / "single", tmp_path / "two"
     assert main(["prune", str(tiny_model), str(single), *ARGS]) == 0

@@ -12,6 +12,55 @@ def test_column_sq_sum_sums_over_all_tokens():
     assert kernel.column_sq_sum(x).dtype == torch.float64
 
 
+def _float64_sq_sum(x: torch.Tensor) -> torch.Tensor:
+    """The whole input in float64, squared and summed at once: what column_sq_sum must equal in bits."""
+    x64 = x.reshape(-1, x.shape[-1]).to(torch.float64)
+    return (x64 * x64).sum(dim=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_column_sq_sum_same_bits_as_a_whole_float64_copy(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(0)
+    # Magnitudes from 1e-3 to 1e2 per column; float16 also at its extremes (65504, subnormals).
+    x = torch.randn(3, 37, 64, generator=g) * torch.logspace(-3, 2, 64)
+    if dtype == torch.float16:
+        x[0, 0, :4] = torch.tensor([65504.0, -65504.0, 6e-8, -6e-8])
+    x = x.to(dtype)
+    got = kernel.column_sq_sum(x)
+    assert got.dtype == torch.float64 and torch.equal(got, _float64_sq_sum(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_column_sq_sum_in_chunks_bounds_its_copy(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past one chunk, the chunks' float64 sums are added in order: the same bits for the same shape
+    on every call, within float64 rounding of the whole sum, and never a float64 copy of the whole input."""
+    monkeypatch.setattr(kernel, "SCORE_CHUNK_ELEMENTS", 64 * 10)  # 10 rows of 64 per chunk
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(4, 25, 64, generator=g) * 3).to(dtype)
+    rows = x.reshape(-1, 64)
+    chunked = sum((_float64_sq_sum(rows[r : r + 10]) for r in range(10, 100, 10)), _float64_sq_sum(rows[:10]))
+    got = kernel.column_sq_sum(x)
+    assert torch.equal(got, chunked)
+    assert torch.allclose(got, _float64_sq_sum(x), rtol=1e-14, atol=0)
+    copies: list[int] = []
+    real_to = torch.Tensor.to
+
+    def counting_to(self: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        out = real_to(self, *args, **kwargs)
+        if out.dtype == torch.float64:
+            copies.append(out.numel())
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "to", counting_to)
+    kernel.column_sq_sum(x)
+    assert copies and max(copies) <= 640
+
+
+def test_column_sq_sum_leaves_a_float64_input_alone() -> None:
+    x = torch.tensor([[1.0, -2.0]], dtype=torch.float64)
+    assert kernel.column_sq_sum(x).tolist() == [1.0, 4.0] and x.tolist() == [[1.0, -2.0]]
+
+
 def test_wanda_unstructured_golden():
     w = torch.tensor([[1.0, -2.0, 3.0, 4.0],
                       [4.0, 3.0, -2.0, 1.0]])

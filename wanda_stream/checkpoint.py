@@ -198,7 +198,7 @@ class Checkpoint:
         if info is None:
             raise InputError(f"{self.root}: tensor '{key}' is missing from the checkpoint")
         start = self.data_start[info.file] + self.headers[info.file][key]["data_offsets"][0]
-        out = torch.empty(info.shape, dtype=info.dtype, pin_memory=pin)
+        out = torch.empty(info.shape, dtype=info.dtype, pin_memory=pin and info.nbytes > 0)  # 0 bytes: nothing to pin
         read_exact(self.root / info.file, start, byte_view(out))
         return out
 

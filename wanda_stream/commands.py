@@ -26,7 +26,7 @@ from wanda_stream.methods import dataclass_flags, option_flags
 from wanda_stream.model import Skeleton
 from wanda_stream.outputs import input_card, own_files, shard_names
 from wanda_stream.profiles import Owl
-from wanda_stream.report import Progress
+from wanda_stream.report import PEAK_KEYS, Progress
 from wanda_stream.resources import (
     auto_batch, check_disk, check_seqlen, hidden_states_bytes, human_bytes, parse_size,
 )
@@ -257,10 +257,11 @@ def _saved_config(work_dir: Path, output_dir: Path) -> RunConfig | None:
         return None
 
 
-def check_resources(cfg: RunConfig, sk: Any, total_bytes: int, largest_block: int, eval_windows: int,
-                    ranks_per_node: int = 1) -> None:
+def check_resources(cfg: RunConfig, sk: Any, total_bytes: int, block_tensor_bytes: list[list[int]],
+                    eval_windows: int, ranks_per_node: int = 1) -> None:
     """Refuse early, with numbers, when disk or memory cannot hold what the run needs (every rank of this
-    node holds its own blocks; the hidden states are shared out, so all ranks together need what one would)."""
+    node holds its own blocks, pinned on CUDA; the hidden states are shared out, so all ranks together
+    need what one would). `block_tensor_bytes`: every block's tensor sizes."""
     el = torch.empty(0, dtype=cfg.dtype).element_size()
     hidden = sk.hidden_size()
     states = 0
@@ -272,15 +273,15 @@ def check_resources(cfg: RunConfig, sk: Any, total_bytes: int, largest_block: in
     existing = sum((out / n).stat().st_size for n in shard_names(sk.n_layers - cfg.drop_blocks) if (out / n).is_file())
     need_out = max(total_bytes - existing, 0)
     check_disk([(out, need_out, "the pruned checkpoint"), (Path(cfg.work_dir), states, "hidden states")])
-    scale = max(1, el // 2) if cfg.device == "cpu" else 1
-    # Four micro-batches of hidden states: the input computed on, the next one read ahead, the
-    # output and the previous output still being written.
-    need_ram = ranks_per_node * (3 * largest_block * scale + cfg.batch_size * 4 * cfg.seqlen * hidden * el)
+    block = max((resources.block_host_bytes(b, cfg.device, el) for b in block_tensor_bytes), default=0)
+    need_ram = resources.host_ram_needed(block, cfg.batch_size, cfg.seqlen, hidden, el, ranks_per_node)
     avail = psutil.virtual_memory().available
-    if cfg.device == "cpu" and need_ram > avail:
+    if need_ram > avail:
+        pinned = " (pinned for the GPU, each tensor rounded up to a power of two)" if cfg.device != "cpu" else ""
         raise InputError(
-            f"these settings need about {human_bytes(need_ram)} of RAM, {human_bytes(avail)} is available; "
-            "lower --batch-size or --max-activation-memory, or use a bigger machine"
+            f"these settings need about {human_bytes(need_ram)} of RAM{pinned} on this node, "
+            f"{human_bytes(avail)} is available; lower --batch-size or --max-activation-memory, run fewer "
+            "ranks per node, or use a bigger machine"
         )
 
 
@@ -311,7 +312,7 @@ def resolve_model_arg(args: argparse.Namespace) -> str | None:
 def _prune(args: argparse.Namespace, stop: StopFlag, world: World) -> int:
     if world.size > 1:
         # Rank 0 fetches a hub id first; the others then find it in the cache.
-        world.on_main(lambda: resolve_model_arg(argparse.Namespace(**vars(args))))
+        world.on_main(lambda: resolve_model_arg(argparse.Namespace(**vars(args))), setup=True)
     args.hub_id = resolve_model_arg(args)
     lock: RunLock | None = None
 
@@ -329,7 +330,7 @@ def _prune(args: argparse.Namespace, stop: StopFlag, world: World) -> int:
             lock.release_unused()
         return cfg
 
-    cfg = world.on_main(lock_and_prepare)  # rank 0's config (its automatic micro-batch) for every rank
+    cfg = world.on_main(lock_and_prepare, setup=True)  # rank 0's config (its automatic micro-batch) for every rank
     if cfg is None:
         _say(args, f"{args.output_dir.resolve()}: this run is already complete; nothing to do", world)
         return 0
@@ -364,9 +365,9 @@ def _prepare_locked(args: argparse.Namespace, world: World) -> RunConfig | None:
     cfg, (fp, sk, ckpt) = build_prune_config(args, world.size)
     if args.overwrite or not (args.resume and output_is_finished(cfg)):
         # Before prepare() creates the run: a refusal here leaves nothing behind to --resume or --overwrite.
-        largest = max(sum(t.nbytes for k, t in ckpt.tensors.items() if k.startswith(sk.block_prefix(i)))
-                      for i in range(sk.n_layers))
-        check_resources(cfg, sk, ckpt.total_bytes(), largest, cfg.eval_windows or 0, world.local_size)
+        blocks = [[t.nbytes for k, t in ckpt.tensors.items() if k.startswith(sk.block_prefix(i))]
+                  for i in range(sk.n_layers)]
+        check_resources(cfg, sk, ckpt.total_bytes(), blocks, cfg.eval_windows or 0, world.local_size)
     card = card_facts(args.hub_id, Path(cfg.model_dir), card_command(args.argv))
     own = own_files(Path(cfg.model_dir), sk.n_layers - cfg.drop_blocks)
     if not prepare(cfg, fp, args.resume, args.overwrite, own, card):
@@ -440,14 +441,15 @@ def _summary(args: argparse.Namespace, cfg: RunConfig, report: dict) -> None:
 
 
 def _peaks(report: dict) -> dict[str, int]:
-    return {k: report[k] for k in ("peak_rss_bytes", "peak_cuda_bytes") if k in report}
+    return {k: report[k] for k in PEAK_KEYS if k in report}
 
 
 def _peak_text(report: dict) -> str:
     """'peak RSS 871 MiB' (ru_maxrss), plus the CUDA allocator's peak on a GPU run."""
     text = f"peak RSS {report['peak_rss_bytes'] / 2**20:.0f} MiB"
     if "peak_cuda_bytes" in report:
-        text += f", peak CUDA {report['peak_cuda_bytes'] / 2**20:.0f} MiB"
+        text += (f", peak CUDA {report['peak_cuda_bytes'] / 2**20:.0f} MiB allocated, "
+                 f"{report.get('peak_cuda_reserved_bytes', 0) / 2**20:.0f} MiB reserved")
     return text
 
 

@@ -50,11 +50,19 @@ def resolve_device(device: str) -> str:
     raise InputError(f"--device '{device}': use auto, cpu, cuda or cuda:N")
 
 
+def device_type(device: str) -> str:
+    """'cuda:1' -> 'cuda': what decides a run's bits (the kernels), unlike the card's index."""
+    return device.split(":", 1)[0]
+
+
 def resolve_compute_dtype(name: str, device: str, checkpoint_dtype: torch.dtype) -> str:
-    """'auto' -> the checkpoint's dtype on GPU, float32 on CPU."""
+    """'auto' -> the checkpoint's dtype on GPU, float32 on CPU; a float16 checkpoint computes in
+    bfloat16 on a GPU that has it (float16's range overflows in the activations of some families)."""
     if name == "auto":
         if device == "cpu" or checkpoint_dtype not in DTYPE_NAMES.values():
             return "float32"
+        if checkpoint_dtype == torch.float16 and torch.cuda.is_bf16_supported():
+            return "bfloat16"
         return next(k for k, v in DTYPE_NAMES.items() if v == checkpoint_dtype)
     if name not in DTYPE_NAMES:
         raise InputError(f"--compute-dtype '{name}': use auto, float32, bfloat16 or float16")
@@ -202,8 +210,11 @@ class RunConfig:
     def result_fields(self) -> dict:
         """The fields that determine the output bytes."""
         # Fields added after runs were made are left out at their defaults: those runs keep their fingerprints.
-        return {k: v for k, v in asdict(self).items()
-                if k not in NON_RESULT_FIELDS and not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
+        out = {k: v for k, v in asdict(self).items()
+               if k not in NON_RESULT_FIELDS and not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
+        # The device type, not the card: a run started on cuda (--device auto) resumes on cuda:1.
+        out["device"] = device_type(self.device)
+        return out
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(self.result_fields(), sort_keys=True).encode()).hexdigest()

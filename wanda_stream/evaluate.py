@@ -15,7 +15,7 @@ from wanda_stream.activations import HiddenFile
 from wanda_stream.config import DTYPE_NAMES, resolve_compute_dtype
 from wanda_stream.errors import Interrupted
 from wanda_stream.model import release
-from wanda_stream.report import Progress, peak_figures
+from wanda_stream.report import Progress, peak_figures, reset_peaks
 from wanda_stream.resources import check_seqlen, default_seqlen, seqlen_note
 from wanda_stream.state import StopFlag
 from wanda_stream.stream import Streamer, checkpoint_dtype, open_model
@@ -70,6 +70,7 @@ def evaluate(
     tokens = calib.eval_windows("\n\n".join(calib.documents(data, "evaluation")), tokenizer, seqlen, max_windows, data)
     micro = batch(sk.model.config, seqlen, dtype, tokens.shape[0]) if batch is not None else 1
     st = Streamer(ckpt, sk, device, dtype)
+    reset_peaks(device)
     work_dir.mkdir(parents=True, exist_ok=True)
     n, hidden = tokens.shape[0], st.hidden
     files = [HiddenFile(work_dir / f"eval_{i % 2}.bin", n, seqlen, hidden, dtype) for i in range(2)]

@@ -16,10 +16,22 @@ SCORE_CHUNK_ELEMENTS = 1 << 24
 
 
 def column_sq_sum(x: torch.Tensor) -> torch.Tensor:
-    """Sum over all tokens of x**2 per input feature, in float64 (x: [..., in])."""
-    # float64 throughout: the sum over 2^18 tokens must not depend on how they were batched.
-    x = x.reshape(-1, x.shape[-1]).to(torch.float64)
-    return (x * x).sum(dim=0)
+    """Sum over all tokens of x**2 per input feature, in float64 (x: [..., in]).
+
+    float64: the sum over 2^18 tokens must not depend on how they were batched. The squares are
+    exact in float64 for every input dtype; they are made SCORE_CHUNK_ELEMENTS at a time (128 MB),
+    not for the whole input: an 8 x 2048 micro-batch of a 28672-wide input would otherwise take a
+    7.5 GB float64 copy and its square on the GPU, beyond the activation budget. A micro-batch of at
+    most that many elements gets the very bits of one whole-input sum; a larger one sums its chunks'
+    float64 sums in order (a fixed order for a given micro-batch shape, so resumed and multi-rank
+    runs still agree bit for bit).
+    """
+    rows = x.reshape(-1, x.shape[-1])
+    step = max(1, SCORE_CHUNK_ELEMENTS // max(1, rows.shape[1]))
+    total = rows[:step].to(torch.float64, copy=True).square_().sum(dim=0)
+    for r in range(step, rows.shape[0], step):
+        total += rows[r : r + step].to(torch.float64, copy=True).square_().sum(dim=0)
+    return total
 
 
 def gram_tile(width: int) -> int:

@@ -129,18 +129,20 @@ def token_scores(logits_fn: Callable[[torch.Tensor], torch.Tensor], hidden: torc
     """Per row of `hidden` [m, h]: log p(target) under log_softmax(logits_fn(row)) and whether target is the argmax.
 
     The head runs on `chunk_rows` rows at a time, so no rows x vocabulary tensor for all rows is held.
-    Log-probabilities are float32, as lm-eval's HF model computes them.
+    Log-probabilities are float32, as lm-eval's HF model computes them. The results stay on the
+    device until the last chunk and come back in one copy: one synchronisation per call, not two per chunk.
     """
     logp, greedy = [], []
     for s in range(0, hidden.shape[0], chunk_rows):
         logits = logits_fn(hidden[s : s + chunk_rows]).float()
         t = targets[s : s + chunk_rows].to(logits.device)
         lp = torch.log_softmax(logits, dim=-1)
-        logp.append(lp.gather(1, t[:, None])[:, 0].cpu())
-        greedy.append((lp.argmax(dim=-1) == t).cpu())
+        logp.append(lp.gather(1, t[:, None])[:, 0])
+        greedy.append((lp.argmax(dim=-1) == t).float())  # 0/1, exact in float32
     if not logp:
         return torch.zeros(0), torch.zeros(0, dtype=torch.bool)
-    return torch.cat(logp), torch.cat(greedy)
+    both = torch.stack([torch.cat(logp), torch.cat(greedy)]).cpu()
+    return both[0], both[1] > 0.5
 
 
 def per_request(logp: torch.Tensor, greedy: torch.Tensor, sizes: list[int]) -> list[tuple[float, bool]]:

@@ -18,7 +18,7 @@ from wanda_stream.loglik import Bucket, Request, per_request, plan_buckets, scor
 from wanda_stream.model import release
 from wanda_stream.report import Progress
 from wanda_stream.state import StopFlag
-from wanda_stream.stream import LOGIT_CHUNK_BYTES, Streamer
+from wanda_stream.stream import Streamer
 
 STOPPED = "task evaluation stopped; it cannot be resumed: rerun the command"
 # Rows per micro-batch when none is given: about this many tokens, whatever the bucket's length.
@@ -75,13 +75,11 @@ def run_buckets(st: Streamer, buckets: list[Bucket], files: list[list[HiddenFile
 def score_bucket(st: Streamer, bucket: Bucket, last: HiddenFile,
                  batching: Batching) -> list[tuple[int, tuple[float, bool]]]:
     """(request index, (log-likelihood, greedy)) for every request of a bucket, from its last-block outputs."""
-    vocab = st.sk.model.get_output_embeddings().weight.shape[0]
-    chunk = max(1, LOGIT_CHUNK_BYTES // (vocab * 4))
     out = []
     for start, count, normed in st.final_states(last, batching.rows_for(bucket.seqlen)):
         rows, pos, targets, sizes = scored_positions(bucket, start, count)
         logp, greedy = token_scores(st.head_logits, normed[rows.to(normed.device), pos.to(normed.device)],
-                                    targets, chunk)
+                                    targets, st.logit_rows())
         out += zip(bucket.members[start : start + count], per_request(logp, greedy, sizes))
     return out
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from wanda_stream import experts
 from wanda_stream.dist import World
+from wanda_stream.errors import InputError
 from wanda_stream.methods import Observation, Stat
 
 
@@ -137,3 +138,14 @@ def reduce_stats(world: World, stats: BlockStats) -> BlockStats:
         merged[n] = ob
     tokens = {k: sum(p["experts"].get(k, 0) for p in shared) for k in shared[0]["experts"]}
     return BlockStats({name: merged[leader] for name, leader in groups.items()}, tokens)
+
+
+def check_finite(stats: BlockStats, block: int, dtype: torch.dtype) -> None:
+    """Refuse a block whose statistics hold inf or NaN (activations that overflow the compute dtype:
+    float16 in some families), naming the block and matrix, before a method turns them into masks."""
+    for name, ob in stats.obs.items():
+        if not bool(torch.isfinite(ob.stat).all()):
+            what = str(dtype).removeprefix("torch.")
+            raise InputError(
+                f"block {block}: the calibration statistics of '{name}' are not finite (the activations overflow "
+                f"{what}); rerun with --compute-dtype float32 (or bfloat16) and --overwrite")

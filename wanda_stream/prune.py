@@ -37,10 +37,10 @@ from wanda_stream.card import CardFacts, render_card
 from wanda_stream.loglik import hidden_streams
 from wanda_stream.methods import FALLBACK, NM, Method, Pruned, Stat
 from wanda_stream.model import Skeleton, release
-from wanda_stream.observe import BlockObserver, BlockStats, reduce_stats
+from wanda_stream.observe import BlockObserver, BlockStats, check_finite, reduce_stats
 from wanda_stream.outputs import CARD_NAME, input_card, shard_count, shard_name, shard_names, side_files
 from wanda_stream.profiles import OWL_PAPER, outlier_ratio, owl_sparsities
-from wanda_stream.report import Progress, io_bytes, peak_figures, versions
+from wanda_stream.report import Progress, io_bytes, peak_figures, reset_peaks, versions
 from wanda_stream.resources import check_disk, hidden_states_bytes
 from wanda_stream.state import (
     REPORT_NAME, RunState, StopFlag, WorkDir, killpoint, profile_blocks_done, resume_command,
@@ -88,7 +88,12 @@ def observe_all(
         for ctx in [*observers, *hooks]:
             stack.enter_context(ctx)
         finished = st.run_block(i, layer, src, batch, dst=dst, stop=stop)
-    return [reduce_stats(world, o.results()) for o in observers] if finished else None
+    if not finished:
+        return None
+    got = [reduce_stats(world, o.results()) for o in observers]
+    for stats in got:
+        check_finite(stats, i, st.dtype)
+    return got
 
 
 def prune_block(
@@ -170,6 +175,8 @@ class PruneRun:
         self.work = WorkDir(Path(cfg.work_dir))
         self.ckpt, self.sk = open_model(Path(cfg.model_dir))
         self.st = Streamer(self.ckpt, self.sk, world.device(cfg.device), cfg.dtype, prefetch=cfg.prefetch)
+        reset_peaks(str(self.st.device))
+        self.rank_peaks: list[dict[str, int]] = []  # the other ranks' peaks, when they are done
         self.n = self.sk.n_layers
         self.spec = cfg.shrink
         self.structure = shrink.structure_of(self.sk.model.config.model_type)
@@ -210,7 +217,7 @@ class PruneRun:
 
     def tokens(self) -> dict[str, torch.Tensor]:
         """Every window of the run: made by rank 0, then read by every rank from the file."""
-        self.world.on_main(self._make_tokens)
+        self.world.on_main(self._make_tokens, setup=True)  # C4 or lm-eval windows: minutes to hours
         return self.saved_tokens()
 
     def saved_tokens(self) -> dict[str, torch.Tensor]:
@@ -254,6 +261,7 @@ class PruneRun:
             from wanda_stream.task_prune import task_spec, task_tokens
 
             toks.update(task_tokens(Path(self.cfg.model_dir), task_spec(self.cfg)))
+        killpoint("tokens")
         tmp = path.with_name(path.name + ".partial")
         save_file(toks, str(tmp), metadata=meta or None)
         atomic_write_bytes(path, tmp.read_bytes())
@@ -326,8 +334,9 @@ class PruneRun:
                 raise Interrupted(f"stopped after block {i}")
         self._finish_pending(pending, pending_state)
         self.loop_seconds = time.perf_counter() - loop_start
-        # Every rank is done with the work dir before rank 0 finalizes (and removes it).
-        self.world.any(False)
+        # Every rank is done with the work dir before rank 0 finalizes (and removes it); the others'
+        # peaks are final now, rank 0's only once its evaluation is done.
+        self.rank_peaks = self.world.gather(peak_figures(str(self.st.device)))[1:]
         return self._finalize(state, streams) if self.world.main else None
 
     @property
@@ -667,7 +676,7 @@ class PruneRun:
         report: dict[str, Any] = {
             "config": self.cfg.to_json(), "config_fingerprint": self.cfg.fingerprint(),
             "model_fingerprint": self.ckpt.fingerprint(), "versions": versions(),
-            "blocks": state.blocks, **peak_figures(str(self.st.device)), "io": io_bytes(),
+            "blocks": state.blocks, "io": io_bytes(),
             "seconds_this_process": round(time.monotonic() - self.t0, 3),
             "block_loop_seconds_this_process": round(self.loop_seconds, 3),
         }
@@ -699,6 +708,7 @@ class PruneRun:
             report["eval_tasks"] = task_results(
                 self.st, Path(self.cfg.model_dir), task_spec(self.cfg), self.saved_tokens(),
                 lambda name: self.hidden(name, self.n, *streams[name].shape), self.cfg.batch_size)
+        report.update(peak_figures(str(self.st.device), self.rank_peaks))  # last: the evaluation included
         return report
 
 

@@ -7,6 +7,7 @@ import platform
 import resource
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any, TextIO
 
 
@@ -15,21 +16,37 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def peak_cuda_bytes(device: str) -> int | None:
-    """The CUDA allocator's high-water mark on `device` for this process; None on a CPU run."""
+PEAK_KEYS = ("peak_rss_bytes", "peak_cuda_bytes", "peak_cuda_reserved_bytes")
+
+
+def reset_peaks(device: str) -> None:
+    """Start the CUDA allocator's high-water marks afresh on `device` (a no-op on the CPU): the
+    report's peaks are then this run's, not whatever the process did before."""
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.reset_peak_memory_stats(torch.device(device))
+
+
+def peak_cuda(device: str) -> dict[str, int]:
+    """The CUDA allocator's high-water marks on `device` for this process, allocated and reserved
+    (what the card actually held: the allocator keeps freed blocks); {} on a CPU run."""
     if not device.startswith("cuda"):
-        return None
+        return {}
     import torch
 
-    return torch.cuda.max_memory_allocated(torch.device(device))
+    d = torch.device(device)
+    return {"peak_cuda_bytes": torch.cuda.max_memory_allocated(d),
+            "peak_cuda_reserved_bytes": torch.cuda.max_memory_reserved(d)}
 
 
-def peak_figures(device: str) -> dict[str, int]:
-    """The peaks a report records: the kernel's ru_maxrss, and the CUDA allocator's on a GPU run."""
-    out = {"peak_rss_bytes": peak_rss_bytes()}
-    cuda = peak_cuda_bytes(device)
-    if cuda is not None:
-        out["peak_cuda_bytes"] = cuda
+def peak_figures(device: str, other_ranks: Sequence[dict[str, int]] = ()) -> dict[str, int]:
+    """The peaks a report records, read now (call it last): the kernel's ru_maxrss and, on a GPU run,
+    the CUDA allocator's; each the maximum of this process and `other_ranks`' own figures."""
+    out = {"peak_rss_bytes": peak_rss_bytes(), **peak_cuda(device)}
+    for other in other_ranks:
+        for k, v in other.items():
+            out[k] = max(out.get(k, 0), v)
     return out
 
 

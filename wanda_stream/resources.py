@@ -83,6 +83,31 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
+# Blocks a rank holds in host memory at once: the one computed on, the next read ahead, the last being written.
+HELD_BLOCKS = 3
+
+
+def pinned_bytes(nbytes: int) -> int:
+    """Host memory the CUDA pinned allocator takes for a tensor of `nbytes`: rounded up to a power of
+    two (and kept in its cache once freed); nothing for an empty tensor."""
+    return 1 << (nbytes - 1).bit_length() if nbytes > 0 else 0
+
+
+def block_host_bytes(tensor_bytes: list[int], device: str, compute_el: int) -> int:
+    """Host memory one block's tensors take: pinned (rounded) for a CUDA run; on the CPU with the
+    compute-dtype copies of 2-byte weights (`compute_el` bytes per element)."""
+    if device.startswith("cuda"):
+        return sum(pinned_bytes(n) for n in tensor_bytes)
+    return sum(tensor_bytes) * max(1, compute_el // 2)
+
+
+def host_ram_needed(block_bytes: int, batch: int, seqlen: int, hidden: int, el: int, ranks_per_node: int) -> int:
+    """Host RAM the ranks of one node need: HELD_BLOCKS blocks each (`block_bytes`, see block_host_bytes),
+    and four micro-batches of hidden states (the input computed on, the next one read ahead, the
+    output and the previous output still being written)."""
+    return ranks_per_node * (HELD_BLOCKS * block_bytes + batch * 4 * seqlen * hidden * el)
+
+
 def hidden_states_bytes(windows: int, seqlen: int, hidden: int, dtype: torch.dtype) -> int:
     """Disk a stream of `windows` x `seqlen` tokens holds at its peak: three sets of its hidden states
     (a block's input, its output, and the previous block's input, kept until that block's shard is durable)."""

@@ -7,7 +7,10 @@ and applies the final norm and head. Pruning and evaluation are both loops over 
 
 from __future__ import annotations
 
+import threading
 import time
+import weakref
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -18,11 +21,15 @@ from torch import nn
 from wanda_stream.activations import HiddenFile, HiddenWriter, batches, read_ahead
 from wanda_stream.checkpoint import Checkpoint
 from wanda_stream.model import Skeleton, load_config, materialize, release, run_base_with_recorders
+from wanda_stream.resources import HELD_BLOCKS, pinned_bytes
 from wanda_stream.state import StopFlag, killpoint
 
 # Logits cap some families apply after the head (transformers does it in the causal-LM forward).
 LOGIT_SOFTCAP_ATTR = "final_logit_softcapping"
-LOGIT_CHUNK_BYTES = 32 * 1024 * 1024
+LOGIT_CHUNK_BYTES = 32 * 1024 * 1024  # logits computed at once on the CPU (cache-sized)
+# On CUDA: logits of as many rows at once as this fraction of the free memory holds. The head runs
+# after the blocks, so this stays below the block loop's peak (a block and the activation budget).
+LOGIT_FREE_FRACTION = 8
 
 
 def open_model(model_dir: Path) -> tuple[Checkpoint, Skeleton]:
@@ -62,10 +69,14 @@ class Streamer:
         self.device = torch.device(device)
         self.dtype = dtype
         self.hidden = sk.hidden_size()
-        self._reader = ThreadPoolExecutor(1, thread_name_prefix="prefetch") if prefetch else None
+        bind_device(self.device)
+        largest = max((sum(pinned_bytes(ckpt.tensors[k].nbytes) for k in self.block_keys(i))
+                       for i in range(sk.n_layers)), default=0)
+        self._pins = PinBudget(HELD_BLOCKS * largest)
+        self._reader = _pool("prefetch", self.device) if prefetch else None
         # Hidden states move in micro-batches beside the compute: the next one read, the last one written.
-        self._hidden_reader = ThreadPoolExecutor(1, thread_name_prefix="hidden-read") if prefetch else None
-        self._hidden_writer = ThreadPoolExecutor(1, thread_name_prefix="hidden-write") if prefetch else None
+        self._hidden_reader = _pool("hidden-read", self.device) if prefetch else None
+        self._hidden_writer = _pool("hidden-write", self.device) if prefetch else None
         self.hidden_wait_s = 0.0  # seconds the compute waited on hidden-state reads and writes, in total
         self._pending: dict[int, Future] = {}
         self._kwargs: dict[tuple[int, int], dict[int, dict[str, Any]]] = {}
@@ -83,7 +94,11 @@ class Streamer:
 
     def _read_block(self, i: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         t0, c0 = time.perf_counter(), time.thread_time()
-        out = {k: self.ckpt.get(k, pin=self.device.type == "cuda") for k in self.block_keys(i)}
+        keys = self.block_keys(i)
+        pin = self.device.type == "cuda" and self._pins.take([self.ckpt.tensors[k].nbytes for k in keys])
+        out = {k: self.ckpt.get(k, pin=pin) for k in keys}
+        if pin:
+            self._pins.track(out.values())
         # Wall and CPU seconds of the reading thread: on a small host the CPU part competes with the compute.
         return out, {"read_s": time.perf_counter() - t0, "read_cpu_s": time.thread_time() - c0}
 
@@ -224,6 +239,11 @@ class Streamer:
         """float32 logits of final-norm outputs `rows` [m, hidden]; only while `final_states` is being consumed."""
         return _logits(self.sk.model.get_output_embeddings(), rows, self._softcap())
 
+    def logit_rows(self) -> int:
+        """Rows of logits computed at once; see logit_chunk_rows. Call once per micro-batch."""
+        head = self.sk.model.get_output_embeddings()
+        return logit_chunk_rows(int(head.weight.shape[0]), self.device, self.dtype)
+
     def _softcap(self) -> float | None:
         return getattr(self.sk.model.config.get_text_config(), LOGIT_SOFTCAP_ATTR, None)
 
@@ -236,7 +256,7 @@ class Streamer:
         total, count_tokens = 0.0, 0
         for start, count, normed in self._tail(src, batch):
             labels = tokens[start : start + count, 1:].to(self.device)
-            s, n = _chunked_nll(head, normed[:, :-1, :], labels, cap)
+            s, n = _chunked_nll(head, normed[:, :-1, :], labels, cap, self.logit_rows())
             total += s
             count_tokens += n
         return total, count_tokens
@@ -257,16 +277,74 @@ def _logits(head: nn.Module, rows: torch.Tensor, cap: float | None) -> torch.Ten
     return torch.tanh(out / cap) * cap if cap else out
 
 
-def _chunked_nll(head: nn.Module, h: torch.Tensor, labels: torch.Tensor, cap: float | None) -> tuple[float, int]:
-    vocab = head.weight.shape[0]
+def logit_chunk_rows(vocab: int, device: torch.device, dtype: torch.dtype) -> int:
+    """Rows of logits computed at once: LOGIT_CHUNK_BYTES of them on the CPU; on CUDA as many as a
+    LOGIT_FREE_FRACTION of the free memory holds (the head's output, its float32 copy and the
+    log-softmax), rounded down to a power of two: on a large card a whole micro-batch at once,
+    where 32 MB chunks made 65-row matmuls of a 128K vocabulary."""
+    if device.type != "cuda":
+        return max(1, LOGIT_CHUNK_BYTES // (vocab * 4))
+    per_row = vocab * (torch.empty(0, dtype=dtype).element_size() + 3 * 4)
+    rows = max(1, torch.cuda.mem_get_info(device)[0] // LOGIT_FREE_FRACTION // per_row)
+    return 1 << (rows.bit_length() - 1)
+
+
+def _chunked_nll(head: nn.Module, h: torch.Tensor, labels: torch.Tensor, cap: float | None,
+                 chunk: int) -> tuple[float, int]:
+    """Sum of the next-token NLLs of rows `h` (`chunk` rows of logits at a time); one synchronisation."""
     rows = h.reshape(-1, h.shape[-1])
     flat = labels.reshape(-1)
-    chunk = max(1, LOGIT_CHUNK_BYTES // (vocab * 4))
     total = torch.zeros((), dtype=torch.float64, device=h.device)
     for s in range(0, rows.shape[0], chunk):
         logits = _logits(head, rows[s : s + chunk], cap)
         total += torch.nn.functional.cross_entropy(logits, flat[s : s + chunk], reduction="sum").double()
     return float(total), int(flat.numel())
+
+
+class PinBudget:
+    """At most `limit` bytes of block tensors in pinned host memory at once, counted as the pinned
+    allocator takes them (rounded up to a power of two); a block read past it goes to pageable memory
+    (slower copies to the GPU, same values). The allocator keeps what it freed for reuse, so the pool
+    then stays at the limit for blocks of one shape instead of growing with every tensor ever pinned.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.live = 0
+        self._lock = threading.Lock()
+
+    def take(self, tensor_bytes: list[int]) -> bool:
+        """Whether tensors of these sizes may be pinned now; if so they are counted as live until `track`ed ones die."""
+        need = sum(pinned_bytes(n) for n in tensor_bytes)
+        with self._lock:
+            if self.live + need > self.limit:
+                return False
+            self.live += need
+            return True
+
+    def track(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Give back each tensor's share when it is freed (the tensors a `take` was granted for)."""
+        for t in tensors:
+            weakref.finalize(t, self._give, pinned_bytes(t.nbytes))
+
+    def _give(self, n: int) -> None:
+        with self._lock:
+            self.live -= n
+
+
+def bind_device(device: torch.device) -> None:
+    """Make `device` this thread's current CUDA device (a no-op on the CPU).
+
+    The current device is per thread: without this, a thread's first pinned allocation or CUDA call
+    opens a context on GPU 0, which under torchrun is another rank's card.
+    """
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+
+def _pool(name: str, device: torch.device) -> ThreadPoolExecutor:
+    """One background thread bound to the compute device."""
+    return ThreadPoolExecutor(1, thread_name_prefix=name, initializer=bind_device, initargs=(device,))
 
 
 class _DictCheckpoint:
