@@ -122,10 +122,11 @@ def test_cuda_ranks_agree_on_gloo_and_bind_their_card(monkeypatch: pytest.Monkey
 def test_streamer_binds_its_card_in_every_thread(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     bound: list[tuple[str, torch.device]] = []
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: bound.append((threading.current_thread().name, d)))
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: None)  # the Mover's side streams, on a CPU host
     ckpt, sk = stream.open_model(tiny_model)
     st = stream.Streamer(ckpt, sk, "cuda:1", torch.float32)
     try:
-        for pool in (st._reader, st._hidden_reader, st._hidden_writer):
+        for pool in (st._reader, st.mover.reader, st.mover.writer):
             pool.submit(lambda: None).result()
     finally:
         st.close()

@@ -106,7 +106,7 @@ def test_prefetch_changes_no_byte_and_report_times_every_phase(tiny_model: Path,
         _prune(tiny_model, out, "--batch-size", "2", *([] if prefetch else ["--no-prefetch"]))
         report = json.loads((out / "wanda_stream.json").read_text())
         keys = {"read_s", "read_cpu_s", "read_wait_s", "compute_s", "write_s", "write_cpu_s", "write_wait_s",
-                "hidden_wait_s"}
+                "hidden_wait_s", "states_wait_s"}
         for b in report["blocks"]:
             t = b["timing"]
             assert set(t) == keys and all(v >= 0 for v in t.values())
@@ -115,7 +115,8 @@ def test_prefetch_changes_no_byte_and_report_times_every_phase(tiny_model: Path,
             if not prefetch:
                 # Rounded to the millisecond each; the wait includes the call around the read.
                 assert t["read_wait_s"] >= t["read_s"] - 2e-3 and t["write_wait_s"] >= t["write_s"] - 2e-3
-        phases = sum(b["timing"][k] for b in report["blocks"] for k in ("read_wait_s", "compute_s", "write_wait_s"))
+        phases = sum(b["timing"][k] for b in report["blocks"] for k in ("read_wait_s", "compute_s", "write_wait_s",
+                                                                              "states_wait_s"))
         assert 0 < phases <= report["block_loop_seconds_this_process"] + 0.01
     shards = sorted(p.name for p in outs[True].glob("model-*.safetensors"))
     assert shards and shards == sorted(p.name for p in outs[False].glob("model-*.safetensors"))

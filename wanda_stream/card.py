@@ -15,7 +15,7 @@ from typing import Any, TypedDict
 from wanda_stream.hub import is_hub_id
 
 # Flags that say how to run, not what to compute: a resumed run's card must equal an uninterrupted one's.
-_RUN_ONLY_FLAGS = ("--resume", "--overwrite", "--quiet", "--keep-work-dir", "--no-prefetch")
+_RUN_ONLY_FLAGS = ("--resume", "--overwrite", "--quiet", "--keep-work-dir", "--no-prefetch", "--states-on-disk")
 _RUN_ONLY_WITH_VALUE = ("--log-format", "--work-dir")
 _FRONT_MATTER = re.compile(r"\A---\n(.*?\n)---\n?", re.S)
 
@@ -36,7 +36,8 @@ def _matches(token: str, flags: Sequence[str]) -> bool:
 
 def card_command(argv: Sequence[str]) -> str:
     """The prune command line as the card shows it: shell-quoted, without the flags that do not change the
-    result (--resume, --overwrite, --quiet, --log-format, --work-dir, --keep-work-dir, --no-prefetch)."""
+    result (--resume, --overwrite, --quiet, --log-format, --work-dir, --keep-work-dir, --no-prefetch,
+    --states-on-disk)."""
     kept: list[str] = []
     skip_value = False
     for token in argv:

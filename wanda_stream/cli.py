@@ -80,7 +80,8 @@ def _add_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compute-dtype", default="auto",
                    help="auto|float32|bfloat16|float16 (auto = checkpoint dtype on GPU, float32 on CPU)")
     p.add_argument("--max-activation-memory", default=None,
-                   help="RAM budget for one micro-batch of hidden states, e.g. 2GB (default: a share of free memory)")
+                   help="memory budget for one micro-batch of hidden states (and, in prune, the hidden states "
+                        "kept between blocks when they fit beside it), e.g. 2GB (default: a share of free memory)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="windows per micro-batch (default: as many as --max-activation-memory allows, up to 8)")
 
@@ -193,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(exit 75); must exceed the longest block")
     p.add_argument("--no-prefetch", action="store_true",
                    help="read, compute and write in turn (no overlap; for benchmarking it)")
+    p.add_argument("--states-on-disk", action="store_true",
+                   help="read hidden states back from their files every block even when memory holds them "
+                        "(default: in memory when they fit --max-activation-memory, the files only the resume point)")
     _add_revision(p)
     _add_device(p)
     _add_progress(p)

@@ -105,10 +105,14 @@ def _batch(args: argparse.Namespace, config: PretrainedConfig, seqlen: int, dtyp
            device: str, ranks: int = 1) -> int:
     """The micro-batch from --batch-size or --max-activation-memory (or the free memory); one that gives
     each of `ranks` ranks work unless --batch-size says otherwise."""
-    budget = None
-    if args.max_activation_memory is not None:
-        budget = parse_size(args.max_activation_memory, "--max-activation-memory")
-    return auto_batch(config, seqlen, dtype, n, device, args.batch_size, budget, ranks)
+    return auto_batch(config, seqlen, dtype, n, device, args.batch_size, _budget(args), ranks)
+
+
+def _budget(args: argparse.Namespace) -> int | None:
+    """--max-activation-memory in bytes, None when not given."""
+    if getattr(args, "max_activation_memory", None) is None:
+        return None
+    return parse_size(args.max_activation_memory, "--max-activation-memory")
 
 
 def default_seqlen(args: argparse.Namespace, config: PretrainedConfig) -> int:
@@ -141,7 +145,8 @@ def _run_config(args: argparse.Namespace, seqlen: int, device: str, compute_dtyp
         sparsity_profile=args.sparsity_profile, profile_options=profile_options, calib=args.calib,
         nsamples=args.nsamples, seqlen=seqlen, seed=args.seed, device=device, compute_dtype=compute_dtype,
         batch_size=batch, eval_data=args.eval_data, eval_windows=args.eval_windows, eval_seqlen=args.eval_seqlen,
-        keep_work_dir=args.keep_work_dir, prefetch=not args.no_prefetch, world_size=world_size,
+        keep_work_dir=args.keep_work_dir, prefetch=not args.no_prefetch, states_on_disk=args.states_on_disk,
+        activation_budget=_budget(args), world_size=world_size,
         calib_fingerprint=calib_fp, eval_fingerprint=eval_fp, chat_template=args.chat_template,
         calib_field=args.calib_field, **_task_fields(args),
     ).validate()

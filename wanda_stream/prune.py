@@ -41,7 +41,9 @@ from wanda_stream.observe import BlockObserver, BlockStats, check_finite, reduce
 from wanda_stream.outputs import CARD_NAME, input_card, shard_count, shard_name, shard_names, side_files
 from wanda_stream.profiles import OWL_PAPER, outlier_ratio, owl_sparsities
 from wanda_stream.report import Progress, io_bytes, peak_figures, reset_peaks, versions
-from wanda_stream.resources import check_disk, hidden_states_bytes
+from wanda_stream.resources import (
+    check_disk, hidden_states_bytes, resident_states_bytes, states_placement, window_bytes,
+)
 from wanda_stream.state import (
     REPORT_NAME, RunState, StopFlag, WorkDir, killpoint, profile_blocks_done, resume_command,
 )
@@ -197,11 +199,56 @@ class PruneRun:
         self.profiled = self.owl is not None or self.spec.drop_blocks > 0
         # The pruning pass observes the calibration inputs: for the method's masks or the width plans.
         self.observes = cfg.masks_observe or self.spec.widths
+        # The hidden-state files of this process, by (stream, block): one object per file, so that the
+        # memory holding its windows, and its write still in flight, are found again by whoever reads it.
+        self._files: dict[tuple[str, int], HiddenFile] = {}
+        self.placement = "disk"
+        self.resident_bytes = 0
 
     # ---- files in the work directory -------------------------------------------------------
     def hidden(self, stream: str, i: int, n: int, seqlen: int) -> HiddenFile:
         """Stream `stream`'s hidden states entering block i (this rank's share of them)."""
-        return HiddenFile(self.work.hidden_file(stream, i, self.world.suffix), n, seqlen, self.st.hidden, self.cfg.dtype)
+        key = (stream, i)
+        if key not in self._files:
+            path = self.work.hidden_file(stream, i, self.world.suffix)
+            self._files[key] = HiddenFile(path, n, seqlen, self.st.hidden, self.cfg.dtype)
+        return self._files[key]
+
+    def _release(self, i: int) -> None:
+        """Free the memory of every stream's states entering block i (their files stay, for a resume)."""
+        for (_, block), f in self._files.items():
+            if block == i:
+                f.memory = None
+
+    def _durable(self, i: int) -> float:
+        """Wait until every stream's file of states entering block i is complete; seconds waited.
+
+        Called before a state naming block i as the next one is saved: those files are where it resumes.
+        """
+        return sum(f.wait_durable() for (_, block), f in self._files.items() if block == i)
+
+    def _forget(self, i: int) -> None:
+        """Drop the file objects of states entering block i, once their files are deleted."""
+        for key in [k for k in self._files if k[1] == i]:
+            del self._files[key]
+
+    def _place_states(self, streams: dict[str, torch.Tensor]) -> None:
+        """Keep the hidden states in memory between blocks when they fit the activation budget.
+
+        Single-process runs also leave each file's fsync to the writer thread, waited for only before
+        the state that names the file is saved. Under torchrun the files are durable when a block's
+        run over them returns, as on disk: rank 0 saves the state after collectives that only order
+        the other ranks' work up to that point.
+        """
+        shapes = [tuple(t.shape) for name, t in streams.items() if name != "calib" or self.cfg.needs_calibration]
+        resident = resident_states_bytes(shapes, self.st.hidden, self.cfg.dtype)
+        seqlen = max((s for _, s in shapes), default=self.cfg.seqlen)
+        activations = self.cfg.batch_size * window_bytes(self.sk.model.config, seqlen, self.cfg.dtype)
+        self.placement = "disk" if self.cfg.states_on_disk or not shapes else states_placement(
+            resident, activations, str(self.st.device), self.cfg.activation_budget, self.world.local_size)
+        self.resident_bytes = resident if self.placement != "disk" else 0
+        on = {"device": self.st.device, "host": torch.device("cpu")}.get(self.placement)
+        self.st.keep_states(on, defer=self.world.size == 1)
 
     def my_streams(self, toks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The token windows this rank carries: its share of the calibration; the evaluation streams
@@ -273,6 +320,7 @@ class PruneRun:
         state = self.world.on_main(self.work.load_state)
         toks = self.tokens()
         streams = self.my_streams(toks)
+        self._place_states(streams)
         if state.next_block == 0 and "stem_written" not in state.extra:
             self._check_disk(toks)
             self._start(streams, state)
@@ -358,9 +406,11 @@ class PruneRun:
                     old = self._profile_unneeded(i - 1)
                     if old is not None:
                         self.hidden("owl", old, *streams["calib"].shape).path.unlink(missing_ok=True)
+                        self._forget(old)
                 else:
                     for name, t in streams.items():
                         self.hidden(name, i - 1, *t.shape).path.unlink(missing_ok=True)
+                    self._forget(i - 1)
         return stopping
 
     def _note_progress(self, stage: str, i: int) -> None:
@@ -394,14 +444,18 @@ class PruneRun:
                 release(self.sk.layers[i])
             for key, value in found.items():
                 record[key].append(value)
+            # Block 0's calibration states too: the pruning pass reads them back from their file.
+            self._release(i)
             if i + 1 == self.n:
                 self._conclude_profile(record)
                 state.stage = "blocks"
+            self.st.hidden_wait_s += self._durable(i + 1)
             if self.world.main:
                 self.work.save_state(state)
                 old = self._profile_unneeded(i)
                 if old is not None:
                     self.hidden("owl", old, *calib.shape).path.unlink(missing_ok=True)
+                    self._forget(old)
             killpoint("profile_block_done")
             self.progress.update(i + 1, block=i, **found, **self.log_fields)
             if self._at_boundary(PROFILE_STAGE, i, {"calib": calib}) and i + 1 < self.n:
@@ -469,7 +523,11 @@ class PruneRun:
         for name, t in streams.items():
             if name == "calib" and (not self.observes or i == self.n - 1):
                 continue
-            _link(self.hidden(name, i, *t.shape).path, self.hidden(name, i + 1, *t.shape).path)
+            src, dst = self.hidden(name, i, *t.shape), self.hidden(name, i + 1, *t.shape)
+            src.wait_durable()  # the file written behind the computation is complete before it gets a second name
+            _link(src.path, dst.path)
+            dst.memory = src.memory  # states kept in memory move on with it
+        self._release(i)
         record = state.extra[PROFILE_STAGE]
         entry: dict[str, Any] = {"block": i, "dropped": True, "block_influence": record["influence"][i]}
         if self.spec.block_score == "angular":
@@ -507,6 +565,7 @@ class PruneRun:
                 raise Interrupted("stopped while computing the first hidden states")
         if self.world.any(self.stop.requested):
             raise Interrupted("stopped after computing the first hidden states")
+        self.st.hidden_wait_s += self._durable(0)
         state.extra["stem_written"] = True
         if self.profiled:
             state.stage = PROFILE_STAGE
@@ -570,6 +629,7 @@ class PruneRun:
                 src, dst = self.hidden(name, i, *t.shape), self.hidden(name, i + 1, *t.shape)
                 if not self.st.run_block(i, layer, src, b, dst=dst, stop=self.midblock_stop):
                     return None
+            self._release(i)
         finally:
             self.st.release_block(i)
         return out, records, plan
@@ -618,10 +678,13 @@ class PruneRun:
         t0 = time.perf_counter()
         timing = fut.result()
         timing["write_wait_s"] = time.perf_counter() - t0
+        # The hidden states the state resumes from, written behind the computation when kept in memory.
+        timing["states_wait_s"] = self._durable(state.next_block)
         state.blocks[-1]["timing"].update(_rounded(timing))
         self.work.save_state(state)
         for p in self.work.block_inputs(state.next_block - 1, self.world.suffix):
             p.unlink(missing_ok=True)  # every stream's input to that block
+        self._forget(state.next_block - 1)
         killpoint("block_done")
 
     def _finalize(self, state: RunState, streams: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -677,6 +740,7 @@ class PruneRun:
             "config": self.cfg.to_json(), "config_fingerprint": self.cfg.fingerprint(),
             "model_fingerprint": self.ckpt.fingerprint(), "versions": versions(),
             "blocks": state.blocks, "io": io_bytes(),
+            "hidden_states": {"placement": self.placement, "resident_bytes": self.resident_bytes},
             "seconds_this_process": round(time.monotonic() - self.t0, 3),
             "block_loop_seconds_this_process": round(self.loop_seconds, 3),
         }

@@ -53,6 +53,32 @@ def auto_batch(config: PretrainedConfig, seqlen: int, dtype: torch.dtype, n: int
     return max(1, min(MAX_AUTO_BATCH, n // ranks, budget // window_bytes(config, seqlen, dtype)))
 
 
+def resident_states_bytes(streams: list[tuple[int, int]], hidden: int, dtype: torch.dtype) -> int:
+    """Memory a run's hidden states take when held in memory: per stream of (windows, seqlen), two
+    sets (a block's inputs and its outputs)."""
+    el = torch.empty(0, dtype=dtype).element_size()
+    return 2 * sum(n * seqlen * hidden * el for n, seqlen in streams)
+
+
+def states_placement(resident: int, activations: int, device: str, budget: int | None = None,
+                     ranks_per_node: int = 1) -> str:
+    """Where a run keeps its hidden states between blocks: "device" (CUDA memory), "host" (RAM,
+    page-locked on CUDA hosts) or "disk" (read back from their files every block).
+
+    The activation budget's rules: `budget` bytes (--max-activation-memory) when given, else a
+    quarter of the free GPU memory for the device and an eighth of the available RAM (shared by
+    the node's ranks) for the host. The states go where they fit beside what the micro-batch's
+    activations (`activations` bytes) take on that memory, the device first.
+    """
+    host = budget if budget is not None else psutil.virtual_memory().available // 8 // ranks_per_node
+    if device.startswith("cuda"):
+        gpu = budget if budget is not None else torch.cuda.mem_get_info(torch.device(device))[0] // 4
+        if resident + activations <= gpu:
+            return "device"
+        return "host" if resident <= host else "disk"
+    return "host" if resident + activations <= host else "disk"
+
+
 def check_seqlen(config: PretrainedConfig, seqlen: int, flag: str) -> None:
     """Refuse a window length that is not positive or exceeds the model's context."""
     limit = getattr(config.get_text_config(), "max_position_embeddings", None)

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from wanda_stream.activations import HiddenFile, HiddenWriter, batches, read_ahead
+from wanda_stream.activations import HiddenFile, HiddenWriter, Mover, batches, bind_device, device_pool, read_ahead
 from wanda_stream.checkpoint import Checkpoint
 from wanda_stream.model import Skeleton, load_config, materialize, release, run_base_with_recorders
 from wanda_stream.resources import HELD_BLOCKS, pinned_bytes
@@ -73,10 +73,13 @@ class Streamer:
         largest = max((sum(pinned_bytes(ckpt.tensors[k].nbytes) for k in self.block_keys(i))
                        for i in range(sk.n_layers)), default=0)
         self._pins = PinBudget(HELD_BLOCKS * largest)
-        self._reader = _pool("prefetch", self.device) if prefetch else None
+        self._reader = device_pool("prefetch", self.device) if prefetch else None
         # Hidden states move in micro-batches beside the compute: the next one read, the last one written.
-        self._hidden_reader = _pool("hidden-read", self.device) if prefetch else None
-        self._hidden_writer = _pool("hidden-write", self.device) if prefetch else None
+        self.mover = Mover(self.device, threads=prefetch)
+        # Where the hidden states a block computes are kept besides their file (None: the file only),
+        # and whether the file's fsync may wait for the writer thread; see `keep_states`.
+        self.keep: torch.device | None = None
+        self.defer = False
         self.hidden_wait_s = 0.0  # seconds the compute waited on hidden-state reads and writes, in total
         self._pending: dict[int, Future] = {}
         self._kwargs: dict[tuple[int, int], dict[int, dict[str, Any]]] = {}
@@ -134,10 +137,19 @@ class Streamer:
         if self.narrow is not None:
             release(self.narrow.layers[i])
 
+    def keep_states(self, on: torch.device | None, defer: bool) -> None:
+        """From now on, keep the hidden states `embed_windows` and `run_block` write in memory on `on`
+        too (None: in their files only); with `defer`, their files are made durable by the writer
+        thread behind the computation, and the caller waits with `HiddenFile.wait_durable`."""
+        self.keep, self.defer = on, defer
+
+    def _writer(self, dst: HiddenFile) -> HiddenWriter:
+        return HiddenWriter(dst, self.mover, self.keep, self.defer)
+
     def close(self) -> None:
-        for pool in (self._reader, self._hidden_reader, self._hidden_writer):
-            if pool is not None:
-                pool.shutdown(wait=True)
+        if self._reader is not None:
+            self._reader.shutdown(wait=True)
+        self.mover.close()
 
     # ---- the parts around the blocks ------------------------------------------------------
     def _stem(self, with_embedding: bool) -> None:
@@ -154,7 +166,7 @@ class Streamer:
     def embed_windows(self, tokens: torch.Tensor, out: HiddenFile, batch: int, stop: StopFlag | None = None) -> bool:
         """Block-0 inputs of `tokens` [n, seqlen], as the base model computes them, into `out`."""
         self._stem(with_embedding=True)
-        writer = HiddenWriter(out, self._hidden_writer)
+        writer = self._writer(out)
         try:
             for start, count in batches(tokens.shape[0], batch):
                 if stop is not None and stop.requested:
@@ -189,9 +201,9 @@ class Streamer:
 
         Returns False (and writes nothing) when a stop was requested midway.
         """
-        writer = HiddenWriter(dst, self._hidden_writer) if dst is not None else None
+        writer = self._writer(dst) if dst is not None else None
         try:
-            for start, count, h, waited in read_ahead(src, batches(src.shape[0], batch), self._hidden_reader):
+            for start, count, h, waited in self._read(src, batch):
                 self.hidden_wait_s += waited
                 if stop is not None and stop.requested:
                     if writer is not None:
@@ -211,6 +223,10 @@ class Streamer:
                 self.hidden_wait_s += writer.waited_s
         return True
 
+    def _read(self, src: HiddenFile, batch: int) -> Iterator[tuple[int, int, torch.Tensor, float]]:
+        """`src` in micro-batches, read ahead; from page-locked memory when they go to CUDA."""
+        return read_ahead(src, batches(src.shape[0], batch), self.mover.reader, pin=self.device.type == "cuda")
+
     def _tail(self, src: HiddenFile, batch: int) -> Iterator[tuple[int, int, torch.Tensor]]:
         """Per micro-batch of the last block's outputs: (start, count, final hidden states).
 
@@ -222,7 +238,7 @@ class Streamer:
         self._stem(with_embedding=False)
         materialize(head, head_name + ".", self.ckpt, self.device, self.dtype, self.sk.sources, self.sk.model)
         try:
-            for start, count, h, _ in read_ahead(src, batches(src.shape[0], batch), self._hidden_reader):
+            for start, count, h, _ in self._read(src, batch):
                 h = h.to(self.device)
                 dummy = torch.zeros(*h.shape[:-1], self.embed_dim, device=h.device, dtype=h.dtype)
                 _, normed = run_base_with_recorders(self.sk, None, dummy, inject=h)
@@ -331,20 +347,6 @@ class PinBudget:
         with self._lock:
             self.live -= n
 
-
-def bind_device(device: torch.device) -> None:
-    """Make `device` this thread's current CUDA device (a no-op on the CPU).
-
-    The current device is per thread: without this, a thread's first pinned allocation or CUDA call
-    opens a context on GPU 0, which under torchrun is another rank's card.
-    """
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-
-
-def _pool(name: str, device: torch.device) -> ThreadPoolExecutor:
-    """One background thread bound to the compute device."""
-    return ThreadPoolExecutor(1, thread_name_prefix=name, initializer=bind_device, initargs=(device,))
 
 
 class _DictCheckpoint:

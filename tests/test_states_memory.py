@@ -1,0 +1,251 @@
+"""Hidden states held in memory between blocks: the same bytes as read back from disk, files that are
+resume points written behind the computation, and resumes from them (also switching placement).
+
+The CUDA placements (device memory; page-locked host memory) run only where CUDA is.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.helpers import checkpoint_files, run_cli, write_tiny_model
+from tests.test_resume import REPORT, prune_args, report_core
+from wanda_stream import prune as prune_mod
+from wanda_stream import resources
+from wanda_stream import state as state_mod
+from wanda_stream.activations import HiddenFile, HiddenWriter, Mover, batches, read_ahead
+from wanda_stream.cli import main
+
+
+# ---- the writer and the mover ---------------------------------------------------------------
+def _windows(n: int = 5, seqlen: int = 3, hidden: int = 4) -> torch.Tensor:
+    return torch.randn(n, seqlen, hidden, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("threads", [True, False])
+def test_kept_states_are_the_files_bytes_and_the_file_waits_for_wait_durable(tmp_path: Path, threads: bool) -> None:
+    data = _windows()
+    mover = Mover(torch.device("cpu"), threads=threads)
+    kept = HiddenFile(tmp_path / "kept.bin", *data.shape, torch.float32)
+    plain = HiddenFile(tmp_path / "plain.bin", *data.shape, torch.float32)
+    try:
+        w = HiddenWriter(kept, mover, keep=torch.device("cpu"), defer=True)
+        d = HiddenWriter(plain, mover)
+        for start, count in batches(5, 2):
+            w.write(data[start : start + count])
+            d.write(data[start : start + count])
+        d.commit()
+        assert plain.path.is_file() and plain.memory is None
+        w.commit()
+        assert kept.memory is not None and torch.equal(kept.memory, data)
+        # A view of memory, no file read: the next block's inputs do not touch the disk.
+        assert kept.read(2, 2).data_ptr() == kept.memory[2].data_ptr()
+        assert list(read_ahead(kept, batches(5, 2), mover.reader))[1][2].data_ptr() == kept.memory[2].data_ptr()
+        assert kept.wait_durable() >= 0.0
+        assert kept.path.read_bytes() == plain.path.read_bytes()
+        assert not kept.path.with_name("kept.bin.partial").exists()
+        kept.memory = None
+        assert torch.equal(kept.read(0, 5), data)  # from the file once memory is let go
+    finally:
+        mover.close()
+
+
+def test_deferred_commit_is_not_durable_until_waited(tmp_path: Path) -> None:
+    """With `defer`, commit returns before the fsync and rename: the writer thread does them."""
+    data = _windows()
+    mover = Mover(torch.device("cpu"), threads=True)
+    try:
+        target = HiddenFile(tmp_path / "x.bin", *data.shape, torch.float32)
+        w = HiddenWriter(target, mover, keep=torch.device("cpu"), defer=True)
+        hold = threading.Event()
+        mover.writer.submit(hold.wait)  # the writer thread is busy: nothing of this file is written yet
+        w.write(data)
+        w.commit()
+        assert not target.path.exists() and torch.equal(target.memory, data)
+        hold.set()
+        target.wait_durable()
+        assert target.path.read_bytes() == data.numpy().tobytes()
+        assert target.wait_durable() == 0.0  # once only
+    finally:
+        mover.close()
+
+
+def test_a_failed_write_behind_surfaces_at_wait_durable(tmp_path: Path) -> None:
+    data = _windows()
+    mover = Mover(torch.device("cpu"), threads=True)
+    try:
+        target = HiddenFile(tmp_path / "x.bin", *data.shape, torch.float32)
+        w = HiddenWriter(target, mover, keep=torch.device("cpu"), defer=True)
+        w.f.close()  # every write to it now fails
+        w.write(data)
+        w.commit()
+        with pytest.raises(ValueError):
+            target.wait_durable()
+        assert not target.path.exists()
+    finally:
+        mover.close()
+
+
+def test_abort_keeps_nothing(tmp_path: Path) -> None:
+    data = _windows()
+    mover = Mover(torch.device("cpu"), threads=True)
+    try:
+        target = HiddenFile(tmp_path / "x.bin", *data.shape, torch.float32)
+        w = HiddenWriter(target, mover, keep=torch.device("cpu"), defer=True)
+        w.write(data[:2])
+        w.abort()
+        assert target.memory is None and not list(tmp_path.iterdir())
+    finally:
+        mover.close()
+
+
+# ---- where the states go ----------------------------------------------------------------------
+def test_placement_follows_the_activation_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    place = resources.states_placement
+    assert place(100, 50, "cpu", budget=150) == "host"
+    assert place(101, 50, "cpu", budget=150) == "disk"
+    # Without a budget: an eighth of the available RAM, shared by the node's ranks.
+    monkeypatch.setattr(resources.psutil, "virtual_memory", lambda: type("VM", (), {"available": 8000})())
+    assert place(900, 100, "cpu") == "host" and place(901, 100, "cpu") == "disk"
+    assert place(400, 100, "cpu", ranks_per_node=2) == "host" and place(401, 100, "cpu", ranks_per_node=2) == "disk"
+    # CUDA: a quarter of the free device memory holds states and activations; else the host, pinned.
+    monkeypatch.setattr(resources.torch.cuda, "mem_get_info", lambda device=None: (4000, 8000))
+    assert place(900, 100, "cuda:0") == "device"
+    assert place(950, 100, "cuda:0") == "host"  # 1050 > 1000 on the device, 950 <= 1000 on the host
+    assert place(1001, 0, "cuda:0") == "disk"
+
+
+def test_resident_bytes_count_two_sets_per_stream() -> None:
+    assert resources.resident_states_bytes([(4, 32), (2, 16)], 64, torch.float32) == 2 * (4 * 32 + 2 * 16) * 64 * 4
+
+
+# ---- whole runs -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_model(tmp_path_factory.mktemp("states") / "model")
+
+
+def _core(out: Path) -> dict[str, Any]:
+    rep = report_core(out)
+    rep.pop("hidden_states")
+    for k in ("states_on_disk", "activation_budget"):  # how to hold the states, not what they are
+        rep["config"].pop(k)
+    return rep
+
+
+def _same(out: Path, ref: Path, card: bool = True) -> None:
+    got, want = checkpoint_files(out), checkpoint_files(ref)
+    if not card:  # the model card shows the command line, which differs
+        got.pop("README.md"), want.pop("README.md")
+    assert got == want
+    assert _core(out) == _core(ref)
+
+
+@pytest.fixture(scope="module")
+def on_disk(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The reference: hidden states read back from their files every block."""
+    out = tmp_path_factory.mktemp("disk") / "out"
+    assert main(prune_args(model, out, "--states-on-disk", "--quiet")) == 0
+    assert json.loads((out / REPORT).read_text())["hidden_states"] == {"placement": "disk", "resident_bytes": 0}
+    return out
+
+
+@pytest.mark.parametrize("extra", [(), ("--sparsity-profile", "owl", "--method", "sparsegpt")],
+                         ids=["wanda", "sparsegpt-owl"])
+def test_states_in_memory_give_the_bytes_of_states_on_disk(model: Path, tmp_path: Path, extra: tuple[str, ...],
+                                                           on_disk: Path) -> None:
+    ref = on_disk
+    if extra:
+        ref = tmp_path / "disk"
+        assert main(prune_args(model, ref, *extra, "--states-on-disk", "--quiet")) == 0
+    out = tmp_path / "memory"
+    assert main(prune_args(model, out, *extra, "--quiet")) == 0
+    placed = json.loads((out / REPORT).read_text())["hidden_states"]
+    # calibration 4 x 32 and evaluation 2 x 32 windows of the tiny model's 64-wide states, float32, two sets
+    assert placed == {"placement": "host", "resident_bytes": 2 * (4 + 2) * 32 * 64 * 4}
+    _same(out, ref)
+
+
+def test_budget_too_small_for_the_states_keeps_them_on_disk(model: Path, tmp_path: Path, on_disk: Path) -> None:
+    out = tmp_path / "out"
+    assert main(prune_args(model, out, "--max-activation-memory", "10KB", "--quiet")) == 0
+    assert json.loads((out / REPORT).read_text())["hidden_states"]["placement"] == "disk"
+    _same(out, on_disk, card=False)
+
+
+def _kill(model: Path, out: Path, point: str, *extra: str) -> None:
+    r = run_cli(*prune_args(model, out, *extra, "--resume", "--quiet"), env={state_mod.KILL_ENV: point})
+    assert r.returncode == -9, (point, r.returncode, r.stderr[-2000:])
+
+
+def test_killed_after_a_block_with_states_in_memory_resumes_to_the_same_bytes(model: Path, tmp_path: Path,
+                                                                             on_disk: Path) -> None:
+    """Kills while a file written behind the compute is held back 2 s before its rename (block 1's
+    calibration inputs: the main thread, at block 1's save by then, must wait for it, or the saved
+    state would name a block whose inputs are not there), right after a block is recorded, and
+    mid-way through a block's outputs."""
+    out = tmp_path / "out"
+    for point, resumes_at in (("hidden_commit:3:KILL:2", 0), ("block_done:1", 1), ("hidden_write:2", 1)):
+        _kill(model, out, point)
+        saved = json.loads((out / ".wanda-stream" / "state.json").read_text())
+        assert saved["next_block"] == resumes_at, point
+        for name in ("calib", "eval"):
+            assert (out / ".wanda-stream" / f"{name}_{resumes_at:05d}.bin").is_file(), (point, name)
+    r = run_cli(*prune_args(model, out, "--resume", "--quiet"))
+    assert r.returncode == 0, r.stderr
+    _same(out, on_disk)
+
+
+def test_resume_may_switch_between_memory_and_disk(model: Path, tmp_path: Path, on_disk: Path) -> None:
+    out = tmp_path / "out"
+    _kill(model, out, "block_done:1", "--states-on-disk")
+    _kill(model, out, "block_done:1")
+    assert main(prune_args(model, out, "--resume", "--states-on-disk", "--quiet")) == 0
+    _same(out, on_disk)
+
+
+# ---- CUDA: device memory and page-locked host memory ------------------------------------------------
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@cuda
+@pytest.mark.parametrize("placement", ["device", "host", "disk"])
+def test_cuda_placements_give_the_same_bytes(model: Path, tmp_path: Path, placement: str,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    args = ["--device", "cuda"]
+    ref = tmp_path / "ref"
+    assert main(prune_args(model, ref, *args, "--states-on-disk", "--quiet")) == 0
+    monkeypatch.setattr(prune_mod, "states_placement", lambda *a, **k: placement)
+    out = tmp_path / "out"
+    assert main(prune_args(model, out, *args, "--quiet")) == 0
+    assert json.loads((out / REPORT).read_text())["hidden_states"]["placement"] == placement
+    _same(out, ref)
+
+
+@cuda
+def test_cuda_pinned_reads_and_side_stream_writes(tmp_path: Path) -> None:
+    data = _windows().cuda()
+    for keep in (torch.device("cuda"), torch.device("cpu"), None):
+        mover = Mover(torch.device("cuda"), threads=True)
+        try:
+            target = HiddenFile(tmp_path / f"{keep}.bin", *data.shape, torch.bfloat16)
+            w = HiddenWriter(target, mover, keep=keep, defer=keep is not None)
+            for start, count in batches(5, 2):
+                w.write(data[start : start + count] * 1)  # a temporary, freed at once by the caller
+            w.commit()
+            target.wait_durable()
+            want = data.to(torch.bfloat16).cpu()
+            assert torch.equal(HiddenFile(target.path, *data.shape, torch.bfloat16).read(0, 5), want)
+            if keep is not None:
+                assert target.memory.device.type == keep.type and torch.equal(target.memory.cpu(), want)
+                assert keep.type == "cuda" or target.memory.is_pinned()
+            else:
+                assert target.read(0, 2, pin=True).is_pinned()
+        finally:
+            mover.close()
