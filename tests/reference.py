@@ -243,10 +243,13 @@ def _outlier_ratio(layer: nn.Module, sums: dict[str, torch.Tensor], m: float) ->
 
 
 def reference_prune(model_dir: Path, tokens: torch.Tensor | None, method: str, sparsity: float,
-                    nm: tuple[int, int] | None, owl: tuple[float, float] | None = None) -> dict[str, torch.Tensor]:
+                    nm: tuple[int, int] | None, owl: tuple[float, float] | None = None,
+                    propagate: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Pruned state dict (stored dtype) of the model, computed with the whole model in memory.
 
     `owl` = (M, lambda): OWL's layer-wise sparsities from a first pass over the dense model.
+    `propagate`: the pruned weights that compute the next block's inputs instead of this reference's own
+    (for ALPS, whose support moves with rounding-level changes of its inputs; see its test).
     """
     from transformers import AutoModelForCausalLM
 
@@ -291,7 +294,7 @@ def reference_prune(model_dir: Path, tokens: torch.Tensor | None, method: str, s
                                     per_matrix=(method == "magnitude"))
                 result[key] = w.masked_fill(mask, 0)
             with torch.no_grad():
-                m.weight.copy_(result[key])
+                m.weight.copy_(result[key] if propagate is None else propagate[key])
         with torch.no_grad():
             outs = [layer(x, **kw) for x, kw in zip(inputs, layer_kwargs[i])]
             inputs = [o[0] if isinstance(o, tuple) else o for o in outs]
