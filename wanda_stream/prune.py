@@ -14,7 +14,7 @@ import shutil
 import socket
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from wanda_stream.checkpoint import (
 )
 from wanda_stream.config import RunConfig
 from wanda_stream.dist import World
+from wanda_stream.fidelity import OutputError
 from wanda_stream.errors import Interrupted
 from wanda_stream.card import render_card
 from wanda_stream.loglik import hidden_streams
@@ -234,11 +235,13 @@ class PruneRun:
             if result is None:
                 self._finish_pending(pending, pending_state)
                 raise Interrupted(f"stopped during block {i}")
-            out, records = result
+            out, records, output_error = result
             timing["compute_s"] = time.perf_counter() - compute_start
             timing["hidden_wait_s"] = self.st.hidden_wait_s - hidden_wait  # part of compute_s
             entry = {"block": i, "matrices": records, "sparsity": _weighted_sparsity(records),
                      "seconds": round(timing["read_wait_s"] + timing["compute_s"], 3), "timing": _rounded(timing)}
+            if output_error is not None:
+                entry["output_error"] = output_error
             if self.owl is not None:
                 entry.update(target_sparsity=target,
                              outlier_ratio=state.extra[PROFILE_STAGE]["outlier_ratios"][i])
@@ -341,6 +344,9 @@ class PruneRun:
         """
         streams = hidden_streams(toks).values()
         states = sum(hidden_states_bytes(*t.shape, self.st.hidden, self.cfg.dtype) for t in streams)
+        if self.method.stat is not Stat.NONE and "calib" in toks:
+            # Dense block outputs: this block's, and the previous block's until its shard is durable.
+            states += 2 * self.hidden("dense", 0, *toks["calib"].shape).nbytes
         # The windows are saved by now (lm-eval's can take long to build): the fix is to resume, not restart.
         check_disk([(self.out, self.ckpt.total_bytes(), "the pruned checkpoint"),
                     (self.work.path, states, "hidden states (calibration, evaluation and lm-eval windows)")],
@@ -380,28 +386,41 @@ class PruneRun:
 
     def _block(
         self, i: int, stored: dict[str, torch.Tensor], streams: dict[str, torch.Tensor], sparsity: float,
-    ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]] | None:
+    ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]], float | None] | None:
+        """Block i observed, pruned and propagated: its tensors, matrix records and relative output error
+        (None without calibration); None when stopped midway."""
         layer = self.st.load_block(i, stored)
         b = self.cfg.batch_size
         observes = self.method.stat is not Stat.NONE
         try:
             stats = None
+            error = OutputError()
             if observes:
+                # The dense outputs, kept on disk (dense_i) for the block's output error; deleted with block i's inputs.
+                dense = self.hidden("dense", i, *streams["calib"].shape)
                 stats = observe(self.st, i, layer, self.method.stat, self.hidden("calib", i, *streams["calib"].shape),
-                                b, self.midblock_stop, world=self.world)
+                                b, self.midblock_stop, dst=dense, world=self.world)
                 if stats is None:
                     return None
             out, records = prune_block(self.method, sparsity, self.cfg.nm, self.st, i, layer, stored, stats)
             del stats  # a block's Gram matrices are freed before the pruned block runs
             for name, t in streams.items():
-                if name == "calib" and (not observes or i == self.n - 1):
+                if name == "calib" and not observes:
                     continue
-                src, dst = self.hidden(name, i, *t.shape), self.hidden(name, i + 1, *t.shape)
-                if not self.st.run_block(i, layer, src, b, dst=dst, stop=self.midblock_stop):
+                src = self.hidden(name, i, *t.shape)
+                # The last block's pruned calibration outputs feed no block: computed for the error only.
+                dst = None if name == "calib" and i == self.n - 1 else self.hidden(name, i + 1, *t.shape)
+                compare = _comparer(error, dense) if name == "calib" else None
+                if not self.st.run_block(i, layer, src, b, dst=dst, stop=self.midblock_stop, on_output=compare):
                     return None
         finally:
             release(self.sk.layers[i])
-        return out, records
+        if not observes:
+            return out, records, None
+        total = OutputError()  # every rank's windows, added in rank order
+        for part in self.world.gather((error.sq_diff, error.sq_dense)):
+            total.merge(OutputError(*part))
+        return out, records, total.value
 
     def _write_block_shard(self, i: int, tensors: dict[str, torch.Tensor]) -> dict[str, float]:
         """Write block i's output shard; returns its wall and writing-thread CPU seconds."""
@@ -488,6 +507,13 @@ class PruneRun:
                 self.st, Path(self.cfg.model_dir), task_spec(self.cfg), self.saved_tokens(),
                 lambda name: self.hidden(name, self.n, *streams[name].shape), self.cfg.batch_size)
         return report
+
+
+def _comparer(error: OutputError, dense: HiddenFile) -> Callable[[int, int, torch.Tensor], None]:
+    """A run_block callback folding each micro-batch of pruned outputs, against the same windows of `dense`, into `error`."""
+    def compare(start: int, count: int, out: torch.Tensor) -> None:
+        error.add(out, dense.read(start, count).to(out.device))
+    return compare
 
 
 def _weighted_sparsity(records: list[dict[str, Any]]) -> float:
