@@ -55,3 +55,41 @@ def test_magnitude_records_no_block_error(tiny_model: Path, tmp_path: Path) -> N
     assert main(["prune", str(tiny_model), str(out), "--device", "cpu", "--quiet", "--method", "magnitude"]) == 0
     report = json.loads((out / "wanda_stream.json").read_text())
     assert all("output_error" not in b for b in report["blocks"])
+
+
+def test_inspect_plot_without_matplotlib_is_one_line_and_exit_2(tiny_model: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    import builtins
+
+    out = tmp_path / "out"
+    assert main(["prune", str(tiny_model), str(out), *CALIB_ARGS, "--method", "wanda"]) == 0
+    real_import = builtins.__import__
+
+    def no_matplotlib(name: str, *args: object, **kwargs: object) -> object:
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--plot", str(tmp_path / "p.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "matplotlib" in err and "wanda-stream[plot]" in err and "\n" not in err
+    assert not (tmp_path / "p.png").exists()
+
+
+def test_inspect_plot_of_a_directory_without_report_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["inspect", str(tmp_path), "--plot", str(tmp_path / "p.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "wanda_stream.json" in err and "\n" not in err
+
+
+def test_inspect_plot_draws_an_owl_run(tiny_model: Path, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "out"
+    assert main(["prune", str(tiny_model), str(out), *CALIB_ARGS, "--method", "sparsegpt", "--sparsity", "0.6",
+                 "--sparsity-profile", "owl"]) == 0
+    png = tmp_path / "p.png"
+    assert main(["inspect", str(out), "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
