@@ -1,4 +1,4 @@
-"""An in-memory reference implementation of the pruning methods (Wanda, magnitude, RIA, SparseGPT, and
+"""An in-memory reference implementation of the pruning methods (Wanda, magnitude, RIA, SparseGPT, ALPS, and
 OWL's layer-wise sparsity), written for the tests.
 
 It loads the whole model with transformers, captures each block's inputs with forward
@@ -136,6 +136,76 @@ def sparsegpt_ref(w: torch.Tensor, xtx: torch.Tensor, tokens: int, sparsity: flo
     return W, M
 
 
+def alps_ref(w: torch.Tensor, xtx: torch.Tensor, tokens: int, sparsity: float, nm: tuple[int, int] | None,
+             damp: float = 0.01, rho: float = 0.1, max_iter: int = 300, cg_steps: int = 10
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """ALPS in float64 as the paper describes it, with explicit inverses (no eigendecomposition):
+    H = 2 X^T X / n dampened and scaled to a unit diagonal, ADMM with the support-driven rho schedule,
+    then conjugate gradients on the support. Masks by plain sorts. Returns (weight, mask)."""
+    W = w.double().clone()
+    H = 2 * xtx.double() / tokens
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(H.shape[0], dtype=torch.float64)
+    s = torch.sqrt(torch.diag(H))
+    Hn = H / torch.outer(s, s)
+    eye = torch.eye(H.shape[0], dtype=torch.float64)
+    B0 = W * s
+    Y = B0 @ Hn
+
+    def proj(z: torch.Tensor) -> torch.Tensor:
+        if nm:
+            return _lowest(z.abs().reshape(z.shape[0], -1, nm[1]), nm[0], 2).reshape(z.shape)
+        return _lowest(z.abs().reshape(1, -1), int(z.numel() * sparsity), 1).reshape(z.shape)
+
+    M0 = proj(B0)
+    kept = M0.numel() - int(M0.sum())
+    D, V, B, prev, grown = B0.masked_fill(M0, 0), torch.zeros_like(B0), B0.clone(), M0, False
+    for it in range(max_iter):
+        B = (Y - V + rho * D) @ torch.linalg.inv(Hn + rho * eye)
+        M = proj(B + V / rho)
+        D = (B + V / rho).masked_fill(M, 0)
+        V = V + rho * (B - D)
+        if (it + 1) % 3 == 0:
+            change = int((M != prev).sum())
+            prev = M
+            if change / kept > 0.1:
+                rho, grown = rho * 1.3, True
+            elif change / kept > 0.005:
+                rho, grown = rho * 1.2, True
+            elif change > 0 and grown:
+                rho *= 1.1
+            elif grown:
+                break
+            else:
+                rho /= 5
+                if change > 0:
+                    D, V = B0.masked_fill(M0, 0), torch.zeros_like(B0)
+            rho = min(rho, 1e6)
+            if it >= 30 and change / kept < 3e-4:
+                break
+    M = proj(B)
+    keep = ~M
+    for r in range(B.shape[0]):  # the kept weights of each row: CG on the support's own system
+        S = keep[r]
+        A, b = Hn[S][:, S], Y[r, S]
+        x = B[r, S].clone()
+        res = b - A @ x
+        p, rr = res.clone(), res @ res
+        for _ in range(cg_steps):
+            if rr <= 1e-8 * (b @ b):
+                break
+            Ap = A @ p
+            alpha = rr / (p @ Ap)
+            x, res = x + alpha * p, res - alpha * Ap
+            rr, rr_old = res @ res, rr
+            p = res + rr / rr_old * p
+        B[r] = 0
+        B[r, S] = x
+    return B / s, M
+
+
 def owl_ref_sparsities(ratios: list[float], sparsity: float, lmbda: float) -> list[float]:
     """OWL's allocation as its reference code computes it (numpy)."""
     import numpy as np
@@ -173,10 +243,13 @@ def _outlier_ratio(layer: nn.Module, sums: dict[str, torch.Tensor], m: float) ->
 
 
 def reference_prune(model_dir: Path, tokens: torch.Tensor | None, method: str, sparsity: float,
-                    nm: tuple[int, int] | None, owl: tuple[float, float] | None = None) -> dict[str, torch.Tensor]:
+                    nm: tuple[int, int] | None, owl: tuple[float, float] | None = None,
+                    propagate: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Pruned state dict (stored dtype) of the model, computed with the whole model in memory.
 
     `owl` = (M, lambda): OWL's layer-wise sparsities from a first pass over the dense model.
+    `propagate`: the pruned weights that compute the next block's inputs instead of this reference's own
+    (for ALPS, whose support moves with rounding-level changes of its inputs; see its test).
     """
     from transformers import AutoModelForCausalLM
 
@@ -203,15 +276,15 @@ def reference_prune(model_dir: Path, tokens: torch.Tensor | None, method: str, s
     result = dict(stored_sd)
     for i, layer in enumerate(layers):
         linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
-        if method == "sparsegpt":
+        if method in ("sparsegpt", "alps"):
             grams = _gram_sums(layer, linears, inputs, layer_kwargs[i])
         else:
             sums = linear_input_sums(layer, linears, inputs, layer_kwargs[i])
         for n, m in linears.items():
             key = f"{prefix}.{i}.{n}.weight"
             w = stored_sd[key]
-            if method == "sparsegpt":
-                new, mask = sparsegpt_ref(w, *grams[n], targets[i], nm)
+            if method in ("sparsegpt", "alps"):
+                new, mask = (sparsegpt_ref if method == "sparsegpt" else alps_ref)(w, *grams[n], targets[i], nm)
                 result[key] = new.to(w.dtype).masked_fill(mask, 0)
             else:
                 if method == "ria":
@@ -221,7 +294,7 @@ def reference_prune(model_dir: Path, tokens: torch.Tensor | None, method: str, s
                                     per_matrix=(method == "magnitude"))
                 result[key] = w.masked_fill(mask, 0)
             with torch.no_grad():
-                m.weight.copy_(result[key])
+                m.weight.copy_(result[key] if propagate is None else propagate[key])
         with torch.no_grad():
             outs = [layer(x, **kw) for x, kw in zip(inputs, layer_kwargs[i])]
             inputs = [o[0] if isinstance(o, tuple) else o for o in outs]

@@ -3,6 +3,7 @@ tiny multi-shard model against the in-memory reference (tests/reference.py), and
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from tests.helpers import load_state_dict, run_cli
 from tests.reference import owl_ref_sparsities, reference_prune
 from tests.test_prune_tiny import CALIB_ARGS, _tokens
 from tests.test_resume import assert_same_result, kill_at, prune_args
-from wanda_stream import kernel, profiles
+from wanda_stream import calib, kernel, profiles
 from wanda_stream.cli import main
 from wanda_stream.methods import Observation, Stat, build
 from wanda_stream.methods.ria import ria_mask, ria_score
@@ -76,7 +77,7 @@ def test_sparsegpt_two_by_eight_against_numpy_obs() -> None:
     assert got.mask.tolist() == want_mask.tolist()
     assert int(got.mask.sum()) == 9  # int(16 * 0.5) + 1: "at or below the 8th lowest", as the paper's code
     assert np.allclose(got.weight.numpy(), want_w, rtol=1e-4, atol=1e-5)
-    assert (got.weight[got.mask] == 0).all() and got.info == {"dampening": 0.01}
+    assert (got.weight[got.mask] == 0).all() and got.info["dampening"] == 0.01
 
 
 def test_sparsegpt_nm_mask_and_dead_inputs() -> None:
@@ -98,6 +99,85 @@ def test_sparsegpt_raises_dampening_until_the_hessian_factors() -> None:
     hinv = inverse_hessian(indefinite * 2, 4, 0.1)  # H = X^T X * 2 / 4 = the matrix above
     assert hinv.dampening == pytest.approx(10.0)  # 0.1 and 1 x the mean diagonal leave it indefinite
     assert torch.isfinite(hinv.upper).all()
+
+
+# ---- ALPS -----------------------------------------------------------------------------------------
+def _best_support(w: torch.Tensor, h: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """By enumeration: the mask removing k entries of `w` (anywhere in the matrix) whose least-squares
+    refit on the kept entries has the lowest sum_i (w'_i - w_i) H (w'_i - w_i)^T, and that refit."""
+    rows, n = w.shape
+    best = None
+    for removed in itertools.combinations(range(rows * n), k):
+        mask = torch.zeros(rows * n, dtype=torch.bool)
+        mask[list(removed)] = True
+        mask = mask.reshape(rows, n)
+        new = torch.zeros_like(w)
+        for r in range(rows):
+            keep = ~mask[r]
+            new[r, keep] = torch.linalg.solve(h[keep][:, keep], (h @ w[r])[keep])
+        e = new - w
+        err = float(torch.einsum("ri,ij,rj->", e, h, e))
+        if best is None or err < best[0]:
+            best = (err, mask, new)
+    assert best is not None
+    return best[1], best[2]
+
+
+def _layer_error(x: torch.Tensor, w: torch.Tensor, new: torch.Tensor) -> float:
+    """||X (W' - W)^T||^2 / ||X W^T||^2 straight from the inputs."""
+    return float(((x @ (new - w).t()) ** 2).sum() / ((x @ w.t()) ** 2).sum())
+
+
+def test_alps_finds_the_enumerated_optimal_support_and_beats_sparsegpt() -> None:
+    gen = torch.Generator().manual_seed(2)
+    n = 6
+    x = torch.randn(200, n, generator=gen, dtype=torch.float64)
+    x = x @ (torch.eye(n, dtype=torch.float64) + 0.8 * torch.randn(n, n, generator=gen, dtype=torch.float64))
+    w = torch.randn(2, n, generator=gen, dtype=torch.float64)
+    h = x.t() @ x
+    damped = h + 0.01 * torch.diag(h).mean() * torch.eye(n, dtype=torch.float64)  # the problem ALPS solves
+    want_mask, want_w = _best_support(w, damped, 6)
+    magnitude = torch.zeros(12, dtype=torch.bool)
+    magnitude[torch.sort(w.abs().flatten()).indices[:6]] = True
+    assert not torch.equal(magnitude.reshape(2, n), want_mask)  # the optimum is not the obvious support
+    got = {}
+    for name in ("alps", "sparsegpt"):
+        obs = Observation.empty(Stat.GRAM, n, torch.device("cpu"))
+        obs.add(x.float())
+        method = build(name, {})
+        got[name] = method.prune(w.float(), method.prepare(obs), 0.5, None)
+    alps = got["alps"]
+    assert alps.mask.tolist() == want_mask.tolist()
+    assert torch.allclose(alps.weight.double(), want_w, rtol=1e-3, atol=1e-4)
+    errors = {name: _layer_error(x, w, r.weight.double().masked_fill(r.mask, 0)) for name, r in got.items()}
+    assert errors["alps"] <= errors["sparsegpt"]
+    for name, r in got.items():  # the recorded layer-wise errors are the inputs' own
+        assert r.info["layer_error"] == pytest.approx(errors[name], rel=1e-4)
+
+
+def test_alps_nm_dead_inputs_and_the_kernel_against_the_reference() -> None:
+    from tests.reference import alps_ref
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(300, 32, generator=gen) @ (torch.eye(32) + 0.3 * torch.randn(32, 32, generator=gen))
+    x[:, 7] = 0  # an input no token touched
+    w = torch.randn(24, 32, generator=gen)
+    for nm in (None, (2, 4)):
+        obs = Observation.empty(Stat.GRAM, 32, torch.device("cpu"))
+        obs.add(x)
+        method = build("alps", {})
+        got = method.prune(w, method.prepare(obs), 0.5, nm)
+        want_w, want_mask = alps_ref(w, x.double().t() @ x.double(), 300, 0.5, nm)
+        assert torch.equal(got.mask, want_mask)
+        # CG stops at a relative residual of 1e-4: here both refits are within 2.5e-3 of the exact one.
+        assert torch.allclose(got.weight.double(), want_w, rtol=0, atol=5e-3)
+        assert (got.weight[:, 7] == 0).all() and torch.isfinite(got.weight).all()
+        if nm:
+            assert (got.mask.reshape(24, 8, 4).sum(-1) == 2).all()
+        else:
+            assert int(got.mask.sum()) == int(w.numel() * 0.5)
+        assert got.info["layer_error"] == pytest.approx(_layer_error(x.double(), w.double(), got.weight.double()),
+                                                        rel=1e-3)
 
 
 # ---- OWL ------------------------------------------------------------------------------------------
@@ -168,6 +248,39 @@ def test_streamed_equals_reference(tiny_model: Path, tmp_path: Path, method: str
     if method == "sparsegpt":
         assert all(m["dampening"] == 0.01 for b in report["blocks"] for m in b["matrices"])
     assert report["method"]["name"] == method
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_alps_streamed_equals_reference(tiny_model: Path, tmp_path: Path, pattern: str) -> None:
+    """Every ALPS mask against the float64 in-memory reference's: block 0 mask for mask and weights within
+    CG's tolerance; later blocks to 99% of their entries.
+
+    ADMM's rho schedule steps on counts of support changes (over 0.5% or 10% of the kept entries), so
+    a rounding-level difference of the Gram matrix (float32 accumulated here, float64 there) can send
+    it along another path to another near-optimal support: on this random model a few tenths of a
+    percent of the entries of some later matrices, even with the reference propagating the streamed
+    run's weights (as here, so that differences do not compound). More calibration tokens than the
+    other methods' test (16 x 64): with 192, the 128-wide inputs' Gram matrices are too ill-conditioned
+    for block 0 to agree.
+    """
+    out = tmp_path / "out"
+    args = ["--calib", "pydoc", "--nsamples", "16", "--seqlen", "64", "--device", "cpu", "--quiet"]
+    assert main(["prune", str(tiny_model), str(out), *args, "--method", "alps", "--pattern", pattern,
+                 "--sparsity", "0.5", "--batch-size", "4"]) == 0
+    got = load_state_dict(out)
+    tokens = calib.sample_windows(calib.documents("pydoc"), calib.load_tokenizer(tiny_model), 16, 64, 0, "pydoc")
+    ref = reference_prune(tiny_model, tokens, "alps", 0.5, None if pattern == "unstructured" else (2, 4),
+                          propagate=got)
+    for key, t in got.items():
+        if not key.endswith("proj.weight"):
+            assert torch.equal(t, ref[key]), key
+        elif ".layers.0." in key:
+            assert torch.equal(t == 0, ref[key] == 0), key
+            assert torch.allclose(t, ref[key], rtol=0, atol=5e-3), key
+        else:
+            assert float(((t == 0) == (ref[key] == 0)).float().mean()) >= 0.99, key
+    report = json.loads((out / "wanda_stream.json").read_text())
+    assert all(m["dampening"] == 0.01 and 0 < m["layer_error"] < 1 for b in report["blocks"] for m in b["matrices"])
 
 
 def test_owl_pass_killed_resumes_to_the_same_bytes(tiny_model: Path, tmp_path: Path) -> None:

@@ -29,7 +29,7 @@ import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 WIKI = ROOT.parent / "shared" / "data" / "wikitext2"
-METHODS = ("magnitude", "wanda", "ria", "sparsegpt")
+METHODS = ("magnitude", "wanda", "ria", "sparsegpt", "alps")
 SETTINGS = ("0.5", "0.6", "0.7", "2:4")
 DEFAULT_RUNS = ["dense"] + [f"{m}:{s}" for m in METHODS for s in SETTINGS] + [
     f"{m}+owl:{s}" for m in METHODS for s in SETTINGS if s != "2:4"]
@@ -68,6 +68,9 @@ def run_one(model: Path, spec: str, a: argparse.Namespace, work: Path) -> dict:
     if r.returncode != 0:
         raise SystemExit(f"{spec}: exit {r.returncode}\n{r.stderr[-3000:]}")
     rep = json.loads((out / "wanda_stream.json").read_text())
+    if a.reports:
+        a.reports.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(out / "wanda_stream.json", a.reports / f"{out.name}.json")
     shutil.rmtree(out)
     return {"run": spec, "method": method, "profile": "owl" if owl else "uniform", "setting": setting,
             "perplexity": rep["eval"]["perplexity"], "total_sparsity": rep["total_sparsity"], "wall_s": round(wall, 1),
@@ -145,6 +148,7 @@ def main() -> None:
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--json", type=Path, help="append each run's figures to this JSON file as it finishes")
+    p.add_argument("--reports", type=Path, help="keep each run's report (per-block and per-matrix errors) here")
     p.add_argument("--from-json", type=Path, help="print (and plot) figures measured earlier instead of running")
     p.add_argument("--plot", type=Path, help="write a PNG of perplexity against sparsity")
     p.add_argument("--title", help="the plot's title (the model and calibration, say)")

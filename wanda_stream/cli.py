@@ -224,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--pattern", default=None, help="also check this N:M pattern, e.g. 2:4")
     i.add_argument("--summary", action="store_true", help="totals per layer kind and per block, not per matrix")
     i.add_argument("--json", action="store_true", help="print one JSON object")
+    i.add_argument("--plot", type=Path, default=None, metavar="FILE.png",
+                   help="draw the run's per-block error, sparsity and OWL outlier ratios from MODEL_DIR's report "
+                        "(needs matplotlib: pip install 'wanda-stream[plot]')")
 
     s = sub.add_parser("status", help="state of a run", epilog=STATUS_EXAMPLES,
                        formatter_class=_Formatter,

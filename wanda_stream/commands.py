@@ -494,6 +494,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from wanda_stream.inspect import format_summary, format_table, inspect_checkpoint, summarize
 
+    if args.plot is not None:
+        from wanda_stream.plot import load_report, plot_report
+
+        plot_report(load_report(args.model_dir), args.plot)
+        print(f"wrote {args.plot}")
+        return 0
     resolve_model_arg(args)
     result = inspect_checkpoint(args.model_dir, args.pattern)
     if args.summary:

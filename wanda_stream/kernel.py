@@ -60,6 +60,19 @@ def symmetrize(gram: torch.Tensor) -> torch.Tensor:
     return gram
 
 
+def hessian(gram: torch.Tensor, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """H = 2 X^T X / n from the float32 Gram matrix's upper triangle (in place), and its dead inputs.
+
+    A dead input (H_jj = 0: no calibration token touched it) gets H_jj = 1, so that H can be
+    dampened and factored; the methods zero its weights, which no input can reach.
+    """
+    h = symmetrize(gram).mul_(2.0 / max(tokens, 1))
+    diag = torch.arange(h.shape[0], device=h.device)
+    dead = torch.diagonal(h) == 0
+    h[diag[dead], diag[dead]] = 1.0
+    return h, dead
+
+
 def wanda_score(weight: torch.Tensor, sq_sum: torch.Tensor) -> torch.Tensor:
     """|W_ij| * ||X_j||_2 in float32; `sq_sum` is the per-column sum of squares of the inputs."""
     norm = torch.sqrt(sq_sum.to(torch.float32))

@@ -16,7 +16,7 @@ import shutil
 import socket
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from wanda_stream.checkpoint import (
 )
 from wanda_stream.config import RunConfig
 from wanda_stream.dist import World
+from wanda_stream.fidelity import OutputError
 from wanda_stream.errors import Interrupted
 from wanda_stream.card import CardFacts, render_card
 from wanda_stream.loglik import hidden_streams
@@ -353,13 +354,15 @@ class PruneRun:
             if result is None:
                 self._finish_pending(pending, pending_state)
                 raise Interrupted(f"stopped during block {i}")
-            out, records, plan = result
+            out, records, plan, output_error = result
             timing["compute_s"] = time.perf_counter() - compute_start
             timing["hidden_wait_s"] = self.st.hidden_wait_s - hidden_wait  # part of compute_s
             entry = {"block": i, "matrices": records, "sparsity": _weighted_sparsity(records),
                      "seconds": round(timing["read_wait_s"] + timing["compute_s"], 3), "timing": _rounded(timing)}
             if plan:
                 entry["structure"] = plan
+            if output_error is not None:
+                entry["output_error"] = output_error
             if self.owl is not None:
                 entry.update(target_sparsity=target,
                              outlier_ratio=state.extra[PROFILE_STAGE]["outlier_ratios"][i])
@@ -548,6 +551,9 @@ class PruneRun:
         """
         streams = hidden_streams(toks).values()
         states = sum(hidden_states_bytes(*t.shape, self.st.hidden, self.cfg.dtype) for t in streams)
+        if self.method.stat is not Stat.NONE and "calib" in toks:
+            # Dense block outputs: this block's, and the previous block's until its shard is durable.
+            states += 2 * self.hidden("dense", 0, *toks["calib"].shape).nbytes
         # The windows are saved by now (lm-eval's can take long to build): the fix is to resume, not restart.
         check_disk([(self.out, self.ckpt.total_bytes(), "the pruned checkpoint"),
                     (self.work.path, states, "hidden states (calibration, evaluation and lm-eval windows)")],
@@ -593,20 +599,25 @@ class PruneRun:
 
     def _block(
         self, i: int, stored: dict[str, torch.Tensor], streams: dict[str, torch.Tensor], sparsity: float,
-    ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]], dict[str, Any]] | None:
+    ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]], dict[str, Any], float | None] | None:
         """Block i observed, shrunk by its width plan, masked, and run to make the next block's inputs;
-        returns its output tensors, the matrices' records and the plan's record (None: a stop midway)."""
+        returns its output tensors, the matrices' records, the plan's record and the block's relative
+        output error against the dense block on the calibration inputs (None without calibration);
+        None when stopped midway."""
         layer = self.st.load_block(i, stored)
         b = self.cfg.batch_size
         try:
             stats, consumers = None, {}
+            error = OutputError()
             if self.observes:
                 watches: list[Watch] = []
                 if self.cfg.masks_observe:
                     watches.append((self.method.stat, linear_modules(layer), True))
                 watches += self._width_watches(layer)
+                # The dense outputs, kept (dense_i) for the block's output error; deleted with block i's inputs.
+                dense = self.hidden("dense", i, *streams["calib"].shape)
                 got = observe_all(self.st, i, layer, watches, self.hidden("calib", i, *streams["calib"].shape),
-                                  b, self.midblock_stop, world=self.world)
+                                  b, self.midblock_stop, dst=dense, world=self.world)
                 if got is None:
                     return None
                 stats = got.pop(0) if self.cfg.masks_observe else None
@@ -624,15 +635,23 @@ class PruneRun:
                                               i, layer, stored, stats, narrow=self.spec.widths)
             del stats  # a block's Gram matrices are freed before the pruned block runs
             for name, t in streams.items():
-                if name == "calib" and (not self.observes or i == self.n - 1):
+                if name == "calib" and not self.observes:
                     continue
-                src, dst = self.hidden(name, i, *t.shape), self.hidden(name, i + 1, *t.shape)
-                if not self.st.run_block(i, layer, src, b, dst=dst, stop=self.midblock_stop):
+                src = self.hidden(name, i, *t.shape)
+                # The last block's pruned calibration outputs feed no block: computed for the error only.
+                dst = None if name == "calib" and i == self.n - 1 else self.hidden(name, i + 1, *t.shape)
+                compare = _comparer(error, dense) if name == "calib" else None
+                if not self.st.run_block(i, layer, src, b, dst=dst, stop=self.midblock_stop, on_output=compare):
                     return None
             self._release(i)
         finally:
             self.st.release_block(i)
-        return out, records, plan
+        if not self.observes:
+            return out, records, plan, None
+        total = OutputError()  # every rank's windows, added in rank order
+        for part in self.world.gather((error.sq_diff, error.sq_dense)):
+            total.merge(OutputError(*part))
+        return out, records, plan, total.value
 
     def _width_watches(self, layer: nn.Module) -> list[Watch]:
         """What a width plan observes: the inputs of the matrices that read the removed channels and heads
@@ -774,6 +793,13 @@ class PruneRun:
                 lambda name: self.hidden(name, self.n, *streams[name].shape), self.cfg.batch_size)
         report.update(peak_figures(str(self.st.device), self.rank_peaks))  # last: the evaluation included
         return report
+
+
+def _comparer(error: OutputError, dense: HiddenFile) -> Callable[[int, int, torch.Tensor], None]:
+    """A run_block callback folding each micro-batch of pruned outputs, against the same windows of `dense`, into `error`."""
+    def compare(start: int, count: int, out: torch.Tensor) -> None:
+        error.add(out, dense.read(start, count).to(out.device))
+    return compare
 
 
 def _weighted_sparsity(records: list[dict[str, Any]]) -> float:

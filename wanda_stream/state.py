@@ -4,6 +4,7 @@ Files (every change is a temp file, fsync and rename, so a crash leaves the old 
   run.json    the configuration and the input checkpoint's fingerprint (written once)
   state.json  next block to do, per-block records, and the stage ('profile' for OWL's pass, 'blocks', 'done')
   tokens.safetensors, calib_*.bin / eval_*.bin / owl_*.bin   token windows and hidden states
+  dense_*.bin  block i's dense outputs on the calibration inputs (dense_i, while block i is pruned)
   lock        flock'ed by the process working on the run (the kernel drops it when that process dies)
 """
 
@@ -39,7 +40,7 @@ KILL_ENV = "WANDA_STREAM_KILL_AT"
 
 # Everything a run writes in its work dir (temporaries included, as a kill may leave them).
 _OWN_NAME = re.compile(
-    r"lock|(run\.json|state\.json|rank\d+\.json|tokens\.safetensors|(calib|eval|owl|tasks_\d{5})_\d{5}(\.r\d+)?\.bin)(\.tmp|\.partial)?")
+    r"lock|(run\.json|state\.json|rank\d+\.json|tokens\.safetensors|(calib|eval|owl|dense|tasks_\d{5})_\d{5}(\.r\d+)?\.bin)(\.tmp|\.partial)?")
 _RANK_HIDDEN = re.compile(r"\.r\d+\.bin")  # a rank's own hidden-state file of a run on several ranks
 _kill_counts: dict[str, int] = {}
 

@@ -196,8 +196,10 @@ class Streamer:
     def run_block(
         self, i: int, layer: nn.Module, src: HiddenFile, batch: int,
         dst: HiddenFile | None = None, stop: StopFlag | None = None,
+        on_output: Callable[[int, int, torch.Tensor], None] | None = None,
     ) -> bool:
-        """Run block i over every window of `src`, writing the outputs to `dst` when given.
+        """Run block i over every window of `src`, writing the outputs to `dst` when given, and passing
+        each micro-batch's (start, count, outputs) to `on_output` when given.
 
         Returns False (and writes nothing) when a stop was requested midway.
         """
@@ -213,6 +215,8 @@ class Streamer:
                 with torch.no_grad():
                     out = layer(h.to(self.device, non_blocking=True), **kwargs)
                 out = out[0] if isinstance(out, tuple) else out
+                if on_output is not None:
+                    on_output(start, count, out)
                 if writer is not None:
                     writer.write(out)
                     killpoint("hidden_write")

@@ -6,13 +6,14 @@ from dataclasses import Field, fields
 from typing import Any
 
 from wanda_stream.errors import InputError
+from wanda_stream.methods.alps import Alps
 from wanda_stream.methods.base import NM, Method, Observation, Pruned, Stat
 from wanda_stream.methods.magnitude import Magnitude
 from wanda_stream.methods.ria import Ria
 from wanda_stream.methods.sparsegpt import SparseGPT
 from wanda_stream.methods.wanda import Wanda
 
-METHODS: dict[str, type[Method[Any]]] = {m.name: m for m in (Wanda, Magnitude, Ria, SparseGPT)}
+METHODS: dict[str, type[Method[Any]]] = {m.name: m for m in (Wanda, Magnitude, Ria, SparseGPT, Alps)}
 # Where a method's statistic is missing (an MoE expert no calibration token was routed to).
 FALLBACK = Magnitude()
 

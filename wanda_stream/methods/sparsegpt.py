@@ -21,7 +21,7 @@ from typing import ClassVar
 
 import torch
 
-from wanda_stream import kernel
+from wanda_stream import fidelity, kernel
 from wanda_stream.errors import InputError
 from wanda_stream.methods.base import NM, Method, Observation, Pruned, Stat
 
@@ -30,11 +30,16 @@ DAMPENING_TRIES = 5
 
 @dataclass
 class HessianInverse:
-    """What every matrix reading one input shares: U (upper Cholesky of H^-1) and the dead inputs."""
+    """What every matrix reading one input shares: U (upper Cholesky of H^-1) and the dead inputs.
+
+    `shift` [in] is how far the factored H's diagonal exceeds the calibration's (the dampening, and 1
+    on dead inputs), for the layer-wise error.
+    """
 
     upper: torch.Tensor
     dead: torch.Tensor
     dampening: float
+    shift: torch.Tensor
 
 
 def inverse_hessian(gram: torch.Tensor, tokens: int, dampening: float) -> HessianInverse:
@@ -43,10 +48,8 @@ def inverse_hessian(gram: torch.Tensor, tokens: int, dampening: float) -> Hessia
 
     Scales `gram` in place. Raises the dampening tenfold while a factorization fails.
     """
-    h = kernel.symmetrize(gram).mul_(2.0 / max(tokens, 1))
+    h, dead = kernel.hessian(gram, tokens)
     diag = torch.arange(h.shape[0], device=h.device)
-    dead = torch.diagonal(h) == 0
-    h[diag[dead], diag[dead]] = 1.0
     base = torch.diagonal(h).clone()
     mean = float(base.mean())
     frac = dampening
@@ -54,7 +57,7 @@ def inverse_hessian(gram: torch.Tensor, tokens: int, dampening: float) -> Hessia
         h[diag, diag] = base + frac * mean
         u = _upper_inverse_factor(h)
         if u is not None:
-            return HessianInverse(u, dead, frac)
+            return HessianInverse(u, dead, frac, dead.to(torch.float32) + frac * mean)
         frac *= 10.0
     raise InputError(f"SparseGPT: the calibration Hessian ({h.shape[0]} inputs) is not positive definite even "
                      f"with dampening {frac / 10:g}; use more calibration tokens (--nsamples) or a larger --dampening")
@@ -151,4 +154,6 @@ class SparseGPT(Method[HessianInverse]):
 
     def prune(self, weight: torch.Tensor, prepared: HessianInverse, sparsity: float, nm: NM | None) -> Pruned:
         w, mask = sparsegpt_prune(weight, prepared, sparsity, nm, self.block_size)
-        return Pruned(mask, w, {"dampening": prepared.dampening})
+        error = fidelity.layer_error(fidelity.factor_quad(prepared.upper), prepared.shift,
+                                     weight.detach().to(torch.float32), w)
+        return Pruned(mask, w, {"dampening": prepared.dampening, "layer_error": error})
