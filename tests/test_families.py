@@ -32,6 +32,10 @@ LAYERS = 2
 DENSE = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=4,
              max_position_embeddings=256)
 ATTN = dict(DENSE, num_key_value_heads=2)
+DEEPSEEK_MOE = dict(moe_intermediate_size=32, n_shared_experts=1, n_routed_experts=4, n_group=2, topk_group=1,
+                    num_experts_per_tok=2, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=24,
+                    qk_rope_head_dim=8, v_head_dim=16, qk_nope_head_dim=16, routed_scaling_factor=2.5,
+                    tie_word_embeddings=False)
 
 
 def _configs() -> dict[str, Callable[[], Any]]:
@@ -61,19 +65,44 @@ def _configs() -> dict[str, Callable[[], Any]]:
                                                tie_word_embeddings=False),
         "qwen3_moe": lambda: tf.Qwen3MoeConfig(**ATTN, head_dim=16, moe_intermediate_size=32, num_experts=4,
                                                num_experts_per_tok=2, tie_word_embeddings=False),
+        # MLA with a q LoRA, block 0 dense, group-limited sigmoid routing (2 groups, 1 reachable), a shared expert
+        "deepseek_v3": lambda: tf.DeepseekV3Config(**dict(DENSE, num_key_value_heads=4), **DEEPSEEK_MOE),
+        "glm4_moe": lambda: tf.Glm4MoeConfig(**ATTN, moe_intermediate_size=32, n_routed_experts=4, n_shared_experts=1,
+                                             num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1,
+                                             use_qk_norm=True, attention_bias=True, tie_word_embeddings=False),
+        "qwen3_next": lambda: tf.Qwen3NextConfig(
+            **ATTN, head_dim=16, linear_conv_kernel_dim=4, linear_key_head_dim=8, linear_value_head_dim=8,
+            linear_num_key_heads=2, linear_num_value_heads=4, moe_intermediate_size=32,
+            shared_expert_intermediate_size=48, num_experts=4, num_experts_per_tok=2,
+            layer_types=["linear_attention", "full_attention"], tie_word_embeddings=False),
+        "gpt_oss": lambda: tf.GptOssConfig(
+            vocab_size=300, hidden_size=64, intermediate_size=32, num_hidden_layers=LAYERS, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=16,
+            layer_types=["sliding_attention", "full_attention"], max_position_embeddings=256,
+            tie_word_embeddings=False),
+        # block 0 a dense MLP, block 1 MoE (top-1, sigmoid-scaled inputs, a shared expert); chunked attention
+        "llama4_text": lambda: tf.Llama4TextConfig(
+            vocab_size=300, hidden_size=64, intermediate_size=32, intermediate_size_mlp=128, num_hidden_layers=LAYERS,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=1,
+            interleave_moe_layer_step=2, attention_chunk_size=16, max_position_embeddings=256,
+            tie_word_embeddings=False),
     }
 
 
 CONFIGS = _configs()
-MOE = ("mixtral", "qwen2_moe", "qwen3_moe")
+MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "glm4_moe", "qwen3_next")
 # What the tests know independently of the package: the MoE routers/gates, by module name, and the
 # hub's per-expert checkpoint keys.
 ROUTERS = ("gate", "shared_expert_gate")
 EXPERT_KEY = {"mixtral": "model.layers.{i}.block_sparse_moe.experts.{e}.{w}.weight",
               "qwen2_moe": "model.layers.{i}.mlp.experts.{e}.{w}.weight",
-              "qwen3_moe": "model.layers.{i}.mlp.experts.{e}.{w}.weight"}
+              "qwen3_moe": "model.layers.{i}.mlp.experts.{e}.{w}.weight",
+              "deepseek_v3": "model.layers.{i}.mlp.experts.{e}.{w}.weight",
+              "glm4_moe": "model.layers.{i}.mlp.experts.{e}.{w}.weight",
+              "qwen3_next": "model.layers.{i}.mlp.experts.{e}.{w}.weight"}
 EXPERT_MATRICES = {"mixtral": ("w1", "w2", "w3"), "qwen2_moe": ("gate_proj", "up_proj", "down_proj"),
-                   "qwen3_moe": ("gate_proj", "up_proj", "down_proj")}
+                   "qwen3_moe": ("gate_proj", "up_proj", "down_proj"), "deepseek_v3": ("gate_proj", "up_proj", "down_proj"),
+                   "glm4_moe": ("gate_proj", "up_proj", "down_proj"), "qwen3_next": ("gate_proj", "up_proj", "down_proj")}
 
 
 def _starve_last_expert(model: nn.Module) -> None:

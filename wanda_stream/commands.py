@@ -41,7 +41,7 @@ def build_prune_config(args: argparse.Namespace, world_size: int = 1) -> tuple[R
 
     model_dir, work_dir = args.model_dir.resolve(), _work_dir(args)
     probe = _probe_config(args)
-    ckpt, sk = open_model(model_dir)
+    ckpt, sk = open_model(model_dir, probe.output_dtype)
     check_pattern(ckpt, sk, probe.nm, args.pattern)
     fp = checkpoint_fingerprint(ckpt)
     config = sk.model.config
@@ -119,7 +119,7 @@ def _probe_config(args: argparse.Namespace) -> RunConfig:
         pattern=args.pattern, method=args.method, method_options=method_options,
         sparsity_profile=args.sparsity_profile, profile_options=profile_options, nsamples=args.nsamples,
         seqlen=resources.DEFAULT_SEQLEN if args.seqlen is None else args.seqlen,
-        eval_windows=args.eval_windows).validate()
+        eval_windows=args.eval_windows, save_dtype=args.save_dtype).validate()
 
 
 def _run_config(args: argparse.Namespace, seqlen: int, device: str, compute_dtype: str, batch: int, world_size: int,
@@ -137,7 +137,7 @@ def _run_config(args: argparse.Namespace, seqlen: int, device: str, compute_dtyp
         batch_size=batch, eval_data=args.eval_data, eval_windows=args.eval_windows, eval_seqlen=args.eval_seqlen,
         keep_work_dir=args.keep_work_dir, prefetch=not args.no_prefetch, world_size=world_size,
         calib_fingerprint=calib_fp, eval_fingerprint=eval_fp, chat_template=args.chat_template,
-        calib_field=args.calib_field, **_task_fields(args),
+        calib_field=args.calib_field, save_dtype=args.save_dtype, **_task_fields(args),
     ).validate()
 
 

@@ -27,8 +27,17 @@ EAGER = "eager"
 
 
 def expert_params(layer: nn.Module) -> dict[str, nn.Parameter]:
-    """The block's fused expert parameters ([experts, out, in]), by name relative to the block."""
-    return {n: p for n, p in layer.named_parameters() if p.dim() == 3}
+    """The block's fused expert parameters (3D: [experts, out, in], or [experts, in, out] where the family
+    stores them transposed), by name relative to the block. A convolution's 3D kernel (Qwen3-Next's
+    linear attention) is not one."""
+    out = {}
+    for mname, mod in layer.named_modules():
+        if isinstance(mod, nn.modules.conv._ConvNd):
+            continue
+        for pname, p in mod.named_parameters(recurse=False):
+            if p.dim() == 3:
+                out[f"{mname}.{pname}" if mname else pname] = p
+    return out
 
 
 def router_names(layer: nn.Module) -> set[str]:

@@ -140,7 +140,7 @@ class PruneRun:
         self.midblock_stop = stop if world.size == 1 else None
         self.out = Path(cfg.output_dir)
         self.work = WorkDir(Path(cfg.work_dir))
-        self.ckpt, self.sk = open_model(Path(cfg.model_dir))
+        self.ckpt, self.sk = open_model(Path(cfg.model_dir), cfg.output_dtype)
         self.st = Streamer(self.ckpt, self.sk, world.device(cfg.device), cfg.dtype, prefetch=cfg.prefetch)
         self.n = self.sk.n_layers
         self.total_shards = shard_count(self.n)
@@ -434,6 +434,7 @@ class PruneRun:
     def _finalize(self, state: RunState, streams: dict[str, torch.Tensor]) -> dict[str, Any]:
         report = self._report(state, streams)
         copy_side_files(Path(self.cfg.model_dir), self.out)
+        self._write_config()
         self._write_card(report)
         killpoint("finalize")
         weight_map = {}
@@ -453,6 +454,17 @@ class PruneRun:
         if not self.cfg.keep_work_dir:
             shutil.rmtree(self.work.path, ignore_errors=True)
         return report
+
+    def _write_config(self) -> None:
+        """config.json as the output's tensors are: no quantization_config once dequantized, their dtype."""
+        import json
+
+        from wanda_stream.quant import output_config
+
+        source = json.loads((Path(self.cfg.model_dir) / "config.json").read_text())
+        config = output_config(source, self.ckpt.dequantized, self.cfg.output_dtype)
+        if config != source:
+            atomic_write_json(self.out / "config.json", config)
 
     def _write_card(self, report: dict[str, Any]) -> None:
         """README.md: our model card, with the input's own card below it."""

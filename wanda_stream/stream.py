@@ -17,7 +17,7 @@ from torch import nn
 
 from wanda_stream.activations import HiddenFile, HiddenWriter, batches, read_ahead
 from wanda_stream.checkpoint import Checkpoint
-from wanda_stream.model import Skeleton, load_config, materialize, release, run_base_with_recorders
+from wanda_stream.model import Skeleton, load_config, materialize, release, run_base_with_recorders, stored_state
 from wanda_stream.state import StopFlag, killpoint
 
 # Logits cap some families apply after the head (transformers does it in the causal-LM forward).
@@ -25,9 +25,10 @@ LOGIT_SOFTCAP_ATTR = "final_logit_softcapping"
 LOGIT_CHUNK_BYTES = 32 * 1024 * 1024
 
 
-def open_model(model_dir: Path) -> tuple[Checkpoint, Skeleton]:
-    """Open a checkpoint, build its skeleton and check every tensor against the config."""
-    ckpt = Checkpoint(model_dir)
+def open_model(model_dir: Path, save_dtype: torch.dtype | None = None) -> tuple[Checkpoint, Skeleton]:
+    """Open a checkpoint (quantized weights presented as float, see Checkpoint), build its skeleton and
+    check every tensor against the config."""
+    ckpt = Checkpoint(model_dir, save_dtype)
     config = load_config(model_dir)
     sk = Skeleton.from_config(config)
     sk.bind(ckpt.keys())
@@ -40,7 +41,7 @@ def check_tensors(ckpt: Checkpoint, sk: Skeleton) -> None:
 
     Checked through the checkpoint layout (renamed keys, per-expert tensors fused on load), on shapes only.
     """
-    params = dict(sk.model.named_parameters(remove_duplicate=False))
+    params = stored_state(sk.model)
     sk.layout.check(ckpt.tensors, params, sk.tied, sk.is_block_key, ckpt.root)
 
 
