@@ -1,0 +1,120 @@
+"""Write a block-FP8 copy of a float checkpoint, as DeepSeek-V3's hub checkpoints store it, one tensor at a time.
+
+    python tools/make_fp8_checkpoint.py SRC_DIR OUT_DIR [--block 128 128] [--mtp]
+
+Every 2D `*proj*.weight` of the decoder blocks (attention, MLA's low-rank projections, experts, shared
+experts, dense MLPs; not routers, norms, embeddings or the head) becomes `weight` float8_e4m3fn and
+`weight_scale_inv` float32 [ceil(out/bo), ceil(in/bi)], with s = amax(|block|) / 448 and q = W / s
+rounded to e4m3 (partial blocks at ragged edges included). config.json gains DeepSeek-V3's
+quantization_config. `--mtp` appends a multi-token-prediction layer after the last block
+(`model.layers.{num_hidden_layers}`: a copy of the last block plus `enorm`, `hnorm`, `eh_proj` and
+`shared_head.norm`, and `num_nextn_predict_layers: 1`), as DeepSeek-V3's checkpoints carry one. For
+tests and benchmarks: the weights are whatever the source holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from wanda_stream.checkpoint import INDEX_NAME, Checkpoint, atomic_write_json, write_shard
+from wanda_stream.errors import InputError
+from wanda_stream.outputs import side_files
+
+E4M3_MAX = 448.0
+
+
+def quantize_fp8_block(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q float8_e4m3fn, scale_inv float32) with W ~ fp32(q) * s[i // bo, j // bi]."""
+    bo, bi = block
+    out, inp = w.shape
+    rows, cols = math.ceil(out / bo), math.ceil(inp / bi)
+    padded = torch.zeros(rows * bo, cols * bi, dtype=torch.float32)
+    padded[:out, :inp] = w.float()
+    tiles = padded.view(rows, bo, cols, bi)
+    scale = (tiles.abs().amax(dim=(1, 3)) / E4M3_MAX).clamp(min=1e-12)
+    q = (tiles / scale[:, None, :, None]).clamp(-E4M3_MAX, E4M3_MAX).view(rows * bo, cols * bi)[:out, :inp]
+    return q.to(torch.float8_e4m3fn).contiguous(), scale.contiguous()
+
+
+def quantizable(key: str, shape: tuple[int, ...]) -> bool:
+    """The tensors DeepSeek-V3 stores in FP8: 2D projection weights of the decoder layers."""
+    module, _, leaf = key.rpartition(".")
+    return ".layers." in key and leaf == "weight" and len(shape) == 2 and "proj" in module.rpartition(".")[2]
+
+
+def mtp_tensors(ckpt: Checkpoint, n_layers: int, hidden: int) -> dict[str, torch.Tensor]:
+    """A multi-token-prediction layer after the last block: that block's tensors and MTP's own."""
+    last, mtp = f"model.layers.{n_layers - 1}.", f"model.layers.{n_layers}."
+    g = torch.Generator().manual_seed(1)
+    out = {mtp + k[len(last):]: ckpt.get(k) for k in ckpt.keys() if k.startswith(last)}
+    dtype = next(iter(out.values())).dtype
+    out[mtp + "eh_proj.weight"] = (torch.randn(hidden, 2 * hidden, generator=g) * 0.05).to(dtype)
+    for name in ("enorm.weight", "hnorm.weight", "shared_head.norm.weight"):
+        out[mtp + name] = (1 + 0.1 * torch.randn(hidden, generator=g)).to(dtype)
+    return out
+
+
+def convert(src: Path, dst: Path, block: tuple[int, int], mtp: bool) -> dict[str, int]:
+    """Write the FP8 checkpoint; returns counts of quantized and copied tensors."""
+    ckpt = Checkpoint(src)
+    config = json.loads((src / "config.json").read_text())
+    dst.mkdir(parents=True, exist_ok=False)
+    groups: dict[str, dict[str, torch.Tensor | None]] = {}
+    for key in ckpt.keys():
+        groups.setdefault(ckpt.tensors[key].file, {})[key] = None  # read when its shard is written
+    if mtp:
+        groups["model-mtp.safetensors"] = dict(mtp_tensors(ckpt, config["num_hidden_layers"], config["hidden_size"]))
+    weight_map: dict[str, str] = {}
+    counts = {"quantized": 0, "copied": 0}
+    for fname, keys in groups.items():
+        tensors: dict[str, torch.Tensor] = {}
+        for key, t in keys.items():
+            t = ckpt.get(key) if t is None else t
+            if quantizable(key, tuple(t.shape)):
+                tensors[key], tensors[key + "_scale_inv"] = quantize_fp8_block(t, block)
+                counts["quantized"] += 1
+            else:
+                tensors[key] = t
+                counts["copied"] += 1
+        write_shard(dst / fname, [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()], tensors.__getitem__)
+        weight_map.update(dict.fromkeys(tensors, fname))
+    total = sum((dst / f).stat().st_size for f in set(weight_map.values()))
+    atomic_write_json(dst / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    for name in side_files(src):
+        if name != "config.json":
+            shutil.copy(src / name, dst / name)
+    config["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                     "weight_block_size": list(block)}
+    if mtp:
+        config["num_nextn_predict_layers"] = 1
+    atomic_write_json(dst / "config.json", config)
+    return counts
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse arguments, convert, print a JSON summary; exit 2 on bad input."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src", type=Path, help="a float safetensors checkpoint directory")
+    p.add_argument("out", type=Path, help="a new directory")
+    p.add_argument("--block", type=int, nargs=2, default=(128, 128), metavar=("ROWS", "COLS"),
+                   help="weight_block_size (default 128 128, DeepSeek-V3's)")
+    p.add_argument("--mtp", action="store_true", help="append a multi-token-prediction layer after the last block")
+    a = p.parse_args(argv)
+    try:
+        counts = convert(a.src, a.out, (a.block[0], a.block[1]), a.mtp)
+    except (InputError, FileExistsError) as e:
+        print(f"make_fp8_checkpoint: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(counts))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
