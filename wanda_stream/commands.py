@@ -89,8 +89,9 @@ def check_pattern(ckpt: Checkpoint, sk: Skeleton, nm: tuple[int, int] | None, pa
     """Refuse an N:M pattern that some pruned matrix's input size is not a multiple of, before any work."""
     if nm is None:
         return
-    for key in sorted(experts.pruned_keys(sk)):
-        width = ckpt.tensors[key].shape[-1]
+    for key, matrices in sorted(experts.pruned_matrices(sk).items()):
+        shape = ckpt.tensors[key].shape
+        width = shape[-2] if matrices[0].transposed else shape[-1]
         if width % nm[1]:
             raise InputError(f"--pattern {pattern}: '{key}' has {width} inputs, not a multiple of {nm[1]}; "
                              f"choose an M that divides the input sizes (2:4 and 4:8 fit most models)")

@@ -23,3 +23,6 @@ FAMILIES: dict[str, str] = {
     "qwen3_moe": "MoE: per-expert gate/up/down on disk, q/k norms",
 }
 TESTED_FAMILIES = tuple(FAMILIES)
+# Families whose fused experts are [experts, in, out] (x @ W[e]) although their experts module does not say
+# so (transformers marks the others with use_experts_implementation(is_transposed=...)).
+EXPERTS_IN_OUT = ("llama4_text",)

@@ -132,6 +132,12 @@ class Skeleton:
         index = key[len(head):].partition(".")[0]
         return index.isdigit() and int(index) < self.n_layers
 
+    def block_of(self, key: str) -> int | None:
+        """The index of the decoder block `key` belongs to, or None (see `is_block_key`)."""
+        if not self.is_block_key(key):
+            return None
+        return int(key[len(self.layers_prefix) + 1 :].partition(".")[0])
+
     def hidden_size(self) -> int:
         return int(self.model.config.get_text_config().hidden_size)
 

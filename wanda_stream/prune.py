@@ -82,18 +82,18 @@ def prune_block(
     # The block's compute-dtype weights (0.8 GB for a 7B block in float32) are not needed while its
     # matrices are pruned: freed here, rebuilt from the pruned tensors below.
     release(layer)
-    observed = {key: stats.obs.get(name) if stats is not None else None for key, name in keys.items()}
+    observed = {key: stats.obs.get(m.stat) if stats is not None else None for key, m in keys.items()}
     # A prepared statistic (a Hessian inverse: 0.5 GB for a 7B MLP input) lives while matrices still need it.
     users = Counter(id(o) for o in observed.values())
     prepared: dict[int, object] = {}
-    for key, name in keys.items():
+    for key, matrix in keys.items():
         obs = observed[key]
         fallback = method.stat is not Stat.NONE and obs is None
         m = FALLBACK if fallback else method
         if id(obs) not in prepared:
             prepared[id(obs)] = m.prepare(obs)
-        w = stored[key]
-        wd = w.to(st.device)
+        w = matrix.view(stored[matrix.key])  # a view: pruning it prunes the stored tensor
+        wd = w.to(st.device).contiguous()  # a transposed expert slice is pruned in a copy, written back below
         result = m.prune(wd, prepared[id(obs)], sparsity, nm)
         users[id(obs)] -= 1
         if not users[id(obs)]:
@@ -101,12 +101,11 @@ def prune_block(
         pruned = _pruned(wd, result)
         if pruned is not w:
             w.copy_(pruned)  # into the stored tensor: no second host copy of the block
-        out[key] = w
-        zeros = w.numel() - int(torch.count_nonzero(out[key]))  # (x == 0).sum() is 10x slower on CPU
+        zeros = w.numel() - int(torch.count_nonzero(w))  # (x == 0).sum() is 10x slower on CPU
         record: dict[str, Any] = {"name": key, "shape": list(w.shape), "dtype": str(w.dtype).removeprefix("torch."),
                                   "sparsity": zeros / w.numel(), **result.info}
-        if stats is not None and name in stats.tokens:
-            record["calib_tokens"] = stats.tokens[name]
+        if stats is not None and matrix.stat in stats.tokens:
+            record["calib_tokens"] = stats.tokens[matrix.stat]
         if fallback:
             record["fallback"] = "magnitude: no calibration token was routed to this expert"
         records.append(record)
@@ -317,8 +316,8 @@ class PruneRun:
                 if stats is None:
                     raise Interrupted(f"stopped during block {i} of the OWL pass")
                 keys = experts.prunable_keys(self.sk, i, layer, stored, linear_modules(layer))
-                ratios.append(outlier_ratio(((stored[k].to(self.st.device), stats.obs[n].stat)
-                                             for k, n in keys.items() if n in stats.obs), self.owl.m))
+                ratios.append(outlier_ratio(((m.view(stored[m.key]).to(self.st.device), stats.obs[m.stat].stat)
+                                             for m in keys.values() if m.stat in stats.obs), self.owl.m))
             finally:
                 release(self.sk.layers[i])
             if i + 1 == self.n:
