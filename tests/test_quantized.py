@@ -1,5 +1,5 @@
 """Quantized checkpoints in: block FP8 and MXFP4 dequantized by the reader, checked against hand-computed
-values; a tiny FP8 DeepSeek-V3 (tools/make_fp8_checkpoint.py) pruned streamed equals the same model
+values; a tiny FP8 DeepSeek-V3 (tools/make_quantized_checkpoint.py) pruned streamed equals the same model
 dequantized in memory and pruned by the reference."""
 
 from __future__ import annotations
@@ -157,7 +157,7 @@ def test_fp8_deepseek_pruned_equals_dequantized_reference(family_model: Callable
     from transformers import AutoModelForCausalLM
 
     fp8 = tmp_path / "fp8"
-    r = run_cli_tool("tools/make_fp8_checkpoint.py", str(family_model("deepseek_v3")), str(fp8), "--block", "16", "16",
+    r = run_cli_tool("tools/make_quantized_checkpoint.py", str(family_model("deepseek_v3")), str(fp8), "--block", "16", "16",
                      "--mtp")
     assert r.returncode == 0, r.stderr
     stored = load_state_dict(fp8)
@@ -189,6 +189,65 @@ def test_fp8_deepseek_pruned_equals_dequantized_reference(family_model: Callable
     assert ckpt.total_bytes() == want_bytes > sum(t.numel() * t.element_size() for t in stored.values())
     assert {ckpt.tensors[k].dtype for k in ckpt.keys() if k.endswith("proj.weight") and ".layers." in k} \
         == {torch.bfloat16}
+
+
+def _mxfp4_dequantized_copy(mx: Path, out: Path) -> Path:
+    """The MXFP4 checkpoint dequantized in memory by explicit loops over bytes, saved as float32."""
+    lut = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]
+    state = load_state_dict(mx)
+    dense: dict[str, torch.Tensor] = {}
+    for key, t in state.items():
+        if key.endswith("_scales"):
+            continue
+        if key.endswith("_blocks"):
+            scales = state[key.removesuffix("_blocks") + "_scales"]
+            n_exp, rows, groups, _ = t.shape
+            w = torch.empty(n_exp, groups * 32, rows)
+            for e in range(n_exp):
+                for r in range(rows):
+                    for g in range(groups):
+                        mult = 2.0 ** (int(scales[e, r, g]) - 127)
+                        for b in range(16):
+                            byte = int(t[e, r, g, b])
+                            w[e, g * 32 + 2 * b, r] = lut[byte & 0xF] * mult
+                            w[e, g * 32 + 2 * b + 1, r] = lut[byte >> 4] * mult
+            dense[key.removesuffix("_blocks")] = w
+        else:
+            dense[key] = t.float()
+    out.mkdir()
+    for f in mx.iterdir():
+        if f.suffix != ".safetensors" and not f.name.endswith(".index.json"):
+            shutil.copy(f, out / f.name)
+    config = json.loads((out / "config.json").read_text())
+    del config["quantization_config"]
+    (out / "config.json").write_text(json.dumps(config))
+    save_file(dense, str(out / "model.safetensors"))
+    return out
+
+
+def test_mxfp4_gpt_oss_pruned_equals_dequantized_reference(family_model: Callable[[str], Path],
+                                                          windows: torch.Tensor, tmp_path: Path) -> None:
+    """gpt-oss with MXFP4 experts: pruned streamed (float32 out) equals the model dequantized in memory and
+    pruned by the reference; the output holds float fused experts under their own names."""
+    from transformers import AutoModelForCausalLM
+
+    mx = tmp_path / "mx"
+    r = run_cli_tool("tools/make_quantized_checkpoint.py", str(family_model("gpt_oss")), str(mx), "--format", "mxfp4")
+    assert r.returncode == 0, r.stderr
+    stored = load_state_dict(mx)
+    assert stored["model.layers.0.mlp.experts.gate_up_proj_blocks"].shape == (4, 64, 2, 16)
+    out = tmp_path / "out"
+    assert main(["prune", str(mx), str(out), *CALIB_ARGS, "--save-dtype", "float32"]) == 0
+    written = load_state_dict(out)
+    assert written["model.layers.0.mlp.experts.gate_up_proj"].shape == (4, 64, 64)
+    assert not any(k.endswith(("_blocks", "_scales")) for k in written)
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    dense = _mxfp4_dequantized_copy(mx, tmp_path / "dense")
+    ref, _ = _moe_reference(dense, windows, 0.5)
+    got = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).state_dict()
+    assert set(got) == set(ref)
+    for key, t in got.items():
+        assert torch.equal(t, ref[key]), key
 
 
 def run_cli_tool(script: str, *args: str) -> subprocess.CompletedProcess:

@@ -1,16 +1,21 @@
 """Mixture-of-experts blocks: which tensors get pruned, routers, and per-expert inputs.
 
-transformers 5 holds a MoE block's experts as 3D parameters ([experts, out, in], e.g. Mixtral's
-`gate_up_proj` of experts x 2*intermediate x hidden), fused on load from the checkpoint's
-per-expert tensors (see layout.py). A forward hook on nn.Linear sees none of them. But the eager
-experts forward of transformers runs `F.linear(x_e, W[e])` on exactly the tokens routed to expert
-e, so watching F.linear calls whose weight is a slice of a 3D block parameter gives every expert's
-inputs: the routed hidden states for gate/up, that expert's intermediate activations
-for down. Routing is transformers' own; nothing here re-implements it.
+transformers 5 holds a MoE block's experts as 3D parameters: [experts, out, in] (Mixtral's
+`gate_up_proj` of experts x 2*intermediate x hidden, Qwen, DeepSeek-V3, GLM-4.5), or [experts, in,
+out] (gpt-oss, Llama 4). Most checkpoints store them per expert and transformers fuses them on load
+(see layout.py); gpt-oss and Llama 4 store the fused tensor itself, which is then pruned one expert
+slice at a time (`Matrix`). A forward hook on nn.Linear sees none of them. But the eager experts
+forward of transformers runs `F.linear(x_e, W[e])` (or `x_e @ W[e]`, gpt-oss) on exactly the tokens
+routed to expert e, so watching those calls, where the weight is a slice of a 3D block parameter,
+gives every expert's inputs: the routed hidden states for gate/up, that expert's intermediate
+activations for down. Llama 4 runs `bmm` over all experts at once, every token scaled by its router
+score, so an expert's tokens there are its nonzero rows. Routing is transformers' own; nothing here
+re-implements it.
 
 Routers are never pruned: the router of transformers 5 is not an nn.Linear (MixtralTopKRouter and
 the like hold a bare weight), and any nn.Linear sitting directly in a module that holds experts
-(Qwen2-MoE's `shared_expert_gate`, an older-style `gate` router) is a gate, not an expert matrix.
+(Qwen2-MoE's `shared_expert_gate`, Llama 4's `router`, an older-style `gate` router) is a gate, not
+an expert matrix.
 """
 
 from __future__ import annotations

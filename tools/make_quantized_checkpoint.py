@@ -1,15 +1,23 @@
-"""Write a block-FP8 copy of a float checkpoint, as DeepSeek-V3's hub checkpoints store it, one tensor at a time.
+"""Write a block-FP8 or MXFP4 copy of a float checkpoint, as the hub's quantized checkpoints store them.
 
-    python tools/make_fp8_checkpoint.py SRC_DIR OUT_DIR [--block 128 128] [--mtp]
+    python tools/make_quantized_checkpoint.py SRC_DIR OUT_DIR [--block 128 128] [--mtp]   # block FP8
+    python tools/make_quantized_checkpoint.py SRC_DIR OUT_DIR --format mxfp4              # gpt-oss MXFP4
 
-Every 2D `*proj*.weight` of the decoder blocks (attention, MLA's low-rank projections, experts, shared
-experts, dense MLPs; not routers, norms, embeddings or the head) becomes `weight` float8_e4m3fn and
-`weight_scale_inv` float32 [ceil(out/bo), ceil(in/bi)], with s = amax(|block|) / 448 and q = W / s
-rounded to e4m3 (partial blocks at ragged edges included). config.json gains DeepSeek-V3's
-quantization_config. `--mtp` appends a multi-token-prediction layer after the last block
-(`model.layers.{num_hidden_layers}`: a copy of the last block plus `enorm`, `hnorm`, `eh_proj` and
-`shared_head.norm`, and `num_nextn_predict_layers: 1`), as DeepSeek-V3's checkpoints carry one. For
-tests and benchmarks: the weights are whatever the source holds.
+fp8 (DeepSeek-V3's format): every 2D `*proj*.weight` of the decoder blocks (attention, MLA's low-rank
+projections, experts, shared experts, dense MLPs; not routers, norms, embeddings or the head) becomes
+`weight` float8_e4m3fn and `weight_scale_inv` float32 [ceil(out/bo), ceil(in/bi)], with
+s = amax(|block|) / 448 and q = W / s rounded to e4m3 (partial blocks at ragged edges included).
+`--mtp` appends a multi-token-prediction layer after the last block (`model.layers.{num_hidden_layers}`:
+a copy of the last block plus `enorm`, `hnorm`, `eh_proj` and `shared_head.norm`, and
+`num_nextn_predict_layers: 1`), as DeepSeek-V3's checkpoints carry one.
+
+mxfp4 (gpt-oss's format): every fused expert tensor `*.experts.gate_up_proj` / `*.experts.down_proj`
+([experts, in, out]) becomes `*_blocks` uint8 [experts, out, in/32, 16] and `*_scales` uint8
+[experts, out, in/32]: per 32 inputs a power of two 2^(s - 127) with s - 127 = floor(log2(amax)) - 2
+(the OCP MX rule), values rounded to the nearest e2m1 and clamped to +-6, two a byte, low nibble first.
+
+config.json gains the format's quantization_config. For tests and benchmarks: one tensor in memory at
+a time, the weights are whatever the source holds.
 """
 
 from __future__ import annotations
@@ -26,8 +34,15 @@ import torch
 from wanda_stream.checkpoint import INDEX_NAME, Checkpoint, atomic_write_json, write_shard
 from wanda_stream.errors import InputError
 from wanda_stream.outputs import side_files
+from wanda_stream.quant import E2M1, MX_GROUP
 
 E4M3_MAX = 448.0
+QUANT_CONFIGS = {
+    "fp8": lambda block: {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                          "weight_block_size": list(block)},
+    "mxfp4": lambda block: {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]},
+}
 
 
 def quantize_fp8_block(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,6 +56,27 @@ def quantize_fp8_block(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.T
     scale = (tiles.abs().amax(dim=(1, 3)) / E4M3_MAX).clamp(min=1e-12)
     q = (tiles / scale[:, None, :, None]).clamp(-E4M3_MAX, E4M3_MAX).view(rows * bo, cols * bi)[:out, :inp]
     return q.to(torch.float8_e4m3fn).contiguous(), scale.contiguous()
+
+
+def quantize_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(blocks, scales) of a fused [experts, in, out] tensor, stored [experts, out, in/32, 16] and [.., in/32]."""
+    t = w.float().transpose(-1, -2)
+    *lead, rows, inp = t.shape
+    groups = t.reshape(*lead, rows, inp // MX_GROUP, MX_GROUP)
+    amax = groups.abs().amax(dim=-1)
+    exp = torch.where(amax > 0, torch.floor(torch.log2(amax.clamp(min=2.0 ** -126))) - 2, torch.zeros_like(amax))
+    exp = exp.clamp(-127, 127)
+    scaled = (groups / torch.ldexp(torch.ones_like(exp), exp.int()).unsqueeze(-1)).clamp(-6.0, 6.0)
+    mags = torch.tensor(E2M1[:8])
+    code = (scaled.abs().unsqueeze(-1) - mags).abs().argmin(dim=-1)  # the nearest magnitude, ties low
+    code = code + 8 * (scaled < 0).to(code.dtype)
+    blocks = (code[..., 0::2] | (code[..., 1::2] << 4)).to(torch.uint8)
+    return blocks.contiguous(), (exp + 127).to(torch.uint8).contiguous()
+
+
+def mxfp4_quantizable(key: str, shape: tuple[int, ...]) -> bool:
+    """gpt-oss's MXFP4 tensors: the fused experts' weights (not their biases)."""
+    return ".experts." in key and key.rsplit(".", 1)[-1] in ("gate_up_proj", "down_proj") and len(shape) == 3
 
 
 def quantizable(key: str, shape: tuple[int, ...]) -> bool:
@@ -61,8 +97,8 @@ def mtp_tensors(ckpt: Checkpoint, n_layers: int, hidden: int) -> dict[str, torch
     return out
 
 
-def convert(src: Path, dst: Path, block: tuple[int, int], mtp: bool) -> dict[str, int]:
-    """Write the FP8 checkpoint; returns counts of quantized and copied tensors."""
+def convert(src: Path, dst: Path, fmt: str, block: tuple[int, int], mtp: bool) -> dict[str, int]:
+    """Write the quantized checkpoint; returns counts of quantized and copied tensors."""
     ckpt = Checkpoint(src)
     config = json.loads((src / "config.json").read_text())
     dst.mkdir(parents=True, exist_ok=False)
@@ -77,8 +113,11 @@ def convert(src: Path, dst: Path, block: tuple[int, int], mtp: bool) -> dict[str
         tensors: dict[str, torch.Tensor] = {}
         for key, t in keys.items():
             t = ckpt.get(key) if t is None else t
-            if quantizable(key, tuple(t.shape)):
+            if fmt == "fp8" and quantizable(key, tuple(t.shape)):
                 tensors[key], tensors[key + "_scale_inv"] = quantize_fp8_block(t, block)
+                counts["quantized"] += 1
+            elif fmt == "mxfp4" and mxfp4_quantizable(key, tuple(t.shape)):
+                tensors[key + "_blocks"], tensors[key + "_scales"] = quantize_mxfp4(t)
                 counts["quantized"] += 1
             else:
                 tensors[key] = t
@@ -90,8 +129,7 @@ def convert(src: Path, dst: Path, block: tuple[int, int], mtp: bool) -> dict[str
     for name in side_files(src):
         if name != "config.json":
             shutil.copy(src / name, dst / name)
-    config["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
-                                     "weight_block_size": list(block)}
+    config["quantization_config"] = QUANT_CONFIGS[fmt](block)
     if mtp:
         config["num_nextn_predict_layers"] = 1
     atomic_write_json(dst / "config.json", config)
@@ -103,14 +141,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", type=Path, help="a float safetensors checkpoint directory")
     p.add_argument("out", type=Path, help="a new directory")
+    p.add_argument("--format", choices=tuple(QUANT_CONFIGS), default="fp8", help="fp8 (block FP8) or mxfp4")
     p.add_argument("--block", type=int, nargs=2, default=(128, 128), metavar=("ROWS", "COLS"),
                    help="weight_block_size (default 128 128, DeepSeek-V3's)")
     p.add_argument("--mtp", action="store_true", help="append a multi-token-prediction layer after the last block")
     a = p.parse_args(argv)
     try:
-        counts = convert(a.src, a.out, (a.block[0], a.block[1]), a.mtp)
+        counts = convert(a.src, a.out, a.format, (a.block[0], a.block[1]), a.mtp)
     except (InputError, FileExistsError) as e:
-        print(f"make_fp8_checkpoint: error: {e}", file=sys.stderr)
+        print(f"make_quantized_checkpoint: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(counts))
     return 0
