@@ -170,6 +170,8 @@ def test_fp8_deepseek_pruned_equals_dequantized_reference(family_model: Callable
                                                                        for t in written.values())
     config = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in config and config["dtype"] == "float32"
+    report = json.loads((out / "wanda_stream.json").read_text())
+    assert report["dequantized"] == {"quant_method": "fp8", "to": "float32"}
     assert config["num_nextn_predict_layers"] == 1
     dense = _dequantized_copy(fp8, tmp_path / "dense")
     ref, _ = _moe_reference(dense, windows, 0.5)

@@ -16,6 +16,11 @@ mxfp4 (gpt-oss's format): every fused expert tensor `*.experts.gate_up_proj` / `
 [experts, out, in/32]: per 32 inputs a power of two 2^(s - 127) with s - 127 = floor(log2(amax)) - 2
 (the OCP MX rule), values rounded to the nearest e2m1 and clamped to +-6, two a byte, low nibble first.
 
+`--per-expert` first splits fused experts in transformers' in-memory layout (`*.experts.gate_up_proj`
+[experts, 2*inter, hidden], `*.experts.down_proj` [experts, hidden, inter], as tools/make_synthetic_model.py
+writes MoE models) into the hub's per-expert `experts.{e}.gate_proj/up_proj/down_proj.weight` (the
+Qwen-MoE, DeepSeek-V3 and GLM-4.5 layout).
+
 config.json gains the format's quantization_config. For tests and benchmarks: one tensor in memory at
 a time, the weights are whatever the source holds.
 """
@@ -85,6 +90,19 @@ def quantizable(key: str, shape: tuple[int, ...]) -> bool:
     return ".layers." in key and leaf == "weight" and len(shape) == 2 and "proj" in module.rpartition(".")[2]
 
 
+def per_expert(key: str, t: torch.Tensor) -> dict[str, torch.Tensor] | None:
+    """A fused in-memory expert tensor as the hub's per-expert tensors; None for any other tensor."""
+    holder, _, leaf = key.rpartition(".")
+    if not holder.endswith(".experts") or t.dim() != 3 or leaf not in ("gate_up_proj", "down_proj"):
+        return None
+    if leaf == "down_proj":
+        return {f"{holder}.{e}.down_proj.weight": t[e].contiguous() for e in range(t.shape[0])}
+    gate, up = t.chunk(2, dim=1)
+    out = {f"{holder}.{e}.gate_proj.weight": gate[e].contiguous() for e in range(t.shape[0])}
+    out.update({f"{holder}.{e}.up_proj.weight": up[e].contiguous() for e in range(t.shape[0])})
+    return out
+
+
 def mtp_tensors(ckpt: Checkpoint, n_layers: int, hidden: int) -> dict[str, torch.Tensor]:
     """A multi-token-prediction layer after the last block: that block's tensors and MTP's own."""
     last, mtp = f"model.layers.{n_layers - 1}.", f"model.layers.{n_layers}."
@@ -97,7 +115,7 @@ def mtp_tensors(ckpt: Checkpoint, n_layers: int, hidden: int) -> dict[str, torch
     return out
 
 
-def convert(src: Path, dst: Path, fmt: str, block: tuple[int, int], mtp: bool) -> dict[str, int]:
+def convert(src: Path, dst: Path, fmt: str, block: tuple[int, int], mtp: bool, split: bool) -> dict[str, int]:
     """Write the quantized checkpoint; returns counts of quantized and copied tensors."""
     ckpt = Checkpoint(src)
     config = json.loads((src / "config.json").read_text())
@@ -111,8 +129,11 @@ def convert(src: Path, dst: Path, fmt: str, block: tuple[int, int], mtp: bool) -
     counts = {"quantized": 0, "copied": 0}
     for fname, keys in groups.items():
         tensors: dict[str, torch.Tensor] = {}
+        parts: dict[str, torch.Tensor] = {}
         for key, t in keys.items():
             t = ckpt.get(key) if t is None else t
+            parts.update((split and per_expert(key, t)) or {key: t})
+        for key, t in parts.items():
             if fmt == "fp8" and quantizable(key, tuple(t.shape)):
                 tensors[key], tensors[key + "_scale_inv"] = quantize_fp8_block(t, block)
                 counts["quantized"] += 1
@@ -144,10 +165,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--format", choices=tuple(QUANT_CONFIGS), default="fp8", help="fp8 (block FP8) or mxfp4")
     p.add_argument("--block", type=int, nargs=2, default=(128, 128), metavar=("ROWS", "COLS"),
                    help="weight_block_size (default 128 128, DeepSeek-V3's)")
+    p.add_argument("--per-expert", action="store_true",
+                   help="split fused in-memory experts into the hub's per-expert tensors first")
     p.add_argument("--mtp", action="store_true", help="append a multi-token-prediction layer after the last block")
     a = p.parse_args(argv)
     try:
-        counts = convert(a.src, a.out, a.format, (a.block[0], a.block[1]), a.mtp)
+        counts = convert(a.src, a.out, a.format, (a.block[0], a.block[1]), a.mtp, a.per_expert)
     except (InputError, FileExistsError) as e:
         print(f"make_quantized_checkpoint: error: {e}", file=sys.stderr)
         return 2

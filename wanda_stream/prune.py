@@ -483,6 +483,10 @@ class PruneRun:
             "block_loop_seconds_this_process": round(self.loop_seconds, 3),
         }
         report["total_sparsity"] = _weighted_sparsity([m for b in state.blocks for m in b["matrices"]])
+        if self.ckpt.dequantized:
+            qc = self.ckpt.quantization_config or {}
+            report["dequantized"] = {"quant_method": qc.get("quant_method"),
+                                     "to": str(self.cfg.output_dtype or torch.bfloat16).removeprefix("torch.")}
         report["method"] = {"name": self.method.name, "paper": self.method.paper, **self.cfg.method_options}
         if self.owl is not None:
             report["sparsity_profile"] = {"name": "owl", "paper": OWL_PAPER, **self.cfg.profile_options,
