@@ -19,7 +19,8 @@ from torch import nn
 def _layers(model: nn.Module) -> nn.ModuleList:
     base = model.get_decoder()
     n = model.config.get_text_config().num_hidden_layers
-    return next(m for m in base.children() if isinstance(m, nn.ModuleList) and len(m) == n)
+    # get_decoder() of Llama 4's text model is the model itself: its blocks are one level further down.
+    return next(m for m in base.modules() if isinstance(m, nn.ModuleList) and len(m) == n)
 
 
 def capture_block_inputs(

@@ -32,6 +32,10 @@ LAYERS = 2
 DENSE = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=4,
              max_position_embeddings=256)
 ATTN = dict(DENSE, num_key_value_heads=2)
+DEEPSEEK_MOE = dict(moe_intermediate_size=32, n_shared_experts=1, n_routed_experts=4, n_group=2, topk_group=1,
+                    num_experts_per_tok=2, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=24,
+                    qk_rope_head_dim=8, v_head_dim=16, qk_nope_head_dim=16, routed_scaling_factor=2.5,
+                    tie_word_embeddings=False)
 
 
 def _configs() -> dict[str, Callable[[], Any]]:
@@ -61,19 +65,48 @@ def _configs() -> dict[str, Callable[[], Any]]:
                                                tie_word_embeddings=False),
         "qwen3_moe": lambda: tf.Qwen3MoeConfig(**ATTN, head_dim=16, moe_intermediate_size=32, num_experts=4,
                                                num_experts_per_tok=2, tie_word_embeddings=False),
+        # MLA with a q LoRA, block 0 dense, group-limited sigmoid routing (2 groups, 1 reachable), a shared expert
+        "deepseek_v3": lambda: tf.DeepseekV3Config(**dict(DENSE, num_key_value_heads=4), **DEEPSEEK_MOE),
+        "glm4_moe": lambda: tf.Glm4MoeConfig(**ATTN, moe_intermediate_size=32, n_routed_experts=4, n_shared_experts=1,
+                                             num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1,
+                                             use_qk_norm=True, attention_bias=True, tie_word_embeddings=False),
+        "qwen3_next": lambda: tf.Qwen3NextConfig(
+            **ATTN, head_dim=16, linear_conv_kernel_dim=4, linear_key_head_dim=8, linear_value_head_dim=8,
+            linear_num_key_heads=2, linear_num_value_heads=4, moe_intermediate_size=32,
+            shared_expert_intermediate_size=48, num_experts=4, num_experts_per_tok=2,
+            layer_types=["linear_attention", "full_attention"], tie_word_embeddings=False),
+        "gpt_oss": lambda: tf.GptOssConfig(
+            vocab_size=300, hidden_size=64, intermediate_size=32, num_hidden_layers=LAYERS, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=16,
+            layer_types=["sliding_attention", "full_attention"], max_position_embeddings=256,
+            tie_word_embeddings=False),
+        # block 0 a dense MLP, block 1 MoE (top-1, sigmoid-scaled inputs, a shared expert); chunked attention
+        "llama4_text": lambda: tf.Llama4TextConfig(
+            vocab_size=300, hidden_size=64, intermediate_size=32, intermediate_size_mlp=128, num_hidden_layers=LAYERS,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=1,
+            interleave_moe_layer_step=2, attention_chunk_size=16, max_position_embeddings=256,
+            tie_word_embeddings=False),
     }
 
 
 CONFIGS = _configs()
-MOE = ("mixtral", "qwen2_moe", "qwen3_moe")
+MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "glm4_moe", "qwen3_next", "gpt_oss", "llama4_text")
 # What the tests know independently of the package: the MoE routers/gates, by module name, and the
 # hub's per-expert checkpoint keys.
-ROUTERS = ("gate", "shared_expert_gate")
+ROUTERS = ("gate", "shared_expert_gate", "router")
+FUSED = ("gpt_oss", "llama4_text")  # experts stored fused ([experts, in, out]) on disk, as in memory
 EXPERT_KEY = {"mixtral": "model.layers.{i}.block_sparse_moe.experts.{e}.{w}.weight",
               "qwen2_moe": "model.layers.{i}.mlp.experts.{e}.{w}.weight",
-              "qwen3_moe": "model.layers.{i}.mlp.experts.{e}.{w}.weight"}
+              "qwen3_moe": "model.layers.{i}.mlp.experts.{e}.{w}.weight",
+              "deepseek_v3": "model.layers.{i}.mlp.experts.{e}.{w}.weight",
+              "glm4_moe": "model.layers.{i}.mlp.experts.{e}.{w}.weight",
+              "qwen3_next": "model.layers.{i}.mlp.experts.{e}.{w}.weight",
+              "gpt_oss": "model.layers.{i}.mlp.experts.{w}[{e}]",
+              "llama4_text": "model.layers.{i}.feed_forward.experts.{w}[{e}]"}
 EXPERT_MATRICES = {"mixtral": ("w1", "w2", "w3"), "qwen2_moe": ("gate_proj", "up_proj", "down_proj"),
-                   "qwen3_moe": ("gate_proj", "up_proj", "down_proj")}
+                   "qwen3_moe": ("gate_proj", "up_proj", "down_proj"), "deepseek_v3": ("gate_proj", "up_proj", "down_proj"),
+                   "glm4_moe": ("gate_proj", "up_proj", "down_proj"), "qwen3_next": ("gate_proj", "up_proj", "down_proj"),
+                   "gpt_oss": ("gate_up_proj", "down_proj"), "llama4_text": ("gate_up_proj", "down_proj")}
 
 
 def _starve_last_expert(model: nn.Module) -> None:
@@ -155,6 +188,33 @@ def test_streamed_forward_matches_transformers(family: str, family_model: Callab
     assert nll == pytest.approx(want_nll.item(), rel=1e-5)
 
 
+def _experts_of(layer: nn.Module) -> nn.Module | None:
+    """The block's routed-experts module (holding the fused gate_up_proj), if it has one."""
+    return next((m for n, m in layer.named_modules() if n.endswith("experts") and hasattr(m, "gate_up_proj")), None)
+
+
+def _expert_parts(family: str, experts: nn.Module, calls: list[tuple], scores: list[torch.Tensor],
+                  e: int) -> tuple[torch.Tensor, list[tuple[torch.Tensor, str]], torch.Tensor]:
+    """Expert e's routed inputs, its [out, in] matrices (views of the fused parameters, each with which input
+    it reads: 'in' or 'act'), and the inputs of its down projection, computed here from the tensors the
+    experts module and the router were called with."""
+    gate_up, down = experts.gate_up_proj.data, experts.down_proj.data
+    if family == "llama4_text":  # inputs pre-scaled by the sigmoid router score (0: not routed)
+        n_exp = gate_up.shape[0]
+        xs = torch.cat([x.view(n_exp, -1, x.shape[-1])[e][sc[:, e] > 0] for (x,), sc in zip(calls, scores)])
+        g, u = (xs @ gate_up[e]).chunk(2, dim=-1)
+        return xs, [(gate_up[e].T, "in"), (down[e].T, "act")], u * experts.act_fn(g)
+    xs = torch.cat([h[(idx == e).any(dim=-1)] for h, idx, *_ in calls])
+    if family == "gpt_oss":  # [in, out] experts with biases, gate/up interleaved, clamped SwiGLU
+        gu = xs @ gate_up[e] + experts.gate_up_proj_bias.data[e]
+        gate, up = gu[..., ::2].clamp(max=experts.limit), gu[..., 1::2].clamp(-experts.limit, experts.limit)
+        act = (up + 1) * gate * torch.sigmoid(gate * experts.alpha)
+        return xs, [(gate_up[e].T, "in"), (down[e].T, "act")], act
+    inter = down.shape[-1]
+    g, u = torch.nn.functional.linear(xs, gate_up[e]).chunk(2, dim=-1)
+    return xs, [(gate_up[e, :inter], "in"), (gate_up[e, inter:], "in"), (down[e], "act")], experts.act_fn(g) * u
+
+
 def _moe_reference(model_dir: Path, tokens: torch.Tensor, sparsity: float) -> tuple[dict[str, torch.Tensor],
                                                                                      dict[tuple[int, int], int]]:
     """Wanda with the whole MoE model in memory: per-expert statistics from the tokens routed to each expert.
@@ -165,43 +225,47 @@ def _moe_reference(model_dir: Path, tokens: torch.Tensor, sparsity: float) -> tu
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    family = model.config.model_type
     layers = _layers(model)
     inputs, kwargs = capture_block_inputs(model, layers, tokens)
     routed_tokens: dict[tuple[int, int], int] = {}
     for i, layer in enumerate(layers):
         linears = {n: m for n, m in layer.named_modules()
                    if isinstance(m, nn.Linear) and n.rpartition(".")[2] not in ROUTERS}
-        routed: list[tuple[torch.Tensor, torch.Tensor]] = []
-        experts = getattr(layer.mlp, "experts", None)
-        extra = [] if experts is None else [
-            experts.register_forward_pre_hook(lambda mod, args: routed.append((args[0], args[1])))]
+        calls: list[tuple] = []
+        scores: list[torch.Tensor] = []
+        experts = _experts_of(layer)
+        extra = [] if experts is None else [experts.register_forward_pre_hook(lambda mod, args: calls.append(args))]
+        if experts is not None and family == "llama4_text":
+            router = layer.feed_forward.router
+            extra.append(router.register_forward_hook(lambda mod, args, out: scores.append(out[0])))
         sums = linear_input_sums(layer, linears, inputs, kwargs[i], extra)
         for n, m in linears.items():
             mask = ref_mask(m.weight.data, sums[n], sparsity, None, per_matrix=False)
             with torch.no_grad():
                 m.weight.masked_fill_(mask, 0)
         if experts is not None:
-            gate_up, down = experts.gate_up_proj.data, experts.down_proj.data
-            inter = down.shape[-1]
-            for e in range(gate_up.shape[0]):
-                xs = torch.cat([h[(idx == e).any(dim=-1)] for h, idx in routed])
-                parts = [gate_up[e, :inter], gate_up[e, inter:], down[e]]  # gate (w1), up (w3), down (w2)
+            for e in range(experts.gate_up_proj.shape[0]):
+                xs, parts, act = _expert_parts(family, experts, calls, scores, e)
                 routed_tokens[(i, e)] = xs.shape[0]
-                if xs.shape[0] == 0:
-                    masks = [ref_mask(w, None, sparsity, None, per_matrix=True) for w in parts]
-                else:
-                    g, u = torch.nn.functional.linear(xs, gate_up[e]).chunk(2, dim=-1)
-                    act = experts.act_fn(g) * u
-                    sq_in, sq_act = (xs.double() ** 2).sum(0), (act.double() ** 2).sum(0)
-                    masks = [ref_mask(parts[0], sq_in, sparsity, None, False),
-                             ref_mask(parts[1], sq_in, sparsity, None, False),
-                             ref_mask(parts[2], sq_act, sparsity, None, False)]
-                for w, mk in zip(parts, masks):
+                sq = {"in": (xs.double() ** 2).sum(0), "act": (act.double() ** 2).sum(0)}
+                for w, reads in parts:
+                    if xs.shape[0] == 0:
+                        mk = ref_mask(w, None, sparsity, None, per_matrix=True)
+                    else:
+                        mk = ref_mask(w, sq[reads], sparsity, None, False)
                     w.masked_fill_(mk, 0)
         with torch.no_grad():
             outs = [layer(x, **kw) for x, kw in zip(inputs, kwargs[i])]
             inputs = [o[0] if isinstance(o, tuple) else o for o in outs]
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, routed_tokens
+
+
+def _expert_records(family: str, src: dict[str, torch.Tensor]) -> set[str]:
+    """The report names the test expects for the pruned matrices of a checkpoint's expert tensors."""
+    if family not in FUSED:
+        return set()
+    return {f"{k}[{e}]" for k, t in src.items() if t.dim() == 3 and ".experts." in k for e in range(t.shape[0])}
 
 
 @pytest.mark.parametrize("family,dtype", [pytest.param(f, torch.float32, id=f) for f in CONFIGS]
@@ -229,10 +293,11 @@ def test_streamed_prune_equals_reference(family: str, dtype: torch.dtype, family
     # Every 2D block tensor but the routers is pruned to half; routers, norms and embeddings are untouched.
     report = json.loads((out / "wanda_stream.json").read_text())
     records = {m["name"]: m for b in report["blocks"] for m in b["matrices"]}
-    assert set(records) == {k for k, t in src.items()
-                            if ".layers." in k and t.dim() == 2 and k.split(".")[-2] not in ROUTERS}
+    assert set(records) == {k for k, t in src.items() if ".layers." in k and t.dim() == 2
+                            and k.endswith("weight") and k.split(".")[-2] not in ROUTERS} | _expert_records(family, src)
+    pruned_keys = {n.partition("[")[0] for n in records}
     for key, t in written.items():
-        if key in records:
+        if key in pruned_keys:
             assert (t == 0).float().mean().item() == pytest.approx(0.5, abs=1e-6), key
         else:
             assert torch.equal(t, src[key]), key
@@ -255,7 +320,9 @@ def test_streamed_prune_equals_reference(family: str, dtype: torch.dtype, family
         for w in EXPERT_MATRICES[family]:
             per_expert = [counted[EXPERT_KEY[family].format(i=i, e=e, w=w)] for j, e in routed if j == i]
             assert sum(per_expert) == tokens.numel() * top_k, (i, w)
-    if family in MOE:
+    if family in FUSED:
+        assert any(k.endswith("experts.gate_up_proj") and t.dim() == 3 for k, t in src.items())
+    elif family in MOE:
         assert any(".experts.0." in k for k in src) and not any(k.endswith("gate_up_proj") for k in src)
 
 
@@ -277,9 +344,10 @@ def test_unsupported_family_is_named(model_type: str, tmp_path: Path, capsys: py
     assert f"model_type '{model_type}'" in err and "supported and tested: llama" in err
 
 
-def test_fused_experts_on_disk_are_refused(family_model: Callable[[str], Path], tmp_path: Path,
-                                           capsys: pytest.CaptureFixture) -> None:
-    """A checkpoint holding transformers' in-memory fused 3D experts: a clear error, not experts left unpruned."""
+def test_fused_experts_on_disk_are_pruned_per_expert(family_model: Callable[[str], Path], windows: torch.Tensor,
+                                                     tmp_path: Path) -> None:
+    """A Qwen3-MoE checkpoint holding transformers' in-memory fused 3D experts ([experts, out, in]) is pruned
+    expert by expert, in that layout, to what the per-expert checkpoint's reference gives."""
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
@@ -288,7 +356,13 @@ def test_fused_experts_on_disk_are_refused(family_model: Callable[[str], Path], 
     shutil.copytree(src, fused, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
     model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(fused / "model.safetensors"))
-    capsys.readouterr()
-    assert main(["prune", str(fused), str(tmp_path / "out"), *CALIB_ARGS]) == 2
-    err = capsys.readouterr().err
-    assert "model.layers.0.mlp.experts.gate_up_proj' is stored as one fused" in err and "per-expert layout" in err
+    out = tmp_path / "out"
+    assert main(["prune", str(fused), str(out), *CALIB_ARGS]) == 0
+    written = load_state_dict(out)
+    assert written["model.layers.0.mlp.experts.gate_up_proj"].dim() == 3  # still fused
+    ref, _ = _moe_reference(src, windows, 0.5)
+    assert set(written) == set(ref)
+    for key, t in written.items():
+        assert torch.equal(t, ref[key]), key
+    records = {m["name"] for b in json.loads((out / "wanda_stream.json").read_text())["blocks"] for m in b["matrices"]}
+    assert {f"model.layers.0.mlp.experts.{w}[{e}]" for w in ("gate_up_proj", "down_proj") for e in range(4)} <= records

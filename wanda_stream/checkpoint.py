@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
+from wanda_stream import quant
 from wanda_stream.errors import InputError
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -130,16 +132,22 @@ def _contained(root: Path, name: str, index_path: Path) -> Path:
 
 
 class Checkpoint:
-    """A read-only view of a Hugging Face safetensors checkpoint directory."""
+    """A read-only view of a Hugging Face safetensors checkpoint directory, as float tensors.
 
-    def __init__(self, root: Path | str) -> None:
+    `stored` holds every tensor as the shards store it; `tensors` the tensors the checkpoint presents:
+    the stored ones, but quantized weights (block FP8, MXFP4; see quant.py) as one float tensor each, in
+    `save_dtype` (bfloat16 when None) under their float name, their scales folded in. `save_dtype`, when
+    given, is the dtype of every floating-point tensor. Methods, the model and the writer see only these.
+    """
+
+    def __init__(self, root: Path | str, save_dtype: torch.dtype | None = None) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
             raise InputError(f"{self.root}: model directory not found; pass a Hugging Face checkpoint directory")
         if not (self.root / "config.json").is_file():
             raise InputError(f"{self.root}: no config.json; pass a Hugging Face checkpoint directory")
         self.files = self._shard_files()
-        self.tensors: dict[str, TensorInfo] = {}
+        self.stored: dict[str, TensorInfo] = {}
         self.headers: dict[str, dict] = {}
         self.data_start: dict[str, int] = {}  # where each shard's data section starts
         for fname in self.files:
@@ -149,7 +157,20 @@ class Checkpoint:
                 if key == "__metadata__":
                     continue
                 start, end = info["data_offsets"]
-                self.tensors[key] = TensorInfo(key, fname, DTYPES[info["dtype"]], tuple(info["shape"]), end - start)
+                self.stored[key] = TensorInfo(key, fname, DTYPES[info["dtype"]], tuple(info["shape"]), end - start)
+        self.quantization_config = _quantization_config(self.root / "config.json")
+        self.save_dtype = save_dtype
+        self.sources = quant.plan({k: quant.Stored(i.dtype, i.shape) for k, i in self.stored.items()},
+                                  self.quantization_config, str(self.root / "config.json"), save_dtype)
+        self.tensors: dict[str, TensorInfo] = {
+            k: TensorInfo(k, self.stored[s.keys[0]].file, s.dtype, s.shape,
+                          math.prod(s.shape) * torch.empty(0, dtype=s.dtype).element_size())
+            for k, s in self.sources.items()}
+
+    @property
+    def dequantized(self) -> bool:
+        """Whether any tensor is dequantized on read (the output then carries no quantization_config)."""
+        return any(s.kind != "plain" for s in self.sources.values())
 
     def _shard_files(self) -> list[str]:
         index = self.root / INDEX_NAME
@@ -177,7 +198,7 @@ class Checkpoint:
     def check_index_consistent(self) -> None:
         """Every index entry names the shard that really holds the tensor."""
         for key, fname in self.weight_map.items():
-            info = self.tensors.get(key)
+            info = self.stored.get(key)
             if info is None or info.file != fname:
                 raise InputError(f"{self.root / INDEX_NAME}: says '{key}' is in {fname}, but it is not; fix the index")
 
@@ -185,7 +206,7 @@ class Checkpoint:
         return sorted(self.tensors)
 
     def get(self, key: str, pin: bool = False) -> torch.Tensor:
-        """Read one tensor (a fresh CPU tensor, in its stored dtype) in full before returning.
+        """Read one tensor (a fresh CPU tensor, in its presented dtype) in full before returning.
 
         `pin`: read straight into page-locked memory (CUDA hosts), for fast, asynchronous copies to
         the device without a second host copy.
@@ -194,15 +215,24 @@ class Checkpoint:
         returns) would defer the disk reads to the first touch: a prefetch thread would then read
         nothing, and the compute thread would stall on page faults instead.
         """
-        info = self.tensors.get(key)
-        if info is None:
+        src = self.sources.get(key)
+        if src is None:
             raise InputError(f"{self.root}: tensor '{key}' is missing from the checkpoint")
+        if src.kind == "plain" and src.dtype == self.stored[key].dtype:
+            return self.get_stored(key, pin)
+        # Dequantized on the CPU, into a fresh tensor: a pinned read of the parts would not pin the result.
+        return quant.materialize_source(src, [self.get_stored(k) for k in src.keys], self.quantization_config)
+
+    def get_stored(self, key: str, pin: bool = False) -> torch.Tensor:
+        """Read one stored tensor as the shard holds it (see `get` for `pin`)."""
+        info = self.stored[key]
         start = self.data_start[info.file] + self.headers[info.file][key]["data_offsets"][0]
         out = torch.empty(info.shape, dtype=info.dtype, pin_memory=pin and info.nbytes > 0)  # 0 bytes: nothing to pin
         read_exact(self.root / info.file, start, byte_view(out))
         return out
 
     def total_bytes(self) -> int:
+        """Bytes of the presented tensors: the size of a checkpoint written from them (dequantized: larger)."""
         return sum(i.nbytes for i in self.tensors.values())
 
     def fingerprint(self) -> str:
@@ -214,6 +244,16 @@ class Checkpoint:
             h.update(json.dumps(self.headers[fname], sort_keys=True).encode())
         h.update((self.root / "config.json").read_bytes())
         return h.hexdigest()
+
+
+def _quantization_config(path: Path) -> dict | None:
+    """config.json's quantization_config; None when absent or when the file is not JSON (which the model's
+    config loader reports in its own words)."""
+    try:
+        qc = json.loads(path.read_text()).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return qc if isinstance(qc, dict) else None
 
 
 def byte_view(t: torch.Tensor) -> memoryview:

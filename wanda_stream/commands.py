@@ -44,7 +44,7 @@ def build_prune_config(args: argparse.Namespace, world_size: int = 1) -> tuple[R
     if probe.needs_calibration and args.nsamples < world_size:
         raise InputError(f"--nsamples {args.nsamples}: fewer calibration windows than the {world_size} ranks; "
                          f"raise --nsamples to at least {world_size} or start fewer ranks")
-    ckpt, sk = open_model(model_dir)
+    ckpt, sk = open_model(model_dir, probe.output_dtype)
     if probe.shrink.active:
         shrink.check(probe.shrink, sk.model.config, probe.nm if probe.masks else None)
     check_pattern(ckpt, sk, probe.nm, args.pattern)
@@ -94,8 +94,9 @@ def check_pattern(ckpt: Checkpoint, sk: Skeleton, nm: tuple[int, int] | None, pa
     """Refuse an N:M pattern that some pruned matrix's input size is not a multiple of, before any work."""
     if nm is None:
         return
-    for key in sorted(experts.pruned_keys(sk)):
-        width = ckpt.tensors[key].shape[-1]
+    for key, matrices in sorted(experts.pruned_matrices(sk).items()):
+        shape = ckpt.tensors[key].shape
+        width = shape[-2] if matrices[0].transposed else shape[-1]
         if width % nm[1]:
             raise InputError(f"--pattern {pattern}: '{key}' has {width} inputs, not a multiple of {nm[1]}; "
                              f"choose an M that divides the input sizes (2:4 and 4:8 fit most models)")
@@ -129,7 +130,7 @@ def _probe_config(args: argparse.Namespace) -> RunConfig:
         pattern=args.pattern, **_shrink_fields(args), method=args.method, method_options=method_options,
         sparsity_profile=args.sparsity_profile, profile_options=profile_options, nsamples=args.nsamples,
         seqlen=resources.DEFAULT_SEQLEN if args.seqlen is None else args.seqlen,
-        eval_windows=args.eval_windows).validate()
+        eval_windows=args.eval_windows, save_dtype=args.save_dtype).validate()
 
 
 def _run_config(args: argparse.Namespace, seqlen: int, device: str, compute_dtype: str, batch: int, world_size: int,
@@ -148,7 +149,7 @@ def _run_config(args: argparse.Namespace, seqlen: int, device: str, compute_dtyp
         keep_work_dir=args.keep_work_dir, prefetch=not args.no_prefetch, states_on_disk=args.states_on_disk,
         activation_budget=_budget(args), world_size=world_size,
         calib_fingerprint=calib_fp, eval_fingerprint=eval_fp, chat_template=args.chat_template,
-        calib_field=args.calib_field, **_task_fields(args),
+        calib_field=args.calib_field, save_dtype=args.save_dtype, **_task_fields(args),
     ).validate()
 
 

@@ -20,8 +20,8 @@ from wanda_stream.shrink import ShrinkSpec
 DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Fields that do not change the result: they may differ between a run and its resumption.
 NON_RESULT_FIELDS = ("work_dir", "keep_work_dir", "prefetch", "world_size", "activation_budget", "states_on_disk")
-LATER_FIELDS = {"chat_template": "auto", "calib_field": None, "drop_blocks": 0, "block_score": "bi", "drop_ffn": 0.0,
-                "drop_heads": 0.0, "refit": True}
+LATER_FIELDS = {"chat_template": "auto", "calib_field": None, "save_dtype": None, "drop_blocks": 0, "block_score": "bi",
+                "drop_ffn": 0.0, "drop_heads": 0.0, "refit": True}
 
 
 def parse_pattern(pattern: str) -> tuple[int, int] | None:
@@ -105,6 +105,7 @@ class RunConfig:
     eval_include_path: str = ""
     eval_num_fewshot: int | None = None
     eval_limit: float | None = None
+    save_dtype: str | None = None  # the output's float dtype (None: as stored; dequantized tensors bfloat16)
     # Structured pruning (--drop-blocks, --drop-ffn, --drop-heads); sparsity 0 then means no masks on top.
     drop_blocks: int = 0
     block_score: str = "bi"
@@ -134,6 +135,11 @@ class RunConfig:
     @property
     def dtype(self) -> torch.dtype:
         return DTYPE_NAMES[self.compute_dtype]
+
+    @property
+    def output_dtype(self) -> torch.dtype | None:
+        """--save-dtype as a dtype (None: every tensor as stored, dequantized ones bfloat16)."""
+        return DTYPE_NAMES[self.save_dtype] if self.save_dtype else None
 
     @property
     def pruning_method(self) -> Method[Any]:
@@ -184,6 +190,8 @@ class RunConfig:
             raise InputError(f"--calib-field '{self.calib_field}': use text or messages")
         if self.chat_template == "never" and self.calib_field == "messages":
             raise InputError("--calib-field messages needs the chat template; drop --chat-template never")
+        if self.save_dtype is not None and self.save_dtype not in DTYPE_NAMES:
+            raise InputError(f"--save-dtype '{self.save_dtype}': use {', '.join(DTYPE_NAMES)}")
         if self.eval_windows is not None and self.eval_windows <= 0:
             raise InputError(f"--eval-windows {self.eval_windows}: must be a positive integer")
         out, model = Path(self.output_dir), Path(self.model_dir)

@@ -1,20 +1,26 @@
 """Mixture-of-experts blocks: which tensors get pruned, routers, and per-expert inputs.
 
-transformers 5 holds a MoE block's experts as 3D parameters ([experts, out, in], e.g. Mixtral's
-`gate_up_proj` of experts x 2*intermediate x hidden), fused on load from the checkpoint's
-per-expert tensors (see layout.py). A forward hook on nn.Linear sees none of them. But the eager
-experts forward of transformers runs `F.linear(x_e, W[e])` on exactly the tokens routed to expert
-e, so watching F.linear calls whose weight is a slice of a 3D block parameter gives every expert's
-inputs: the routed hidden states for gate/up, that expert's intermediate activations
-for down. Routing is transformers' own; nothing here re-implements it.
+transformers 5 holds a MoE block's experts as 3D parameters: [experts, out, in] (Mixtral's
+`gate_up_proj` of experts x 2*intermediate x hidden, Qwen, DeepSeek-V3, GLM-4.5), or [experts, in,
+out] (gpt-oss, Llama 4). Most checkpoints store them per expert and transformers fuses them on load
+(see layout.py); gpt-oss and Llama 4 store the fused tensor itself, which is then pruned one expert
+slice at a time (`Matrix`). A forward hook on nn.Linear sees none of them. But the eager experts
+forward of transformers runs `F.linear(x_e, W[e])` (or `x_e @ W[e]`, gpt-oss) on exactly the tokens
+routed to expert e, so watching those calls, where the weight is a slice of a 3D block parameter,
+gives every expert's inputs: the routed hidden states for gate/up, that expert's intermediate
+activations for down. Llama 4 runs `bmm` over all experts at once, every token scaled by its router
+score, so an expert's tokens there are its nonzero rows. Routing is transformers' own; nothing here
+re-implements it.
 
 Routers are never pruned: the router of transformers 5 is not an nn.Linear (MixtralTopKRouter and
 the like hold a bare weight), and any nn.Linear sitting directly in a module that holds experts
-(Qwen2-MoE's `shared_expert_gate`, an older-style `gate` router) is a gate, not an expert matrix.
+(Qwen2-MoE's `shared_expert_gate`, Llama 4's `router`, an older-style `gate` router) is a gate, not
+an expert matrix.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -22,13 +28,23 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from wanda_stream.errors import InputError
+from wanda_stream.families import EXPERTS_IN_OUT
 
 EAGER = "eager"
 
 
 def expert_params(layer: nn.Module) -> dict[str, nn.Parameter]:
-    """The block's fused expert parameters ([experts, out, in]), by name relative to the block."""
-    return {n: p for n, p in layer.named_parameters() if p.dim() == 3}
+    """The block's fused expert parameters (3D: [experts, out, in], or [experts, in, out] where the family
+    stores them transposed), by name relative to the block. A convolution's 3D kernel (Qwen3-Next's
+    linear attention) is not one."""
+    out = {}
+    for mname, mod in layer.named_modules():
+        if isinstance(mod, nn.modules.conv._ConvNd):
+            continue
+        for pname, p in mod.named_parameters(recurse=False):
+            if p.dim() == 3:
+                out[f"{mname}.{pname}" if mname else pname] = p
+    return out
 
 
 def router_names(layer: nn.Module) -> set[str]:
@@ -43,20 +59,75 @@ def router_names(layer: nn.Module) -> set[str]:
     return out
 
 
-def prunable_keys(sk: Any, i: int, layer: nn.Module, stored: dict[str, torch.Tensor],
-                  linears: dict[str, nn.Linear]) -> dict[str, str]:
-    """Block i's checkpoint keys that get pruned, each with the name its statistics are kept under.
+@dataclass(frozen=True)
+class Matrix:
+    """One prunable [out, in] matrix: a 2D checkpoint tensor, or one expert's slice of a stored 3D one.
 
-    Dense linears: their module name. Per-expert tensors: `param[e]`, the fused parameter (relative to
-    the block) and the expert index, as `ExpertStats` records them.
+    `stat` is the name its statistics are kept under: a dense linear's module name, or `param[e]` (the
+    fused parameter relative to the block and the expert index), as `ExpertStats` records them.
+    `transposed`: the stored slice is [in, out] (gpt-oss's and Llama 4's fused experts).
+    """
+
+    key: str
+    stat: str
+    expert: int | None = None
+    transposed: bool = False
+
+    @property
+    def name(self) -> str:
+        """The matrix's name in reports: the key, with the expert index for a slice of a fused tensor."""
+        return self.key if self.expert is None else f"{self.key}[{self.expert}]"
+
+    def view(self, stored: torch.Tensor) -> torch.Tensor:
+        """The [out, in] matrix inside the stored tensor (a view: writing it writes the tensor)."""
+        w = stored if self.expert is None else stored[self.expert]
+        return w.T if self.transposed else w
+
+
+def _transposed(model: nn.Module, layer: nn.Module, rel: str) -> bool:
+    """Whether the fused expert parameter `rel` is [experts, in, out]: as its experts module says
+    (transformers' `use_experts_implementation(is_transposed=...)`), else as the family table says."""
+    holder = layer.get_submodule(rel.rpartition(".")[0])
+    marked = getattr(holder, "is_transposed", None)
+    if marked is not None:
+        return bool(marked)
+    return model.config.model_type in EXPERTS_IN_OUT
+
+
+def stored_fused(sk: Any, key: str) -> list[Matrix] | None:
+    """The per-expert matrices of `key` when it is a whole fused expert parameter stored 3D (gpt-oss,
+    Llama 4), else None. Read from names and the skeleton only."""
+    slot = sk.layout.slots.get(key)
+    i = sk.block_of(key)
+    if slot is None or slot.expert is not None or i is None:
+        return None
+    layer = sk.layers[i]
+    rel = slot.param[len(sk.block_prefix(i)):]
+    p = expert_params(layer).get(rel)
+    if p is None:
+        return None
+    t = _transposed(sk.model, layer, rel)
+    return [Matrix(key, f"{rel}[{e}]", e, t) for e in range(p.shape[0])]
+
+
+def prunable_keys(sk: Any, i: int, layer: nn.Module, stored: dict[str, torch.Tensor],
+                  linears: dict[str, nn.Linear]) -> dict[str, Matrix]:
+    """Block i's matrices that get pruned, by report name.
+
+    Dense linears; per-expert tensors of a checkpoint in the hub's per-expert layout (fused on load);
+    and every expert's slice of a fused 3D tensor stored as such.
     """
     prefix = sk.block_prefix(i)
     fused = expert_params(layer)
-    out: dict[str, str] = {}
+    out: dict[str, Matrix] = {}
     for name in linears:
         key = sk.layout.source_key(prefix + name + ".weight", {}) or prefix + name + ".weight"
-        out[key] = name
+        out[key] = Matrix(key, name)
     for key in sorted(stored):
+        whole = stored_fused(sk, key)
+        if whole is not None:
+            out.update((m.name, m) for m in whole)
+            continue
         slot = sk.layout.slots.get(key)
         if slot is None or slot.expert is None:
             continue
@@ -68,28 +139,36 @@ def prunable_keys(sk: Any, i: int, layer: nn.Module, stored: dict[str, torch.Ten
         if stored[key].dim() != 2 or stored[key].shape[-1] != p.shape[-1]:
             raise InputError(f"'{key}' of shape {list(stored[key].shape)} is not an [out, in] slice of "
                              f"'{slot.param}' {list(p.shape)}; this expert layout is not supported")
-        out[key] = f"{rel}[{slot.expert}]"
-    covered = {sk.layout.slots[k].param for k in stored if k in sk.layout.slots}
-    for rel in fused:
-        if prefix + rel in covered and not any(v.startswith(rel + "[") for v in out.values()):
-            # Stored already fused (3D) under the parameter's own name: no per-expert matrices to mask.
-            raise InputError(f"'{prefix + rel}' is stored as one fused {list(fused[rel].shape)} tensor; pruning "
-                             "needs the per-expert layout that save_pretrained and the hub checkpoints use")
+        out[key] = Matrix(key, f"{rel}[{slot.expert}]")
     return out
 
 
-def pruned_keys(sk: Any) -> set[str]:
-    """Every checkpoint key a prune masks (dense linears but routers, and per-expert tensors), read from names only."""
-    out: set[str] = set()
+def pruned_matrices(sk: Any) -> dict[str, list[Matrix]]:
+    """Every checkpoint key a prune masks (dense linears but routers, per-expert and fused expert tensors),
+    with its matrices; read from names only."""
+    out: dict[str, list[Matrix]] = {}
     for i, layer in enumerate(sk.layers):
         prefix = sk.block_prefix(i)
         routers = router_names(layer)
         for name, mod in layer.named_modules():
             if isinstance(mod, nn.Linear) and name not in routers:
-                out.add(sk.layout.source_key(prefix + name + ".weight", {}) or prefix + name + ".weight")
+                key = sk.layout.source_key(prefix + name + ".weight", {}) or prefix + name + ".weight"
+                out[key] = [Matrix(key, name)]
         fused = {prefix + n for n in expert_params(layer)}
-        out.update(k for k, s in sk.layout.slots.items() if s.expert is not None and s.param in fused)
+        for k, s in sk.layout.slots.items():
+            if s.param not in fused:
+                continue
+            whole = stored_fused(sk, k)
+            out[k] = whole if whole is not None else [Matrix(k, s.param[len(prefix):] + f"[{s.expert}]")]
     return out
+
+
+MATMULS = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__)
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() and a.shape == b.shape
+            and a.stride() == b.stride() and a.storage_offset() == b.storage_offset())
 
 
 class ExpertStats(TorchFunctionMode):
@@ -133,13 +212,34 @@ class ExpertStats(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
-        if func is torch.nn.functional.linear and self.params:
-            hit = self._expert_of(args[1] if len(args) > 1 else kwargs.get("weight"))
-            if hit is not None:
-                x = args[0]
-                self.record(f"{hit[0]}[{hit[1]}]", x)
-                self.tokens[hit[0]][hit[1]] += x.numel() // x.shape[-1]
+        if self.params and len(args) >= 1:
+            if func is torch.nn.functional.linear:  # F.linear(x_e, W[e]), W [experts, out, in]
+                self._slice_call(args[0], args[1] if len(args) > 1 else kwargs.get("weight"))
+            elif func in MATMULS and len(args) >= 2:  # x_e @ W[e], W [experts, in, out] (gpt-oss)
+                self._slice_call(args[0], args[1])
+            elif func is torch.bmm and len(args) >= 2:  # bmm(x [experts, tokens, in], W) (Llama 4)
+                self._batched_call(args[0], args[1])
         return func(*args, **kwargs)
+
+    def _slice_call(self, x: Any, w: Any) -> None:
+        hit = self._expert_of(w)
+        if hit is not None:
+            self._record(hit[0], hit[1], x)
+
+    def _batched_call(self, x: Any, w: Any) -> None:
+        """Every expert sees every token there, the unrouted ones as zero rows (their router score is 0):
+        the expert's tokens are its nonzero rows."""
+        name = next((n for n, p in self.params.items() if isinstance(w, torch.Tensor) and _same_tensor(w, p)), None)
+        if name is None or not isinstance(x, torch.Tensor) or x.dim() != 3:
+            return
+        for e in range(x.shape[0]):
+            rows = x[e][x[e].ne(0).any(dim=-1)]
+            if rows.shape[0]:
+                self._record(name, e, rows)
+
+    def _record(self, name: str, e: int, x: torch.Tensor) -> None:
+        self.record(f"{name}[{e}]", x)
+        self.tokens[name][e] += x.numel() // x.shape[-1]
 
     def check_observed(self) -> None:
         """Raise InputError when no expert of a parameter saw a token.

@@ -23,8 +23,21 @@ FAMILIES: dict[str, str] = {
     "mixtral": "MoE: per-expert w1/w2/w3 on disk fused into gate_up_proj/down_proj, router never pruned",
     "qwen2_moe": "MoE with shared expert; shared_expert_gate and router never pruned; dense-MLP layers mixed in",
     "qwen3_moe": "MoE: per-expert gate/up/down on disk, q/k norms",
+    "deepseek_v3": "MLA (q/kv LoRA, 576-wide kv_a_proj_with_mqa at full size), dense first blocks, sigmoid "
+                   "group-limited router with e_score_correction_bias, shared expert; MTP layer copied",
+    "glm4_moe": "MoE with shared expert, sigmoid router with e_score_correction_bias, dense first block, "
+                "q/k norms, partial rotary, qkv biases; MTP layer copied",
+    "qwen3_next": "hybrid gated-DeltaNet linear attention (its conv kernel is not pruned) and gated full "
+                  "attention, MoE with shared expert",
+    "gpt_oss": "fused [experts, in, out] experts on disk (bf16) or MXFP4, interleaved gate/up, expert biases, "
+               "attention sinks, sliding/full layer_types",
+    "llama4_text": "fused [experts, in, out] experts on disk, sigmoid-scaled expert inputs, shared expert, "
+                   "interleaved MoE and dense blocks, chunked attention, q/k norms",
 }
 TESTED_FAMILIES = tuple(FAMILIES)
+# Families whose fused experts are [experts, in, out] (x @ W[e]) although their experts module does not say
+# so (transformers marks the others with use_experts_implementation(is_transposed=...)).
+EXPERTS_IN_OUT = ("llama4_text",)
 
 
 # ---- structured pruning: what a family's blocks are made of ---------------------------------------------

@@ -20,20 +20,22 @@ def inspect_checkpoint(model_dir: Path, pattern: str | None = None) -> dict[str,
 
     nm = parse_pattern(pattern) if pattern else None
     ckpt, sk = open_model(model_dir)
-    linear_keys = experts.pruned_keys(sk)
+    pruned = experts.pruned_matrices(sk)
     rows, zeros_total, numel_total = [], 0, 0
     for key in ckpt.keys():
-        if key not in linear_keys:
+        if key not in pruned:
             continue
-        w = ckpt.get(key)
-        zeros = int((w == 0).sum())
-        row = {"name": key, "shape": list(w.shape), "dtype": str(w.dtype).removeprefix("torch."),
-               "bytes": ckpt.tensors[key].nbytes, "sparsity": zeros / w.numel()}
-        if nm:
-            row[f"{nm[0]}:{nm[1]}"] = kernel.satisfies_nm(w, nm)
-        rows.append(row)
-        zeros_total += zeros
-        numel_total += w.numel()
+        stored = ckpt.get(key)
+        for matrix in pruned[key]:  # one, or every expert of a fused 3D tensor
+            w = matrix.view(stored)
+            zeros = int((w == 0).sum())
+            row = {"name": matrix.name, "shape": list(w.shape), "dtype": str(w.dtype).removeprefix("torch."),
+                   "bytes": w.numel() * w.element_size(), "sparsity": zeros / w.numel()}
+            if nm:
+                row[f"{nm[0]}:{nm[1]}"] = kernel.satisfies_nm(w, nm)
+            rows.append(row)
+            zeros_total += zeros
+            numel_total += w.numel()
     rows.sort(key=lambda r: natural_key(r["name"]))
     result: dict[str, Any] = {"model_dir": str(model_dir), "matrices": rows,
                               "total_sparsity": zeros_total / max(numel_total, 1), "parameters": numel_total}

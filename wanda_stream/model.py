@@ -58,6 +58,19 @@ def _find_layers(base: nn.Module, n_layers: int, model_type: str) -> tuple[str, 
     return found[0]
 
 
+def _base_model(model: nn.Module) -> nn.Module:
+    """The causal LM's base model: `get_decoder()`, or, where that gives the LM itself (Llama 4's text model,
+    whose `base_model_prefix` names no attribute), its one direct child that is a transformers model."""
+    from transformers import PreTrainedModel
+
+    base = model.get_decoder()
+    if base is model:
+        inner = [m for m in model.children() if isinstance(m, PreTrainedModel)]
+        if len(inner) == 1:
+            return inner[0]
+    return base
+
+
 @dataclass
 class Skeleton:
     """A meta-device model plus the names that tie its parts to checkpoint keys.
@@ -79,7 +92,7 @@ class Skeleton:
     @classmethod
     def from_config(cls, config: Any) -> "Skeleton":
         model = build_skeleton(config)
-        base = model.get_decoder()
+        base = _base_model(model)
         base_prefix = next((n for n, m in model.named_modules() if m is base), None)
         if base_prefix is None or base_prefix == "":
             raise InputError(f"model_type '{config.model_type}': no decoder inside the causal LM; not supported")
@@ -107,7 +120,23 @@ class Skeleton:
         return f"{self.layers_prefix}.{i}."
 
     def is_block_key(self, key: str) -> bool:
-        return key.startswith(self.layers_prefix + ".")
+        """Whether `key` belongs to one of the model's decoder blocks.
+
+        Keys under the blocks' prefix with an index past the last block (DeepSeek-V3's and GLM-4.5's
+        multi-token-prediction layer, `model.layers.{num_hidden_layers}`) are not: transformers' model
+        has no such block, so they travel with the non-block tensors (copied, not pruned).
+        """
+        head = self.layers_prefix + "."
+        if not key.startswith(head):
+            return False
+        index = key[len(head):].partition(".")[0]
+        return index.isdigit() and int(index) < self.n_layers
+
+    def block_of(self, key: str) -> int | None:
+        """The index of the decoder block `key` belongs to, or None (see `is_block_key`)."""
+        if not self.is_block_key(key):
+            return None
+        return int(key[len(self.layers_prefix) + 1 :].partition(".")[0])
 
     def hidden_size(self) -> int:
         return int(self.model.config.get_text_config().hidden_size)
@@ -136,7 +165,7 @@ def materialize(
     (rotary frequencies and the like) are recomputed by the model's own `_init_weights`.
     """
     state: dict[str, torch.Tensor] = {}
-    for name, p in module.named_parameters(remove_duplicate=False):
+    for name, p in stored_state(module).items():
         if any(name == e or name.startswith(e + ".") for e in exclude):
             continue
         key = _source_key(prefix + name, ckpt, tied)
@@ -149,16 +178,38 @@ def materialize(
                 f"{list(p.shape)}; the weights and config do not match"
             )
         t = ckpt.get(key)
-        state[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+        keep = t.dtype if not t.is_floating_point() or _keeps_float32(skeleton_model, prefix + name) else dtype
+        state[name] = t.to(device=device, dtype=keep)
     _assign(module, state)
     _init_nonpersistent_buffers(module, device, dtype, skeleton_model, exclude)
+
+
+def stored_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint holds of `module`: its parameters and persistent buffers (DeepSeek-V3's router
+    `e_score_correction_bias` is a buffer), by relative name."""
+    out: dict[str, torch.Tensor] = dict(module.named_parameters(remove_duplicate=False))
+    for mname, sub in module.named_modules():
+        for b, buf in sub._buffers.items():
+            if buf is not None and b not in sub._non_persistent_buffers_set:
+                out[f"{mname}.{b}" if mname else b] = buf
+    return out
+
+
+def _keeps_float32(model: nn.Module, name: str) -> bool:
+    """Whether transformers keeps `name` in float32 whatever the model's dtype (`_keep_in_fp32_modules_strict`:
+    routers and their score-correction biases), so the streamed block routes as the loaded model does."""
+    keep = getattr(model, "_keep_in_fp32_modules_strict", None) or []
+    return any(k in name for k in keep)
 
 
 def _assign(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
     for name, t in state.items():
         owner_name, _, pname = name.rpartition(".")
         owner = module.get_submodule(owner_name) if owner_name else module
-        owner._parameters[pname] = nn.Parameter(t, requires_grad=False)
+        if pname in owner._buffers:
+            owner._buffers[pname] = t
+        else:
+            owner._parameters[pname] = nn.Parameter(t, requires_grad=False)
 
 
 def _init_nonpersistent_buffers(

@@ -119,18 +119,18 @@ def prune_block(
     # The block's compute-dtype weights (0.8 GB for a 7B block in float32) are not needed while its
     # matrices are pruned: freed here, rebuilt from the pruned tensors below.
     release(layer)
-    observed = {key: stats.obs.get(name) if stats is not None else None for key, name in keys.items()}
+    observed = {key: stats.obs.get(m.stat) if stats is not None else None for key, m in keys.items()}
     # A prepared statistic (a Hessian inverse: 0.5 GB for a 7B MLP input) lives while matrices still need it.
     users = Counter(id(o) for o in observed.values())
     prepared: dict[int, object] = {}
-    for key, name in keys.items():
+    for key, matrix in keys.items():
         obs = observed[key]
         fallback = method.stat is not Stat.NONE and obs is None
         m = FALLBACK if fallback else method
         if id(obs) not in prepared:
             prepared[id(obs)] = m.prepare(obs)
-        w = stored[key]
-        wd = w.to(st.device)
+        w = matrix.view(stored[matrix.key])  # a view: pruning it prunes the stored tensor
+        wd = w.to(st.device).contiguous()  # a transposed expert slice is pruned in a copy, written back below
         result = m.prune(wd, prepared[id(obs)], sparsity, nm)
         users[id(obs)] -= 1
         if not users[id(obs)]:
@@ -138,12 +138,11 @@ def prune_block(
         pruned = _pruned(wd, result)
         if pruned is not w:
             w.copy_(pruned)  # into the stored tensor: no second host copy of the block
-        out[key] = w
-        zeros = w.numel() - int(torch.count_nonzero(out[key]))  # (x == 0).sum() is 10x slower on CPU
+        zeros = w.numel() - int(torch.count_nonzero(w))  # (x == 0).sum() is 10x slower on CPU
         record: dict[str, Any] = {"name": key, "shape": list(w.shape), "dtype": str(w.dtype).removeprefix("torch."),
                                   "sparsity": zeros / w.numel(), **result.info}
-        if stats is not None and name in stats.tokens:
-            record["calib_tokens"] = stats.tokens[name]
+        if stats is not None and matrix.stat in stats.tokens:
+            record["calib_tokens"] = stats.tokens[matrix.stat]
         if fallback:
             record["fallback"] = "magnitude: no calibration token was routed to this expert"
         records.append(record)
@@ -176,7 +175,7 @@ class PruneRun:
         self.midblock_stop = stop if world.size == 1 else None
         self.out = Path(cfg.output_dir)
         self.work = WorkDir(Path(cfg.work_dir))
-        self.ckpt, self.sk = open_model(Path(cfg.model_dir))
+        self.ckpt, self.sk = open_model(Path(cfg.model_dir), cfg.output_dtype)
         self.st = Streamer(self.ckpt, self.sk, world.device(cfg.device), cfg.dtype, prefetch=cfg.prefetch)
         reset_peaks(str(self.st.device))
         self.rank_peaks: list[dict[str, int]] = []  # the other ranks' peaks, when they are done
@@ -487,8 +486,8 @@ class PruneRun:
         if self.owl is not None:
             keys = experts.prunable_keys(self.sk, i, layer, stored, linear_modules(layer))
             stats = got[0]
-            found["outlier_ratios"] = outlier_ratio(((stored[k].to(self.st.device), stats.obs[nm].stat)
-                                                     for k, nm in keys.items() if nm in stats.obs), self.owl.m)
+            found["outlier_ratios"] = outlier_ratio(((m.view(stored[m.key]).to(self.st.device), stats.obs[m.stat].stat)
+                                                     for m in keys.values() if m.stat in stats.obs), self.owl.m)
         if probe is not None:
             found.update(probe.results(self.world))
         return found
@@ -709,12 +708,7 @@ class PruneRun:
     def _finalize(self, state: RunState, streams: dict[str, torch.Tensor]) -> dict[str, Any]:
         weight_map, total, params = self._output_index()
         report = self._report(state, streams, params)
-        overrides = {}
-        if self.spec.active:
-            raw = json.loads((Path(self.cfg.model_dir) / CONFIG_NAME).read_text())
-            config = shrink.output_config(raw, self.sk.model.config, self.spec, self.dropped)
-            overrides[CONFIG_NAME] = (json.dumps(config, indent=2) + "\n").encode()
-        copy_side_files(Path(self.cfg.model_dir), self.out, overrides)
+        copy_side_files(Path(self.cfg.model_dir), self.out, {CONFIG_NAME: self._output_config()})
         self._write_card(report)
         killpoint("finalize")
         atomic_write_json(self.out / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
@@ -747,6 +741,18 @@ class PruneRun:
         return weight_map, total, {"before": before, "after": after, "decoder_before": decoder_before,
                                    "decoder_after": decoder_after}
 
+    def _output_config(self) -> bytes:
+        """config.json as the output's tensors are: no quantization_config once dequantized, their dtype, and
+        the smaller numbers of structured pruning; the input's own bytes when nothing changes."""
+        from wanda_stream.quant import output_config
+
+        raw = (Path(self.cfg.model_dir) / CONFIG_NAME).read_bytes()
+        source = json.loads(raw)
+        config = output_config(source, self.ckpt.dequantized, self.cfg.output_dtype)
+        if self.spec.active:
+            config = shrink.output_config(config, self.sk.model.config, self.spec, self.dropped)
+        return raw if config == source else (json.dumps(config, indent=2) + "\n").encode()
+
     def _write_card(self, report: dict[str, Any]) -> None:
         """README.md: our model card, with the input's own card below it."""
         facts = self.work.load_run().get("card") or {}
@@ -776,6 +782,10 @@ class PruneRun:
         coverage = self.calibration_coverage()
         if coverage is not None:
             report["calibration"] = coverage
+        if self.ckpt.dequantized:
+            qc = self.ckpt.quantization_config or {}
+            report["dequantized"] = {"quant_method": qc.get("quant_method"),
+                                     "to": str(self.cfg.output_dtype or torch.bfloat16).removeprefix("torch.")}
         report["method"] = {"name": self.method.name, "paper": self.method.paper, **self.cfg.method_options}
         if self.owl is not None:
             report["sparsity_profile"] = {"name": "owl", "paper": OWL_PAPER, **self.cfg.profile_options,

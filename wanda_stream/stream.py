@@ -20,7 +20,7 @@ from torch import nn
 
 from wanda_stream.activations import HiddenFile, HiddenWriter, Mover, batches, bind_device, device_pool, read_ahead
 from wanda_stream.checkpoint import Checkpoint
-from wanda_stream.model import Skeleton, load_config, materialize, release, run_base_with_recorders
+from wanda_stream.model import Skeleton, load_config, materialize, release, run_base_with_recorders, stored_state
 from wanda_stream.resources import HELD_BLOCKS, pinned_bytes
 from wanda_stream.state import StopFlag, killpoint
 
@@ -32,9 +32,10 @@ LOGIT_CHUNK_BYTES = 32 * 1024 * 1024  # logits computed at once on the CPU (cach
 LOGIT_FREE_FRACTION = 8
 
 
-def open_model(model_dir: Path) -> tuple[Checkpoint, Skeleton]:
-    """Open a checkpoint, build its skeleton and check every tensor against the config."""
-    ckpt = Checkpoint(model_dir)
+def open_model(model_dir: Path, save_dtype: torch.dtype | None = None) -> tuple[Checkpoint, Skeleton]:
+    """Open a checkpoint (quantized weights presented as float, see Checkpoint), build its skeleton and
+    check every tensor against the config."""
+    ckpt = Checkpoint(model_dir, save_dtype)
     config = load_config(model_dir)
     sk = Skeleton.from_config(config)
     sk.bind(ckpt.keys())
@@ -47,7 +48,7 @@ def check_tensors(ckpt: Checkpoint, sk: Skeleton) -> None:
 
     Checked through the checkpoint layout (renamed keys, per-expert tensors fused on load), on shapes only.
     """
-    params = dict(sk.model.named_parameters(remove_duplicate=False))
+    params = stored_state(sk.model)
     sk.layout.check(ckpt.tensors, params, sk.tied, sk.is_block_key, ckpt.root)
 
 

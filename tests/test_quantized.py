@@ -1,0 +1,286 @@
+"""Quantized checkpoints in: block FP8 and MXFP4 dequantized by the reader, checked against hand-computed
+values; a tiny FP8 DeepSeek-V3 (tools/make_quantized_checkpoint.py) pruned streamed equals the same model
+dequantized in memory and pruned by the reference."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tests.helpers import ROOT, checkpoint_files, load_state_dict, run_cli
+from tests.test_families import CALIB_ARGS, _moe_reference, family_model, windows  # noqa: F401 - fixtures
+from wanda_stream.checkpoint import Checkpoint
+from wanda_stream.cli import main
+from wanda_stream.errors import InputError
+from wanda_stream.quant import dequant_fp8_block, dequant_mxfp4
+
+FP8_QC = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [2, 2]}
+
+
+def _model_dir(tmp_path: Path, tensors: dict[str, torch.Tensor], qc: dict | None) -> Path:
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "llama", **({"quantization_config": qc} if qc else {})}))
+    save_file(tensors, str(model / "model.safetensors"))
+    return model
+
+
+def test_fp8_block_dequant_hand_computed() -> None:
+    """A 3x5 matrix in 2x2 blocks: a partial last block row and column, each with its own scale."""
+    q = torch.tensor([[1.0, -2.0, 0.5, 3.0, -1.5],
+                      [4.0, 0.25, -0.5, 1.0, 2.0],
+                      [-3.0, 6.0, 1.5, -4.0, 0.75]]).to(torch.float8_e4m3fn)
+    s = torch.tensor([[2.0, 0.5, 10.0],
+                      [-1.0, 3.0, 0.125]])
+    want = torch.tensor([[2.0, -4.0, 0.25, 1.5, -15.0],
+                         [8.0, 0.5, -0.25, 0.5, 20.0],
+                         [3.0, -6.0, 4.5, -12.0, 0.09375]])
+    assert torch.equal(dequant_fp8_block(q, s, (2, 2)), want)
+
+
+def test_fp8_ragged_576_wide(tmp_path: Path) -> None:
+    """DeepSeek's kv_a_proj_with_mqa shape class: sides that are not multiples of 128, through the reader."""
+    g = torch.Generator().manual_seed(0)
+    q = (torch.randn(200, 576, generator=g) * 50).to(torch.float8_e4m3fn)
+    s = torch.rand(2, 5, generator=g) + 0.1
+    model = _model_dir(tmp_path, {"a.kv_a_proj_with_mqa.weight": q, "a.kv_a_proj_with_mqa.weight_scale_inv": s},
+                       dict(FP8_QC, weight_block_size=[128, 128]))
+    ckpt = Checkpoint(model, torch.float32)
+    assert ckpt.keys() == ["a.kv_a_proj_with_mqa.weight"] and ckpt.dequantized
+    got = ckpt.get("a.kv_a_proj_with_mqa.weight")
+    want = torch.empty(200, 576)
+    for i in range(200):
+        for jb in range(5):
+            want[i, jb * 128 : (jb + 1) * 128] = q[i, jb * 128 : (jb + 1) * 128].float() * s[i // 128, jb]
+    assert torch.equal(got, want)
+    assert ckpt.total_bytes() == 200 * 576 * 4 > q.numel() + s.numel() * 4  # the output, not the input
+
+
+def test_fp8_unquantized_tensors_stay_as_stored(tmp_path: Path) -> None:
+    """modules_to_not_convert and tensors without a scale are not touched; dequantized ones are bfloat16."""
+    norm = torch.randn(4).to(torch.bfloat16)
+    bias = torch.randn(3, dtype=torch.float32)
+    head = torch.randn(3, 4).to(torch.bfloat16)
+    q = torch.full((3, 4), 2.0).to(torch.float8_e4m3fn)
+    model = _model_dir(tmp_path, {"l.norm.weight": norm, "l.gate.e_score_correction_bias": bias, "lm_head.weight": head,
+                                  "l.proj.weight": q, "l.proj.weight_scale_inv": torch.tensor([[0.5, 4.0], [1.0, 1.0]])},
+                       dict(FP8_QC, modules_to_not_convert=["lm_head"]))
+    ckpt = Checkpoint(model)
+    assert sorted(ckpt.keys()) == ["l.gate.e_score_correction_bias", "l.norm.weight", "l.proj.weight", "lm_head.weight"]
+    for key, t in (("l.norm.weight", norm), ("l.gate.e_score_correction_bias", bias), ("lm_head.weight", head)):
+        got = ckpt.get(key)
+        assert got.dtype == t.dtype and torch.equal(got, t), key
+    w = ckpt.get("l.proj.weight")
+    assert w.dtype == torch.bfloat16
+    assert torch.equal(w.float(), torch.tensor([[1.0, 1.0, 8.0, 8.0], [1.0, 1.0, 8.0, 8.0], [2.0, 2.0, 2.0, 2.0]]))
+
+
+def test_fp8_without_scale_is_refused(tmp_path: Path) -> None:
+    model = _model_dir(tmp_path, {"l.proj.weight": torch.ones(3, 4).to(torch.float8_e4m3fn)}, FP8_QC)
+    with pytest.raises(InputError, match="'l.proj.weight' has no 'l.proj.weight_scale_inv'"):
+        Checkpoint(model)
+
+
+def test_mxfp4_dequant_hand_computed() -> None:
+    """One row of 32 values: bytes (low nibble first) through the e2m1 table, times 2^(scale - 127)."""
+    row = torch.zeros(16, dtype=torch.uint8)
+    row[0], row[1], row[15] = 0x21, 0xF7, 0x9C  # (0.5, 1.0), (6.0, -6.0), (-2.0, -0.5)
+    blocks = torch.stack([row, row]).view(2, 1, 16)  # [out=2, groups=1, 16]
+    scales = torch.tensor([[128], [125]], dtype=torch.uint8)  # x2 and x1/4
+    got = dequant_mxfp4(blocks, scales)
+    assert got.shape == (32, 2)  # [in, out]
+    want_row = torch.zeros(32)
+    want_row[0:4] = torch.tensor([0.5, 1.0, 6.0, -6.0])
+    want_row[30:32] = torch.tensor([-2.0, -0.5])
+    assert torch.equal(got[:, 0], want_row * 2) and torch.equal(got[:, 1], want_row / 4)
+
+
+def test_mxfp4_checkpoint_presents_fused_float_experts(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(0)
+    blocks = torch.randint(0, 256, (2, 6, 2, 16), generator=g, dtype=torch.uint8)  # 2 experts, out 6, in 64
+    scales = torch.randint(120, 130, (2, 6, 2), generator=g, dtype=torch.uint8)
+    bias = torch.randn(2, 6)
+    model = _model_dir(tmp_path, {"e.gate_up_proj_blocks": blocks, "e.gate_up_proj_scales": scales,
+                                  "e.gate_up_proj_bias": bias}, {"quant_method": "mxfp4"})
+    ckpt = Checkpoint(model, torch.float32)
+    assert ckpt.keys() == ["e.gate_up_proj", "e.gate_up_proj_bias"]
+    got = ckpt.get("e.gate_up_proj")
+    assert got.shape == (2, 64, 6)
+    lut = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]
+    for e, o, k in ((0, 0, 0), (1, 5, 63), (0, 3, 33), (1, 2, 16)):
+        byte = int(blocks[e, o, k // 32, (k % 32) // 2])
+        nib = byte & 0xF if k % 2 == 0 else byte >> 4
+        assert got[e, k, o].item() == lut[nib] * 2.0 ** (int(scales[e, o, k // 32]) - 127)
+    assert torch.equal(ckpt.get("e.gate_up_proj_bias"), bias)
+
+
+def _dequantized_copy(fp8: Path, out: Path) -> Path:
+    """The FP8 checkpoint dequantized in memory, independently of the reader (float32), saved as float."""
+    state = load_state_dict(fp8)
+    block = json.loads((fp8 / "config.json").read_text())["quantization_config"]["weight_block_size"]
+    dense: dict[str, torch.Tensor] = {}
+    for key, t in state.items():
+        if key.endswith("_scale_inv"):
+            continue
+        if t.dtype == torch.float8_e4m3fn:
+            s = state[key + "_scale_inv"]
+            w = torch.empty(t.shape)
+            for i in range(0, t.shape[0], block[0]):
+                for j in range(0, t.shape[1], block[1]):
+                    w[i : i + block[0], j : j + block[1]] = t[i : i + block[0], j : j + block[1]].float() \
+                        * s[i // block[0], j // block[1]]
+            t = w
+        dense[key] = t.float()
+    out.mkdir()
+    for f in fp8.iterdir():
+        if f.suffix != ".safetensors" and not f.name.endswith(".index.json"):
+            shutil.copy(f, out / f.name)
+    config = json.loads((out / "config.json").read_text())
+    del config["quantization_config"]
+    (out / "config.json").write_text(json.dumps(config))
+    save_file(dense, str(out / "model.safetensors"))
+    return out
+
+
+def test_fp8_deepseek_pruned_equals_dequantized_reference(family_model: Callable[[str], Path],
+                                                          windows: torch.Tensor, tmp_path: Path) -> None:
+    """Blocks of 16x16 (the tiny model's 24-row kv_a_proj_with_mqa and 24-wide q_b_proj are ragged), an MTP layer."""
+    from transformers import AutoModelForCausalLM
+
+    fp8 = tmp_path / "fp8"
+    r = run_cli_tool("tools/make_quantized_checkpoint.py", str(family_model("deepseek_v3")), str(fp8), "--block", "16", "16",
+                     "--mtp")
+    assert r.returncode == 0, r.stderr
+    stored = load_state_dict(fp8)
+    assert stored["model.layers.1.self_attn.kv_a_proj_with_mqa.weight"].dtype == torch.float8_e4m3fn
+    assert stored["model.layers.1.self_attn.kv_a_proj_with_mqa.weight_scale_inv"].shape == (2, 4)  # 24 x 64
+    out = tmp_path / "out"
+    assert main(["prune", str(fp8), str(out), *CALIB_ARGS, "--save-dtype", "float32"]) == 0
+    written = load_state_dict(out)
+    assert not any(k.endswith("_scale_inv") for k in written) and all(t.dtype != torch.float8_e4m3fn
+                                                                       for t in written.values())
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config and config["dtype"] == "float32"
+    report = json.loads((out / "wanda_stream.json").read_text())
+    assert report["dequantized"] == {"quant_method": "fp8", "to": "float32"}
+    assert config["num_nextn_predict_layers"] == 1
+    dense = _dequantized_copy(fp8, tmp_path / "dense")
+    ref, _ = _moe_reference(dense, windows, 0.5)
+    want = load_state_dict(dense)
+    # The MTP layer (model.layers.2, past the last block) is copied dequantized and unpruned.
+    mtp = {k for k in want if k.startswith("model.layers.2.")}
+    assert mtp and all(torch.equal(written[k], want[k]) for k in mtp)
+    got = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).state_dict()
+    assert set(got) == set(ref)
+    for key, t in got.items():
+        assert torch.equal(t, ref[key]), key
+    # bfloat16 by default, and the preflight counts the dequantized size.
+    ckpt = Checkpoint(fp8)
+    want_bytes = sum(0 if k.endswith("_scale_inv") else t.numel() * (2 if t.dtype == torch.float8_e4m3fn
+                                                                      else t.element_size())
+                     for k, t in stored.items())
+    assert ckpt.total_bytes() == want_bytes > sum(t.numel() * t.element_size() for t in stored.values())
+    assert {ckpt.tensors[k].dtype for k in ckpt.keys() if k.endswith("proj.weight") and ".layers." in k} \
+        == {torch.bfloat16}
+
+
+def _mxfp4_dequantized_copy(mx: Path, out: Path) -> Path:
+    """The MXFP4 checkpoint dequantized in memory by explicit loops over bytes, saved as float32."""
+    lut = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]
+    state = load_state_dict(mx)
+    dense: dict[str, torch.Tensor] = {}
+    for key, t in state.items():
+        if key.endswith("_scales"):
+            continue
+        if key.endswith("_blocks"):
+            scales = state[key.removesuffix("_blocks") + "_scales"]
+            n_exp, rows, groups, _ = t.shape
+            w = torch.empty(n_exp, groups * 32, rows)
+            for e in range(n_exp):
+                for r in range(rows):
+                    for g in range(groups):
+                        mult = 2.0 ** (int(scales[e, r, g]) - 127)
+                        for b in range(16):
+                            byte = int(t[e, r, g, b])
+                            w[e, g * 32 + 2 * b, r] = lut[byte & 0xF] * mult
+                            w[e, g * 32 + 2 * b + 1, r] = lut[byte >> 4] * mult
+            dense[key.removesuffix("_blocks")] = w
+        else:
+            dense[key] = t.float()
+    out.mkdir()
+    for f in mx.iterdir():
+        if f.suffix != ".safetensors" and not f.name.endswith(".index.json"):
+            shutil.copy(f, out / f.name)
+    config = json.loads((out / "config.json").read_text())
+    del config["quantization_config"]
+    (out / "config.json").write_text(json.dumps(config))
+    save_file(dense, str(out / "model.safetensors"))
+    return out
+
+
+def test_mxfp4_gpt_oss_pruned_equals_dequantized_reference(family_model: Callable[[str], Path],
+                                                          windows: torch.Tensor, tmp_path: Path) -> None:
+    """gpt-oss with MXFP4 experts: pruned streamed (float32 out) equals the model dequantized in memory and
+    pruned by the reference; the output holds float fused experts under their own names."""
+    from transformers import AutoModelForCausalLM
+
+    mx = tmp_path / "mx"
+    r = run_cli_tool("tools/make_quantized_checkpoint.py", str(family_model("gpt_oss")), str(mx), "--format", "mxfp4")
+    assert r.returncode == 0, r.stderr
+    stored = load_state_dict(mx)
+    assert stored["model.layers.0.mlp.experts.gate_up_proj_blocks"].shape == (4, 64, 2, 16)
+    out = tmp_path / "out"
+    assert main(["prune", str(mx), str(out), *CALIB_ARGS, "--save-dtype", "float32"]) == 0
+    written = load_state_dict(out)
+    assert written["model.layers.0.mlp.experts.gate_up_proj"].shape == (4, 64, 64)
+    assert not any(k.endswith(("_blocks", "_scales")) for k in written)
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    dense = _mxfp4_dequantized_copy(mx, tmp_path / "dense")
+    ref, _ = _moe_reference(dense, windows, 0.5)
+    got = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).state_dict()
+    assert set(got) == set(ref)
+    for key, t in got.items():
+        assert torch.equal(t, ref[key]), key
+
+
+def run_cli_tool(script: str, *args: str) -> subprocess.CompletedProcess:
+    """Run a script of tools/ with this checkout's package."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True, env=env,
+                          timeout=600, cwd=ROOT)
+
+
+def test_fp8_killed_and_resumed_is_identical(family_model: Callable[[str], Path], tmp_path: Path) -> None:
+    """Killed after block 0 and again after the side files (config.json rewritten), the resumed run of an FP8
+    checkpoint ends byte-identical to an uninterrupted one."""
+    from wanda_stream.state import KILL_ENV
+
+    fp8 = tmp_path / "fp8"
+    r = run_cli_tool("tools/make_quantized_checkpoint.py", str(family_model("deepseek_v3")), str(fp8), "--block", "16",
+                     "16", "--mtp")
+    assert r.returncode == 0, r.stderr
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    assert main(["prune", str(fp8), str(ref), *CALIB_ARGS]) == 0
+    for n, point in enumerate(["block_done:1", "finalize"]):
+        r = run_cli("prune", str(fp8), str(out), *CALIB_ARGS, *(["--resume"] if n else []), env={KILL_ENV: point})
+        assert r.returncode == -signal.SIGKILL, (point, r.stderr[-2000:])
+    r = run_cli("prune", str(fp8), str(out), *CALIB_ARGS, "--resume")
+    assert r.returncode == 0, r.stderr
+    assert checkpoint_files(out) == checkpoint_files(ref)
+
+
+def test_save_dtype_is_checked(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["prune", str(tmp_path / "none"), str(tmp_path / "out"), "--save-dtype", "int8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--save-dtype 'int8'" in err
+
