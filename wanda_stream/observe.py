@@ -10,13 +10,16 @@ tensor's address can never be mistaken for it.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
+from typing import Any
 
 import torch
 from torch import nn
 
-from wanda_stream import experts
+from wanda_stream import experts, plans
+from wanda_stream.activations import HiddenFile
 from wanda_stream.dist import World
 from wanda_stream.errors import InputError
 from wanda_stream.methods import Observation, Stat
@@ -149,3 +152,44 @@ def check_finite(stats: BlockStats, block: int, dtype: torch.dtype) -> None:
             raise InputError(
                 f"block {block}: the calibration statistics of '{name}' are not finite (the activations overflow "
                 f"{what}); rerun with --compute-dtype float32 (or bfloat16) and --overwrite")
+
+
+class DepthProbe:
+    """Per calibration window, the sums over its tokens of cos(h_in, h_out) of a dense block and, given the
+    states `back` that entered the block N-1 earlier, of the angular distance d(h_back, h_out)."""
+
+    def __init__(self, back: HiddenFile | None) -> None:
+        self.back = back
+        self.cos: list[torch.Tensor] = []
+        self.angles: list[torch.Tensor] = []
+        self.tokens = 0
+        self._pos = 0
+
+    @contextlib.contextmanager
+    def on(self, layer: nn.Module) -> Iterator[None]:
+        """Watch `layer`'s calls (one per micro-batch, in window order) while in the context."""
+        def hook(mod: nn.Module, args: tuple, out: Any) -> None:
+            h_in, h_out = args[0], out[0] if isinstance(out, tuple) else out
+            self.cos.append(plans.token_cosines(h_in, h_out).cpu())
+            if self.back is not None:
+                old = self.back.read(self._pos, h_out.shape[0]).to(h_out.device)
+                self.angles.append(plans.token_angles(old, h_out).cpu())
+            self._pos += h_out.shape[0]
+            self.tokens += h_out.shape[0] * h_out.shape[1]
+
+        handle = layer.register_forward_hook(hook)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def results(self, world: World) -> dict[str, float]:
+        """The block's influence 1 - mean cos and, with `back`, the mean angular distance, over every rank's
+        windows (per-window sums added in window order: the same bits for any batching or rank count)."""
+        parts = world.gather({"cos": torch.cat(self.cos).tolist(), "angles": torch.cat(self.angles).tolist()
+                              if self.angles else [], "tokens": self.tokens})
+        tokens = sum(p["tokens"] for p in parts)
+        out = {"influence": 1.0 - sum(c for p in parts for c in p["cos"]) / tokens}
+        if self.back is not None:
+            out["angular"] = sum(a for p in parts for a in p["angles"]) / tokens
+        return out

@@ -16,7 +16,7 @@ import shutil
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,7 @@ from wanda_stream.card import CardFacts, render_card
 from wanda_stream.loglik import hidden_streams
 from wanda_stream.methods import FALLBACK, NM, Method, Pruned, Stat
 from wanda_stream.model import Skeleton, release
-from wanda_stream.observe import BlockObserver, BlockStats, check_finite, reduce_stats
+from wanda_stream.observe import BlockObserver, BlockStats, DepthProbe, check_finite, reduce_stats
 from wanda_stream.outputs import CARD_NAME, input_card, shard_count, shard_name, shard_names, side_files
 from wanda_stream.profiles import OWL_PAPER, outlier_ratio, owl_sparsities
 from wanda_stream.report import Progress, io_bytes, peak_figures, reset_peaks, versions
@@ -850,47 +850,6 @@ def _consumers(got: list[BlockStats]) -> dict[str, widths.Consumer]:
     sq = got[0].obs
     grams = got[1].obs if len(got) > 1 else {}
     return {n: widths.Consumer(ob.stat, grams[n].stat if n in grams else None) for n, ob in sq.items()}
-
-
-class DepthProbe:
-    """Per calibration window, the sums over its tokens of cos(h_in, h_out) of a dense block and, given the
-    states `back` that entered the block N-1 earlier, of the angular distance d(h_back, h_out)."""
-
-    def __init__(self, back: HiddenFile | None) -> None:
-        self.back = back
-        self.cos: list[torch.Tensor] = []
-        self.angles: list[torch.Tensor] = []
-        self.tokens = 0
-        self._pos = 0
-
-    @contextlib.contextmanager
-    def on(self, layer: nn.Module) -> Iterator[None]:
-        """Watch `layer`'s calls (one per micro-batch, in window order) while in the context."""
-        def hook(mod: nn.Module, args: tuple, out: Any) -> None:
-            h_in, h_out = args[0], out[0] if isinstance(out, tuple) else out
-            self.cos.append(plans.token_cosines(h_in, h_out).cpu())
-            if self.back is not None:
-                old = self.back.read(self._pos, h_out.shape[0]).to(h_out.device)
-                self.angles.append(plans.token_angles(old, h_out).cpu())
-            self._pos += h_out.shape[0]
-            self.tokens += h_out.shape[0] * h_out.shape[1]
-
-        handle = layer.register_forward_hook(hook)
-        try:
-            yield
-        finally:
-            handle.remove()
-
-    def results(self, world: World) -> dict[str, float]:
-        """The block's influence 1 - mean cos and, with `back`, the mean angular distance, over every rank's
-        windows (per-window sums added in window order: the same bits for any batching or rank count)."""
-        parts = world.gather({"cos": torch.cat(self.cos).tolist(), "angles": torch.cat(self.angles).tolist()
-                              if self.angles else [], "tokens": self.tokens})
-        tokens = sum(p["tokens"] for p in parts)
-        out = {"influence": 1.0 - sum(c for p in parts for c in p["cos"]) / tokens}
-        if self.back is not None:
-            out["angular"] = sum(a for p in parts for a in p["angles"]) / tokens
-        return out
 
 
 def output_is_finished(cfg: RunConfig) -> bool:
