@@ -33,6 +33,7 @@ class RefResult:
     dropped: list[int]
     influence: list[float]
     angular: list[float]
+    removal_error: list[float]
     removed_channels: dict[int, dict[str, list[int]]] = field(default_factory=dict)  # block -> down proj -> removed
     removed_heads: dict[int, list[int]] = field(default_factory=dict)
 
@@ -68,8 +69,10 @@ def _refit(w: torch.Tensor, x: torch.Tensor, keep: list[int], damp: float) -> to
     return (w.double() @ g[:, keep]) @ torch.linalg.inv(gkk)
 
 
-def _dense_scores(layers: nn.ModuleList, xs: list[torch.Tensor], kwargs: dict, n: int) -> tuple[list[float], list[float]]:
-    """ShortGPT's block influence of every block, and angles[l] = mean arccos(cos(h_l, h_{l+n})) / pi."""
+def _dense_scores(layers: nn.ModuleList, xs: list[torch.Tensor], kwargs: dict, n: int
+                  ) -> tuple[list[float], list[float], list[float]]:
+    """ShortGPT's block influence of every block, angles[l] = mean arccos(cos(h_l, h_{l+n})) / pi, and each
+    block's relative output error when removed, ||h_in - h_out|| / ||h_out||."""
     hs = [xs]
     with torch.no_grad():
         for i, layer in enumerate(layers):
@@ -81,7 +84,9 @@ def _dense_scores(layers: nn.ModuleList, xs: list[torch.Tensor], kwargs: dict, n
 
     influence = [1 - mean_cos(hs[i], hs[i + 1], False) for i in range(len(layers))]
     angular = [mean_cos(hs[l], hs[l + n], True) for l in range(len(layers) - n + 1)] if n else []
-    return influence, angular
+    removal = [math.sqrt(sum(float(((a.double() - b.double()) ** 2).sum()) for a, b in zip(hs[i], hs[i + 1]))
+                         / sum(float((b.double() ** 2).sum()) for b in hs[i + 1])) for i in range(len(layers))]
+    return influence, angular, removal
 
 
 def reference_structured(model_dir: Path, tokens: torch.Tensor, drop_blocks: int = 0, score: str = "bi",
@@ -97,7 +102,7 @@ def reference_structured(model_dir: Path, tokens: torch.Tensor, drop_blocks: int
     n_heads, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
     hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
     xs, kwargs = capture_block_inputs(model, layers, tokens)
-    influence, angular = _dense_scores(layers, xs, kwargs, drop_blocks) if drop_blocks else ([], [])
+    influence, angular, removal = _dense_scores(layers, xs, kwargs, drop_blocks) if drop_blocks else ([], [], [])
     if drop_blocks and score == "bi":
         dropped = _stable_lowest(torch.tensor(influence, dtype=torch.float64), drop_blocks)
     elif drop_blocks:
@@ -105,7 +110,7 @@ def reference_structured(model_dir: Path, tokens: torch.Tensor, drop_blocks: int
         dropped = list(range(start, start + drop_blocks))
     else:
         dropped = []
-    res = RefResult({}, model, dropped, influence, angular)
+    res = RefResult({}, model, dropped, influence, angular, removal)
     slices: dict[int, dict[str, tuple[list[int] | None, list[int] | None]]] = {}  # linear -> (rows, cols) kept
     for i, layer in enumerate(layers):
         if i in dropped:

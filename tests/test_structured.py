@@ -154,7 +154,9 @@ def test_blocks_ffn_and_heads_equal_the_reference(gqa_model: Path, tmp_path: Pat
     assert rep["structure"]["influence"] == pytest.approx(ref.influence, abs=1e-5)
     for b in rep["blocks"]:
         if b.get("dropped"):
+            assert b["output_error"] == pytest.approx(ref.removal_error[b["block"]], rel=1e-4)
             continue
+        assert 0 < b["output_error"] < 1  # the kept, shrunk block against the dense one (tests/test_fidelity.py)
         st = b["structure"]
         assert st["mlp.down_proj"]["removed"] == ref.removed_channels[b["block"]]["mlp.down_proj"]
         assert st["self_attn.o_proj"]["removed_heads"] == ref.removed_heads[b["block"]]

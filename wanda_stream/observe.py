@@ -22,6 +22,7 @@ from wanda_stream import experts, plans
 from wanda_stream.activations import HiddenFile
 from wanda_stream.dist import World
 from wanda_stream.errors import InputError
+from wanda_stream.fidelity import OutputError
 from wanda_stream.methods import Observation, Stat
 
 
@@ -156,10 +157,12 @@ def check_finite(stats: BlockStats, block: int, dtype: torch.dtype) -> None:
 
 class DepthProbe:
     """Per calibration window, the sums over its tokens of cos(h_in, h_out) of a dense block and, given the
-    states `back` that entered the block N-1 earlier, of the angular distance d(h_back, h_out)."""
+    states `back` that entered the block N-1 earlier, of the angular distance d(h_back, h_out); and the
+    output error of removing the block (its input in place of its output)."""
 
     def __init__(self, back: HiddenFile | None) -> None:
         self.back = back
+        self.removal = OutputError()
         self.cos: list[torch.Tensor] = []
         self.angles: list[torch.Tensor] = []
         self.tokens = 0
@@ -171,6 +174,7 @@ class DepthProbe:
         def hook(mod: nn.Module, args: tuple, out: Any) -> None:
             h_in, h_out = args[0], out[0] if isinstance(out, tuple) else out
             self.cos.append(plans.token_cosines(h_in, h_out).cpu())
+            self.removal.add(h_in, h_out)
             if self.back is not None:
                 old = self.back.read(self._pos, h_out.shape[0]).to(h_out.device)
                 self.angles.append(plans.token_angles(old, h_out).cpu())
@@ -187,9 +191,13 @@ class DepthProbe:
         """The block's influence 1 - mean cos and, with `back`, the mean angular distance, over every rank's
         windows (per-window sums added in window order: the same bits for any batching or rank count)."""
         parts = world.gather({"cos": torch.cat(self.cos).tolist(), "angles": torch.cat(self.angles).tolist()
-                              if self.angles else [], "tokens": self.tokens})
+                              if self.angles else [], "tokens": self.tokens,
+                              "removal": (self.removal.sq_diff, self.removal.sq_dense)})
         tokens = sum(p["tokens"] for p in parts)
-        out = {"influence": 1.0 - sum(c for p in parts for c in p["cos"]) / tokens}
+        removal = OutputError()
+        for p in parts:  # rank order
+            removal.merge(OutputError(*p["removal"]))
+        out = {"influence": 1.0 - sum(c for p in parts for c in p["cos"]) / tokens, "removal_error": removal.value}
         if self.back is not None:
             out["angular"] = sum(a for p in parts for a in p["angles"]) / tokens
         return out

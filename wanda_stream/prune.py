@@ -531,7 +531,9 @@ class PruneRun:
             dst.memory = src.memory  # states kept in memory move on with it
         self._release(i)
         record = state.extra[PROFILE_STAGE]
-        entry: dict[str, Any] = {"block": i, "dropped": True, "block_influence": record["influence"][i]}
+        # Its output error: of its input in place of its output, on the dense model's calibration states.
+        entry: dict[str, Any] = {"block": i, "dropped": True, "block_influence": record["influence"][i],
+                                 "output_error": record["removal_error"][i]}
         if self.spec.block_score == "angular":
             entry["angular_distance_from_here"] = record["angular"][i] if i < len(record["angular"]) else None
         new_state = RunState(i + 1, "blocks", state.blocks + [entry], state.extra)
@@ -576,7 +578,7 @@ class PruneRun:
             state.stage = PROFILE_STAGE
             record: dict[str, list] = {"outlier_ratios": []} if self.owl is not None else {}
             if self.spec.drop_blocks:
-                record.update(influence=[], angular=[])
+                record.update(influence=[], angular=[], removal_error=[])
             state.extra[PROFILE_STAGE] = record
         if self.world.main:
             self.work.save_state(state)
@@ -777,7 +779,7 @@ class PruneRun:
                                    "drop_ffn": self.spec.drop_ffn, "drop_heads": self.spec.drop_heads,
                                    "refit": self.spec.refit, "papers": STRUCTURE_PAPERS,
                                    "dropped_blocks": self.dropped,
-                                   **{k: record[k] for k in ("influence", "angular") if k in record},
+                                   **{k: record[k] for k in ("influence", "angular", "removal_error") if k in record},
                                    "sizes": shrink.new_sizes(self.spec, self.shape)}
         coverage = self.calibration_coverage()
         if coverage is not None:
