@@ -275,7 +275,7 @@ class PruneRun:
         loop_start = time.perf_counter()
         for i in range(state.next_block, self.n):
             stored, timing = self.st.block_tensors(i)
-            self.st.prefetch(i + 1)
+            self.st.prefetch(i + 1, after=pending)  # block i-1's shard write, submitted last
             compute_start, hidden_wait = time.perf_counter(), self.st.hidden_wait_s
             target = self.block_sparsity(state, i)
             result = self._block(i, stored, streams, target)
