@@ -3,9 +3,11 @@
     python tools/bench_prune.py MODEL_DIR --nsamples 4 --seqlen 128 --device cpu
     python tools/bench_prune.py MODEL_DIR --runs streamer,streamer-no-prefetch,in-memory --json out.json
     python tools/bench_prune.py MODEL_DIR --runs streamer --method sparsegpt --nproc 2 --threads 1
+    python tools/bench_prune.py MODEL_DIR --runs streamer,streamer-states-on-disk
 
 Every run is its own process: `streamer` is `wanda-stream prune`, `streamer-no-prefetch` the same
-with --no-prefetch (block reads and shard writes in series with the compute), and `in-memory`
+with --no-prefetch (block reads and shard writes in series with the compute), `streamer-states-on-disk`
+the same with --states-on-disk (hidden states read back from their files every block), and `in-memory`
 loads the whole model with transformers, prunes it layer by layer with the same Wanda kernel
 (the original Wanda code's loop) and saves it with save_pretrained. For each the table shows wall
 time, peak RSS (the kernel's ru_maxrss of the child), bytes that reached the disk (read_bytes,
@@ -34,7 +36,8 @@ from typing import Any
 import psutil
 import torch
 
-RUNS = ("streamer", "streamer-no-prefetch", "in-memory")
+RUNS = ("streamer", "streamer-no-prefetch", "streamer-states-on-disk", "in-memory")
+DEFAULT_RUNS = ("streamer", "streamer-no-prefetch", "in-memory")
 IO_FIELDS = ("rchar", "wchar", "read_bytes", "write_bytes", "cancelled_write_bytes")
 OOM_MARKERS = ("can't allocate memory", "Cannot allocate memory", "MemoryError", "out of memory", "std::bad_alloc")
 GiB = 2**30
@@ -239,6 +242,8 @@ def command(kind: str, a: argparse.Namespace, out: Path) -> list[str]:
            "--batch-size", str(a.batch_size_resolved), "--quiet", "--overwrite"]
     if kind == "streamer-no-prefetch":
         cmd.append("--no-prefetch")
+    if kind == "streamer-states-on-disk":
+        cmd.append("--states-on-disk")
     return cmd
 
 
@@ -280,12 +285,12 @@ def phase_totals(r: dict[str, Any]) -> dict[str, float] | None:
     if not blocks or not r.get("block_loop_s"):
         return None
     keys = ("compute_s", "hidden_wait_s", "read_s", "read_cpu_s", "read_wait_s", "write_s", "write_cpu_s",
-            "write_wait_s")
+            "write_wait_s", "states_wait_s")
     out = {k: sum(b.get(k, 0.0) for b in blocks) for k in keys}
     # Hidden-state reads and writes happen inside the compute phase; counted as I/O here.
     out["io_s"] = out["read_s"] + out["write_s"] + out["hidden_wait_s"]
     out["pure_compute_s"] = out["compute_s"] - out["hidden_wait_s"]
-    out["waited_s"] = out["read_wait_s"] + out["write_wait_s"]
+    out["waited_s"] = out["read_wait_s"] + out["write_wait_s"] + out["states_wait_s"]
     out["loop_s"] = r["block_loop_s"]
     return out
 
@@ -329,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model_dir", type=Path)
-    p.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {','.join(RUNS)}")
+    p.add_argument("--runs", default=",".join(DEFAULT_RUNS), help=f"comma-separated subset of {','.join(RUNS)}")
     p.add_argument("--work", type=Path, default=None, help="where outputs go (default: next to MODEL_DIR); "
                    "each is deleted after its run unless --keep-outputs")
     p.add_argument("--calib", default="pydoc")

@@ -346,7 +346,7 @@ class PruneRun:
                     raise Interrupted(f"stopped after block {i}")
                 continue
             stored, timing = self.st.block_tensors(i)
-            self.st.prefetch(self._next_kept(i + 1))
+            self.st.prefetch(self._next_kept(i + 1), after=pending)  # block i-1's shard write, submitted last
             compute_start, hidden_wait = time.perf_counter(), self.st.hidden_wait_s
             target = self.block_sparsity(state, i)
             result = self._block(i, stored, streams, target)

@@ -11,7 +11,7 @@ import threading
 import time
 import weakref
 from collections.abc import Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -106,10 +106,21 @@ class Streamer:
         # Wall and CPU seconds of the reading thread: on a small host the CPU part competes with the compute.
         return out, {"read_s": time.perf_counter() - t0, "read_cpu_s": time.thread_time() - c0}
 
-    def prefetch(self, i: int) -> None:
-        """Start reading block i in the background (no-op without prefetch or past the end)."""
+    def prefetch(self, i: int, after: Future | None = None) -> None:
+        """Start reading block i in the background (no-op without prefetch or past the end), once `after`
+        (the previous block's shard write) has finished, successfully or not.
+
+        The read then never holds a block beside the one still being written: with the block computed
+        on and its compute-dtype copy that would be a fourth block-sized allocation (0.4 GB for a 7B
+        block) at the start of every block. Both still run behind the computation.
+        """
         if self._reader is not None and 0 <= i < self.sk.n_layers and i not in self._pending:
-            self._pending[i] = self._reader.submit(self._read_block, i)
+            self._pending[i] = self._reader.submit(self._read_block_after, i, after)
+
+    def _read_block_after(self, i: int, after: Future | None) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        if after is not None:
+            wait([after])  # its error, if any, is the main thread's to report
+        return self._read_block(i)
 
     def block_tensors(self, i: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         """Block i's stored tensors (CPU, stored dtype), from the prefetch if one was started, and timings.
@@ -128,7 +139,7 @@ class Streamer:
         sk = self.narrow if narrow and self.narrow is not None else self.sk
         layer = sk.layers[i]
         view = _DictCheckpoint(self.ckpt.root, sk.layout.to_params(stored))
-        materialize(layer, sk.block_prefix(i), view, self.device, self.dtype, {}, sk.model)
+        materialize(layer, sk.block_prefix(i), view, self.device, self.dtype, {}, sk.model, narrow_linears=True)
         layer.eval()
         return layer
 
