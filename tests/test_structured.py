@@ -69,7 +69,7 @@ def test_refit_is_the_least_squares_solution() -> None:
         kernel.add_gram(g, x.float())  # as the observation accumulates it (upper triangle)
         return g
 
-    fit = plans.fit_consumer(w.float(), gram(), keep, dampening=0.0)
+    fit = plans.fit_consumer(w.float(), plans.InputStats(torch.ones(6), gram()), keep, dampening=0.0)
     want = torch.linalg.lstsq(x[:, keep], x @ w.t()).solution.t()
     assert fit.dampening == 0.0
     assert torch.allclose(fit.weight.double(), want, rtol=1e-3, atol=1e-3)
@@ -79,9 +79,9 @@ def test_refit_is_the_least_squares_solution() -> None:
 
     assert fit.error == pytest.approx(direct(want), rel=1e-3)
     assert fit.error_as_is == pytest.approx(direct(w[:, keep]), rel=1e-3) and fit.error < fit.error_as_is
-    damped = plans.fit_consumer(w.float(), gram(), keep)  # the default dampening: errors of the damped fit
+    damped = plans.fit_consumer(w.float(), plans.InputStats(torch.ones(6), gram()), keep)  # the default dampening: errors of the damped fit
     assert damped.error == pytest.approx(direct(damped.weight), rel=1e-3)
-    as_is = plans.fit_consumer(w.float(), gram(), keep, refit=False)
+    as_is = plans.fit_consumer(w.float(), plans.InputStats(torch.ones(6), gram()), keep, refit=False)
     assert as_is.dampening is None and torch.equal(as_is.weight, w.float()[:, keep])
 
 

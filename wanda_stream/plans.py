@@ -140,17 +140,28 @@ class Refit:
     error_as_is: float
 
 
-def fit_consumer(w: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, refit: bool = True,
+@dataclass
+class InputStats:
+    """What a plan knows of the inputs of a matrix that reads removed channels: float64 sums of squares per
+    input, and the Gram matrix X^T X (upper triangle, kernel.add_gram) when it is refit."""
+
+    sq_sum: torch.Tensor
+    gram: torch.Tensor | None = None
+
+
+def fit_consumer(w: torch.Tensor, stats: InputStats, keep: torch.Tensor, refit: bool = True,
                  dampening: float = REFIT_DAMPENING) -> Refit:
     """W' = W G[:, K] (G[K, K] + damp)^-1, the least-squares fit of the dense outputs from the kept inputs
     (or W[:, K] as it is), with both layer errors.
 
-    `gram` is X^T X with its upper triangle filled (kernel.add_gram) and is consumed (symmetrized in place).
+    `stats.gram` is consumed: symmetrized in place, taken out of `stats` and freed once its kept block is
+    copied, so that it is not alive beside the solve.
     Inputs no token touched (G_jj = 0) get G_jj = 1, as SparseGPT treats them; the dampening is raised
     tenfold while G[K, K] does not factor. float32 with a few weight-sized buffers, the Gram matrix and
     its kept block (a 7B MLP: 0.5 GB + 0.3 GB): the errors come from traces, never from X.
     """
-    g = kernel.symmetrize(gram)
+    assert stats.gram is not None
+    g, stats.gram = kernel.symmetrize(stats.gram), None
     diag = torch.arange(g.shape[0], device=g.device)
     dead = torch.diagonal(g) == 0
     g[diag[dead], diag[dead]] = 1.0
@@ -160,20 +171,22 @@ def fit_consumer(w: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, refit:
     dense = float(torch.sum(wg * wf, dtype=torch.float64))
     rhs = wg[:, k]
     del wg
-    low = g[k.unsqueeze(1), k.unsqueeze(0)]
-    base = torch.diagonal(low).clone()
+    gkk = g[k.unsqueeze(1), k.unsqueeze(0)]
+    del g
+    base = torch.diagonal(gkk).clone()
     mean, frac = float(base.mean()), dampening
+    low = torch.empty_like(gkk)
     for _ in range(DAMPENING_TRIES):
-        low.diagonal().copy_(base + frac * mean)
+        low.copy_(gkk).diagonal().copy_(base + frac * mean)
         info = torch.empty((), dtype=torch.int32, device=low.device)
         torch.linalg.cholesky_ex(low, out=(low, info))
         if int(info) == 0:
             break
-        low = g[k.unsqueeze(1), k.unsqueeze(0)]
         frac *= 10.0
     else:
         raise ValueError(f"the Gram matrix of the kept {k.numel()} inputs does not factor even with dampening "
                          f"{frac / 10:g}; use more calibration tokens (--nsamples)")
+    del gkk
     lam = frac * mean
 
     def error(v: torch.Tensor) -> float:

@@ -623,6 +623,7 @@ class PruneRun:
                     return None
                 stats = got.pop(0) if self.cfg.masks_observe else None
                 consumers = _consumers(got)
+                del got  # the width plan's Gram matrices are the consumers' alone, freed as each is refit
             plan: dict[str, Any] = {}
             if self.spec.widths:
                 release(layer)  # its compute copy is not needed to plan: rebuilt from the shrunk tensors
@@ -845,13 +846,13 @@ def _link(src: Path, dst: Path) -> None:
     fsync_dir(dst.parent)
 
 
-def _consumers(got: list[BlockStats]) -> dict[str, widths.Consumer]:
+def _consumers(got: list[BlockStats]) -> dict[str, plans.InputStats]:
     """A width plan's observations (sums of squares, then Gram matrices when refit) by matrix name."""
     if not got:
         return {}
     sq = got[0].obs
     grams = got[1].obs if len(got) > 1 else {}
-    return {n: widths.Consumer(ob.stat, grams[n].stat if n in grams else None) for n, ob in sq.items()}
+    return {n: plans.InputStats(ob.stat, grams[n].stat if n in grams else None) for n, ob in sq.items()}
 
 
 def output_is_finished(cfg: RunConfig) -> bool:

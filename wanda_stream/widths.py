@@ -8,7 +8,6 @@ a skeleton of the new widths and writes it in the checkpoint's own layout.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -19,15 +18,6 @@ from wanda_stream.methods import Observation, Stat
 from wanda_stream.shrink import Shape, ShrinkSpec, ffn_drop, head_drop
 
 Keys = Callable[[str], tuple[str, str | None]]  # linear name -> (weight key, bias key or None)
-
-
-@dataclass
-class Consumer:
-    """What the plan knows of a matrix that reads removed channels: its input's statistics (float64 sums
-    of squares; the Gram matrix, upper triangle, when it is refit)."""
-
-    sq_sum: torch.Tensor
-    gram: torch.Tensor | None = None
 
 
 def consumers(spec: ShrinkSpec, structure: Structure) -> list[str]:
@@ -46,7 +36,7 @@ def _cols(t: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     return t.index_select(1, cols.to(t.device)).contiguous()
 
 
-def _consume(out: dict[str, torch.Tensor], key: str, keep: torch.Tensor, obs: Consumer, spec: ShrinkSpec,
+def _consume(out: dict[str, torch.Tensor], key: str, keep: torch.Tensor, obs: plans.InputStats, spec: ShrinkSpec,
              record: dict) -> None:
     """The consuming matrix on its kept input columns, refit by least squares unless --no-refit (the Gram
     matrix, observed only for the refit, is consumed)."""
@@ -54,8 +44,7 @@ def _consume(out: dict[str, torch.Tensor], key: str, keep: torch.Tensor, obs: Co
     if obs.gram is None:
         out[key] = _cols(w, keep)
         return
-    fit = plans.fit_consumer(w, obs.gram, keep, refit=spec.refit)
-    obs.gram = None
+    fit = plans.fit_consumer(w, obs, keep, refit=spec.refit)  # takes the Gram matrix out of `obs`
     record.update(layer_error=fit.error, layer_error_no_refit=fit.error_as_is)
     if fit.dampening is not None:
         record["refit_dampening"] = fit.dampening
@@ -66,7 +55,7 @@ def _rounded(scores: torch.Tensor, idx: list[int]) -> list[float]:
     return [float(f"{float(scores[i]):.6g}") for i in idx]
 
 
-def shrink_ffn(ffn: Ffn, spec: ShrinkSpec, stored: dict[str, torch.Tensor], keys: Keys, obs: Consumer
+def shrink_ffn(ffn: Ffn, spec: ShrinkSpec, stored: dict[str, torch.Tensor], keys: Keys, obs: plans.InputStats
                ) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict]:
     """Remove round(R x width) channels of one MLP: the lowest Wanda-sp scores; returns the tensors, the kept
     channels and the record (removed channels with their scores, the layer error of the consumer)."""
@@ -88,7 +77,7 @@ def shrink_ffn(ffn: Ffn, spec: ShrinkSpec, stored: dict[str, torch.Tensor], keys
 
 
 def shrink_heads(att: Attention, spec: ShrinkSpec, shape: Shape, stored: dict[str, torch.Tensor], keys: Keys,
-                 obs: Consumer) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict]:
+                 obs: plans.InputStats) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict]:
     """Remove the lowest-scoring query heads (within every KV group alike, or whole groups with their
     key/value heads); returns the tensors, the kept o_proj input columns and the record."""
     out = dict(stored)
@@ -122,7 +111,7 @@ def narrow_observation(ob: Observation, keep: torch.Tensor) -> Observation:
 
 
 def shrink_block(spec: ShrinkSpec, structure: Structure, shape: Shape, stored: dict[str, torch.Tensor], keys: Keys,
-                 observed: dict[str, Consumer]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
+                 observed: dict[str, plans.InputStats]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
     """Block's tensors with its width plan applied; the kept input columns of every consumer; the block's record.
 
     An MLP the block does not have (an MoE block's dense-MLP slot) is skipped.
