@@ -115,8 +115,8 @@ def test_prefetch_changes_no_byte_and_report_times_every_phase(tiny_model: Path,
             if not prefetch:
                 # Rounded to the millisecond each; the wait includes the call around the read.
                 assert t["read_wait_s"] >= t["read_s"] - 2e-3 and t["write_wait_s"] >= t["write_s"] - 2e-3
-        phases = sum(b["timing"][k] for b in report["blocks"] for k in ("read_wait_s", "compute_s", "write_wait_s",
-                                                                              "states_wait_s"))
+        waits = ("read_wait_s", "compute_s", "write_wait_s", "states_wait_s")
+        phases = sum(b["timing"][k] for b in report["blocks"] for k in waits)
         assert 0 < phases <= report["block_loop_seconds_this_process"] + 0.01
     shards = sorted(p.name for p in outs[True].glob("model-*.safetensors"))
     assert shards and shards == sorted(p.name for p in outs[False].glob("model-*.safetensors"))

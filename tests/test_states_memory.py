@@ -249,3 +249,43 @@ def test_cuda_pinned_reads_and_side_stream_writes(tmp_path: Path) -> None:
                 assert target.read(0, 2, pin=True).is_pinned()
         finally:
             mover.close()
+
+
+# ---- a block's weights: the stored tensors, widened per call ---------------------------------------
+def test_a_narrow_block_computes_what_its_wide_copy_does(tmp_path: Path) -> None:
+    """bf16 weights computed on in float32: the block's linears hold the very bf16 tensors read, and
+    widen them only during their call; outputs are bit-identical to a block materialized in float32."""
+    from torch import nn
+
+    from wanda_stream.model import materialize
+    from wanda_stream.stream import Streamer, _DictCheckpoint, open_model
+
+    model_dir = write_tiny_model(tmp_path / "bf16", dtype=torch.bfloat16)
+    st = Streamer(*open_model(model_dir), "cpu", torch.float32, prefetch=False)
+    try:
+        stored, _ = st.block_tensors(0)
+        x = torch.randn(2, 16, st.hidden, generator=torch.Generator().manual_seed(1))
+        kwargs = st.block_kwargs(2, 16)[0]
+        layer = st.load_block(0, stored)
+        linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+        ptrs = {t.data_ptr() for t in stored.values()}
+        assert linears and all(m.weight.dtype == torch.bfloat16 and m.weight.data_ptr() in ptrs
+                               for m in linears.values())
+        seen = []
+        handles = [m.register_forward_hook(lambda m, a, o: seen.append(m.weight.dtype)) for m in linears.values()]
+        with torch.no_grad():
+            narrow = layer(x, **kwargs)
+        for h in handles:
+            h.remove()
+        assert all(m.weight.dtype == torch.bfloat16 for m in linears.values())  # narrow again after the call
+        view = _DictCheckpoint(st.ckpt.root, st.sk.layout.to_params(stored))
+        materialize(layer, st.sk.block_prefix(0), view, st.device, torch.float32, {}, st.sk.model)
+        assert all(m.weight.dtype == torch.float32 for m in linears.values())
+        with torch.no_grad():
+            wide = layer(x, **kwargs)
+        narrow, wide = (o[0] if isinstance(o, tuple) else o for o in (narrow, wide))
+        assert narrow.dtype == torch.float32 and torch.equal(narrow, wide)
+        # The wide copy is gone before later forward hooks (the observers') run.
+        assert seen == [torch.bfloat16] * len(linears)
+    finally:
+        st.close()
