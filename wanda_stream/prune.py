@@ -552,9 +552,10 @@ class PruneRun:
         """
         streams = hidden_streams(toks).values()
         states = sum(hidden_states_bytes(*t.shape, self.st.hidden, self.cfg.dtype) for t in streams)
-        if self.method.stat is not Stat.NONE and "calib" in toks:
+        if self.observes and "calib" in toks:
             # Dense block outputs: this block's, and the previous block's until its shard is durable.
-            states += 2 * self.hidden("dense", 0, *toks["calib"].shape).nbytes
+            n, seqlen = toks["calib"].shape
+            states += 2 * n * seqlen * self.st.hidden * torch.empty(0, dtype=self.cfg.dtype).element_size()
         # The windows are saved by now (lm-eval's can take long to build): the fix is to resume, not restart.
         check_disk([(self.out, self.ckpt.total_bytes(), "the pruned checkpoint"),
                     (self.work.path, states, "hidden states (calibration, evaluation and lm-eval windows)")],
