@@ -80,7 +80,7 @@ def test_status(tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[
     out = tmp_path / "out"
     assert main(["status", str(out)]) == 2
     assert "no wanda-stream run here" in capsys.readouterr().err
-    monkeypatch.setenv(state_mod.KILL_ENV, "hidden_write:1:TERM")
+    monkeypatch.setenv(state_mod.KILL_ENV, "hidden_write:2:TERM")  # 1: block 0's dense outputs; 2: its pruned ones
     state_mod._kill_counts.clear()
     assert main(["prune", str(tiny_model), str(out), *ARGS, "--quiet", "--keep-work-dir"]) == 75
     monkeypatch.delenv(state_mod.KILL_ENV)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -75,9 +76,10 @@ def test_empty_tensors_are_never_pinned(tmp_path: Path, monkeypatch: pytest.Monk
     asked: dict[tuple[int, ...], bool] = {}
     real_empty = torch.empty
 
-    def empty(shape: tuple[int, ...], dtype: torch.dtype, pin_memory: bool) -> torch.Tensor:
-        asked[tuple(shape)] = pin_memory
-        return real_empty(shape, dtype=dtype)
+    def empty(shape: Any, dtype: torch.dtype | None = None, pin_memory: bool = False, **kw: Any) -> torch.Tensor:
+        if isinstance(shape, (tuple, list, torch.Size)):  # the reads' buffers (not scalars made elsewhere)
+            asked[tuple(shape)] = pin_memory
+        return real_empty(shape, dtype=dtype, **kw)
 
     monkeypatch.setattr(checkpoint.torch, "empty", empty)
     ckpt = Checkpoint(model)

@@ -162,8 +162,9 @@ def test_sigterm_stops_cleanly_with_75_and_resumes(model: Path, reference: tuple
                                                    tmp_path: Path) -> None:
     ref, _ = reference
     out = tmp_path / "out"
-    # A real SIGTERM, delivered at a known moment: mid-way through block 1's hidden states.
-    r = run_cli(*prune_args(model, out, "--log-format", "json"), env={state_mod.KILL_ENV: "hidden_write:4:TERM"})
+    # A real SIGTERM, delivered at a known moment: mid-way through block 1's hidden states (five writes a
+    # block: the dense outputs' two micro-batches, the pruned calibration states' two, the evaluation's one).
+    r = run_cli(*prune_args(model, out, "--log-format", "json"), env={state_mod.KILL_ENV: "hidden_write:7:TERM"})
     assert r.returncode == 75, r.stderr
     last = r.stderr.strip().splitlines()[-1]
     assert "Resume with: wanda-stream prune" in last and "--resume" in last, last

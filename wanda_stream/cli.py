@@ -160,8 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="input checkpoint directory (never modified), or a hub model id ORG/NAME")
     p.add_argument("output_dir", type=Path, help="where the pruned checkpoint is written")
     p.add_argument("--sparsity", type=float, default=None,
-                   help="fraction of each decoder linear to remove (0<s<1); default 0.5, or no masks at all "
-                        "beside a --drop-* flag")
+                   help="fraction of each decoder linear to remove, 0<s<1 (default: 0.5); beside a --drop-* flag, "
+                        "no masks unless given")
     p.add_argument("--pattern", default="unstructured", help="unstructured|2:4|4:8|N:M (N:M implies sparsity N/M)")
     _add_method(p)
     _add_structure(p)
