@@ -554,8 +554,9 @@ class PruneRun:
         states = sum(hidden_states_bytes(*t.shape, self.st.hidden, self.cfg.dtype) for t in streams)
         if self.observes and "calib" in toks:
             # Dense block outputs: this block's, and the previous block's until its shard is durable.
-            n, seqlen = toks["calib"].shape
-            states += 2 * n * seqlen * self.st.hidden * torch.empty(0, dtype=self.cfg.dtype).element_size()
+            # A file object of its own: the rank's cached ones (self.hidden) have the rank's share of windows.
+            dense = HiddenFile(self.work.hidden_file("dense", 0), *toks["calib"].shape, self.st.hidden, self.cfg.dtype)
+            states += 2 * dense.nbytes
         # The windows are saved by now (lm-eval's can take long to build): the fix is to resume, not restart.
         check_disk([(self.out, self.ckpt.total_bytes(), "the pruned checkpoint"),
                     (self.work.path, states, "hidden states (calibration, evaluation and lm-eval windows)")],
