@@ -36,6 +36,6 @@ def smollm2(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(autouse=True)
 def _fresh_killpoint_counts() -> None:
     """Each test counts WANDA_STREAM_KILL_AT's k-th passage from zero, also for runs in this process."""
-    from wanda_stream import state
+    from wanda_stream.storage import state
 
     state._kill_counts.clear()

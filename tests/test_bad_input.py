@@ -24,7 +24,7 @@ import pytest
 
 from tests.helpers import ROOT, checkpoint_files, tree_hash
 from wanda_stream.cli import main
-from wanda_stream.state import KILL_ENV
+from wanda_stream.storage.state import KILL_ENV
 
 ARGS = ["--calib", "pydoc", "--nsamples", "4", "--seqlen", "32", "--device", "cpu", "--quiet"]
 INDEX = "model.safetensors.index.json"

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import ROOT
-from wanda_stream import cli, commands
-from wanda_stream import state as state_mod
+from wanda_stream import cli
+from wanda_stream import commands
+from wanda_stream.storage import state as state_mod
 from wanda_stream.cli import main
 
 ARGS = ["--calib", "pydoc", "--nsamples", "4", "--seqlen", "32", "--device", "cpu"]
@@ -127,7 +128,7 @@ def test_exit_codes_are_documented() -> None:
 def test_eta_of_a_resumed_run_counts_only_its_own_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     import io
 
-    from wanda_stream import report
+    from wanda_stream.run import report
 
     clock = [1000.0]
     monkeypatch.setattr(report.time, "monotonic", lambda: clock[0])
@@ -200,7 +201,7 @@ class _Terminal(io.StringIO):
 
 
 def test_bar_on_a_terminal_counts_resumed_blocks() -> None:
-    from wanda_stream.report import Progress
+    from wanda_stream.run.report import Progress
 
     term = _Terminal()
     progress = Progress("bar", 80, "prune", stream=term)

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from tests.helpers import run_cli
-from wanda_stream import calib
+from wanda_stream.run import calib
 from wanda_stream.errors import InputError, Interrupted
-from wanda_stream.state import StopFlag
+from wanda_stream.storage.state import StopFlag
 
 
 @pytest.fixture(scope="module")
@@ -260,7 +260,7 @@ def test_chat_calibration_on_the_command_line(chat_model: Path, tiny_model: Path
 
 
 def test_run_identity_covers_the_chat_options() -> None:
-    from wanda_stream.config import RunConfig
+    from wanda_stream.run.config import RunConfig
 
     base = RunConfig("/m", "/o", "/o/.wanda-stream")
     never = RunConfig("/m", "/o", "/o/.wanda-stream", chat_template="never")

@@ -6,7 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
-from wanda_stream.card import base_model_id, card_command, render_card
+from wanda_stream.run.card import base_model_id, card_command, render_card
 from wanda_stream.cli import main
 
 ORIGINAL = "---\nlicense: apache-2.0\n---\n# Tiny\n\nThe base model's own card.\n"

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from wanda_stream.checkpoint import Checkpoint
+from wanda_stream.storage.checkpoint import Checkpoint
 
 
 def _write(tmp_path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
@@ -70,7 +70,7 @@ def test_get_pinned_on_cuda_hosts(tmp_path: Path) -> None:
 
 def test_empty_tensors_are_never_pinned(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """What get() asks the allocator for, on any host: pinned memory for every tensor but the empty ones."""
-    import wanda_stream.checkpoint as checkpoint
+    import wanda_stream.storage.checkpoint as checkpoint
 
     model, _ = _write(tmp_path)
     asked: dict[tuple[int, ...], bool] = {}

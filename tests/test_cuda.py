@@ -16,7 +16,7 @@ import torch
 from tests.helpers import load_state_dict
 from tests.reference import reference_prune
 from tests.test_eval_inspect import _windows, in_memory_ppl
-from wanda_stream import calib
+from wanda_stream.run import calib
 from wanda_stream.cli import main
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -24,13 +24,18 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from tests.helpers import tiny_llama_config, write_tiny_model
-from wanda_stream import commands, config as config_mod, dist as dist_mod, loglik, report, stream
+from wanda_stream import commands
+from wanda_stream.run import config as config_mod
+from wanda_stream.run import dist as dist_mod
+from wanda_stream.eval import loglik
+from wanda_stream.run import report
+from wanda_stream.model import stream
 from wanda_stream.cli import main
-from wanda_stream.config import RunConfig, resolve_compute_dtype
-from wanda_stream.dist import PeerLost, World, is_peer_loss, rank_cuda_index
+from wanda_stream.run.config import RunConfig, resolve_compute_dtype
+from wanda_stream.run.dist import PeerLost, World, is_peer_loss, rank_cuda_index
 from wanda_stream.errors import InputError
-from wanda_stream.resources import block_host_bytes, pinned_bytes
-from wanda_stream.state import check_same_run
+from wanda_stream.run.resources import block_host_bytes, pinned_bytes
+from wanda_stream.storage.state import check_same_run
 
 
 # ---- item 3 and 4: agreements on gloo, and which errors are a lost peer ---------------------
@@ -211,7 +216,7 @@ def test_cuda_peaks_allocated_reserved_and_max_over_ranks(monkeypatch: pytest.Mo
 def test_report_peaks_are_read_after_the_evaluation(tiny_model: Path, tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """The peaks come last: a figure read before the final evaluation would miss the head's logits."""
-    from wanda_stream import prune
+    from wanda_stream.run import prune
 
     order: list[str] = []
     real_nll, real_peaks = stream.Streamer.final_nll, prune.peak_figures

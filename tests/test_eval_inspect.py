@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.helpers import tiny_llama_config, write_tiny_model
-from wanda_stream import calib
+from wanda_stream.run import calib
 from wanda_stream.cli import main
 
 PRUNE = ["--calib", "pydoc", "--nsamples", "4", "--seqlen", "32", "--device", "cpu", "--quiet"]

@@ -20,11 +20,11 @@ from torch import nn
 
 from tests.helpers import build_tokenizer, load_state_dict
 from tests.reference import _layers, capture_block_inputs, linear_input_sums, ref_mask, reference_prune
-from wanda_stream import calib
+from wanda_stream.run import calib
 from wanda_stream.cli import main
-from wanda_stream.evaluate import streamed_logits
-from wanda_stream.inspect import inspect_checkpoint
-from wanda_stream.model import TESTED_FAMILIES
+from wanda_stream.eval.evaluate import streamed_logits
+from wanda_stream.eval.inspect import inspect_checkpoint
+from wanda_stream.model.skeleton import TESTED_FAMILIES
 
 CALIB_ARGS = ["--calib", "pydoc", "--nsamples", "4", "--seqlen", "32", "--device", "cpu", "--quiet",
               "--batch-size", "2"]

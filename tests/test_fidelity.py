@@ -12,7 +12,7 @@ import torch
 from tests.reference import _layers, capture_block_inputs
 from tests.test_prune_tiny import CALIB_ARGS, _tokens
 from wanda_stream.cli import main
-from wanda_stream.fidelity import OutputError, relative_output_error
+from wanda_stream.methods.fidelity import OutputError, relative_output_error
 
 
 def test_relative_output_error_by_hand() -> None:

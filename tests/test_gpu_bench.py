@@ -77,8 +77,8 @@ def test_bench_2of4_needs_cuda() -> None:
 
 
 def test_bench_2of4_prunes_the_7b_linears_2of4() -> None:
-    from wanda_stream.kernel import satisfies_nm
-    from wanda_stream.synthetic import load_spec
+    from wanda_stream.methods.kernel import satisfies_nm
+    from wanda_stream.storage.synthetic import load_spec
 
     shapes = bench_2of4.linear_shapes(load_spec("llama-2-7b"))
     assert shapes == {"q_proj": (4096, 4096), "k_proj": (4096, 4096), "v_proj": (4096, 4096), "o_proj": (4096, 4096),

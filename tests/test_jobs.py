@@ -49,7 +49,10 @@ def test_overwrite_deletes_only_what_the_tool_writes(tiny_model: Path, tmp_path:
 # Imports happen before the barrier, so the processes reach the lock within milliseconds of each other.
 _AT_ONCE = """
 import os, sys, time
-from wanda_stream import cli, commands, prune, stream  # noqa: F401
+from wanda_stream import cli
+from wanda_stream import commands
+from wanda_stream.run import prune
+from wanda_stream.model import stream  # noqa: F401
 ready, go = sys.argv[1], sys.argv[2]
 open(ready, "w").close()
 while not os.path.exists(go):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from wanda_stream import kernel
+from wanda_stream.methods import kernel
 
 
 def test_column_sq_sum_sums_over_all_tokens():

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tests.helpers import ROOT, WIKI_TEST, small_text
-from wanda_stream.loglik import (
+from wanda_stream.eval.loglik import (
     Request, model_input, per_request, plan_buckets, rolling_windows, scored_positions, token_scores,
 )
 
@@ -102,7 +102,7 @@ def _compare(model_dir: Path, task_dir: Path, name: str, max_length: int | None 
     """Per-request log-likelihoods and greedy flags of both backends on a local task, and their accuracies."""
     from lm_eval.models.huggingface import HFLM
 
-    from wanda_stream.lm_eval_backend import WandaStreamLM
+    from wanda_stream.eval.lm_eval_backend import WandaStreamLM
 
     ours = WandaStreamLM(str(model_dir), device="cpu", dtype="float32", max_length=max_length)
     hf = HFLM(pretrained=str(model_dir), dtype="float32", device="cpu", batch_size=8, max_length=max_length)
@@ -133,7 +133,7 @@ def test_rolling_loglikelihood_equal_hf_tiny(tiny_model: Path) -> None:
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
-    from wanda_stream.lm_eval_backend import WandaStreamLM
+    from wanda_stream.eval.lm_eval_backend import WandaStreamLM
 
     # Distinct text: on repeated text, HFLM's own result depends on its batch size (its one-token-continuation
     # cache groups windows whose context+continuation coincide), and equals ours at batch_size=1.
@@ -189,7 +189,7 @@ def test_lm_eval_command_with_wanda_stream_model(tiny_model: Path, tmp_path: Pat
 
     import lm_eval.tasks
 
-    from wanda_stream import lm_eval_backend
+    from wanda_stream.eval import lm_eval_backend
 
     task_dir = write_toy_task(tmp_path / "tasks", n=4)
     # Only the local task: indexing lm-eval's built-in tasks takes its command line many seconds here.
@@ -209,7 +209,7 @@ def test_paper_tasks_resolve_by_name(builtin_tasks: object) -> None:
 
 def test_unknown_task_names_it(builtin_tasks: object) -> None:
     from wanda_stream.errors import InputError
-    from wanda_stream.task_eval import load_tasks
+    from wanda_stream.eval.task_eval import load_tasks
 
     with pytest.raises(InputError, match=r"unknown task\(s\) no_such_task;"):
         load_tasks(builtin_tasks, ["arc_easy", "no_such_task"])
@@ -221,7 +221,7 @@ def test_offline_data_set_one_line_exit_2(tiny_model: Path, builtin_tasks: objec
     import datasets.config
     import huggingface_hub.constants
 
-    from wanda_stream import task_eval
+    from wanda_stream.eval import task_eval
     from wanda_stream.cli import main
 
     for mod in (datasets.config, huggingface_hub.constants):  # as HF_*_OFFLINE=1 at import time would set them
@@ -255,7 +255,7 @@ def test_missing_lm_eval_one_line(tiny_model: Path, monkeypatch: pytest.MonkeyPa
 
 def test_sigterm_during_task_eval_exits_75(tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from wanda_stream import cli
-    from wanda_stream import state as state_mod
+    from wanda_stream.storage import state as state_mod
 
     task_dir = write_toy_task(tmp_path / "tasks", n=4)
     monkeypatch.setenv(state_mod.KILL_ENV, "hidden_write:2:TERM")
@@ -278,9 +278,9 @@ def _prune_with_tasks(model: Path, out: Path, task_dir: Path, *extra: str) -> in
 def test_prune_eval_tasks_equal_eval_of_the_output(tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     """The suite scored inside the pruning pass (interrupted and resumed once) equals `eval --tasks` of the output."""
-    from wanda_stream import state as state_mod
-    from wanda_stream.lm_eval_backend import WandaStreamLM
-    from wanda_stream.task_eval import run_suite
+    from wanda_stream.storage import state as state_mod
+    from wanda_stream.eval.lm_eval_backend import WandaStreamLM
+    from wanda_stream.eval.task_eval import run_suite
 
     task_dir = write_toy_task(tmp_path / "tasks", n=8)
     out = tmp_path / "out"

@@ -15,7 +15,9 @@ from tests.helpers import load_state_dict, run_cli
 from tests.reference import owl_ref_sparsities, reference_prune
 from tests.test_prune_tiny import CALIB_ARGS, _tokens
 from tests.test_resume import assert_same_result, kill_at, prune_args
-from wanda_stream import calib, kernel, profiles
+from wanda_stream.run import calib
+from wanda_stream.methods import kernel
+from wanda_stream.methods import profiles
 from wanda_stream.cli import main
 from wanda_stream.methods import Observation, Stat, build
 from wanda_stream.methods.ria import ria_mask, ria_score

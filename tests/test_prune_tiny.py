@@ -10,7 +10,7 @@ import torch
 
 from tests.helpers import load_state_dict, tree_hash
 from tests.reference import reference_prune
-from wanda_stream import calib
+from wanda_stream.run import calib
 from wanda_stream.cli import main
 
 CALIB_ARGS = ["--calib", "pydoc", "--nsamples", "6", "--seqlen", "32", "--device", "cpu", "--quiet"]

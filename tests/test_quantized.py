@@ -19,10 +19,10 @@ from safetensors.torch import save_file
 
 from tests.helpers import ROOT, checkpoint_files, load_state_dict, run_cli
 from tests.test_families import CALIB_ARGS, _moe_reference, family_model, windows  # noqa: F401 - fixtures
-from wanda_stream.checkpoint import Checkpoint
+from wanda_stream.storage.checkpoint import Checkpoint
 from wanda_stream.cli import main
 from wanda_stream.errors import InputError
-from wanda_stream.quant import dequant_fp8_block, dequant_mxfp4
+from wanda_stream.storage.quant import dequant_fp8_block, dequant_mxfp4
 
 FP8_QC = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [2, 2]}
 
@@ -263,7 +263,7 @@ def run_cli_tool(script: str, *args: str) -> subprocess.CompletedProcess:
 def test_fp8_killed_and_resumed_is_identical(family_model: Callable[[str], Path], tmp_path: Path) -> None:
     """Killed after block 0 and again after the side files (config.json rewritten), the resumed run of an FP8
     checkpoint ends byte-identical to an uninterrupted one."""
-    from wanda_stream.state import KILL_ENV
+    from wanda_stream.storage.state import KILL_ENV
 
     fp8 = tmp_path / "fp8"
     r = run_cli_tool("tools/make_quantized_checkpoint.py", str(family_model("deepseek_v3")), str(fp8), "--block", "16",

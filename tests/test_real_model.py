@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tests.helpers import WIKI_TEST, WIKI_VALID, tree_hash
-from wanda_stream import calib
+from wanda_stream.run import calib
 from wanda_stream.cli import main
 
 pytestmark = [pytest.mark.slow,
@@ -82,7 +82,7 @@ def test_wanda_far_below_magnitude(outputs: dict) -> None:
 
 
 def test_every_decoder_linear_has_half_zeros_per_row(outputs: dict) -> None:
-    from wanda_stream.checkpoint import Checkpoint
+    from wanda_stream.storage.checkpoint import Checkpoint
 
     ckpt = Checkpoint(outputs["wanda"][0])
     linears = [k for k in ckpt.keys() if "layers." in k and k.endswith("proj.weight")]
@@ -104,7 +104,7 @@ def test_sparsegpt_beats_wanda_on_the_same_windows(outputs: dict) -> None:
 
 
 def test_wanda_2_4_real(outputs: dict) -> None:
-    from wanda_stream.inspect import inspect_checkpoint
+    from wanda_stream.eval.inspect import inspect_checkpoint
 
     out, report = outputs["wanda24"]
     assert 140.0 < report["eval"]["perplexity"] < 200.0  # about 166

@@ -21,9 +21,9 @@ from typing import Any
 import pytest
 
 from tests.helpers import ROOT, checkpoint_files, run_cli, tree_hash, write_tiny_model
-from wanda_stream import state as state_mod
+from wanda_stream.storage import state as state_mod
 from wanda_stream.cli import main
-from wanda_stream.state import WorkDir
+from wanda_stream.storage.state import WorkDir
 
 # Two micro-batches per calibration hidden-state file, so "while hidden states are written" is mid-file;
 # an evaluation stream too, whose perplexity must also come out the same.

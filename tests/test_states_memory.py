@@ -16,10 +16,10 @@ import torch
 
 from tests.helpers import checkpoint_files, run_cli, write_tiny_model
 from tests.test_resume import REPORT, prune_args, report_core
-from wanda_stream import prune as prune_mod
-from wanda_stream import resources
-from wanda_stream import state as state_mod
-from wanda_stream.activations import HiddenFile, HiddenWriter, Mover, batches, read_ahead
+from wanda_stream.run import prune as prune_mod
+from wanda_stream.run import resources
+from wanda_stream.storage import state as state_mod
+from wanda_stream.storage.activations import HiddenFile, HiddenWriter, Mover, batches, read_ahead
 from wanda_stream.cli import main
 
 
@@ -257,8 +257,8 @@ def test_a_narrow_block_computes_what_its_wide_copy_does(tmp_path: Path) -> None
     widen them only during their call; outputs are bit-identical to a block materialized in float32."""
     from torch import nn
 
-    from wanda_stream.model import materialize
-    from wanda_stream.stream import Streamer, _DictCheckpoint, open_model
+    from wanda_stream.model.skeleton import materialize
+    from wanda_stream.model.stream import Streamer, _DictCheckpoint, open_model
 
     model_dir = write_tiny_model(tmp_path / "bf16", dtype=torch.bfloat16)
     st = Streamer(*open_model(model_dir), "cpu", torch.float32, prefetch=False)

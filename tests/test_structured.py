@@ -15,8 +15,10 @@ import torch
 
 from tests.helpers import checkpoint_files, load_state_dict, run_cli, tiny_llama_config, write_tiny_model
 from tests.reference_structured import reference_structured
-from wanda_stream import calib, kernel, plans
-from wanda_stream import state as state_mod
+from wanda_stream.run import calib
+from wanda_stream.methods import kernel
+from wanda_stream.methods import plans
+from wanda_stream.storage import state as state_mod
 from wanda_stream.cli import main
 
 ARGS = ["--calib", "pydoc", "--nsamples", "4", "--seqlen", "32", "--device", "cpu", "--quiet", "--batch-size", "2"]

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from tests.helpers import ROOT, load_state_dict, run_cli, tree_hash
-from wanda_stream.checkpoint import INDEX_NAME
-from wanda_stream.stream import open_model
-from wanda_stream.synthetic import PRESETS, generate, load_spec, plan_shards, tensor_specs
+from wanda_stream.storage.checkpoint import INDEX_NAME
+from wanda_stream.model.stream import open_model
+from wanda_stream.storage.synthetic import PRESETS, generate, load_spec, plan_shards, tensor_specs
 
 sys.path.insert(0, str(ROOT / "tools"))
 import bench_prune  # noqa: E402
@@ -120,7 +120,7 @@ def test_measure_shows_a_run_over_the_limit_as_oom(tmp_path: Path) -> None:
 
 
 def test_activation_budget_bounds_70b_calibration_micro_batches() -> None:
-    from wanda_stream.resources import auto_batch, parse_size, window_bytes
+    from wanda_stream.run.resources import auto_batch, parse_size, window_bytes
 
     config = load_spec("llama-2-70b")
     # The paper's calibration of a 70B model: 4 GiB of hidden states per block in bf16.

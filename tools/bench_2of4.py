@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from wanda_stream.kernel import nm_mask, satisfies_nm
-from wanda_stream.synthetic import PRESETS, load_spec
+from wanda_stream.methods.kernel import nm_mask, satisfies_nm
+from wanda_stream.storage.synthetic import PRESETS, load_spec
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 NEEDS_CUDA = ("bench_2of4: needs a CUDA device of compute capability 8.0 or newer (semi-structured sparse "

@@ -22,7 +22,7 @@ IN_MEMORY = r"""
 import json, math, sys, resource, torch
 from pathlib import Path
 from transformers import AutoModelForCausalLM
-from wanda_stream import calib
+from wanda_stream.run import calib
 model_dir, data, seqlen, windows = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 tok = calib.load_tokenizer(Path(model_dir))
 w = calib.eval_windows("\n\n".join(calib.documents(data, "evaluation")), tok, seqlen, windows, data)

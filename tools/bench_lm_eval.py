@@ -35,7 +35,7 @@ def child(backend: str, model_dir: str, task_dir: str, batch_size: int) -> None:
     from lm_eval.tasks import TaskManager
 
     if backend == "streamed":
-        from wanda_stream.lm_eval_backend import WandaStreamLM
+        from wanda_stream.eval.lm_eval_backend import WandaStreamLM
 
         lm = WandaStreamLM(model_dir, device="cpu", dtype="float32")
     else:

@@ -143,9 +143,10 @@ def in_memory_prune(model_dir: str, out_dir: str, nsamples: int, seqlen: int, sp
     """
     from transformers import AutoModelForCausalLM
 
-    from wanda_stream import calib, kernel
-    from wanda_stream.checkpoint import Checkpoint
-    from wanda_stream.prune import linear_modules
+    from wanda_stream.run import calib
+    from wanda_stream.methods import kernel
+    from wanda_stream.storage.checkpoint import Checkpoint
+    from wanda_stream.run.prune import linear_modules
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[compute_dtype]
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
@@ -198,7 +199,7 @@ def in_memory_prune(model_dir: str, out_dir: str, nsamples: int, seqlen: int, sp
 
 # ---- the benchmark --------------------------------------------------------------------------
 def checkpoint_facts(model_dir: Path) -> dict[str, Any]:
-    from wanda_stream.stream import open_model
+    from wanda_stream.model.stream import open_model
 
     ckpt, sk = open_model(model_dir)
     return {"bytes": ckpt.total_bytes(), "file_bytes": sum((model_dir / f).stat().st_size for f in ckpt.files),
@@ -363,10 +364,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None, help="also write every figure to this file")
     a = p.parse_args(argv)
 
-    from wanda_stream.resources import parse_size
-    from wanda_stream.config import resolve_compute_dtype
-    from wanda_stream.state import REPORT_NAME
-    from wanda_stream.stream import checkpoint_dtype, open_model
+    from wanda_stream.run.resources import parse_size
+    from wanda_stream.run.config import resolve_compute_dtype
+    from wanda_stream.storage.state import REPORT_NAME
+    from wanda_stream.model.stream import checkpoint_dtype, open_model
 
     a.model_dir = a.model_dir.resolve()
     ckpt, sk = open_model(a.model_dir)

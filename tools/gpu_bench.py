@@ -170,7 +170,7 @@ def step_cuda_tests(b: Bench) -> None:
 
 
 def _config_json(b: Bench, layers: int, where: Path) -> Path:
-    from wanda_stream.synthetic import load_spec
+    from wanda_stream.storage.synthetic import load_spec
 
     config = load_spec(b.plan.preset)
     config.num_hidden_layers = layers
@@ -391,8 +391,8 @@ def goals(b: Bench) -> list[str]:
     row = next((r for r in b.rows if r["step"] == "wanda-7b" and r["status"] == "ok"), None)
     if row is None or b.plan is DRY:
         return []
-    from wanda_stream.model import load_config
-    from wanda_stream.resources import window_bytes
+    from wanda_stream.model.skeleton import load_config
+    from wanda_stream.run.resources import window_bytes
 
     import torch
 

@@ -36,10 +36,10 @@ from pathlib import Path
 
 import torch
 
-from wanda_stream.checkpoint import INDEX_NAME, Checkpoint, atomic_write_json, write_shard
+from wanda_stream.storage.checkpoint import INDEX_NAME, Checkpoint, atomic_write_json, write_shard
 from wanda_stream.errors import InputError
-from wanda_stream.outputs import side_files
-from wanda_stream.quant import E2M1, MX_GROUP
+from wanda_stream.storage.outputs import side_files
+from wanda_stream.storage.quant import E2M1, MX_GROUP
 
 E4M3_MAX = 448.0
 QUANT_CONFIGS = {

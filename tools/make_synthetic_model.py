@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from wanda_stream.resources import parse_size
+from wanda_stream.run.resources import parse_size
 from wanda_stream.errors import InputError
-from wanda_stream.synthetic import PRESETS, generate
+from wanda_stream.storage.synthetic import PRESETS, generate
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 

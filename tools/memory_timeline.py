@@ -97,7 +97,8 @@ def instrument(tl: Timeline) -> None:
     """Wrap the run's steps; sizes are the tensors each step makes or hands on."""
     from torch import nn
 
-    from wanda_stream import prune, stream
+    from wanda_stream.run import prune
+    from wanda_stream.model import stream
 
     def read_size(_st: Any, _i: int, out: Any) -> int:
         return _tensor_bytes(out[0].values())

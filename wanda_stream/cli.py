@@ -88,7 +88,7 @@ def _add_device(p: argparse.ArgumentParser) -> None:
 
 def _add_method(p: argparse.ArgumentParser) -> None:
     from wanda_stream.methods import METHODS, dataclass_flags, option_flags
-    from wanda_stream.profiles import PROFILES, Owl
+    from wanda_stream.methods.profiles import PROFILES, Owl
 
     p.add_argument("--method", choices=tuple(METHODS), default="wanda",
                    help="; ".join(f"{name}: {cls.paper}" for name, cls in METHODS.items()))
@@ -103,7 +103,7 @@ def _add_method(p: argparse.ArgumentParser) -> None:
 
 
 def _add_structure(p: argparse.ArgumentParser) -> None:
-    from wanda_stream.shrink import BLOCK_SCORES
+    from wanda_stream.model.shrink import BLOCK_SCORES
 
     g = p.add_argument_group("structured pruning (a smaller standard checkpoint; combines with --method/--pattern)")
     g.add_argument("--drop-blocks", type=int, default=0, metavar="N",
@@ -142,8 +142,8 @@ def _add_task_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from wanda_stream.dist import DEFAULT_TIMEOUT_S
-    from wanda_stream.families import TESTED_FAMILIES
+    from wanda_stream.run.dist import DEFAULT_TIMEOUT_S
+    from wanda_stream.model.families import TESTED_FAMILIES
 
     supported = (f"supported and tested model types: {', '.join(TESTED_FAMILIES)} "
                  "(decoder-only causal LMs of transformers; see docs/families.md)")

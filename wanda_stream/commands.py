@@ -15,29 +15,32 @@ import psutil
 import torch
 from transformers import PretrainedConfig
 
-from wanda_stream import calib, experts, resources, shrink
-from wanda_stream.card import CardFacts, base_model_id, card_command
-from wanda_stream.checkpoint import Checkpoint
-from wanda_stream.config import RunConfig, parse_pattern, resolve_compute_dtype, resolve_device
-from wanda_stream.dist import World
+from wanda_stream.run import calib
+from wanda_stream.model import experts
+from wanda_stream.run import resources
+from wanda_stream.model import shrink
+from wanda_stream.run.card import CardFacts, base_model_id, card_command
+from wanda_stream.storage.checkpoint import Checkpoint
+from wanda_stream.run.config import RunConfig, parse_pattern, resolve_compute_dtype, resolve_device
+from wanda_stream.run.dist import World
 from wanda_stream.errors import InputError, Interrupted
 from wanda_stream.methods import build as build_method
 from wanda_stream.methods import dataclass_flags, option_flags
-from wanda_stream.model import Skeleton
-from wanda_stream.outputs import input_card, own_files, shard_names
-from wanda_stream.profiles import Owl
-from wanda_stream.report import PEAK_KEYS, Progress
-from wanda_stream.resources import (
+from wanda_stream.model.skeleton import Skeleton
+from wanda_stream.storage.outputs import input_card, own_files, shard_names
+from wanda_stream.methods.profiles import Owl
+from wanda_stream.run.report import PEAK_KEYS, Progress
+from wanda_stream.run.resources import (
     auto_batch, check_disk, check_seqlen, hidden_states_bytes, human_bytes, parse_size,
 )
-from wanda_stream.state import (
+from wanda_stream.storage.state import (
     REPORT_NAME, RUN_FILE, RunLock, StopFlag, WorkDir, checkpoint_fingerprint, resume_command,
 )
 
 
 def build_prune_config(args: argparse.Namespace, world_size: int = 1) -> tuple[RunConfig, Any]:
     """Validate the prune arguments against the checkpoint; returns the config and (fingerprint, skeleton, checkpoint)."""
-    from wanda_stream.stream import checkpoint_dtype, open_model
+    from wanda_stream.model.stream import checkpoint_dtype, open_model
 
     model_dir, work_dir = args.model_dir.resolve(), _work_dir(args)
     probe = _probe_config(args)
@@ -174,7 +177,7 @@ def _task_fields(args: argparse.Namespace) -> dict[str, Any]:
     """The RunConfig fields of prune --eval-tasks (checked here: lm-eval is an optional extra)."""
     if not args.eval_tasks:
         return {}
-    from wanda_stream.task_eval import check_suite_args, require_lm_eval
+    from wanda_stream.eval.task_eval import check_suite_args, require_lm_eval
 
     require_lm_eval()
     check_suite_args(args.eval_num_fewshot, args.eval_limit)
@@ -213,7 +216,7 @@ def _finished_without_input(args: argparse.Namespace) -> bool:
     the configuration to compare with. Raises InputError, naming the differences, when the output holds
     a finished run of other settings; False when it holds none (the input is then needed).
     """
-    from wanda_stream.prune import output_is_finished, prepare
+    from wanda_stream.run.prune import output_is_finished, prepare
 
     report = _read_report(args.output_dir.resolve())
     try:
@@ -244,7 +247,7 @@ def _read_report(output_dir: Path) -> Any:
 
 
 def _dtype(name: str) -> torch.dtype:
-    from wanda_stream.config import DTYPE_NAMES
+    from wanda_stream.run.config import DTYPE_NAMES
 
     return DTYPE_NAMES[name]
 
@@ -308,7 +311,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def resolve_model_arg(args: argparse.Namespace) -> str | None:
     """Turn args.model_dir into a local directory (a hub id is fetched or found in the cache); returns the id."""
-    from wanda_stream.hub import resolve_model
+    from wanda_stream.storage.hub import resolve_model
 
     resolved = resolve_model(args.model_dir, args.revision)
     args.model_dir = resolved.path
@@ -364,7 +367,7 @@ def _lock(args: argparse.Namespace) -> RunLock:
 
 def _prepare_locked(args: argparse.Namespace, world: World) -> RunConfig | None:
     """Validate, check resources and create or reopen the run; None when it is already finished."""
-    from wanda_stream.prune import output_is_finished, prepare
+    from wanda_stream.run.prune import output_is_finished, prepare
 
     if args.resume and not args.overwrite and not args.model_dir.exists() and _finished_without_input(args):
         return None
@@ -389,8 +392,8 @@ def card_facts(hub_id: str | None, model_dir: Path, command: str) -> CardFacts:
 
 
 def _run_locked(args: argparse.Namespace, stop: StopFlag, cfg: RunConfig, world: World) -> int:
-    from wanda_stream.model import load_config
-    from wanda_stream.prune import PruneRun
+    from wanda_stream.model.skeleton import load_config
+    from wanda_stream.run.prune import PruneRun
 
     blocks = load_config(Path(cfg.model_dir)).get_text_config().num_hidden_layers
     # OWL's or --drop-blocks' pass over the dense model, then the pruning pass
@@ -440,7 +443,7 @@ def _summary(args: argparse.Namespace, cfg: RunConfig, report: dict) -> None:
         ev = report["eval"]
         print(f"  perplexity {ev['perplexity']:.4f} on {ev['windows']} x {ev['seqlen']} tokens of {ev['data']}")
     if "eval_tasks" in report:
-        from wanda_stream.task_eval import results_table
+        from wanda_stream.eval.task_eval import results_table
 
         print(results_table(report["eval_tasks"]))
     print(f"  {_peak_text(report)}")
@@ -460,7 +463,7 @@ def _peak_text(report: dict) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from wanda_stream.evaluate import evaluate
+    from wanda_stream.eval.evaluate import evaluate
 
     resolve_model_arg(args)
     if args.tasks is not None:
@@ -493,10 +496,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from wanda_stream.inspect import format_summary, format_table, inspect_checkpoint, summarize
+    from wanda_stream.eval.inspect import format_summary, format_table, inspect_checkpoint, summarize
 
     if args.plot is not None:
-        from wanda_stream.plot import load_report, plot_report
+        from wanda_stream.eval.plot import load_report, plot_report
 
         plot_report(load_report(args.model_dir), args.plot)
         print(f"wrote {args.plot}")
@@ -512,7 +515,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from wanda_stream.inspect import format_status, run_status
+    from wanda_stream.eval.inspect import format_status, run_status
 
     result = run_status(args.path.resolve())
     print(json.dumps(result) if args.json else format_status(result))
@@ -521,7 +524,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_eval_tasks(args: argparse.Namespace) -> int:
     """`eval --tasks`: lm-eval tasks on the streamed model; its results table, or its results object with --json."""
-    from wanda_stream.task_eval import TaskRun, evaluate_tasks, require_lm_eval, results_table, save_results
+    from wanda_stream.eval.task_eval import TaskRun, evaluate_tasks, require_lm_eval, results_table, save_results
 
     require_lm_eval()
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]

@@ -1,4 +1,7 @@
-"""Pruning methods behind one seam (see base.py); adding one is a module here and a line in METHODS."""
+"""Pruning methods behind one seam (see base.py); adding one is a module here and a line in METHODS.
+
+Also the pure math the methods share: kernel (statistics, scores, masks), plans (structural choices),
+profiles (sparsity per block), observe (hooks that feed the statistics) and fidelity (errors)."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ from typing import ClassVar, Generic, TypeVar
 
 import torch
 
-from wanda_stream import kernel
+from wanda_stream.methods import kernel
 
 NM = tuple[int, int]
 P = TypeVar("P")

@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import torch
 
-from wanda_stream import kernel
+from wanda_stream.methods import kernel
 from wanda_stream.methods.base import NM, Method, Observation, Pruned, Stat
 
 

@@ -18,11 +18,11 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from wanda_stream.activations import HiddenFile, HiddenWriter, Mover, batches, bind_device, device_pool, read_ahead
-from wanda_stream.checkpoint import Checkpoint
-from wanda_stream.model import Skeleton, load_config, materialize, release, run_base_with_recorders, stored_state
-from wanda_stream.resources import HELD_BLOCKS, pinned_bytes
-from wanda_stream.state import StopFlag, killpoint
+from wanda_stream.storage.activations import HiddenFile, HiddenWriter, Mover, batches, bind_device, device_pool, read_ahead
+from wanda_stream.storage.checkpoint import Checkpoint
+from wanda_stream.model.skeleton import Skeleton, load_config, materialize, release, run_base_with_recorders, stored_state
+from wanda_stream.run.resources import HELD_BLOCKS, pinned_bytes
+from wanda_stream.storage.state import StopFlag, killpoint
 
 # Logits cap some families apply after the head (transformers does it in the causal-LM forward).
 LOGIT_SOFTCAP_ATTR = "final_logit_softcapping"

@@ -24,9 +24,9 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
-from wanda_stream.card import CardFacts
-from wanda_stream.checkpoint import Checkpoint, atomic_write_json
-from wanda_stream.config import RunConfig
+from wanda_stream.run.card import CardFacts
+from wanda_stream.storage.checkpoint import Checkpoint, atomic_write_json
+from wanda_stream.run.config import RunConfig
 from wanda_stream.errors import InputError
 
 RUN_FILE = "run.json"
@@ -369,7 +369,7 @@ def resume_command(cfg: RunConfig) -> str:
     import shlex
 
     from wanda_stream.methods import dataclass_flags
-    from wanda_stream.profiles import Owl
+    from wanda_stream.methods.profiles import Owl
 
     args = ["wanda-stream", "prune", cfg.model_dir, cfg.output_dir]
     if cfg.nm is None:

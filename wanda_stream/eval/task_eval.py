@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 from wanda_stream.errors import InputError
-from wanda_stream.state import StopFlag
+from wanda_stream.storage.state import StopFlag
 
 if TYPE_CHECKING:
     from lm_eval.api.group import Group
@@ -101,7 +101,7 @@ def _quiet_lm_eval() -> Iterator[None]:
 
 
 def _refuse_generation(tasks: dict[str, Task]) -> None:
-    from wanda_stream.lm_eval_backend import refusal_of_generation
+    from wanda_stream.eval.lm_eval_backend import refusal_of_generation
 
     generative = sorted(n for n, t in tasks.items() if t.OUTPUT_TYPE == "generate_until")
     if generative:
@@ -138,7 +138,7 @@ def evaluate_tasks(run: TaskRun, stop: StopFlag | None = None) -> dict:
     Tasks and data sets are loaded before any block runs, so their refusals cost no pass over the weights.
     """
     require_lm_eval()
-    from wanda_stream.lm_eval_backend import WandaStreamLM
+    from wanda_stream.eval.lm_eval_backend import WandaStreamLM
 
     check_suite_args(run.num_fewshot, run.limit)
     lm = WandaStreamLM(str(run.model_dir), device=run.device, dtype=run.compute_dtype, batch_size=run.batch_size,

@@ -8,9 +8,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from wanda_stream.checkpoint import atomic_write_bytes
+from wanda_stream.storage.checkpoint import atomic_write_bytes
 from wanda_stream.errors import InputError
-from wanda_stream.state import REPORT_NAME
+from wanda_stream.storage.state import REPORT_NAME
 
 
 def load_report(out_dir: Path) -> dict[str, Any]:

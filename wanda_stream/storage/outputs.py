@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from wanda_stream.checkpoint import INDEX_NAME
-from wanda_stream.state import REPORT_NAME
+from wanda_stream.storage.checkpoint import INDEX_NAME
+from wanda_stream.storage.state import REPORT_NAME
 
 CARD_NAME = "README.md"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5", ".ckpt")

@@ -14,8 +14,8 @@ import torch
 from wanda_stream import methods
 from wanda_stream.errors import InputError
 from wanda_stream.methods import Method, Stat
-from wanda_stream.profiles import PROFILES, Owl
-from wanda_stream.shrink import ShrinkSpec
+from wanda_stream.methods.profiles import PROFILES, Owl
+from wanda_stream.model.shrink import ShrinkSpec
 
 DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Fields that do not change the result: they may differ between a run and its resumption.

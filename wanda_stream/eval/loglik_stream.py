@@ -12,13 +12,13 @@ from pathlib import Path
 
 import torch
 
-from wanda_stream.activations import HiddenFile
+from wanda_stream.storage.activations import HiddenFile
 from wanda_stream.errors import Interrupted
-from wanda_stream.loglik import Bucket, Request, per_request, plan_buckets, scored_positions, token_scores
-from wanda_stream.model import release
-from wanda_stream.report import Progress
-from wanda_stream.state import StopFlag
-from wanda_stream.stream import Streamer
+from wanda_stream.eval.loglik import Bucket, Request, per_request, plan_buckets, scored_positions, token_scores
+from wanda_stream.model.skeleton import release
+from wanda_stream.run.report import Progress
+from wanda_stream.storage.state import StopFlag
+from wanda_stream.model.stream import Streamer
 
 STOPPED = "task evaluation stopped; it cannot be resumed: rerun the command"
 # Rows per micro-batch when none is given: about this many tokens, whatever the bucket's length.

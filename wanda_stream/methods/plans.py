@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from wanda_stream import kernel
+from wanda_stream.methods import kernel
 
 REFIT_DAMPENING = 0.01  # fraction of G[K, K]'s mean diagonal, as SparseGPT's default
 DAMPENING_TRIES = 5

@@ -25,30 +25,34 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from wanda_stream import calib, experts, plans, shrink, widths
-from wanda_stream.activations import HiddenFile
-from wanda_stream.checkpoint import (
+from wanda_stream.run import calib
+from wanda_stream.model import experts
+from wanda_stream.methods import plans
+from wanda_stream.model import shrink
+from wanda_stream.model import widths
+from wanda_stream.storage.activations import HiddenFile
+from wanda_stream.storage.checkpoint import (
     INDEX_NAME, atomic_write_bytes, atomic_write_json, fsync_dir, read_header, write_shard,
 )
-from wanda_stream.config import RunConfig
-from wanda_stream.dist import World
-from wanda_stream.fidelity import OutputError
+from wanda_stream.run.config import RunConfig
+from wanda_stream.run.dist import World
+from wanda_stream.methods.fidelity import OutputError
 from wanda_stream.errors import Interrupted
-from wanda_stream.card import CardFacts, render_card
-from wanda_stream.loglik import hidden_streams
+from wanda_stream.run.card import CardFacts, render_card
+from wanda_stream.eval.loglik import hidden_streams
 from wanda_stream.methods import FALLBACK, NM, Method, Pruned, Stat
-from wanda_stream.model import Skeleton, release
-from wanda_stream.observe import BlockObserver, BlockStats, DepthProbe, check_finite, reduce_stats
-from wanda_stream.outputs import CARD_NAME, input_card, shard_count, shard_name, shard_names, side_files
-from wanda_stream.profiles import OWL_PAPER, outlier_ratio, owl_sparsities
-from wanda_stream.report import Progress, io_bytes, peak_figures, reset_peaks, versions
-from wanda_stream.resources import (
+from wanda_stream.model.skeleton import Skeleton, release
+from wanda_stream.methods.observe import BlockObserver, BlockStats, DepthProbe, check_finite, reduce_stats
+from wanda_stream.storage.outputs import CARD_NAME, input_card, shard_count, shard_name, shard_names, side_files
+from wanda_stream.methods.profiles import OWL_PAPER, outlier_ratio, owl_sparsities
+from wanda_stream.run.report import Progress, io_bytes, peak_figures, reset_peaks, versions
+from wanda_stream.run.resources import (
     check_disk, hidden_states_bytes, resident_states_bytes, states_placement, window_bytes,
 )
-from wanda_stream.state import (
+from wanda_stream.storage.state import (
     REPORT_NAME, RunState, StopFlag, WorkDir, killpoint, profile_blocks_done, resume_command,
 )
-from wanda_stream.stream import Streamer, open_model
+from wanda_stream.model.stream import Streamer, open_model
 
 PROFILE_STAGE = "profile"  # the run's stage during the dense pass (OWL, --drop-blocks), and where its results live
 DISTINCT_KEY = "calib_distinct_tokens"  # tokens.safetensors metadata: distinct tokens the calibration windows cover
@@ -305,7 +309,7 @@ class PruneRun:
             toks["eval"] = calib.eval_windows(text, tokenizer, self.cfg.eval_seqlen or self.cfg.seqlen,
                                               self.cfg.eval_windows, self.cfg.eval_data, self.stop)
         if self.cfg.eval_tasks:
-            from wanda_stream.task_prune import task_spec, task_tokens
+            from wanda_stream.run.task_prune import task_spec, task_tokens
 
             toks.update(task_tokens(Path(self.cfg.model_dir), task_spec(self.cfg)))
         killpoint("tokens")
@@ -749,7 +753,7 @@ class PruneRun:
     def _output_config(self) -> bytes:
         """config.json as the output's tensors are: no quantization_config once dequantized, their dtype, and
         the smaller numbers of structured pruning; the input's own bytes when nothing changes."""
-        from wanda_stream.quant import output_config
+        from wanda_stream.storage.quant import output_config
 
         raw = (Path(self.cfg.model_dir) / CONFIG_NAME).read_bytes()
         source = json.loads(raw)
@@ -801,7 +805,7 @@ class PruneRun:
             report["eval"] = {"perplexity": math.exp(nll / count), "tokens": count, "windows": t.shape[0],
                               "seqlen": t.shape[1], "data": self.cfg.eval_data}
         if self.cfg.eval_tasks:
-            from wanda_stream.task_prune import task_results, task_spec
+            from wanda_stream.run.task_prune import task_results, task_spec
 
             report["eval_tasks"] = task_results(
                 self.st, Path(self.cfg.model_dir), task_spec(self.cfg), self.saved_tokens(),
@@ -879,7 +883,7 @@ def prepare(cfg: RunConfig, model_fp: dict[str, Any], resume: bool, overwrite: b
     run writes, outputs.own_files) and nothing else; `card` is recorded for the model card.
     """
     from wanda_stream.errors import InputError
-    from wanda_stream.state import check_same_run
+    from wanda_stream.storage.state import check_same_run
 
     out, work = Path(cfg.output_dir), WorkDir(Path(cfg.work_dir))
     if overwrite:

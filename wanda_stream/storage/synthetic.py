@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from wanda_stream.checkpoint import INDEX_NAME, SINGLE_NAME, atomic_write_json, fsync_dir, write_shard
+from wanda_stream.storage.checkpoint import INDEX_NAME, SINGLE_NAME, atomic_write_json, fsync_dir, write_shard
 
 # Shapes from the models' published config.json files (the fields that decide tensor shapes and
 # the block forward); everything else is transformers' default for the family.

@@ -18,11 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from wanda_stream import experts, plans
-from wanda_stream.activations import HiddenFile
-from wanda_stream.dist import World
+from wanda_stream.model import experts
+from wanda_stream.methods import plans
+from wanda_stream.storage.activations import HiddenFile
+from wanda_stream.run.dist import World
 from wanda_stream.errors import InputError
-from wanda_stream.fidelity import OutputError
+from wanda_stream.methods.fidelity import OutputError
 from wanda_stream.methods import Observation, Stat
 
 

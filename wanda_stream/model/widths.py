@@ -12,10 +12,10 @@ from typing import Callable
 
 import torch
 
-from wanda_stream import plans
-from wanda_stream.families import Attention, Ffn, Structure
+from wanda_stream.methods import plans
+from wanda_stream.model.families import Attention, Ffn, Structure
 from wanda_stream.methods import Observation, Stat
-from wanda_stream.shrink import Shape, ShrinkSpec, ffn_drop, head_drop
+from wanda_stream.model.shrink import Shape, ShrinkSpec, ffn_drop, head_drop
 
 Keys = Callable[[str], tuple[str, str | None]]  # linear name -> (weight key, bias key or None)
 

@@ -28,7 +28,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from wanda_stream.errors import InputError
-from wanda_stream.families import EXPERTS_IN_OUT
+from wanda_stream.model.families import EXPERTS_IN_OUT
 
 EAGER = "eager"
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from wanda_stream.errors import InputError
-from wanda_stream.families import STRUCTURE, Structure
-from wanda_stream.plans import head_counts
+from wanda_stream.model.families import STRUCTURE, Structure
+from wanda_stream.methods.plans import head_counts
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from wanda_stream.errors import InputError, Interrupted
-from wanda_stream.state import StopFlag, killpoint
+from wanda_stream.storage.state import StopFlag, killpoint
 
 HUB_SPECS = ("c4", "wikitext2")
 BUILTIN_SPECS = ("pydoc",)

@@ -16,14 +16,14 @@ from typing import Callable
 
 import torch
 
-from wanda_stream.activations import HiddenFile
-from wanda_stream.lm_eval_backend import TokenizedLM
-from wanda_stream.config import RunConfig
-from wanda_stream.loglik import (
+from wanda_stream.storage.activations import HiddenFile
+from wanda_stream.eval.lm_eval_backend import TokenizedLM
+from wanda_stream.run.config import RunConfig
+from wanda_stream.eval.loglik import (
     Request, bucket_from_tensors, bucket_tensors, hidden_streams, model_input, plan_buckets, request_key,
 )
-from wanda_stream.loglik_stream import Batching, score_bucket
-from wanda_stream.stream import Streamer
+from wanda_stream.eval.loglik_stream import Batching, score_bucket
+from wanda_stream.model.stream import Streamer
 
 STREAM = "tasks_"  # stream names: tasks_00064 (model inputs of the 64-token bucket)
 
@@ -64,7 +64,7 @@ class _Replayer(TokenizedLM):
 
 
 def _evaluate(lm: TokenizedLM, spec: TaskSpec) -> dict:
-    from wanda_stream.task_eval import run_suite
+    from wanda_stream.eval.task_eval import run_suite
 
     return run_suite(lm, spec.tasks, spec.include_path, spec.num_fewshot, spec.limit)
 

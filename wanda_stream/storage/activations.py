@@ -18,8 +18,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from wanda_stream.checkpoint import byte_view, fsync_dir, read_exact
-from wanda_stream.state import killpoint
+from wanda_stream.storage.checkpoint import byte_view, fsync_dir, read_exact
+from wanda_stream.storage.state import killpoint
 
 # Called on the writer thread: the host tensor whose bytes go to the file next (waiting for its copy).
 Fetch = Callable[[], torch.Tensor]

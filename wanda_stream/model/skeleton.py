@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from wanda_stream.checkpoint import Checkpoint
+from wanda_stream.storage.checkpoint import Checkpoint
 from wanda_stream.errors import InputError
-from wanda_stream.families import FAMILIES, TESTED_FAMILIES  # noqa: F401 - the family table
+from wanda_stream.model.families import FAMILIES, TESTED_FAMILIES  # noqa: F401 - the family table
 
 
 def load_config(model_dir: Path) -> Any:
@@ -103,7 +103,7 @@ class Skeleton:
 
     def bind(self, keys: list[str]) -> None:
         """Tie the skeleton to a checkpoint's keys: its layout, and where each parameter is read from."""
-        from wanda_stream.layout import Layout
+        from wanda_stream.storage.layout import Layout
 
         self.layout = Layout(self.model, keys)
         self.sources = {}

@@ -12,7 +12,7 @@ import shlex
 from collections.abc import Sequence
 from typing import Any, TypedDict
 
-from wanda_stream.hub import is_hub_id
+from wanda_stream.storage.hub import is_hub_id
 
 # Flags that say how to run, not what to compute: a resumed run's card must equal an uninterrupted one's.
 _RUN_ONLY_FLAGS = ("--resume", "--overwrite", "--quiet", "--keep-work-dir", "--no-prefetch", "--states-on-disk")

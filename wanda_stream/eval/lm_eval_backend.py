@@ -2,7 +2,7 @@
 
 Importing this module registers the model under the name `wanda-stream` (lm-eval 0.4 finds models
 only through its own registry, not entry points): `wanda-stream-lm-eval --model wanda-stream ...`
-(or `python -m wanda_stream.lm_eval_backend ...`) is lm-eval's own command line with it registered.
+(or `python -m wanda_stream.eval.lm_eval_backend ...`) is lm-eval's own command line with it registered.
 
 Tokenization is lm-eval's HF model's (`TemplateLM` splits context and continuation; `tok_encode` and
 `max_length` follow `HFLM`); all requests of a call go through the blocks together, so a whole suite
@@ -22,15 +22,15 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import DEFAULT_MAX_LENGTH, _add_special_kwargs, has_bos_prefix, resolve_max_length
 
-from wanda_stream import calib
-from wanda_stream.config import DTYPE_NAMES, resolve_compute_dtype, resolve_device
+from wanda_stream.run import calib
+from wanda_stream.run.config import DTYPE_NAMES, resolve_compute_dtype, resolve_device
 from wanda_stream.errors import InputError
-from wanda_stream.loglik import Request, rolling_windows
-from wanda_stream.loglik_stream import MAX_AUTO_ROWS, Batching, streamed_loglikelihoods
-from wanda_stream.report import Progress
-from wanda_stream.state import StopFlag
-from wanda_stream.model import load_config
-from wanda_stream.stream import Streamer, checkpoint_dtype, open_model
+from wanda_stream.eval.loglik import Request, rolling_windows
+from wanda_stream.eval.loglik_stream import MAX_AUTO_ROWS, Batching, streamed_loglikelihoods
+from wanda_stream.run.report import Progress
+from wanda_stream.storage.state import StopFlag
+from wanda_stream.model.skeleton import load_config
+from wanda_stream.model.stream import Streamer, checkpoint_dtype, open_model
 
 MODEL_NAME = "wanda-stream"
 

@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from wanda_stream import quant
+from wanda_stream.storage import quant
 from wanda_stream.errors import InputError
 
 INDEX_NAME = "model.safetensors.index.json"

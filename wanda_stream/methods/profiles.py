@@ -15,7 +15,7 @@ from typing import Iterable
 
 import torch
 
-from wanda_stream import kernel
+from wanda_stream.methods import kernel
 from wanda_stream.errors import InputError
 
 PROFILES = ("uniform", "owl")

@@ -8,15 +8,16 @@ import re
 from pathlib import Path
 from typing import Any
 
-from wanda_stream import experts, kernel
-from wanda_stream.config import parse_pattern
+from wanda_stream.model import experts
+from wanda_stream.methods import kernel
+from wanda_stream.run.config import parse_pattern
 from wanda_stream.errors import InputError
-from wanda_stream.state import REPORT_NAME, RUN_FILE, WorkDir, profile_blocks_done
+from wanda_stream.storage.state import REPORT_NAME, RUN_FILE, WorkDir, profile_blocks_done
 
 
 def inspect_checkpoint(model_dir: Path, pattern: str | None = None) -> dict[str, Any]:
     """Per-matrix and total sparsity of the decoder linears' weights, one tensor in memory at a time."""
-    from wanda_stream.stream import open_model
+    from wanda_stream.model.stream import open_model
 
     nm = parse_pattern(pattern) if pattern else None
     ckpt, sk = open_model(model_dir)
@@ -132,8 +133,8 @@ def run_status(path: Path) -> dict[str, Any]:
         )
     run = work.load_run()
     state = work.load_state()
-    from wanda_stream.config import RunConfig
-    from wanda_stream.state import resume_command
+    from wanda_stream.run.config import RunConfig
+    from wanda_stream.storage.state import resume_command
 
     try:
         cfg = RunConfig.from_json(run["config"])
@@ -151,7 +152,7 @@ def run_status(path: Path) -> dict[str, Any]:
     if cfg.world_size > 1:
         row["ranks"] = [_rank_progress(work, r) for r in range(cfg.world_size)]
     try:
-        from wanda_stream.model import load_config
+        from wanda_stream.model.skeleton import load_config
 
         row["blocks_total"] = load_config(Path(cfg.model_dir)).get_text_config().num_hidden_layers
         row["can_resume"] = state.stage != "done"

@@ -10,15 +10,15 @@ from typing import Any, Callable
 import torch
 from transformers import PretrainedConfig
 
-from wanda_stream import calib
-from wanda_stream.activations import HiddenFile
-from wanda_stream.config import DTYPE_NAMES, resolve_compute_dtype
+from wanda_stream.run import calib
+from wanda_stream.storage.activations import HiddenFile
+from wanda_stream.run.config import DTYPE_NAMES, resolve_compute_dtype
 from wanda_stream.errors import Interrupted
-from wanda_stream.model import release
-from wanda_stream.report import Progress, peak_figures, reset_peaks
-from wanda_stream.resources import check_seqlen, default_seqlen, seqlen_note
-from wanda_stream.state import StopFlag
-from wanda_stream.stream import Streamer, checkpoint_dtype, open_model
+from wanda_stream.model.skeleton import release
+from wanda_stream.run.report import Progress, peak_figures, reset_peaks
+from wanda_stream.run.resources import check_seqlen, default_seqlen, seqlen_note
+from wanda_stream.storage.state import StopFlag
+from wanda_stream.model.stream import Streamer, checkpoint_dtype, open_model
 
 # (model config, window length, compute dtype, number of windows) -> windows per micro-batch
 BatchRule = Callable[[PretrainedConfig, int, torch.dtype, int], int]
