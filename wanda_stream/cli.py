@@ -30,6 +30,7 @@ PRUNE_EXAMPLES = """examples:
   wanda-stream prune ./model ./model-small --drop-ffn 0.25 --drop-blocks 6
   # structure first, then 2:4 SparseGPT masks on what is left, in one pass
   wanda-stream prune ./model ./model-s24 --drop-ffn 0.25 --method sparsegpt --pattern 2:4
+  wanda-stream prune ./qwen3-30b-a3b ./qwen3-reap50 --drop-experts 0.5
   # data-parallel calibration on 8 GPUs (gloo on CPUs); the same output as one process
   torchrun --nproc-per-node 8 -m wanda_stream prune ./model ./out --resume
 
@@ -118,6 +119,9 @@ def _add_structure(p: argparse.ArgumentParser) -> None:
                         "groups), o_proj refit")
     g.add_argument("--no-refit", action="store_true",
                    help="keep the weights that read the removed channels and heads as they are (no least-squares refit)")
+    g.add_argument("--drop-experts", type=float, default=0.0, metavar="R",
+                   help="remove int(R x experts) routed experts of every MoE block, the lowest by REAP's saliency "
+                        "(router weight x expert output norm over the tokens routed to it), with their router rows")
 
 
 def _add_revision(p: argparse.ArgumentParser) -> None:

@@ -157,13 +157,14 @@ def _run_config(args: argparse.Namespace, seqlen: int, device: str, compute_dtyp
 
 
 def _shrink_fields(args: argparse.Namespace) -> dict[str, Any]:
-    """The RunConfig fields of structured pruning (--drop-blocks, --block-score, --drop-ffn, --drop-heads, --no-refit)."""
+    """The RunConfig fields of structured pruning (--drop-blocks, --block-score, --drop-ffn, --drop-heads,
+    --no-refit, --drop-experts)."""
     return {"drop_blocks": args.drop_blocks, "block_score": args.block_score, "drop_ffn": args.drop_ffn,
-            "drop_heads": args.drop_heads, "refit": not args.no_refit}
+            "drop_heads": args.drop_heads, "refit": not args.no_refit, "drop_experts": args.drop_experts}
 
 
 def _structural(args: argparse.Namespace) -> bool:
-    return bool(args.drop_blocks or args.drop_ffn or args.drop_heads)
+    return bool(args.drop_blocks or args.drop_ffn or args.drop_heads or args.drop_experts)
 
 
 def _sparsity(args: argparse.Namespace) -> float:

@@ -10,6 +10,7 @@ tensor's address can never be mistaken for it.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -201,4 +202,91 @@ class DepthProbe:
         out = {"influence": 1.0 - sum(c for p in parts for c in p["cos"]) / tokens, "removal_error": removal.value}
         if self.back is not None:
             out["angular"] = sum(a for p in parts for a in p["angles"]) / tokens
+        return out
+
+
+class ExpertSaliency:
+    """REAP's observation of one block's routed experts: per calibration window and expert, the sum over the
+    tokens routed to it of ||g_j(x) f_j(x)||_2 (float64), the norm of the expert's contribution to the block's
+    output as the model weights it, and the number of those tokens.
+
+    The contribution is transformers' own: the experts module is run again once per routing slot k with
+    that slot's experts and combine weights only (`experts(x, index[:, k:k+1], weight[:, k:k+1])`), which
+    returns exactly g_j(x) f_j(x) of each token's k-th expert, biases included (gpt-oss). Llama 4's experts
+    module takes every expert's inputs stacked (unrouted rows zero, routed ones scaled by the router) and
+    returns every expert's output, so there the contribution is its rows. Costs one more pass of the experts.
+    """
+
+    def __init__(self, modules: dict[str, int]) -> None:
+        self.modules = modules
+        self.sums: dict[str, list[torch.Tensor]] = {n: [] for n in modules}  # per micro-batch [windows, experts]
+        self.counts: dict[str, list[torch.Tensor]] = {n: [] for n in modules}
+        self._windows = 0
+
+    @contextlib.contextmanager
+    def on(self, layer: nn.Module) -> Iterator[None]:
+        """Watch `layer`'s experts modules while in the context (one block call per micro-batch)."""
+        def windows(mod: nn.Module, args: tuple) -> None:
+            self._windows = int(args[0].shape[0])
+
+        handles = [layer.register_forward_pre_hook(windows)]
+        for name in self.modules:
+            mod = layer.get_submodule(name)
+            handles.append(mod.register_forward_hook(
+                lambda m, a, kw, out, name=name: self._observe(name, m, a, kw, out), with_kwargs=True))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _observe(self, name: str, mod: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+        n_exp, b = self.modules[name], self._windows
+        bound = inspect.signature(mod.forward).bind(*args, **kwargs).arguments
+        values = list(bound.values())
+        if len(values) >= 3 and values[1] is not None:  # (hidden states, top-k index, top-k weights)
+            x, index, weight = values[:3]
+            norms = torch.empty(index.shape, dtype=torch.float64, device=x.device)
+            with torch.no_grad(), experts.unobserved():
+                for k in range(index.shape[1]):
+                    y = mod.forward(x, index[:, k:k + 1], weight[:, k:k + 1])
+                    norms[:, k] = torch.linalg.vector_norm(y.double(), dim=-1)
+            rows = index.shape[0]
+            routed = index.long()
+        else:  # every expert's rows stacked: [experts * tokens, hidden] in, the same out (Llama 4)
+            x, y = values[0], out[0] if isinstance(out, tuple) else out
+            rows = x.shape[0] // n_exp
+            hit = x.reshape(n_exp, rows, -1).ne(0).any(dim=-1).T  # [tokens, experts]
+            norms = torch.linalg.vector_norm(y.reshape(n_exp, rows, -1).double(), dim=-1).T * hit
+            routed = torch.arange(n_exp, device=x.device).expand(rows, n_exp)
+            norms, routed = norms[hit].reshape(-1, 1), routed[hit].reshape(-1, 1)
+            window = (torch.nonzero(hit)[:, 0] // (rows // b)).reshape(-1, 1)
+            self._add(name, norms, routed, window, b, n_exp)
+            return
+        window = (torch.arange(rows, device=x.device) // (rows // b)).unsqueeze(1).expand_as(routed)
+        self._add(name, norms, routed, window, b, n_exp)
+
+    def _add(self, name: str, norms: torch.Tensor, routed: torch.Tensor, window: torch.Tensor, b: int,
+             n_exp: int) -> None:
+        slot = (window * n_exp + routed).flatten()
+        sums = torch.zeros(b * n_exp, dtype=torch.float64, device=norms.device).index_add_(0, slot, norms.flatten())
+        counts = torch.zeros(b * n_exp, dtype=torch.int64, device=norms.device).index_add_(
+            0, slot, torch.ones_like(slot))
+        self.sums[name].append(sums.view(b, n_exp).cpu())
+        self.counts[name].append(counts.view(b, n_exp).cpu())
+
+    def results(self, world: World) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per experts module, (summed contribution norms, routed token counts) over every rank's windows,
+        added window by window in window order: the same bits for any micro-batch size or rank count."""
+        parts = world.gather({n: (torch.cat(self.sums[n]) if self.sums[n] else torch.zeros(0, e, dtype=torch.float64),
+                                  torch.cat(self.counts[n]) if self.counts[n] else torch.zeros(0, e, dtype=torch.int64))
+                              for n, e in self.modules.items()})
+        out = {}
+        for n, e in self.modules.items():
+            sums, counts = torch.zeros(e, dtype=torch.float64), torch.zeros(e, dtype=torch.int64)
+            for part in parts:  # rank order
+                for s, c in zip(*part[n]):
+                    sums += s
+                    counts += c
+            out[n] = (sums, counts)
         return out

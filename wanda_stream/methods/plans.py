@@ -9,6 +9,9 @@ selection is a stable sort (ties keep the lower index), so equal inputs give equ
   d(h_l, h_{l+N}) = arccos(cos) / pi, the N contiguous blocks from the l where it is smallest.
 - FFN channels and attention heads: Wanda-sp's structured score (An et al. 2024, FLAP's baseline),
   channel j scores ||a_j||_2 * ||W_out[:, j]||_2, a head the sum over its columns; the lowest removed.
+- Experts: REAP (Lasby et al. 2025), S_j = the mean over the calibration tokens routed to expert j of
+  g_j(x) ||f_j(x)||_2 (its router weight times its output's norm), the lowest removed; ties remove the
+  higher index, and a group-limited router loses as many experts in every group.
 - Refit (the consuming matrix, down_proj or o_proj): W' = W G[:, K] G[K, K]^-1, the least-squares fit of the
   dense outputs X W^T from the kept inputs X_K, G = X^T X dampened as SparseGPT dampens its Hessian.
 """
@@ -67,6 +70,27 @@ def blocks_by_angle(angles: list[float], n: int) -> list[int]:
     """Gromov et al.: angles[l] is d(h_l, h_{l+n}); the n contiguous blocks from the smallest (first on ties)."""
     start = lowest(angles, 1)[0]
     return list(range(start, start + n))
+
+
+def reap_saliency(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """REAP's S_j: the summed weighted output norms over the tokens routed to expert j, over their count
+    (float64; 0 for an expert no token was routed to)."""
+    c = counts.to(torch.float64)
+    return torch.where(c > 0, sums.double() / c.clamp(min=1), torch.zeros_like(c))
+
+
+def experts_to_drop(saliency: torch.Tensor, n_drop: int, groups: int = 1) -> list[int]:
+    """The n_drop experts of lowest saliency, n_drop / groups from each of the contiguous expert groups of a
+    group-limited router; on ties the higher index goes first. Ascending."""
+    n = saliency.shape[0]
+    size, per = n // groups, n_drop // groups
+    out: list[int] = []
+    for g in range(groups):
+        s = saliency[g * size:(g + 1) * size].double()
+        # Descending index order first, then a stable sort: equal saliencies leave the highest index first.
+        order = torch.sort(s.flip(0), stable=True).indices[:per]
+        out += [g * size + size - 1 - int(i) for i in order]
+    return sorted(out)
 
 
 def channel_scores(sq_sum: torch.Tensor, w_out: torch.Tensor) -> torch.Tensor:

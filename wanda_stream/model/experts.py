@@ -20,6 +20,9 @@ an expert matrix.
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -31,6 +34,7 @@ from wanda_stream.errors import InputError
 from wanda_stream.model.families import EXPERTS_IN_OUT
 
 EAGER = "eager"
+_replaying = threading.local()  # set while a probe re-runs an experts module: ExpertStats records nothing then
 
 
 def expert_params(layer: nn.Module) -> dict[str, nn.Parameter]:
@@ -44,6 +48,88 @@ def expert_params(layer: nn.Module) -> dict[str, nn.Parameter]:
         for pname, p in mod.named_parameters(recurse=False):
             if p.dim() == 3:
                 out[f"{mname}.{pname}" if mname else pname] = p
+    return out
+
+
+def moe_modules(layer: nn.Module) -> dict[str, int]:
+    """The block's experts modules (the modules holding fused expert parameters), by name relative to the
+    block, with their number of routed experts."""
+    return {n.rpartition(".")[0]: p.shape[0] for n, p in expert_params(layer).items()}
+
+
+@contextlib.contextmanager
+def unobserved() -> Iterator[None]:
+    """Expert calls made in this context (a probe re-running an experts module) are not statistics."""
+    before = getattr(_replaying, "on", False)
+    _replaying.on = True
+    try:
+        yield
+    finally:
+        _replaying.on = before
+
+
+@dataclass(frozen=True)
+class ExpertTensors:
+    """One experts module's stored tensors, by what removing an expert does to them: `per_expert` lists, per
+    fused parameter part, its checkpoint keys in expert order (a removed expert's key goes, the kept ones
+    take the first indices' names); `stacked` are tensors with the experts along dim 0 (fused experts stored
+    as such, their biases, the router's rows, bias and score-correction bias)."""
+
+    per_expert: tuple[tuple[str, ...], ...]
+    stacked: tuple[str, ...]
+
+
+def expert_tensors(sk: Any, i: int, holder: str, router: str, keys: Iterable[str]) -> ExpertTensors:
+    """The tensors of block i's experts module `holder` and of its sibling router `router`, among `keys`
+    (checkpoint keys of the block), through the checkpoint's layout."""
+    prefix = sk.block_prefix(i)
+    parent = holder.rpartition(".")[0]
+    inside, routed = f"{prefix}{holder}.", f"{prefix}{parent}.{router}." if parent else f"{prefix}{router}."
+    groups: dict[tuple[str, str], dict[int, str]] = {}
+    stacked = []
+    for key in sorted(keys):
+        slot = sk.layout.slots[key]
+        if slot.param.startswith(inside) and slot.expert is not None:
+            groups.setdefault(sk.layout.expert_group(key), {})[slot.expert] = key
+        elif slot.param.startswith(inside) or slot.param.startswith(routed):
+            stacked.append(key)
+    per_expert = tuple(tuple(g[e] for e in sorted(g)) for _, g in sorted(groups.items()))
+    return ExpertTensors(per_expert, tuple(stacked))
+
+
+def keep_experts(stored: dict[str, torch.Tensor], tensors: ExpertTensors, keep: list[int]) -> dict[str, torch.Tensor]:
+    """`stored` with only the experts `keep` (ascending), renumbered 0.. in that order; InputError naming a
+    stacked tensor whose first dimension is not the experts'."""
+    out = dict(stored)
+    n = len(tensors.per_expert[0]) if tensors.per_expert else None
+    for key in tensors.stacked:
+        t = stored[key]
+        n = t.shape[0] if n is None else n
+        if t.dim() == 0 or t.shape[0] != n:
+            raise InputError(f"'{key}' of shape {list(t.shape)} is not indexed by the {n} experts; --drop-experts "
+                             "does not support this expert layout")
+        out[key] = t.index_select(0, torch.tensor(keep, device=t.device)).contiguous()
+    for group in tensors.per_expert:
+        moved = {group[j]: stored[group[e]] for j, e in enumerate(keep)}
+        for key in group:
+            del out[key]
+        out.update(moved)
+    return out
+
+
+def renumber_experts(named: dict[str, Any], holder: str, keep: list[int]) -> dict[str, Any]:
+    """Per-expert entries (`holder.param[e]`, as ExpertStats names them) of the kept experts under their new
+    indices; the removed experts' entries dropped, others untouched."""
+    new = {e: j for j, e in enumerate(keep)}
+    out: dict[str, Any] = {}
+    for name, v in named.items():
+        base, bracket, rest = name.rpartition("[")
+        if not bracket or not base.startswith(holder + ".") or not rest.endswith("]"):
+            out[name] = v
+            continue
+        e = int(rest[:-1])
+        if e in new:
+            out[f"{base}[{new[e]}]"] = v
     return out
 
 
@@ -212,7 +298,7 @@ class ExpertStats(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
-        if self.params and len(args) >= 1:
+        if self.params and len(args) >= 1 and not getattr(_replaying, "on", False):
             if func is torch.nn.functional.linear:  # F.linear(x_e, W[e]), W [experts, out, in]
                 self._slice_call(args[0], args[1] if len(args) > 1 else kwargs.get("weight"))
             elif func in MATMULS and len(args) >= 2:  # x_e @ W[e], W [experts, in, out] (gpt-oss)

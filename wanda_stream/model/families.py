@@ -67,19 +67,36 @@ class Attention:
 
 
 @dataclass(frozen=True)
+class Experts:
+    """Routed experts `--drop-experts` can remove: the router's name beside the experts module (its rows go
+    with the experts), the config key of their number, and, for group-limited routers, the config keys of
+    the number of groups and of the groups a token may reach (experts are dropped evenly per group)."""
+
+    router: str
+    count_key: str
+    groups_key: str = ""
+    reach_key: str = ""
+
+
+@dataclass(frozen=True)
 class Structure:
-    """What `--drop-ffn` and `--drop-heads` may shrink in a family, and how `--drop-blocks` keeps its layer
-    kinds: `moe_step` = (the every-k-th-layer key, the key of the list of dense-MLP layer indices), made
-    explicit when blocks are removed (a kept block keeps its kind once the indices shift)."""
+    """What `--drop-ffn`, `--drop-heads` and `--drop-experts` may shrink in a family, and how `--drop-blocks`
+    keeps its layer kinds: `moe_step` = (the every-k-th-layer key, the key of the list of dense-MLP layer
+    indices), made explicit when blocks are removed (a kept block keeps its kind once the indices shift).
+    `mtp_key` counts the multi-token-prediction layers stored after the last block (not part of the
+    transformers model): they are dropped when the structure changes, as they would no longer match it."""
 
     ffn: tuple[Ffn, ...] = ()
     heads: Attention | None = None
     moe_step: tuple[str, str] | None = None
+    experts: Experts | None = None
+    mtp_key: str = ""
 
 
 _MLP = Ffn(("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj", "intermediate_size")
 _ATTN = Attention(o="self_attn.o_proj", q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj")
 _QWEN_MOE_STEP = ("decoder_sparse_step", "mlp_only_layers")
+_GROUPED = Experts("gate", "n_routed_experts", "n_group", "topk_group")
 # Every family of FAMILIES can lose whole blocks; these can also lose FFN channels and heads. GPT-NeoX and
 # OPT derive their head size from hidden_size / num_attention_heads, so their heads cannot go; Mixtral's
 # and Qwen3-MoE's MLPs are experts only (expert removal is --drop-experts' business).
@@ -95,9 +112,14 @@ STRUCTURE: dict[str, Structure] = {
     "olmo2": Structure((_MLP,)),
     "gpt_neox": Structure((Ffn(("mlp.dense_h_to_4h",), "mlp.dense_4h_to_h", "intermediate_size"),)),
     "opt": Structure((Ffn(("fc1",), "fc2", "ffn_dim"),)),
-    "mixtral": Structure((), _ATTN),
+    "mixtral": Structure((), _ATTN, experts=Experts("gate", "num_local_experts")),
     "qwen2_moe": Structure((Ffn(("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj"),
                                 "mlp.shared_expert.down_proj", "shared_expert_intermediate_size"), _MLP),
-                           _ATTN, _QWEN_MOE_STEP),
-    "qwen3_moe": Structure((_MLP,), _ATTN, _QWEN_MOE_STEP),
+                           _ATTN, _QWEN_MOE_STEP, Experts("gate", "num_experts")),
+    "qwen3_moe": Structure((_MLP,), _ATTN, _QWEN_MOE_STEP, Experts("gate", "num_experts")),
+    "deepseek_v3": Structure(experts=_GROUPED, mtp_key="num_nextn_predict_layers"),
+    "glm4_moe": Structure(experts=_GROUPED, mtp_key="num_nextn_predict_layers"),
+    "qwen3_next": Structure(experts=Experts("gate", "num_experts")),
+    "gpt_oss": Structure(experts=Experts("router", "num_local_experts")),
+    "llama4_text": Structure(experts=Experts("router", "num_local_experts")),
 }

@@ -1,6 +1,6 @@
 """Structured pruning's options and their reflection in the output: the smaller config, renumbered block keys.
 
-`ShrinkSpec` is what `--drop-blocks`, `--drop-ffn` and `--drop-heads` ask for. The family table
+`ShrinkSpec` is what `--drop-blocks`, `--drop-ffn`, `--drop-heads` and `--drop-experts` ask for. The family table
 (`families.STRUCTURE`) says which linears make a family's FFN channels and heads and which config keys
 count them; this module turns that and the run's plans into the output's config.json and key names.
 """
@@ -25,23 +25,25 @@ _NOT_PER_LAYER = ("architectures",)
 
 @dataclass(frozen=True)
 class ShrinkSpec:
-    """What structured pruning removes: whole blocks, a fraction of every MLP's channels and of every
-    attention's query heads, and whether the consuming matrices are refit."""
+    """What structured pruning removes: whole blocks, a fraction of every MLP's channels, of every
+    attention's query heads and of every MoE block's routed experts, and whether the consuming matrices
+    are refit."""
 
     drop_blocks: int = 0
     block_score: str = "bi"
     drop_ffn: float = 0.0
     drop_heads: float = 0.0
     refit: bool = True
+    drop_experts: float = 0.0
 
     @property
     def active(self) -> bool:
-        return bool(self.drop_blocks or self.drop_ffn or self.drop_heads)
+        return bool(self.drop_blocks or self.drop_ffn or self.drop_heads or self.drop_experts)
 
     @property
     def widths(self) -> bool:
-        """Whether blocks change width (channels or heads), not only in number."""
-        return bool(self.drop_ffn or self.drop_heads)
+        """Whether blocks change shape (channels, heads or experts), not only in number."""
+        return bool(self.drop_ffn or self.drop_heads or self.drop_experts)
 
     def check_flags(self) -> None:
         """The options' own ranges (no checkpoint needed)."""
@@ -49,7 +51,8 @@ class ShrinkSpec:
             raise InputError(f"--drop-blocks {self.drop_blocks}: must be 0 or a positive number of blocks")
         if self.block_score not in BLOCK_SCORES:
             raise InputError(f"--block-score '{self.block_score}': use {' or '.join(BLOCK_SCORES)}")
-        for flag, r in (("--drop-ffn", self.drop_ffn), ("--drop-heads", self.drop_heads)):
+        for flag, r in (("--drop-ffn", self.drop_ffn), ("--drop-heads", self.drop_heads),
+                        ("--drop-experts", self.drop_experts)):
             if not 0.0 <= r < 1.0:
                 raise InputError(f"{flag} {r}: a fraction to remove, 0 <= R < 1, e.g. 0.25")
 
@@ -63,6 +66,11 @@ class Shape:
     n_kv: int
     head_dim: int
     ffn_widths: dict[str, int]
+    n_experts: int = 0  # routed experts per MoE block (0: no MoE, or a family --drop-experts does not know)
+    top_k: int = 0
+    groups: int = 1  # expert groups of a group-limited router, and the groups a token may reach
+    reach: int = 1
+    experts_key: str = ""  # the config key of n_experts
 
     @classmethod
     def of(cls, config: PretrainedConfig, structure: Structure) -> "Shape":
@@ -71,7 +79,13 @@ class Shape:
         kv = int(getattr(c, "num_key_value_heads", None) or heads)
         head_dim = int(getattr(c, "head_dim", None) or c.hidden_size // heads)
         widths = {f.width_key: int(getattr(c, f.width_key)) for f in structure.ffn if getattr(c, f.width_key, None)}
-        return cls(int(c.num_hidden_layers), heads, kv, head_dim, widths)
+        ex = structure.experts
+        if ex is None or not getattr(c, ex.count_key, None):
+            return cls(int(c.num_hidden_layers), heads, kv, head_dim, widths)
+        groups = int(getattr(c, ex.groups_key, None) or 1) if ex.groups_key else 1
+        reach = int(getattr(c, ex.reach_key, None) or groups) if ex.reach_key else groups
+        return cls(int(c.num_hidden_layers), heads, kv, head_dim, widths, int(getattr(c, ex.count_key)),
+                   int(c.num_experts_per_tok), groups, reach, ex.count_key)
 
 
 def structure_of(model_type: str) -> Structure:
@@ -108,6 +122,8 @@ def check(spec: ShrinkSpec, config: PretrainedConfig, nm: tuple[int, int] | None
         except ValueError as e:
             raise InputError(f"--drop-heads {spec.drop_heads}: {round(spec.drop_heads * shape.n_heads)} of "
                              f"{shape.n_heads} query heads; {e}") from None
+    if spec.drop_experts:
+        check_experts(spec, shape, mt)
     if nm is not None:
         sizes = new_sizes(spec, shape)
         widths = {k: v for k, v in sizes.items() if k in shape.ffn_widths}
@@ -117,6 +133,40 @@ def check(spec: ShrinkSpec, config: PretrainedConfig, nm: tuple[int, int] | None
             if width % nm[1]:
                 raise InputError(f"--pattern {nm[0]}:{nm[1]}: after structured pruning {what} is {width}, not a "
                                  f"multiple of {nm[1]}; choose another --drop-ffn/--drop-heads or pattern")
+
+
+def check_experts(spec: ShrinkSpec, shape: Shape, model_type: str) -> None:
+    """Refuse an expert ratio the router cannot serve: fewer experts than it picks per token, a count
+    that does not split evenly over a group-limited router's groups, or groups too small to route."""
+    flag = f"--drop-experts {spec.drop_experts}"
+    if not shape.n_experts:
+        raise InputError(f"--drop-experts: model_type '{model_type}' has no routed experts this tool can remove; "
+                         "drop the flag")
+    n = expert_drop(spec, shape.n_experts)
+    left = shape.n_experts - n
+    if n == 0:
+        raise InputError(f"{flag}: int({shape.n_experts} x {spec.drop_experts}) removes no expert; choose a larger "
+                         "fraction")
+    if left < shape.top_k:
+        raise InputError(f"{flag}: leaves {left} of {shape.n_experts} experts, fewer than the {shape.top_k} every "
+                         "token is routed to; choose a smaller fraction")
+    if shape.groups > 1:
+        per = shape.n_experts // shape.groups
+        if n % shape.groups:
+            raise InputError(f"{flag}: removes {n} experts, which the router's {shape.groups} expert groups cannot "
+                             f"share equally; choose a fraction whose int({shape.n_experts} x R) is a multiple of "
+                             f"{shape.groups}")
+        kept = per - n // shape.groups
+        # Both group-limited routers of transformers (DeepSeek-V3, GLM-4.5) rank a group by its two best experts.
+        if kept < 2 or kept * shape.reach < shape.top_k:
+            raise InputError(f"{flag}: leaves {kept} experts per group; the router ranks groups by their best two "
+                             f"and reaches {shape.reach} groups for {shape.top_k} experts per token; choose a "
+                             "smaller fraction")
+
+
+def expert_drop(spec: ShrinkSpec, n_experts: int) -> int:
+    """Routed experts removed from every MoE block: int(E x R), the same in every block."""
+    return int(n_experts * spec.drop_experts)
 
 
 def ffn_drop(spec: ShrinkSpec, width: int) -> int:
@@ -144,6 +194,8 @@ def new_sizes(spec: ShrinkSpec, shape: Shape) -> dict[str, int]:
     if spec.drop_heads:
         heads, kv = new_heads(spec, shape)
         out.update(num_attention_heads=heads, num_key_value_heads=kv, head_dim=shape.head_dim)
+    if spec.drop_experts and shape.n_experts:
+        out[shape.experts_key] = shape.n_experts - expert_drop(spec, shape.n_experts)
     return out
 
 
@@ -192,8 +244,29 @@ def output_config(raw: dict[str, Any], config: PretrainedConfig, spec: ShrinkSpe
             step_key, dense_key = structure.moe_step  # type: ignore[misc]
             target[step_key] = 1
             target[dense_key] = [j for j, i in enumerate(keep) if not kinds[i]]
-    target.update(new_sizes(spec, Shape.of(config, structure)))
+    aliases = dict(getattr(text, "attribute_map", {}) or {})
+    for key, value in new_sizes(spec, Shape.of(config, structure)).items():
+        target[_stated_key(target, key, aliases)] = value
+    if spec.active and structure.mtp_key and target.get(structure.mtp_key):
+        target[structure.mtp_key] = 0  # its layers are not written: see `drops_mtp`
     return out
+
+
+def _stated_key(raw: dict[str, Any], key: str, aliases: dict[str, str]) -> str:
+    """The name under which config.json states the attribute `key`: a config class maps some names to others
+    (Qwen3-MoE's num_experts is stored as num_local_experts), and the file may use either."""
+    names = [key, aliases.get(key, key), *(a for a, b in aliases.items() if b == key)]
+    return next((n for n in names if n in raw), aliases.get(key, key))
+
+
+def drops_mtp(spec: ShrinkSpec, structure: Structure) -> bool:
+    """Whether the multi-token-prediction layers stored past the last block are left out of the output.
+
+    They are not part of the transformers model, so a run can neither calibrate nor shrink them: once the
+    blocks change (their number, widths or experts) they would no longer fit the model they predict for.
+    A masks-only run copies them untouched.
+    """
+    return spec.active and bool(structure.mtp_key)
 
 
 def new_index(i: int, dropped: list[int]) -> int:

@@ -58,7 +58,8 @@ def _yaml(key: str, value: str | list[str]) -> str:
 
 
 def _structural(config: dict[str, Any]) -> bool:
-    return bool(config.get("drop_blocks") or config.get("drop_ffn") or config.get("drop_heads"))
+    return bool(config.get("drop_blocks") or config.get("drop_ffn") or config.get("drop_heads")
+                or config.get("drop_experts"))
 
 
 def _masked(config: dict[str, Any]) -> bool:
@@ -86,6 +87,11 @@ def _structure(report: dict[str, Any]) -> str:
         parts.append(f"{config['drop_ffn']:.0%} of every MLP's channels{refit}")
     if st["drop_heads"]:
         parts.append(f"{config['drop_heads']:.0%} of every attention's query heads{refit}")
+    if st.get("drop_experts"):
+        sizes = st["sizes"]
+        left = sizes.get(st.get("experts_key", ""))
+        parts.append(f"{config['drop_experts']:.0%} of every MoE block's routed experts (REAP saliency)"
+                     + (f", {left} experts remain per MoE block" if left is not None else ""))
     return (f"removed {'; '.join(parts)}; parameters {params['before']:,} -> {params['after']:,} "
             f"(decoder blocks: {params['decoder_after'] / max(params['decoder_before'], 1):.1%} kept)")
 

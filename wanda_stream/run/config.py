@@ -21,7 +21,7 @@ DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": 
 # Fields that do not change the result: they may differ between a run and its resumption.
 NON_RESULT_FIELDS = ("work_dir", "keep_work_dir", "prefetch", "world_size", "activation_budget", "states_on_disk")
 LATER_FIELDS = {"chat_template": "auto", "calib_field": None, "save_dtype": None, "drop_blocks": 0, "block_score": "bi",
-                "drop_ffn": 0.0, "drop_heads": 0.0, "refit": True}
+                "drop_ffn": 0.0, "drop_heads": 0.0, "refit": True, "drop_experts": 0.0}
 
 
 def parse_pattern(pattern: str) -> tuple[int, int] | None:
@@ -106,12 +106,14 @@ class RunConfig:
     eval_num_fewshot: int | None = None
     eval_limit: float | None = None
     save_dtype: str | None = None  # the output's float dtype (None: as stored; dequantized tensors bfloat16)
-    # Structured pruning (--drop-blocks, --drop-ffn, --drop-heads); sparsity 0 then means no masks on top.
+    # Structured pruning (--drop-blocks, --drop-ffn, --drop-heads, --drop-experts); sparsity 0 then means no
+    # masks on top.
     drop_blocks: int = 0
     block_score: str = "bi"
     drop_ffn: float = 0.0
     drop_heads: float = 0.0
     refit: bool = True
+    drop_experts: float = 0.0
 
     @property
     def nm(self) -> tuple[int, int] | None:
@@ -125,7 +127,8 @@ class RunConfig:
     @property
     def shrink(self) -> ShrinkSpec:
         """What structured pruning removes (inactive when no --drop-* flag was given)."""
-        return ShrinkSpec(self.drop_blocks, self.block_score, self.drop_ffn, self.drop_heads, self.refit)
+        return ShrinkSpec(self.drop_blocks, self.block_score, self.drop_ffn, self.drop_heads, self.refit,
+                          self.drop_experts)
 
     @property
     def masks(self) -> bool:

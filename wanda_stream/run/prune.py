@@ -42,7 +42,9 @@ from wanda_stream.run.card import CardFacts, render_card
 from wanda_stream.eval.loglik import hidden_streams
 from wanda_stream.methods import FALLBACK, NM, Method, Pruned, Stat
 from wanda_stream.model.skeleton import Skeleton, release
-from wanda_stream.methods.observe import BlockObserver, BlockStats, DepthProbe, check_finite, reduce_stats
+from wanda_stream.methods.observe import (
+    BlockObserver, BlockStats, DepthProbe, ExpertSaliency, check_finite, reduce_stats,
+)
 from wanda_stream.storage.outputs import CARD_NAME, input_card, shard_count, shard_name, shard_names, side_files
 from wanda_stream.methods.profiles import OWL_PAPER, outlier_ratio, owl_sparsities
 from wanda_stream.run.report import Progress, io_bytes, peak_figures, reset_peaks, versions
@@ -61,6 +63,7 @@ STRUCTURE_PAPERS = {
     "bi": "Men et al. 2024, ShortGPT: Layers in Large Language Models are More Redundant Than You Expect",
     "angular": "Gromov et al. 2024, The Unreasonable Ineffectiveness of the Deeper Layers",
     "ffn_heads": "An et al. 2024, Fluctuation-based Adaptive Structured Pruning (FLAP), its Wanda-sp score",
+    "experts": "Lasby et al. 2025, REAP: Router-weighted Expert Activation Pruning",
 }
 
 
@@ -119,7 +122,9 @@ def prune_block(
     out = dict(stored)
     records: list[dict[str, Any]] = []
     linears = linear_modules(layer)
-    keys = experts.prunable_keys(st.sk, i, layer, stored, linears) if sparsity > 0 else {}
+    # The matrices as the block's tensors now are: with fewer experts, the narrow skeleton's (meta) block.
+    sk = st.narrow if narrow and st.narrow is not None else st.sk
+    keys = experts.prunable_keys(sk, i, sk.layers[i], stored, linears) if sparsity > 0 else {}
     # The block's compute-dtype weights (0.8 GB for a 7B block in float32) are not needed while its
     # matrices are pruned: freed here, rebuilt from the pruned tensors below.
     release(layer)
@@ -192,6 +197,8 @@ class PruneRun:
             narrow.bind(self.ckpt.keys())
             self.st.narrow = narrow
         self.n_out = self.n - self.spec.drop_blocks
+        mtp = [k for k in self.ckpt.keys() if k.startswith(self.sk.layers_prefix + ".") and not self.sk.is_block_key(k)]
+        self.drops_mtp = bool(mtp) and shrink.drops_mtp(self.spec, self.structure)
         self.total_shards = shard_count(self.n_out)
         self.dropped: list[int] = []  # known once the pass over the dense model has chosen them
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="writer")
@@ -616,6 +623,8 @@ class PruneRun:
         try:
             stats, consumers = None, {}
             error = OutputError()
+            moe = experts.moe_modules(layer) if self.spec.drop_experts else {}
+            saliency = ExpertSaliency(moe) if moe else None
             if self.observes:
                 watches: list[Watch] = []
                 if self.cfg.masks_observe:
@@ -624,7 +633,8 @@ class PruneRun:
                 # The dense outputs, kept (dense_i) for the block's output error; deleted with block i's inputs.
                 dense = self.hidden("dense", i, *streams["calib"].shape)
                 got = observe_all(self.st, i, layer, watches, self.hidden("calib", i, *streams["calib"].shape),
-                                  b, self.midblock_stop, dst=dense, world=self.world)
+                                  b, self.midblock_stop, dst=dense, world=self.world,
+                                  hooks=[saliency.on(layer)] if saliency is not None else ())
                 if got is None:
                     return None
                 stats = got.pop(0) if self.cfg.masks_observe else None
@@ -638,6 +648,8 @@ class PruneRun:
                 if stats is not None:
                     for name, keep in kept.items():
                         stats.obs[name] = widths.narrow_observation(stats.obs[name], keep)
+                if saliency is not None:
+                    stored, stats, plan["experts"] = self._drop_experts(i, stored, stats, saliency)
             del consumers
             out, records, layer = prune_block(self.method, sparsity if self.cfg.masks else 0.0, self.cfg.nm, self.st,
                                               i, layer, stored, stats, narrow=self.spec.widths)
@@ -660,6 +672,27 @@ class PruneRun:
         for part in self.world.gather((error.sq_diff, error.sq_dense)):
             total.merge(OutputError(*part))
         return out, records, plan, total.value
+
+    def _drop_experts(self, i: int, stored: dict[str, torch.Tensor], stats: BlockStats | None,
+                      saliency: ExpertSaliency) -> tuple[dict[str, torch.Tensor], BlockStats | None, dict[str, Any]]:
+        """Block i without its lowest-saliency routed experts (REAP), the method's statistics renumbered to
+        the kept experts, and the plan's record per experts module."""
+        assert self.structure.experts is not None  # shrink.check refused the flag otherwise
+        record: dict[str, Any] = {}
+        for holder, (sums, counts) in saliency.results(self.world).items():
+            scores = plans.reap_saliency(sums, counts)
+            n = scores.shape[0]
+            dropped = plans.experts_to_drop(scores, shrink.expert_drop(self.spec, n), self.shape.groups)
+            keep = [e for e in range(n) if e not in set(dropped)]
+            tensors = experts.expert_tensors(self.sk, i, holder, self.structure.experts.router, stored)
+            stored = experts.keep_experts(stored, tensors, keep)
+            if stats is not None:
+                stats = BlockStats(experts.renumber_experts(stats.obs, holder, keep),
+                                   experts.renumber_experts(stats.tokens, holder, keep))
+            record[holder] = {"experts": n, "kept": keep, "dropped": dropped,
+                              "saliency": [float(f"{float(v):.6g}") for v in scores],
+                              "tokens": [int(c) for c in counts]}
+        return stored, stats, record
 
     def _width_watches(self, layer: nn.Module) -> list[Watch]:
         """What a width plan observes: the inputs of the matrices that read the removed channels and heads
@@ -692,7 +725,8 @@ class PruneRun:
         return {"write_s": time.perf_counter() - t0, "write_cpu_s": time.thread_time() - c0}
 
     def _write_stem_shard(self) -> None:
-        keys = [k for k in self.ckpt.keys() if not self.sk.is_block_key(k)]
+        keys = [k for k in self.ckpt.keys() if not self.sk.is_block_key(k)
+                and not (self.drops_mtp and k.startswith(self.sk.layers_prefix + "."))]
         items = [(k, self.ckpt.tensors[k].dtype, self.ckpt.tensors[k].shape) for k in keys]
         self.out.mkdir(parents=True, exist_ok=True)
         write_shard(self.out / shard_name(0, self.total_shards), items, self.ckpt.get,
@@ -784,6 +818,8 @@ class PruneRun:
             record = state.extra.get(PROFILE_STAGE, {})
             report["structure"] = {"drop_blocks": self.spec.drop_blocks, "block_score": self.spec.block_score,
                                    "drop_ffn": self.spec.drop_ffn, "drop_heads": self.spec.drop_heads,
+                                   "drop_experts": self.spec.drop_experts, "experts_key": self.shape.experts_key,
+                                   "mtp_dropped": self.drops_mtp,
                                    "refit": self.spec.refit, "papers": STRUCTURE_PAPERS,
                                    "dropped_blocks": self.dropped,
                                    **{k: record[k] for k in ("influence", "angular", "removal_error") if k in record},

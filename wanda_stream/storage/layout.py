@@ -59,6 +59,11 @@ class Layout:
                 self._pattern[key] = pattern
         self.key_of = {s.param: k for k, s in self.slots.items() if s.expert is None}
 
+    def expert_group(self, key: str) -> tuple[str, str]:
+        """The fused parameter and source pattern a per-expert key belongs to: keys of one group are one part
+        (Mixtral's w1, or w3) of one parameter, expert 0, 1, ... in key order."""
+        return self.slots[key].param, self._pattern[key]
+
     def source_key(self, param: str, tied: dict[str, str]) -> str | None:
         """The checkpoint key a non-fused parameter is read from (following tied weights), or None."""
         if param in self.key_of:

@@ -422,7 +422,8 @@ def _shrink_args(cfg: RunConfig) -> list[str]:
         return []
     args = ["--drop-blocks", str(spec.drop_blocks), "--block-score", spec.block_score, "--drop-ffn",
             repr(spec.drop_ffn), "--drop-heads", repr(spec.drop_heads)]
-    return args + ([] if spec.refit else ["--no-refit"])
+    args += [] if spec.refit else ["--no-refit"]
+    return args + (["--drop-experts", repr(spec.drop_experts)] if spec.drop_experts else [])
 
 
 def _task_args(cfg: RunConfig) -> list[str]:
