@@ -178,3 +178,15 @@ def test_ranks_with_the_automatic_micro_batch_are_never_refused(tiny_model: Path
     few = [a if a != "8" else "2" for a in UNBATCHED]
     results = finish(launch(["prune", str(tiny_model), str(tmp_path / "few"), *few], ranks=3))
     assert results[0][0] == 2 and "--nsamples 2: fewer calibration windows than the 3 ranks" in results[0][1]
+
+
+def test_matrices_are_assigned_costliest_first_to_the_least_loaded_rank() -> None:
+    from wanda_stream.run.prune import assign_matrices
+
+    # A 7B block under SparseGPT (rows x cols^2, in units of 4096^3): down_proj alone is a third of the work.
+    costs = {"q": 1.0, "k": 1.0, "v": 1.0, "o": 1.0, "gate": 2.6875, "up": 2.6875, "down": 7.22}
+    got = assign_matrices(costs, 2)
+    # down 0; gate, up, k, o 1 (loads 7.22 and 7.375); q 0 (8.22); v 1 (8.375)
+    assert got == {"down": 0, "gate": 1, "up": 1, "k": 1, "o": 1, "q": 0, "v": 1}
+    assert assign_matrices(costs, 1) == dict.fromkeys(costs, 0)
+    assert sorted(set(assign_matrices({"a": 1.0, "b": 1.0, "c": 1.0}, 8).values())) == [0, 1, 2]

@@ -140,6 +140,16 @@ class World:
             t.copy_(wide)
         return t
 
+    def broadcast_(self, t: torch.Tensor, src: int) -> torch.Tensor:
+        """`t` as rank `src` holds it, on every rank, in place (bit for bit; NCCL moves it through the card)."""
+        if self.size > 1:
+            device = torch.device("cuda", self.cuda_index) if self.backend == "nccl" else t.device
+            buf = t.to(device).contiguous() if t.device != device or not t.is_contiguous() else t
+            self._collective(lambda: dist.broadcast(buf, src=src, async_op=True).wait())
+            if buf is not t:
+                t.copy_(buf)
+        return t
+
     def on_main(self, fn: Callable[[], T], setup: bool = False) -> T:
         """Run `fn` on rank 0 alone; every rank returns its result, or raises the InputError or
         Interrupted it raised (so a refusal or a stop on rank 0 ends every rank the same way).

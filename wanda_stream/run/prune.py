@@ -108,7 +108,7 @@ def observe_all(
 
 def prune_block(
     method: Method[Any], sparsity: float, nm: NM | None, st: Streamer, i: int, layer: nn.Module,
-    stored: dict[str, torch.Tensor], stats: BlockStats | None, narrow: bool = False,
+    stored: dict[str, torch.Tensor], stats: BlockStats | None, narrow: bool = False, world: World = World(),
 ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]], nn.Module]:
     """Prune every linear and expert matrix of block i; returns the output tensors (stored dtype), records,
     and the pruned block.
@@ -118,6 +118,9 @@ def prune_block(
     layout, and their records carry the number of calibration tokens routed to the expert; an expert
     that got none falls back to magnitude, and its record says so. `sparsity` 0 (structured pruning
     alone) masks nothing.
+
+    Under several ranks each matrix is pruned by one rank (`assign_matrices`) and sent from there to
+    the others, so every rank holds the very bits one process computes, at a share of the work.
     """
     out = dict(stored)
     records: list[dict[str, Any]] = []
@@ -129,10 +132,12 @@ def prune_block(
     # matrices are pruned: freed here, rebuilt from the pruned tensors below.
     release(layer)
     observed = {key: stats.obs.get(m.stat) if stats is not None else None for key, m in keys.items()}
+    owner = assign_matrices({k: matrix_cost(method, stored[m.key], m) for k, m in keys.items()}, world.size)
+    mine = {k: m for k, m in keys.items() if owner[k] == world.rank}
     # A prepared statistic (a Hessian inverse: 0.5 GB for a 7B MLP input) lives while matrices still need it.
-    users = Counter(id(o) for o in observed.values())
+    users = Counter(id(observed[k]) for k in mine)
     prepared: dict[int, object] = {}
-    for key, matrix in keys.items():
+    for key, matrix in mine.items():
         obs = observed[key]
         fallback = method.stat is not Stat.NONE and obs is None
         m = FALLBACK if fallback else method
@@ -155,9 +160,41 @@ def prune_block(
         if fallback:
             record["fallback"] = "magnitude: no calibration token was routed to this expert"
         records.append(record)
+    if world.size > 1:
+        records = _share_pruned(world, keys, owner, stored, records)
     # The pruned block, to compute the next block's inputs (fused expert parameters rebuilt from the
     # pruned per-expert tensors, as transformers loads them).
     return out, records, st.load_block(i, out, narrow=narrow)
+
+
+def matrix_cost(method: Method[Any], stored: torch.Tensor, matrix: experts.Matrix) -> float:
+    """A relative cost of pruning one matrix: rows x columns, and x columns again for the methods that solve
+    with a Hessian of the columns (SparseGPT's and ALPS's updates grow with its square)."""
+    rows, cols = matrix.view(stored).shape
+    return float(rows * cols * (cols if method.stat is Stat.GRAM else 1))
+
+
+def assign_matrices(costs: dict[str, float], ranks: int) -> dict[str, int]:
+    """The rank that prunes each matrix: the costliest first, each to the least loaded rank (the lower rank on
+    ties); a function of the names and costs only, so every rank computes the same assignment."""
+    load = [0.0] * ranks
+    out: dict[str, int] = {}
+    for key in sorted(costs, key=lambda k: (-costs[k], k)):
+        r = min(range(ranks), key=lambda j: (load[j], j))
+        out[key] = r
+        load[r] += costs[key]
+    return out
+
+
+def _share_pruned(world: World, keys: dict[str, experts.Matrix], owner: dict[str, int],
+                  stored: dict[str, torch.Tensor], records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every rank's pruned matrices sent to the others, in the block's matrix order; the records of all ranks
+    in that order."""
+    for key, matrix in keys.items():
+        w = matrix.view(stored[matrix.key])
+        world.broadcast_(w, owner[key])
+    by_name = {r["name"]: r for part in world.gather(records) for r in part}
+    return [by_name[key] for key in keys]
 
 
 def _pruned(wd: torch.Tensor, result: Pruned) -> torch.Tensor:
@@ -652,7 +689,7 @@ class PruneRun:
                     stored, stats, plan["experts"] = self._drop_experts(i, stored, stats, saliency)
             del consumers
             out, records, layer = prune_block(self.method, sparsity if self.cfg.masks else 0.0, self.cfg.nm, self.st,
-                                              i, layer, stored, stats, narrow=self.spec.widths)
+                                              i, layer, stored, stats, narrow=self.spec.widths, world=self.world)
             del stats  # a block's Gram matrices are freed before the pruned block runs
             for name, t in streams.items():
                 if name == "calib" and not self.observes:
