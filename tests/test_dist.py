@@ -180,13 +180,27 @@ def test_ranks_with_the_automatic_micro_batch_are_never_refused(tiny_model: Path
     assert results[0][0] == 2 and "--nsamples 2: fewer calibration windows than the 3 ranks" in results[0][1]
 
 
-def test_matrices_are_assigned_costliest_first_to_the_least_loaded_rank() -> None:
-    from wanda_stream.run.prune import assign_matrices
+def test_work_is_assigned_costliest_first_to_the_least_loaded_rank() -> None:
+    from wanda_stream.run.dist import assign_by_cost
 
     # A 7B block under SparseGPT (rows x cols^2, in units of 4096^3): down_proj alone is a third of the work.
     costs = {"q": 1.0, "k": 1.0, "v": 1.0, "o": 1.0, "gate": 2.6875, "up": 2.6875, "down": 7.22}
-    got = assign_matrices(costs, 2)
+    got = assign_by_cost(costs, 2)
     # down 0; gate, up, k, o 1 (loads 7.22 and 7.375); q 0 (8.22); v 1 (8.375)
     assert got == {"down": 0, "gate": 1, "up": 1, "k": 1, "o": 1, "q": 0, "v": 1}
-    assert assign_matrices(costs, 1) == dict.fromkeys(costs, 0)
-    assert sorted(set(assign_matrices({"a": 1.0, "b": 1.0, "c": 1.0}, 8).values())) == [0, 1, 2]
+    assert assign_by_cost(costs, 1) == dict.fromkeys(costs, 0)
+    assert sorted(set(assign_by_cost({"a": 1.0, "b": 1.0, "c": 1.0}, 8).values())) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("windows", ["5", "2"], ids=["a-share-each", "fewer-than-ranks"])
+def test_ranks_split_the_evaluation_windows(tiny_model: Path, tmp_path: Path, windows: str) -> None:
+    """The perplexity windows are split over the ranks in whole micro-batches (a rank may get none) and their
+    per-micro-batch sums added in window order: 3 ranks report one process's perplexity, bit for bit."""
+    extra = ["--eval-data", "pydoc", "--eval-windows", windows, "--eval-seqlen", "32"]
+    single = tmp_path / "single"
+    assert main(["prune", str(tiny_model), str(single), *ARGS, *extra]) == 0
+    results = finish(launch(["prune", str(tiny_model), str(tmp_path / "three"), *ARGS, *extra], ranks=3))
+    assert [rc for rc, _ in results] == [0, 0, 0], [err[-3000:] for _, err in results]
+    a, b = (json.loads((d / "wanda_stream.json").read_text())["eval"] for d in (single, tmp_path / "three"))
+    assert a == b and a["windows"] == int(windows)
+    assert checkpoint_files(tmp_path / "three") == checkpoint_files(single)

@@ -293,3 +293,21 @@ def test_prune_eval_tasks_equal_eval_of_the_output(tiny_model: Path, tmp_path: P
     inside = json.loads((out / "wanda_stream.json").read_text())["eval_tasks"]["results"]["toy_mc"]
     after = run_suite(WandaStreamLM(str(out), device="cpu"), ["toy_mc"], task_dir, None, None)["results"]["toy_mc"]
     assert inside["acc,none"] == after["acc,none"] and inside["sample_len"] == after["sample_len"] == 8
+
+
+def test_prune_eval_tasks_on_two_ranks_equal_one_process(tiny_model: Path, tmp_path: Path) -> None:
+    """Under torchrun the request buckets are shared out over the ranks (whole buckets, by tokens), the
+    scores gathered on rank 0: the same lm-eval results as one process."""
+    from tests.test_dist import finish, launch
+
+    task_dir = write_toy_task(tmp_path / "tasks", n=8)
+    single = tmp_path / "single"
+    args = ["prune", str(tiny_model), str(tmp_path / "two"), "--method", "magnitude", "--device", "cpu", "--quiet",
+            "--seqlen", "64", "--eval-tasks", "toy_mc", "--eval-include-path", str(task_dir), "--batch-size", "2",
+            "--nsamples", "4"]
+    assert _prune_with_tasks(tiny_model, single, task_dir, "--nsamples", "4") == 0
+    results = finish(launch(args))
+    assert [rc for rc, _ in results] == [0, 0], [err[-3000:] for _, err in results]
+    want = json.loads((single / "wanda_stream.json").read_text())["eval_tasks"]
+    got = json.loads((tmp_path / "two" / "wanda_stream.json").read_text())["eval_tasks"]
+    assert got["results"] == want["results"]

@@ -78,7 +78,8 @@ def evaluate(
     stop = StopFlag().install()
     try:
         last = run_dense(st, tokens, files, micro, stop, progress)
-        nll, count = st.final_nll(last, tokens, micro)
+        sums, count = st.final_nll(last, tokens, micro)
+        nll = sum(sums)  # in micro-batch order
     finally:
         stop.restore()
         progress.close()
@@ -103,7 +104,8 @@ def streamed_logits(model_dir: Path, tokens: torch.Tensor, device: str, work_dir
     files = [HiddenFile(work_dir / f"logits_{i}.bin", n, seqlen, st.hidden, dtype) for i in range(2)]
     try:
         last = run_dense(st, tokens, files, batch)
-        nll, count = st.final_nll(last, tokens, batch)
+        sums, count = st.final_nll(last, tokens, batch)
+        nll = sum(sums)
         logits = st.final_logits(last, batch)
     finally:
         st.close()

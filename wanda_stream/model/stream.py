@@ -279,19 +279,21 @@ class Streamer:
     def _softcap(self) -> float | None:
         return getattr(self.sk.model.config.get_text_config(), LOGIT_SOFTCAP_ATTR, None)
 
-    def final_nll(self, src: HiddenFile, tokens: torch.Tensor, batch: int) -> tuple[float, int]:
-        """Sum of next-token negative log-likelihoods of `tokens` given the last block's outputs `src`.
+    def final_nll(self, src: HiddenFile, tokens: torch.Tensor, batch: int) -> tuple[list[float], int]:
+        """The next-token negative log-likelihood sum of every micro-batch of `tokens` given the last block's
+        outputs `src`, in order (their total in that order is one process's, however ranks split the
+        windows), and the number of tokens scored.
 
         The head runs on chunks of tokens, so no tokens x vocabulary tensor for the whole set is ever held.
         """
         head, cap = self.sk.model.get_output_embeddings(), self._softcap()
-        total, count_tokens = 0.0, 0
+        sums, count_tokens = [], 0
         for start, count, normed in self._tail(src, batch):
             labels = tokens[start : start + count, 1:].to(self.device)
             s, n = _chunked_nll(head, normed[:, :-1, :], labels, cap, self.logit_rows())
-            total += s
+            sums.append(s)
             count_tokens += n
-        return total, count_tokens
+        return sums, count_tokens
 
     def final_logits(self, src: HiddenFile, batch: int) -> torch.Tensor:
         """Logits [n, seqlen, vocab] (float32, CPU) from the last block's outputs `src`, as final_nll computes them.

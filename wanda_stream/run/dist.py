@@ -102,14 +102,15 @@ class World:
         """The compute device of this rank: each rank of a CUDA run has its own card."""
         return f"cuda:{self.cuda_index}" if self.size > 1 and device.startswith("cuda") else device
 
-    def share(self, n: int, batch: int) -> tuple[int, int]:
+    def share(self, n: int, batch: int, allow_empty: bool = False) -> tuple[int, int]:
         """(first window, count) of this rank's contiguous share of `n` windows, in whole micro-batches.
 
         Whole micro-batches: the windows run through the blocks in exactly the single-process
-        groups, so every micro-batch computes the same bits on any rank.
+        groups, so every micro-batch computes the same bits on any rank. `allow_empty`: with fewer
+        micro-batches than ranks, some ranks get none (evaluation windows) instead of a refusal.
         """
         batches = -(-n // batch)
-        if batches < self.size:
+        if batches < self.size and not allow_empty:
             raise InputError(f"{n} calibration windows in micro-batches of {batch} make {batches} micro-batches, "
                              f"fewer than the {self.size} ranks; raise --nsamples or lower --batch-size")
         lo, hi = batches * self.rank // self.size, batches * (self.rank + 1) // self.size
@@ -194,6 +195,18 @@ class World:
                 raise
             raise PeerLost(f"rank {self.rank} of {self.size}: another rank stopped answering "
                            f"({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})") from None
+
+
+def assign_by_cost(costs: dict[str, float], ranks: int) -> dict[str, int]:
+    """The rank that does each piece of work: the costliest first, each to the least loaded rank (the lower
+    rank on ties); a function of the names and costs only, so every rank computes the same assignment."""
+    load = [0.0] * ranks
+    out: dict[str, int] = {}
+    for key in sorted(costs, key=lambda k: (-costs[k], k)):
+        r = min(range(ranks), key=lambda j: (load[j], j))
+        out[key] = r
+        load[r] += costs[key]
+    return out
 
 
 def is_peer_loss(e: BaseException) -> bool:

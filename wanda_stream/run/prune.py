@@ -35,7 +35,7 @@ from wanda_stream.storage.checkpoint import (
     INDEX_NAME, atomic_write_bytes, atomic_write_json, fsync_dir, read_header, write_shard,
 )
 from wanda_stream.run.config import RunConfig
-from wanda_stream.run.dist import World
+from wanda_stream.run.dist import World, assign_by_cost
 from wanda_stream.methods.fidelity import OutputError
 from wanda_stream.errors import Interrupted
 from wanda_stream.run.card import CardFacts, render_card
@@ -132,7 +132,7 @@ def prune_block(
     # matrices are pruned: freed here, rebuilt from the pruned tensors below.
     release(layer)
     observed = {key: stats.obs.get(m.stat) if stats is not None else None for key, m in keys.items()}
-    owner = assign_matrices({k: matrix_cost(method, stored[m.key], m) for k, m in keys.items()}, world.size)
+    owner = assign_by_cost({k: matrix_cost(method, stored[m.key], m) for k, m in keys.items()}, world.size)
     mine = {k: m for k, m in keys.items() if owner[k] == world.rank}
     # A prepared statistic (a Hessian inverse: 0.5 GB for a 7B MLP input) lives while matrices still need it.
     users = Counter(id(observed[k]) for k in mine)
@@ -172,18 +172,6 @@ def matrix_cost(method: Method[Any], stored: torch.Tensor, matrix: experts.Matri
     with a Hessian of the columns (SparseGPT's and ALPS's updates grow with its square)."""
     rows, cols = matrix.view(stored).shape
     return float(rows * cols * (cols if method.stat is Stat.GRAM else 1))
-
-
-def assign_matrices(costs: dict[str, float], ranks: int) -> dict[str, int]:
-    """The rank that prunes each matrix: the costliest first, each to the least loaded rank (the lower rank on
-    ties); a function of the names and costs only, so every rank computes the same assignment."""
-    load = [0.0] * ranks
-    out: dict[str, int] = {}
-    for key in sorted(costs, key=lambda k: (-costs[k], k)):
-        r = min(range(ranks), key=lambda j: (load[j], j))
-        out[key] = r
-        load[r] += costs[key]
-    return out
 
 
 def _share_pruned(world: World, keys: dict[str, experts.Matrix], owner: dict[str, int],
@@ -299,14 +287,19 @@ class PruneRun:
         self.st.keep_states(on, defer=self.world.size == 1)
 
     def my_streams(self, toks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The token windows this rank carries: its share of the calibration; the evaluation streams
-        (perplexity windows, lm-eval request buckets) on rank 0."""
+        """The token windows this rank carries: a contiguous share of the calibration windows and of the
+        perplexity windows (whole micro-batches; with few windows a rank may have no perplexity share),
+        and whole lm-eval request buckets, balanced over the ranks by their tokens."""
         out = {}
-        for name, t in hidden_streams(toks).items():
-            if name == "calib":
-                start, count = self.world.share(t.shape[0], self.cfg.batch_size)
-                out[name] = t[start : start + count]
-            elif self.world.main:
+        named = hidden_streams(toks)
+        buckets = assign_by_cost({n: float(t.numel()) for n, t in named.items() if n not in ("calib", "eval")},
+                                 self.world.size)
+        for name, t in named.items():
+            if name in ("calib", "eval"):
+                start, count = self.world.share(t.shape[0], self.cfg.batch_size, allow_empty=name == "eval")
+                if count:
+                    out[name] = t[start : start + count]
+            elif buckets[name] == self.world.rank:
                 out[name] = t
         return out
 
@@ -432,10 +425,26 @@ class PruneRun:
                 raise Interrupted(f"stopped after block {i}")
         self._finish_pending(pending, pending_state)
         self.loop_seconds = time.perf_counter() - loop_start
-        # Every rank is done with the work dir before rank 0 finalizes (and removes it); the others'
-        # peaks are final now, rank 0's only once its evaluation is done.
+        evaluated = self.world.gather(self._evaluate_share(streams))
+        # Every rank is done with the work dir before rank 0 finalizes (and removes it), its evaluation included.
         self.rank_peaks = self.world.gather(peak_figures(str(self.st.device)))[1:]
-        return self._finalize(state, streams) if self.world.main else None
+        return self._finalize(state, evaluated) if self.world.main else None
+
+    def _evaluate_share(self, streams: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """This rank's share of the evaluations on the pruned model: the NLL sum of each micro-batch of its
+        perplexity windows, and the scores of its lm-eval requests."""
+        part: dict[str, Any] = {}
+        if "eval" in streams:
+            t = streams["eval"]
+            part["nll"] = self.st.final_nll(self.hidden("eval", self.n, *t.shape), t, self.cfg.batch_size)
+        if self.cfg.eval_tasks:
+            from wanda_stream.run.task_prune import task_answers
+
+            names = [n for n in streams if n not in ("calib", "eval")]
+            part["answers"] = task_answers(self.st, self.saved_tokens(), names,
+                                           lambda name: self.hidden(name, self.n, *streams[name].shape),
+                                           self.cfg.batch_size)
+        return part
 
     @property
     def log_fields(self) -> dict[str, int]:
@@ -785,9 +794,9 @@ class PruneRun:
         self._forget(state.next_block - 1)
         killpoint("block_done")
 
-    def _finalize(self, state: RunState, streams: dict[str, torch.Tensor]) -> dict[str, Any]:
+    def _finalize(self, state: RunState, evaluated: list[dict[str, Any]]) -> dict[str, Any]:
         weight_map, total, params = self._output_index()
-        report = self._report(state, streams, params)
+        report = self._report(state, evaluated, params)
         copy_side_files(Path(self.cfg.model_dir), self.out, {CONFIG_NAME: self._output_config()})
         self._write_card(report)
         killpoint("finalize")
@@ -840,7 +849,7 @@ class PruneRun:
                            facts.get("command") or resume_command(self.cfg), input_card(Path(self.cfg.model_dir)))
         atomic_write_bytes(self.out / CARD_NAME, text.encode())
 
-    def _report(self, state: RunState, streams: dict[str, torch.Tensor], params: dict[str, int]) -> dict[str, Any]:
+    def _report(self, state: RunState, evaluated: list[dict[str, Any]], params: dict[str, int]) -> dict[str, Any]:
         report: dict[str, Any] = {
             "config": self.cfg.to_json(), "config_fingerprint": self.cfg.fingerprint(),
             "model_fingerprint": self.ckpt.fingerprint(), "versions": versions(),
@@ -872,17 +881,18 @@ class PruneRun:
         if self.owl is not None:
             report["sparsity_profile"] = {"name": "owl", "paper": OWL_PAPER, **self.cfg.profile_options,
                                           **state.extra[PROFILE_STAGE]}
-        if "eval" in streams:
-            t = streams["eval"]
-            nll, count = self.st.final_nll(self.hidden("eval", self.n, *t.shape), t, self.cfg.batch_size)
-            report["eval"] = {"perplexity": math.exp(nll / count), "tokens": count, "windows": t.shape[0],
-                              "seqlen": t.shape[1], "data": self.cfg.eval_data}
+        shares = [p["nll"] for p in evaluated if "nll" in p]  # rank order: window order
+        if shares:
+            nll = sum(s for sums, _ in shares for s in sums)  # micro-batch by micro-batch, as one process adds them
+            count = sum(n for _, n in shares)
+            windows, seqlen = self.saved_tokens()["eval"].shape
+            report["eval"] = {"perplexity": math.exp(nll / count), "tokens": count, "windows": windows,
+                              "seqlen": seqlen, "data": self.cfg.eval_data}
         if self.cfg.eval_tasks:
             from wanda_stream.run.task_prune import task_results, task_spec
 
-            report["eval_tasks"] = task_results(
-                self.st, Path(self.cfg.model_dir), task_spec(self.cfg), self.saved_tokens(),
-                lambda name: self.hidden(name, self.n, *streams[name].shape), self.cfg.batch_size)
+            answers = {k: v for p in evaluated for k, v in p.get("answers", {}).items()}
+            report["eval_tasks"] = task_results(Path(self.cfg.model_dir), task_spec(self.cfg), answers)
         report.update(peak_figures(str(self.st.device), self.rank_peaks))  # last: the evaluation included
         return report
 

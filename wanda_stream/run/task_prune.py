@@ -85,14 +85,20 @@ def task_spec(cfg: RunConfig) -> TaskSpec:
                     else None, cfg.eval_num_fewshot, cfg.eval_limit)
 
 
-def task_results(st: Streamer, model_dir: Path, spec: TaskSpec, toks: dict[str, torch.Tensor],
-                 last: Callable[[str], HiddenFile], batch: int) -> dict:
-    """lm-eval's results of the suite, from each bucket's last-block hidden states `last(stream name)`."""
+def task_answers(st: Streamer, toks: dict[str, torch.Tensor], names: list[str], last: Callable[[str], HiddenFile],
+                 batch: int) -> dict[Key, tuple[float, bool]]:
+    """The scores of the requests of the buckets `names` (this rank's), from each bucket's last-block hidden
+    states `last(stream name)`."""
     answers: dict[Key, tuple[float, bool]] = {}
-    for name in sorted(n for n in hidden_streams(toks) if n.startswith(STREAM)):
+    for name in sorted(names):
         bucket = bucket_from_tensors(toks, name)
         for r, (_, score) in enumerate(score_bucket(st, bucket, last(name), Batching(batch))):
             answers[request_key(bucket, r)] = score
+    return answers
+
+
+def task_results(model_dir: Path, spec: TaskSpec, answers: dict[Key, tuple[float, bool]]) -> dict:
+    """lm-eval's results of the suite from every request's score (all ranks' answers)."""
     results = _evaluate(_Replayer(model_dir, answers), spec)
     return {k: results[k] for k in ("results", "groups", "n-shot", "n-samples", "versions", "higher_is_better")
             if k in results}
