@@ -20,7 +20,7 @@ from wanda_stream.storage.activations import HiddenFile
 from wanda_stream.eval.lm_eval_backend import TokenizedLM
 from wanda_stream.run.config import RunConfig
 from wanda_stream.eval.loglik import (
-    Request, bucket_from_tensors, bucket_tensors, hidden_streams, model_input, plan_buckets, request_key,
+    Request, bucket_from_tensors, bucket_tensors, model_input, plan_buckets, request_key,
 )
 from wanda_stream.eval.loglik_stream import Batching, score_bucket
 from wanda_stream.model.stream import Streamer
