@@ -754,11 +754,13 @@ class PruneRun:
             # Gradients travel on the CPU through the agreement group; merged by window index by the kernel.
             return self.world.gather([(j, loss, [g.cpu() for g in grads]) for j, loss, grads in parts])
 
-        stop = self.midblock_stop
+        def stopping() -> bool:
+            killpoint("reconstruct_step")  # before every optimiser step
+            return self.midblock_stop is not None and self.midblock_stop.requested
+
         try:
             done = fit_block(forward, weights, removed, self.calib_total, range(start, start + shape[0]), fetch,
-                             opts, gather if self.world.size > 1 else (lambda parts: [parts]),
-                             (lambda: stop.requested) if stop is not None else (lambda: False))
+                             opts, gather if self.world.size > 1 else (lambda parts: [parts]), stopping)
         finally:
             for n, m in linears.items():
                 if wide[n] is not None:
