@@ -46,10 +46,11 @@ class Reconstruct:
 
     epochs: int = field(default=2, metadata={"flag": "--reconstruct-epochs",
                                             "help": "passes over the calibration windows per block"})
-    lr: float = field(default=1e-4, metadata={"flag": "--reconstruct-lr",
+    lr: float = field(default=1e-3, metadata={"flag": "--reconstruct-lr",
                                              "help": "Adam's peak learning rate (cosine decay to 0 over the block's steps)"})
-    batch: int = field(default=4, metadata={"flag": "--reconstruct-batch",
-                                           "help": "calibration windows per optimiser step"})
+    batch: int = field(default=1, metadata={"flag": "--reconstruct-batch",
+                                           "help": "calibration windows per optimiser step (under torchrun, "
+                                                   "the ranks share each step's windows)"})
 
     def check(self, windows: int) -> None:
         """InputError naming the flag for a value the fit cannot use with `windows` calibration windows."""
