@@ -9,6 +9,7 @@ in the file are skipped), `--plot` draws perplexity against sparsity (matplotlib
 
     python tools/convert_smollm2.py /data/smollm2
     python tools/method_table.py /data/smollm2 --runs wanda:0.5,sparsegpt:0.5,wanda+owl:0.7 --json t.json
+    python tools/method_table.py /data/smollm2 --runs sparsegpt+rec:2:4 --json t.json  # + --reconstruct
     python tools/method_table.py --from-json t.json --plot docs/methods.png
 """
 
@@ -32,7 +33,11 @@ WIKI = ROOT.parent / "shared" / "data" / "wikitext2"
 METHODS = ("magnitude", "wanda", "ria", "sparsegpt", "alps")
 SETTINGS = ("0.5", "0.6", "0.7", "2:4")
 DEFAULT_RUNS = ["dense"] + [f"{m}:{s}" for m in METHODS for s in SETTINGS] + [
-    f"{m}+owl:{s}" for m in METHODS for s in SETTINGS if s != "2:4"]
+    f"{m}+owl:{s}" for m in METHODS for s in SETTINGS if s != "2:4"] + [
+    f"{m}+rec:{s}" for m in ("sparsegpt", "alps") for s in SETTINGS]
+# METHOD+SUFFIX: the profile or the step after the masks, its flags, and how the table and plot name it.
+VARIANTS = {"uniform": ([], ""), "owl": (["--sparsity-profile", "owl"], " + OWL"),
+            "rec": (["--reconstruct"], " + reconstruct")}
 
 
 def run_dense(model: Path, a: argparse.Namespace) -> dict:
@@ -50,18 +55,18 @@ def run_dense(model: Path, a: argparse.Namespace) -> dict:
 
 
 def run_one(model: Path, spec: str, a: argparse.Namespace, work: Path) -> dict:
-    """One prune + perplexity: spec is dense, METHOD[+owl]:SPARSITY or METHOD:N:M."""
+    """One prune + perplexity: spec is dense, METHOD[+owl|+rec]:SPARSITY or METHOD[+rec]:N:M."""
     if spec == "dense":
         return run_dense(model, a)
     method, _, setting = spec.partition(":")
-    method, owl = method.removesuffix("+owl"), method.endswith("+owl")
+    method, _, variant = method.partition("+")
+    variant = variant or "uniform"
     out = work / spec.replace(":", "_").replace("+", "_")
     args = [sys.executable, "-m", "wanda_stream", "prune", str(model), str(out), "--method", method,
             "--calib", a.calib, "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen), "--seed", "0",
             "--device", "cpu", "--eval-data", a.eval_data, "--eval-windows", "40", "--eval-seqlen", "512", "--quiet"]
     args += ["--pattern", setting] if ":" in setting else ["--sparsity", setting]
-    if owl:
-        args += ["--sparsity-profile", "owl"]
+    args += VARIANTS[variant][0] + (a.reconstruct_args.split() if variant == "rec" and a.reconstruct_args else [])
     t0 = time.monotonic()
     r = subprocess.run(args, capture_output=True, text=True)
     wall = time.monotonic() - t0
@@ -72,9 +77,14 @@ def run_one(model: Path, spec: str, a: argparse.Namespace, work: Path) -> dict:
         a.reports.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(out / "wanda_stream.json", a.reports / f"{out.name}.json")
     shutil.rmtree(out)
-    return {"run": spec, "method": method, "profile": "owl" if owl else "uniform", "setting": setting,
-            "perplexity": rep["eval"]["perplexity"], "total_sparsity": rep["total_sparsity"], "wall_s": round(wall, 1),
-            "peak_rss_bytes": rep["peak_rss_bytes"]}
+    row = {"run": spec, "method": method, "profile": variant, "setting": setting,
+           "perplexity": rep["eval"]["perplexity"], "total_sparsity": rep["total_sparsity"], "wall_s": round(wall, 1),
+           "peak_rss_bytes": rep["peak_rss_bytes"]}
+    if variant == "rec":  # the fit's options and the blocks' errors before and after it
+        row["reconstruct"] = rep["config"]["reconstruct"]
+        row["block_errors"] = [[b["reconstruct"]["output_error_before"], b["reconstruct"]["output_error_after"]]
+                               for b in rep["blocks"]]
+    return row
 
 
 def table(rows: list[dict], header: str) -> str:
@@ -93,14 +103,14 @@ def grid(rows: list[dict]) -> str:
     lines = ["| method | " + " | ".join(head) + " |", "|---|" + "---:|" * len(head)]
     if ("dense", "uniform", "0") in by:
         lines.append(f"| dense | {by['dense', 'uniform', '0']:.2f} | | | |")
-    for profile in ("uniform", "owl"):
+    for profile in VARIANTS:
         for m in METHODS:
             cells = []
             for st in SETTINGS:
                 v = by.get((m, profile, st))
                 cells.append("" if v is None else f"**{v:.2f}**" if v == best[st] else f"{v:.2f}")
             if any(cells):
-                lines.append(f"| {m}{' + OWL' if profile == 'owl' else ''} | " + " | ".join(cells) + " |")
+                lines.append(f"| {m}{VARIANTS[profile][1]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -118,18 +128,20 @@ def plot(rows: list[dict], path: Path, title: str | None = None) -> None:
         if r["method"] == "dense":
             ax.axhline(r["perplexity"], color="gray", linestyle=":", label=f"dense ({r['perplexity']:.2f})")
     for m, color in zip(METHODS, plt.rcParams["axes.prop_cycle"].by_key()["color"]):
-        for profile, style, marker in (("uniform", "-", "o"), ("owl", "--", "^")):
+        for profile, style, marker in (("uniform", "-", "o"), ("owl", "--", "^"), ("rec", ":", "D")):
             pts = sorted((float(r["setting"]), r["perplexity"]) for r in rows
                          if r["method"] == m and r["profile"] == profile and ":" not in r["setting"])
+            nm = [r["perplexity"] for r in rows if r["method"] == m and r["profile"] == profile and r["setting"] == "2:4"]
             if pts:
-                ax.plot(*zip(*pts), style, marker=marker, color=color, label=m + (" + OWL" if profile == "owl" else ""))
-        nm = [r["perplexity"] for r in rows if r["method"] == m and r["setting"] == "2:4"]
-        if nm:
-            ax.plot([nm_x], nm, marker="s", color=color, linestyle="none")
+                ax.plot(*zip(*pts), style, marker=marker, color=color, label=m + VARIANTS[profile][1])
+            elif nm:
+                ax.plot([], [], style, marker=marker, color=color, label=m + VARIANTS[profile][1])
+            if nm:
+                ax.plot([nm_x], nm, marker="s" if profile == "uniform" else marker, color=color, linestyle="none")
     ax.set_xticks([nm_x, 0.5, 0.6, 0.7], ["2:4", "50%", "60%", "70%"])
     ax.axvline((nm_x + 0.5) / 2, color="black", linewidth=0.5)
     ax.set_yscale("log")
-    ax.set_xlabel("sparsity of the decoder's linear layers (dashed: OWL's per-block sparsities)")
+    ax.set_xlabel("sparsity of the decoder's linear layers (dashed: OWL's per-block sparsities; dotted: + reconstruct)")
     ax.set_ylabel("WikiText-2 perplexity (lower is better)")
     if title:
         ax.set_title(title, fontsize=10)
@@ -142,11 +154,13 @@ def plot(rows: list[dict], path: Path, title: str | None = None) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model_dir", type=Path, nargs="?")
-    p.add_argument("--runs", default=",".join(DEFAULT_RUNS), help="comma-separated METHOD[+owl]:SPARSITY|N:M")
+    p.add_argument("--runs", default=",".join(DEFAULT_RUNS), help="comma-separated METHOD[+owl|+rec]:SPARSITY|N:M")
     p.add_argument("--calib", default=str(WIKI / "wiki.valid.tokens"))
     p.add_argument("--eval-data", default=str(WIKI / "wiki.test.raw"))
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--reconstruct-args", default="",
+                   help="further flags of the METHOD+rec runs, e.g. '--reconstruct-lr 3e-4' (default: the defaults)")
     p.add_argument("--json", type=Path, help="append each run's figures to this JSON file as it finishes")
     p.add_argument("--reports", type=Path, help="keep each run's report (per-block and per-matrix errors) here")
     p.add_argument("--from-json", type=Path, help="print (and plot) figures measured earlier instead of running")

@@ -124,6 +124,19 @@ def _add_structure(p: argparse.ArgumentParser) -> None:
                         "(router weight x expert output norm over the tokens routed to it), with their router rows")
 
 
+def _add_reconstruct(p: argparse.ArgumentParser) -> None:
+    from wanda_stream.methods import dataclass_flags
+    from wanda_stream.methods.reconstruct import Reconstruct
+
+    g = p.add_argument_group("block-output reconstruction (after any method's masks, structural ones too)")
+    g.add_argument("--reconstruct", action="store_true",
+                   help="after each block's masks, fit its kept weights (mask held) so that the pruned block's "
+                        "outputs match the dense block's on the calibration inputs (Adam, whole block)")
+    for flag, f in dataclass_flags(Reconstruct).items():
+        g.add_argument(flag, type=type(f.default), default=None,
+                       help=f"{f.metadata['help']} (with --reconstruct; default {f.default})")
+
+
 def _add_revision(p: argparse.ArgumentParser) -> None:
     p.add_argument("--revision", default=None,
                    help="branch, tag or commit of a hub model id given as MODEL_DIR (default: main)")
@@ -169,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pattern", default="unstructured", help="unstructured|2:4|4:8|N:M (N:M implies sparsity N/M)")
     _add_method(p)
     _add_structure(p)
+    _add_reconstruct(p)
     p.add_argument("--calib", default="c4",
                    help="c4|wikitext2|pydoc|hub:ORG/NAME[:CONFIG][@SPLIT]|FILE|DIR (.txt, .jsonl/.json, .parquet)")
     p.add_argument("--calib-field", choices=("text", "messages"), default=None,

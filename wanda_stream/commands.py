@@ -93,6 +93,20 @@ def chosen_options(args: argparse.Namespace) -> tuple[dict[str, float | int], di
     return method, profile
 
 
+def reconstruct_options(args: argparse.Namespace) -> dict[str, float | int]:
+    """--reconstruct's options, defaults filled in (empty without --reconstruct); one of its flags without
+    --reconstruct is refused rather than silently ignored."""
+    from wanda_stream.methods.reconstruct import Reconstruct
+
+    given = {f.name: getattr(args, flag[2:].replace("-", "_"), None) for flag, f in dataclass_flags(Reconstruct).items()}
+    if not getattr(args, "reconstruct", False):
+        for flag in dataclass_flags(Reconstruct):
+            if getattr(args, flag[2:].replace("-", "_"), None) is not None:
+                raise InputError(f"{flag}: applies to --reconstruct only; drop it or add --reconstruct")
+        return {}
+    return Reconstruct(**{k: v for k, v in given.items() if v is not None}).to_json()
+
+
 def check_pattern(ckpt: Checkpoint, sk: Skeleton, nm: tuple[int, int] | None, pattern: str) -> None:
     """Refuse an N:M pattern that some pruned matrix's input size is not a multiple of, before any work."""
     if nm is None:
@@ -131,6 +145,7 @@ def _probe_config(args: argparse.Namespace) -> RunConfig:
     return RunConfig(
         str(args.model_dir.resolve()), str(args.output_dir.resolve()), str(_work_dir(args)), sparsity=_sparsity(args),
         pattern=args.pattern, **_shrink_fields(args), method=args.method, method_options=method_options,
+        reconstruct=reconstruct_options(args),
         sparsity_profile=args.sparsity_profile, profile_options=profile_options, nsamples=args.nsamples,
         seqlen=resources.DEFAULT_SEQLEN if args.seqlen is None else args.seqlen,
         eval_windows=args.eval_windows, save_dtype=args.save_dtype).validate()
@@ -146,6 +161,7 @@ def _run_config(args: argparse.Namespace, seqlen: int, device: str, compute_dtyp
         str(model_dir), str(output_dir), str(_work_dir(args)),
         sparsity=nm[0] / nm[1] if nm else _sparsity(args),  # N:M fixes the sparsity; record the real one
         pattern=args.pattern, **_shrink_fields(args), method=args.method, method_options=method_options,
+        reconstruct=reconstruct_options(args),
         sparsity_profile=args.sparsity_profile, profile_options=profile_options, calib=args.calib,
         nsamples=args.nsamples, seqlen=seqlen, seed=args.seed, device=device, compute_dtype=compute_dtype,
         batch_size=batch, eval_data=args.eval_data, eval_windows=args.eval_windows, eval_seqlen=args.eval_seqlen,

@@ -98,7 +98,7 @@ def _structure(report: dict[str, Any]) -> str:
 
 def _calibration(config: dict[str, Any], coverage: dict[str, int] | None) -> str:
     if config["method"] == "magnitude" and config.get("sparsity_profile", "uniform") == "uniform" \
-            and not _structural(config):
+            and not _structural(config) and not config.get("reconstruct"):
         return "none (magnitude pruning reads no data)"
     text = f"`{config['calib']}`, {config['nsamples']} x {config['seqlen']} tokens, seed {config['seed']}"
     field = config.get("calib_field")
@@ -160,6 +160,10 @@ def render_card(report: dict[str, Any], base_model: str | list[str] | None, name
         rows += [("method", config["method"]), ("pattern", config["pattern"]),
                  ("sparsity", f"{config['sparsity']:.2%} of each decoder linear layer "
                               f"(measured over all of them: {report['total_sparsity']:.4f})")]
+    rec = config.get("reconstruct")
+    if rec:
+        rows.append(("reconstruction", f"kept weights of every block fitted to the dense block's outputs (Adam, "
+                                       f"lr {rec['lr']:g}, {rec['epochs']} epochs, {rec['batch']} windows a step)"))
     rows.append(("calibration", _calibration(config, report.get("calibration"))))
     if "eval" in report:
         ev = report["eval"]

@@ -15,13 +15,14 @@ from wanda_stream import methods
 from wanda_stream.errors import InputError
 from wanda_stream.methods import Method, Stat
 from wanda_stream.methods.profiles import PROFILES, Owl
+from wanda_stream.methods.reconstruct import Reconstruct
 from wanda_stream.model.shrink import ShrinkSpec
 
 DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Fields that do not change the result: they may differ between a run and its resumption.
 NON_RESULT_FIELDS = ("work_dir", "keep_work_dir", "prefetch", "world_size", "activation_budget", "states_on_disk")
 LATER_FIELDS = {"chat_template": "auto", "calib_field": None, "save_dtype": None, "drop_blocks": 0, "block_score": "bi",
-                "drop_ffn": 0.0, "drop_heads": 0.0, "refit": True, "drop_experts": 0.0}
+                "drop_ffn": 0.0, "drop_heads": 0.0, "refit": True, "drop_experts": 0.0, "reconstruct": {}}
 
 
 def parse_pattern(pattern: str) -> tuple[int, int] | None:
@@ -114,6 +115,9 @@ class RunConfig:
     drop_heads: float = 0.0
     refit: bool = True
     drop_experts: float = 0.0
+    # --reconstruct's options, every one recorded (empty: no reconstruction), so that a changed default
+    # never changes what a resumed run computes.
+    reconstruct: dict[str, float | int] = field(default_factory=dict)
 
     @property
     def nm(self) -> tuple[int, int] | None:
@@ -155,9 +159,15 @@ class RunConfig:
         return Owl(**self.profile_options) if self.sparsity_profile == "owl" else None
 
     @property
+    def reconstruction(self) -> Reconstruct | None:
+        """--reconstruct's options when it was asked for, else None."""
+        return Reconstruct(**self.reconstruct) if self.reconstruct else None
+
+    @property
     def needs_calibration(self) -> bool:
-        """Whether calibration windows run through the model: for the method's statistics or the profile's."""
-        return self.masks_observe or self.owl is not None or self.shrink.active
+        """Whether calibration windows run through the model: for the method's statistics, the profile's,
+        structured pruning's, or the block-output reconstruction's."""
+        return self.masks_observe or self.owl is not None or self.shrink.active or bool(self.reconstruct)
 
     @property
     def masks_observe(self) -> bool:
@@ -195,6 +205,8 @@ class RunConfig:
             raise InputError("--calib-field messages needs the chat template; drop --chat-template never")
         if self.save_dtype is not None and self.save_dtype not in DTYPE_NAMES:
             raise InputError(f"--save-dtype '{self.save_dtype}': use {', '.join(DTYPE_NAMES)}")
+        if self.reconstruct:
+            self.reconstruction.check(self.nsamples)  # type: ignore[union-attr]
         if self.eval_windows is not None and self.eval_windows <= 0:
             raise InputError(f"--eval-windows {self.eval_windows}: must be a positive integer")
         out, model = Path(self.output_dir), Path(self.model_dir)

@@ -37,6 +37,8 @@ from wanda_stream.storage.checkpoint import (
 from wanda_stream.run.config import RunConfig
 from wanda_stream.run.dist import World, assign_by_cost
 from wanda_stream.methods.fidelity import OutputError
+from wanda_stream.methods.reconstruct import PAPERS as RECONSTRUCT_PAPERS
+from wanda_stream.methods.reconstruct import fit_block
 from wanda_stream.errors import Interrupted
 from wanda_stream.run.card import CardFacts, render_card
 from wanda_stream.eval.loglik import hidden_streams
@@ -234,7 +236,8 @@ class PruneRun:
         # A pass over the dense model first: OWL's outlier ratios, the blocks' scores for --drop-blocks.
         self.profiled = self.owl is not None or self.spec.drop_blocks > 0
         # The pruning pass observes the calibration inputs: for the method's masks or the width plans.
-        self.observes = cfg.masks_observe or self.spec.widths
+        self.observes = cfg.masks_observe or self.spec.widths or bool(cfg.reconstruct)
+        self.calib_total = self.calib_start = 0  # the run's calibration windows, and the first of this rank's share
         # The hidden-state files of this process, by (stream, block): one object per file, so that the
         # memory holding its windows, and its write still in flight, are found again by whoever reads it.
         self._files: dict[tuple[str, int], HiddenFile] = {}
@@ -299,6 +302,8 @@ class PruneRun:
                 start, count = self.world.share(t.shape[0], self.cfg.batch_size, allow_empty=name == "eval")
                 if count:
                     out[name] = t[start : start + count]
+                if name == "calib":
+                    self.calib_total, self.calib_start = t.shape[0], start
             elif buckets[name] == self.world.rank:
                 out[name] = t
         return out
@@ -394,7 +399,7 @@ class PruneRun:
             if result is None:
                 self._finish_pending(pending, pending_state)
                 raise Interrupted(f"stopped during block {i}")
-            out, records, plan, output_error = result
+            out, records, plan, output_error, fit = result
             timing["compute_s"] = time.perf_counter() - compute_start
             timing["hidden_wait_s"] = self.st.hidden_wait_s - hidden_wait  # part of compute_s
             entry = {"block": i, "matrices": records, "sparsity": _weighted_sparsity(records),
@@ -403,6 +408,8 @@ class PruneRun:
                 entry["structure"] = plan
             if output_error is not None:
                 entry["output_error"] = output_error
+            if fit is not None:
+                entry["reconstruct"] = fit
             if self.owl is not None:
                 entry.update(target_sparsity=target,
                              outlier_ratio=state.extra[PROFILE_STAGE]["outlier_ratios"][i])
@@ -659,11 +666,12 @@ class PruneRun:
 
     def _block(
         self, i: int, stored: dict[str, torch.Tensor], streams: dict[str, torch.Tensor], sparsity: float,
-    ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]], dict[str, Any], float | None] | None:
-        """Block i observed, shrunk by its width plan, masked, and run to make the next block's inputs;
-        returns its output tensors, the matrices' records, the plan's record and the block's relative
-        output error against the dense block on the calibration inputs (None without calibration);
-        None when stopped midway."""
+    ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]], dict[str, Any], float | None,
+               dict[str, Any] | None] | None:
+        """Block i observed, shrunk by its width plan, masked, with --reconstruct fitted, and run to make
+        the next block's inputs; returns its output tensors, the matrices' records, the plan's record, the
+        block's relative output error against the dense block on the calibration inputs (None without
+        calibration) and the fit's record (None without --reconstruct); None when stopped midway."""
         layer = self.st.load_block(i, stored)
         b = self.cfg.batch_size
         try:
@@ -671,6 +679,7 @@ class PruneRun:
             error = OutputError()
             moe = experts.moe_modules(layer) if self.spec.drop_experts else {}
             saliency = ExpertSaliency(moe) if moe else None
+            dense: HiddenFile | None = None
             if self.observes:
                 watches: list[Watch] = []
                 if self.cfg.masks_observe:
@@ -700,24 +709,133 @@ class PruneRun:
             out, records, layer = prune_block(self.method, sparsity if self.cfg.masks else 0.0, self.cfg.nm, self.st,
                                               i, layer, stored, stats, narrow=self.spec.widths, world=self.world)
             del stats  # a block's Gram matrices are freed before the pruned block runs
-            for name, t in streams.items():
-                if name == "calib" and not self.observes:
-                    continue
-                src = self.hidden(name, i, *t.shape)
-                # The last block's pruned calibration outputs feed no block: computed for the error only.
-                dst = None if name == "calib" and i == self.n - 1 else self.hidden(name, i + 1, *t.shape)
-                compare = _comparer(error, dense) if name == "calib" else None
-                if not self.st.run_block(i, layer, src, b, dst=dst, stop=self.midblock_stop, on_output=compare):
+            fit: dict[str, Any] | None = None
+            if self.cfg.reconstruct:
+                fitted = self._reconstruct(i, layer, out, streams["calib"].shape)
+                if fitted is None:
                     return None
+                layer, fit, unfitted = fitted
+            if not self._propagate(i, layer, streams, error, dense):
+                return None
+            after = self._total_error(error) if self.observes else None
+            if fit is not None:
+                if after is not None and after > fit["output_error_before"]:
+                    # The fit made this block's outputs worse (too high a learning rate): the pruned weights
+                    # as the method left them, and their outputs, instead.
+                    for key, w in unfitted.items():
+                        out[key].copy_(w)
+                    self.st.hidden_wait_s += self._durable(i + 1)  # the first propagation's writes are done
+                    release(layer)
+                    layer = self.st.load_block(i, out, narrow=self.spec.widths)
+                    error = OutputError()
+                    if not self._propagate(i, layer, streams, error, dense):
+                        return None
+                    after = self._total_error(error)
+                    fit["reverted"] = True
+                fit["output_error_after"] = after
+                del unfitted
             self._release(i)
         finally:
             self.st.release_block(i)
-        if not self.observes:
-            return out, records, plan, None
-        total = OutputError()  # every rank's windows, added in rank order
+        return out, records, plan, after, fit
+
+    def _propagate(self, i: int, layer: nn.Module, streams: dict[str, torch.Tensor], error: OutputError,
+                   dense: HiddenFile | None) -> bool:
+        """Run the pruned block i over every stream's states into block i+1's, folding the calibration
+        outputs' error against `dense` into `error`; False when stopped midway."""
+        for name, t in streams.items():
+            if name == "calib" and not self.observes:
+                continue
+            src = self.hidden(name, i, *t.shape)
+            # The last block's pruned calibration outputs feed no block: computed for the error only.
+            dst = None if name == "calib" and i == self.n - 1 else self.hidden(name, i + 1, *t.shape)
+            compare = _comparer(error, dense) if name == "calib" and dense is not None else None
+            if not self.st.run_block(i, layer, src, self.cfg.batch_size, dst=dst, stop=self.midblock_stop,
+                                     on_output=compare):
+                return False
+        return True
+
+    def _total_error(self, error: OutputError) -> float:
+        """The relative output error over every rank's windows, their sums added in rank order."""
+        total = OutputError()
         for part in self.world.gather((error.sq_diff, error.sq_dense)):
             total.merge(OutputError(*part))
-        return out, records, plan, total.value
+        return total.value
+
+    def _reconstruct(self, i: int, layer: nn.Module, out: dict[str, torch.Tensor], shape: tuple[int, ...]
+                     ) -> tuple[nn.Module, dict[str, Any], dict[str, torch.Tensor]] | None:
+        """--reconstruct on pruned block i (`layer`, its tensors `out`): its kept weights fitted so that its
+        outputs match the dense block's on the calibration inputs, written into `out` (stored dtype, exact
+        zeros kept); returns the block rebuilt from them, the fit's record, and the matrices as they were
+        before the fit (to fall back to); None when stopped midway.
+
+        Fitted: every linear of the block whose weight is one stored [out, in] tensor (fused MoE experts
+        are not); the norms stay. A kill during the fit resumes at the start of the block (its inputs and
+        the dense outputs are still on disk), which computes the same bytes again.
+        """
+        opts = self.cfg.reconstruction
+        assert opts is not None
+        src, dense = self.hidden("calib", i, *shape), self.hidden("dense", i, *shape)
+        before = OutputError()
+        if not self.st.run_block(i, layer, src, self.cfg.batch_size, stop=self.midblock_stop,
+                                 on_output=_comparer(before, dense)):
+            return None
+        record: dict[str, Any] = {"output_error_before": self._total_error(before), "reverted": False}
+        keys = self._keys(i, out)
+        linears = {n: m for n, m in linear_modules(layer).items()
+                   if keys(n)[0] in out and out[keys(n)[0]].dim() == 2
+                   and tuple(out[keys(n)[0]].shape) == tuple(m.weight.shape)}
+        unfitted = {keys(n)[0]: out[keys(n)[0]].clone() for n in linears}
+        # The fit computes in float32 whatever the compute dtype: Adam's small steps vanish in bfloat16.
+        layer.float()
+        wide = {n: m.__dict__.get("_wide_dtype") for n, m in linears.items()}
+        weights, removed = [], []
+        for n, m in linears.items():
+            w = out[keys(n)[0]].to(device=self.st.device, dtype=torch.float32, copy=True)
+            mask = w == 0
+            m._parameters["weight"] = nn.Parameter(w, requires_grad=True)
+            if wide[n] is not None:
+                m.__dict__["_wide_dtype"] = torch.float32  # the narrow-weight hooks leave float32 weights alone
+            weights.append(m._parameters["weight"])
+            removed.append(mask if bool(mask.any()) else None)
+        kwargs = _as_float32(self.st.block_kwargs(1, shape[1])[i])
+        start = self.calib_start
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            o = layer(x, **kwargs)
+            return o[0] if isinstance(o, tuple) else o
+
+        def fetch(j: int) -> tuple[torch.Tensor, torch.Tensor]:
+            return (src.read(j - start, 1).to(self.st.device, torch.float32),
+                    dense.read(j - start, 1).to(self.st.device, torch.float32))
+
+        def gather(parts: list[Any]) -> list[list[Any]]:
+            # Gradients travel on the CPU through the agreement group; merged by window index by the kernel.
+            return self.world.gather([(j, loss, [g.cpu() for g in grads]) for j, loss, grads in parts])
+
+        def stopping() -> bool:
+            killpoint("reconstruct_step")  # before every optimiser step
+            return self.midblock_stop is not None and self.midblock_stop.requested
+
+        try:
+            done = fit_block(forward, weights, removed, self.calib_total, range(start, start + shape[0]), fetch,
+                             opts, gather if self.world.size > 1 else (lambda parts: [parts]), stopping)
+        finally:
+            for n, m in linears.items():
+                if wide[n] is not None:
+                    m.__dict__["_wide_dtype"] = wide[n]
+        if done is None:
+            return None
+        record.update(done.to_json())
+        with torch.no_grad():
+            for (n, m), mask in zip(linears.items(), removed):
+                dst = out[keys(n)[0]]
+                dst.copy_(m.weight.detach())  # cast to the stored dtype, then the removed weights exact zeros
+                if mask is not None:
+                    dst.masked_fill_(mask.to(dst.device), 0)
+        del weights, removed
+        release(layer)
+        return self.st.load_block(i, out, narrow=self.spec.widths), record, unfitted
 
     def _drop_experts(self, i: int, stored: dict[str, torch.Tensor], stats: BlockStats | None,
                       saliency: ExpertSaliency) -> tuple[dict[str, torch.Tensor], BlockStats | None, dict[str, Any]]:
@@ -878,6 +996,10 @@ class PruneRun:
             report["dequantized"] = {"quant_method": qc.get("quant_method"),
                                      "to": str(self.cfg.output_dtype or torch.bfloat16).removeprefix("torch.")}
         report["method"] = {"name": self.method.name, "paper": self.method.paper, **self.cfg.method_options}
+        if self.cfg.reconstruct:
+            report["reconstruct"] = {"papers": RECONSTRUCT_PAPERS, "optimizer": "adam", "schedule": "cosine",
+                                     "fitted": "every linear of the block, as a whole, mask held",
+                                     **self.cfg.reconstruct}
         if self.owl is not None:
             report["sparsity_profile"] = {"name": "owl", "paper": OWL_PAPER, **self.cfg.profile_options,
                                           **state.extra[PROFILE_STAGE]}
@@ -902,6 +1024,17 @@ def _comparer(error: OutputError, dense: HiddenFile) -> Callable[[int, int, torc
     def compare(start: int, count: int, out: torch.Tensor) -> None:
         error.add(out, dense.read(start, count).to(out.device))
     return compare
+
+
+def _as_float32(obj: Any) -> Any:
+    """A block's keyword arguments with every floating tensor in float32 (rotary tables, masks), for the fit."""
+    if isinstance(obj, torch.Tensor):
+        return obj.float() if obj.is_floating_point() else obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_as_float32(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _as_float32(v) for k, v in obj.items()}
+    return obj
 
 
 def _weighted_sparsity(records: list[dict[str, Any]]) -> float:

@@ -382,6 +382,11 @@ def resume_command(cfg: RunConfig) -> str:
     if cfg.owl is not None:
         args += ["--sparsity-profile", cfg.sparsity_profile]
         options.append((dataclass_flags(Owl), cfg.profile_options))
+    if cfg.reconstruct:
+        from wanda_stream.methods.reconstruct import Reconstruct
+
+        args += ["--reconstruct"]
+        options.append((dataclass_flags(Reconstruct), cfg.reconstruct))
     for flags, values in options:
         for flag, f in flags.items():
             args += [flag, repr(values[f.name])]
