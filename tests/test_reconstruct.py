@@ -324,11 +324,15 @@ def test_bad_flags_exit_2_with_one_line(tiny_model: Path, tmp_path: Path, flags:
 
 
 @pytest.mark.slow
-def test_smollm2_fit_lowers_every_block_error(smollm2: Path, tmp_path: Path) -> None:
-    """SmolLM2-135M, SparseGPT 2:4 and the fit on 8 x 128 tokens of pydoc: every block's error falls."""
+def test_smollm2_fit_lowers_the_block_errors(smollm2: Path, tmp_path: Path) -> None:
+    """SmolLM2-135M, SparseGPT 2:4 and the fit on 8 x 128 tokens of pydoc: no block's error rises (a fit that
+    would raise it is reverted) and most fall."""
     out = tmp_path / "out"
     assert main(["prune", str(smollm2), str(out), "--calib", "pydoc", "--nsamples", "8", "--seqlen", "128",
                  "--device", "cpu", "--quiet", "--method", "sparsegpt", "--pattern", "2:4", "--reconstruct",
                  "--reconstruct-epochs", "1"]) == 0
-    for b in _report(out)["blocks"]:
-        assert b["reconstruct"]["output_error_after"] < b["reconstruct"]["output_error_before"], b["block"]
+    fits = [b["reconstruct"] for b in _report(out)["blocks"]]
+    for k, f in enumerate(fits):
+        assert f["output_error_after"] <= f["output_error_before"], k
+        assert f.get("reverted", False) == (f["output_error_after"] == f["output_error_before"]), k
+    assert sum(f["output_error_after"] < f["output_error_before"] for f in fits) >= 0.8 * len(fits)
