@@ -381,7 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep-outputs", action="store_true")
     p.add_argument("--timeline", type=Path, default=None,
                    help="run each streamer run under tools/memory_timeline.py (interval peaks of VmHWM every 50 ms "
-                        "and the steps in progress), writing FILE with .RUN.json as suffix; its report ends the log")
+                        "and the steps in progress), writing FILE with .RUN.json as suffix; its report ends the log. "
+                        "Peak RSS is then the timeline's (its resets also reset ru_maxrss); 0 for a killed run")
     p.add_argument("--json", type=Path, default=None, help="also write every figure to this file")
     a = p.parse_args(argv)
     if a.timeline is not None and a.nproc > 1:
@@ -424,6 +425,13 @@ def main(argv: list[str] | None = None) -> int:
         env = None if a.threads is None else {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
         r = measure(command(kind, a, out), work / f"bench-{kind}.log", mem_limit, env=env, timeout=a.timeout)
         r["run"] = kind
+        tl_file = a.timeline.resolve().with_suffix(f".{kind}.json") if a.timeline is not None else None
+        if tl_file is not None and kind != "in-memory":
+            # The timeline resets the high-water mark every interval, and with it the child's ru_maxrss:
+            # the peak is the largest interval's (none when the run was killed before writing it).
+            peak = json.loads(tl_file.read_text())["peak_mib"] * 2**20 if tl_file.is_file() else None
+            r["ru_maxrss_after_resets"] = r["peak_rss_bytes"]
+            r["peak_rss_bytes"] = int(peak) if peak is not None else 0
         report = out / REPORT_NAME
         if report.is_file():
             # The run's own per-block timings: read, compute (materialize, statistics, mask, propagate),
