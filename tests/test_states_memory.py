@@ -289,3 +289,34 @@ def test_a_narrow_block_computes_what_its_wide_copy_does(tmp_path: Path) -> None
         assert seen == [torch.bfloat16] * len(linears)
     finally:
         st.close()
+
+
+def test_the_embedding_stays_narrow_and_block_0_inputs_are_the_wide_tables(tmp_path: Path) -> None:
+    """bf16 embedding computed on in float32: the table is the bf16 tensor read (a float32 copy of
+    llama-3-70b's is 4.2 GB) and the rows looked up are cast; block 0's inputs are bit-identical to
+    transformers' with the whole model loaded in float32."""
+    from torch import nn
+    from transformers import AutoModelForCausalLM
+
+    from wanda_stream.model.stream import Streamer, open_model
+
+    model_dir = write_tiny_model(tmp_path / "bf16", dtype=torch.bfloat16)
+    st = Streamer(*open_model(model_dir), "cpu", torch.float32, prefetch=False)
+    try:
+        table = st.sk.model.get_input_embeddings()
+        assert type(table) is nn.Embedding
+        seen: list[tuple[torch.dtype, torch.dtype]] = []
+        handle = table.register_forward_hook(lambda m, a, o: seen.append((m.weight.dtype, o.dtype)))
+        ids = torch.randint(0, st.sk.model.config.vocab_size, (3, 16), generator=torch.Generator().manual_seed(2))
+        out = HiddenFile(tmp_path / "h0.bin", 3, 16, st.hidden, torch.float32)
+        assert st.embed_windows(ids, out, batch=2)
+        handle.remove()
+        # The hook that casts runs after this one: the table was bf16 during the lookup, the output float32.
+        assert seen and all(w == torch.bfloat16 for w, _ in seen)
+        got = out.read(0, 3)
+    finally:
+        st.close()
+    wide = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    with torch.no_grad():
+        want = wide(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states[0]
+    assert got.dtype == torch.float32 and torch.equal(got, want)

@@ -129,3 +129,20 @@ def test_activation_budget_bounds_70b_calibration_micro_batches() -> None:
     assert 1 <= batch < 128 and batch * window_bytes(config, 2048, torch.bfloat16) <= 4 * 2**30
     # smaller than one window: still one window at a time
     assert auto_batch(config, 2048, torch.bfloat16, 128, "cpu", budget=parse_size("1MB", "--max-activation-memory")) == 1
+
+
+def test_70b_presets_have_the_published_shapes() -> None:
+    # Meta's config.json files: the two 70B models share the block; llama-3 has the 128256-token
+    # vocabulary (its embedding and head are 2.1 GB each in bf16) and rope_theta 500000.
+    shapes = {name: dict(tensor_specs(load_spec(name))) for name in ("llama-2-70b", "llama-3-70b")}
+    for name, s in shapes.items():
+        assert s["model.layers.0.self_attn.q_proj.weight"] == (8192, 8192)
+        assert s["model.layers.0.self_attn.k_proj.weight"] == (1024, 8192)  # 8 KV heads of 128
+        assert s["model.layers.0.mlp.down_proj.weight"] == (8192, 28672)
+        assert sum(1 for k in s if k.endswith("mlp.gate_proj.weight")) == 80
+        block = sum(torch.Size(v).numel() for k, v in s.items() if k.startswith("model.layers.0."))
+        assert 855_000_000 < block < 857_000_000, name  # 1.71 GB per block in bf16
+    assert shapes["llama-2-70b"]["model.embed_tokens.weight"] == (32000, 8192)
+    assert shapes["llama-3-70b"]["model.embed_tokens.weight"] == (128256, 8192)
+    assert shapes["llama-3-70b"]["lm_head.weight"] == (128256, 8192)
+    assert load_spec("llama-3-70b").rope_parameters["rope_theta"] == 500000.0

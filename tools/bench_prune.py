@@ -67,6 +67,19 @@ def drop_caches() -> bool:
         return False
 
 
+def evict_files(model_dir: Path) -> None:
+    """Drop only the checkpoint's files from the page cache (posix_fadvise DONTNEED), so the run reads
+    them from storage: on a shared host, dropping every cache would slow the other jobs."""
+    for p in model_dir.iterdir():
+        if p.is_file():
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
 def rss_bytes(pid: int) -> int:
     """Current resident set size of a process (0 once it is gone)."""
     try:
@@ -231,6 +244,9 @@ def command(kind: str, a: argparse.Namespace, out: Path) -> list[str]:
                            "compute_dtype": a.compute_dtype_resolved, "batch": a.batch_size_resolved})
         return [sys.executable, str(Path(__file__).resolve()), "--in-memory-child", spec]
     launcher = [sys.executable, "-m", "wanda_stream"]
+    if a.timeline is not None:  # the same CLI, run inside memory_timeline.py's sampler (one rank only)
+        launcher = [sys.executable, str(Path(__file__).resolve().parent / "memory_timeline.py"),
+                    "--interval", "0.05", "--json", str(a.timeline.resolve().with_suffix(f".{kind}.json")), "--"]
     if a.nproc > 1:  # torchrun's launcher; its workers' usage is counted in its own once it reaps them
         launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(a.nproc),
                     "--master-port", str(free_port()), "-m", "wanda_stream"]
@@ -360,9 +376,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="compute threads of each run (OMP_NUM_THREADS); default: torch's own choice. "
                         "Fewer threads than cores leaves a core to the reader and writer threads")
     p.add_argument("--no-drop-caches", action="store_true", help="keep the page cache between runs")
+    p.add_argument("--evict-model", action="store_true",
+                   help="instead of dropping all caches, evict only MODEL_DIR's files before each run (shared hosts)")
     p.add_argument("--keep-outputs", action="store_true")
+    p.add_argument("--timeline", type=Path, default=None,
+                   help="run each streamer run under tools/memory_timeline.py (interval peaks of VmHWM every 50 ms "
+                        "and the steps in progress), writing FILE with .RUN.json as suffix; its report ends the log. "
+                        "Peak RSS is then the timeline's (its resets also reset ru_maxrss); 0 for a killed run")
     p.add_argument("--json", type=Path, default=None, help="also write every figure to this file")
     a = p.parse_args(argv)
+    if a.timeline is not None and a.nproc > 1:
+        p.error("--timeline measures one process: use it with --nproc 1")
 
     from wanda_stream.run.resources import parse_size
     from wanda_stream.run.config import resolve_compute_dtype
@@ -393,11 +417,21 @@ def main(argv: list[str] | None = None) -> int:
     for kind in kinds:
         out = work / f"bench-{kind}"
         shutil.rmtree(out, ignore_errors=True)
-        dropped = (not a.no_drop_caches and drop_caches()) and dropped
+        if a.evict_model:
+            evict_files(a.model_dir)
+        else:
+            dropped = (not a.no_drop_caches and drop_caches()) and dropped
         print(f"running {kind} ...", file=sys.stderr, flush=True)
         env = None if a.threads is None else {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
         r = measure(command(kind, a, out), work / f"bench-{kind}.log", mem_limit, env=env, timeout=a.timeout)
         r["run"] = kind
+        tl_file = a.timeline.resolve().with_suffix(f".{kind}.json") if a.timeline is not None else None
+        if tl_file is not None and kind != "in-memory":
+            # The timeline resets the high-water mark every interval, and with it the child's ru_maxrss:
+            # the peak is the largest interval's (none when the run was killed before writing it).
+            peak = json.loads(tl_file.read_text())["peak_mib"] * 2**20 if tl_file.is_file() else None
+            r["ru_maxrss_after_resets"] = r["peak_rss_bytes"]
+            r["peak_rss_bytes"] = int(peak) if peak is not None else 0
         report = out / REPORT_NAME
         if report.is_file():
             # The run's own per-block timings: read, compute (materialize, statistics, mask, propagate),
@@ -419,7 +453,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"compute threads {a.threads or torch.get_num_threads()}")
     print(f"machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM, GPU: {m['gpu'] or 'none'}; {m['date']}")
     print(f"setting: {settings}")
-    print(f"page cache dropped before each run: {'yes' if dropped and not a.no_drop_caches else 'no'}; "
+    caches = ("only the checkpoint's files evicted" if a.evict_model
+              else "yes" if dropped and not a.no_drop_caches else "no")
+    print(f"page cache dropped before each run: {caches}; "
           f"memory cap per run: {f'{mem_limit / GiB:.1f} GiB RSS (watchdog)' if mem_limit else 'none'}")
     print()
     print(fmt_table(results, facts))
@@ -439,7 +475,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{r['run']}: {r['status']}; last output:\n    " + "\n    ".join(r["log_tail"].splitlines()[-4:]))
     if a.json:
         a.json.write_text(json.dumps({"machine": m, "setting": settings, "facts": facts, "mem_limit": mem_limit,
-                                      "caches_dropped": dropped and not a.no_drop_caches, "results": results},
+                                      "caches_dropped": dropped and not a.no_drop_caches and not a.evict_model,
+                                      "checkpoint_evicted": a.evict_model, "results": results},
                                      indent=2) + "\n")
     return 0
 

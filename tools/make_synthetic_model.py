@@ -3,7 +3,7 @@
     python tools/make_synthetic_model.py llama-2-7b /data/llama-2-7b-random --dtype bfloat16
     python tools/make_synthetic_model.py path/to/config.json OUT_DIR --shard-size 2GB --seed 1
 
-Presets: llama-2-7b, llama-2-13b, llama-2-70b, llama-3-8b, mistral-7b, tiny-llama; or any
+Presets: llama-2-7b, llama-2-13b, llama-2-70b, llama-3-8b, llama-3-70b, mistral-7b, tiny-llama; or any
 transformers config.json (a file, or a directory holding one). A byte-level BPE tokenizer trained
 on CPython's pydoc text is saved with it (its vocabulary is at most the model's, so every token id
 is a valid row); perplexities of these models are meaningless, memory, I/O and time are not.

@@ -8,14 +8,17 @@ so every interval gets the true peak of its own, not a sample. Around the run's 
 on the prefetch thread, shard writes on the writer thread, materializing, observing, pruning and
 propagating a block on the main thread) it records start and end times and the bytes of the tensors
 involved. It prints the peak, the steps in progress at that moment, and the largest interval peak
-of each main-thread step. Linux only (clear_refs needs Linux 4.0).
+of each main-thread step. SIGUSR1 writes the timeline so far (--json) and exits: for a run that is
+stopped once its peak has passed. Linux only (clear_refs needs Linux 4.0).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
+import signal
 import sys
 import threading
 import time
@@ -113,6 +116,14 @@ def instrument(tl: Timeline) -> None:
     tl.wrap(stream.Streamer, "load_block", "materialize block (compute dtype)", layer_size)
     tl.wrap(stream.Streamer, "run_block", "run block over hidden states")
     tl.wrap(prune, "observe", "observe (dense block)")
+    tl.wrap(prune, "observe_all", "observe (dense block, every statistic)")
+    tl.wrap(prune, "check_finite", "check the statistics are finite")
+    from wanda_stream.methods import fidelity, sparsegpt
+
+    tl.wrap(sparsegpt.SparseGPT, "prepare", "SparseGPT: factor a Hessian", lambda s, o, out: _tensor_bytes([out.upper]))
+    tl.wrap(sparsegpt, "sparsegpt_prune", "SparseGPT: column loop of a matrix",
+            lambda w, *rest: w.numel() * 4)
+    tl.wrap(fidelity, "layer_error", "layer-wise error of a matrix")
     tl.wrap(prune, "prune_block", "prune matrices")
     tl.wrap(prune.PruneRun, "_write_block_shard", "write shard (writer thread)", shard_size)
     tl.wrap(prune.PruneRun, "_start", "stem shard and block-0 hidden states")
@@ -151,6 +162,19 @@ def main(argv: list[str] | None = None) -> int:
 
     tl = Timeline(a.interval)
     instrument(tl)
+
+    def dump_and_exit(signum: int, frame: Any) -> None:
+        # SIGUSR1: the timeline so far, for a run stopped once its peak has passed (a 70B SparseGPT block
+        # takes an hour here; its peak comes in the first minutes). The CLI keeps SIGTERM for itself.
+        tl.peaks.append((tl.now(), _status_kib("VmHWM")))
+        r = report(tl, a.top)
+        print(f"stopped by SIGUSR1 at {tl.now():.2f} s; peak {r['peak_mib']:.0f} MiB at {r['peak_at_s']:.2f} s",
+              flush=True)
+        if a.json:
+            a.json.write_text(json.dumps(r, indent=1) + "\n")
+        os._exit(128 + signum)
+
+    signal.signal(signal.SIGUSR1, dump_and_exit)
     tl.start()
     try:
         rc = cli_main(args)

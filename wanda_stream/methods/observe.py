@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from wanda_stream.model import experts
-from wanda_stream.methods import plans
+from wanda_stream.methods import kernel, plans
 from wanda_stream.storage.activations import HiddenFile
 from wanda_stream.run.dist import World
 from wanda_stream.errors import InputError
@@ -150,7 +150,7 @@ def check_finite(stats: BlockStats, block: int, dtype: torch.dtype) -> None:
     """Refuse a block whose statistics hold inf or NaN (activations that overflow the compute dtype:
     float16 in some families), naming the block and matrix, before a method turns them into masks."""
     for name, ob in stats.obs.items():
-        if not bool(torch.isfinite(ob.stat).all()):
+        if not kernel.all_finite(ob.stat):  # in slices: see all_finite
             what = str(dtype).removeprefix("torch.")
             raise InputError(
                 f"block {block}: the calibration statistics of '{name}' are not finite (the activations overflow "

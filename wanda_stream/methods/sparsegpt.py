@@ -73,15 +73,9 @@ def _upper_inverse_factor(h: torch.Tensor) -> torch.Tensor | None:
     torch.cholesky_inverse(low, out=low)
     info = torch.empty((), dtype=torch.int32, device=low.device)
     torch.linalg.cholesky_ex(low, upper=True, out=(low, info))
-    if int(info) != 0 or not _finite(low):
+    if int(info) != 0 or not kernel.all_finite(low):
         return None
     return low
-
-
-def _finite(t: torch.Tensor) -> bool:
-    # Row slices: a whole-matrix isfinite of a 7B MLP input's factor is a 120 MB bool tensor.
-    step = max(1, (1 << 24) // max(1, t.shape[1]))
-    return all(bool(torch.isfinite(t[r : r + step]).all()) for r in range(0, t.shape[0], step))
 
 
 def sparsegpt_prune(weight: torch.Tensor, hinv: HessianInverse, sparsity: float, nm: NM | None,

@@ -159,6 +159,7 @@ def materialize(
     skeleton_model: nn.Module,
     exclude: tuple[str, ...] = (),
     narrow_linears: bool = False,
+    narrow_embeddings: bool = False,
 ) -> None:
     """Load `module`'s parameters (named `prefix + name` in the checkpoint) onto `device` in `dtype`.
 
@@ -167,11 +168,20 @@ def materialize(
     computation, with one matrix's `dtype` copy alive at a time instead of the whole block's (a 7B
     block in float32 is 0.8 GB beside its 0.4 GB in bf16).
 
+    With `narrow_embeddings`, plain nn.Embedding tables stay in the stored dtype too and the rows
+    looked up are cast to `dtype`: a lookup is a copy, so the values are the ones a `dtype` table
+    gives, without the `dtype` table itself (llama-3-70b's 128256 x 8192 embedding is 4.2 GB in
+    float32 beside its 2.1 GB in bf16: the largest allocation of a CPU run's start).
+
     Parameters under `exclude` (relative names) stay on the meta device. Non-persistent buffers
     (rotary frequencies and the like) are recomputed by the model's own `_init_weights`.
     """
     state: dict[str, torch.Tensor] = {}
     linears = {n: m for n, m in module.named_modules() if isinstance(m, nn.Linear)} if narrow_linears else {}
+    # Exactly nn.Embedding: a subclass may compute on its weight inside forward (Gemma scales it in the
+    # weight's dtype), and max_norm renormalizes the table in place.
+    tables = ({n: m for n, m in module.named_modules() if type(m) is nn.Embedding and m.max_norm is None}
+              if narrow_embeddings else {})
     for name, p in stored_state(module).items():
         if any(name == e or name.startswith(e + ".") for e in exclude):
             continue
@@ -190,11 +200,13 @@ def materialize(
         if not t.is_floating_point() or _keeps_float32(skeleton_model, prefix + name):
             keep = t.dtype
         else:
-            narrow = pname == "weight" and owner_name in linears and t.dtype != dtype
+            narrow = pname == "weight" and (owner_name in linears or owner_name in tables) and t.dtype != dtype
             keep = t.dtype if narrow else dtype
         state[name] = t.to(device=device, dtype=keep)
-        if narrow:
+        if narrow and owner_name in linears:
             _widen_on_call(linears[owner_name], dtype)
+        elif pname == "weight" and owner_name in tables:
+            _widen_lookups(tables[owner_name], dtype if narrow else None)
     _assign(module, state)
     _init_nonpersistent_buffers(module, device, dtype, skeleton_model, exclude)
 
@@ -223,6 +235,18 @@ def _widen_on_call(linear: nn.Linear, dtype: torch.dtype) -> None:
     if "_widen_hooks" not in linear.__dict__:
         linear.__dict__["_widen_hooks"] = (linear.register_forward_pre_hook(_widen),
                                            linear.register_forward_hook(_narrow))
+
+
+def _widen_lookups(table: nn.Embedding, dtype: torch.dtype | None) -> None:
+    """Make `table`'s output rows `dtype` (None: as its weight is); the hook is installed once per module."""
+    table.__dict__["_wide_dtype"] = dtype
+    if "_widen_hooks" not in table.__dict__:
+        table.__dict__["_widen_hooks"] = (table.register_forward_hook(_widen_rows),)
+
+
+def _widen_rows(m: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+    dtype = m.__dict__.get("_wide_dtype")
+    return out if dtype is None else out.to(dtype)
 
 
 def _widen(m: nn.Module, args: tuple) -> None:

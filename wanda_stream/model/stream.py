@@ -166,8 +166,9 @@ class Streamer:
     # ---- the parts around the blocks ------------------------------------------------------
     def _stem(self, with_embedding: bool) -> None:
         exclude = (self.layers_name,) if with_embedding else (self.layers_name, self.embed_name)
+        # The embedding table stays in the stored dtype (the rows looked up are cast): see `materialize`.
         materialize(self.sk.base, self.sk.base_prefix + ".", self.ckpt, self.device, self.dtype,
-                    self.sk.sources, self.sk.model, exclude=exclude)
+                    self.sk.sources, self.sk.model, exclude=exclude, narrow_embeddings=with_embedding)
         self.sk.base.eval()
 
     def _release_stem(self) -> None:

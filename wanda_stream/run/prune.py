@@ -151,12 +151,17 @@ def prune_block(
         users[id(obs)] -= 1
         if not users[id(obs)]:
             del prepared[id(obs)]
-        pruned = _pruned(wd, result)
+        pruned, info = _pruned(wd, result), result.info
+        # Dropped now, not when the next matrix's result replaces it: SparseGPT's float32 weight and the
+        # mask of a 70B MLP matrix are 1.2 GB, which would otherwise sit beside the next matrix's Hessian
+        # factorization (the 28672-wide down_proj input's: 6.6 GB, the peak of a 70B block).
+        del result
         if pruned is not w:
             w.copy_(pruned)  # into the stored tensor: no second host copy of the block
+        del pruned, wd
         zeros = w.numel() - int(torch.count_nonzero(w))  # (x == 0).sum() is 10x slower on CPU
         record: dict[str, Any] = {"name": key, "shape": list(w.shape), "dtype": str(w.dtype).removeprefix("torch."),
-                                  "sparsity": zeros / w.numel(), **result.info}
+                                  "sparsity": zeros / w.numel(), **info}
         if stats is not None and matrix.stat in stats.tokens:
             record["calib_tokens"] = stats.tokens[matrix.stat]
         if fallback:
