@@ -5,7 +5,6 @@ in stock transformers with the reference's logits, the fused on-disk layouts, ki
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 from pathlib import Path
 from typing import Any, Callable
@@ -16,7 +15,7 @@ import torch
 from tests.helpers import build_tokenizer, checkpoint_files, load_state_dict, run_cli
 from tests.reference_experts import reference_reap
 from tests.test_families import (
-    CALIB_ARGS, CONFIGS, DEEPSEEK_MOE, DENSE, EXPERT_KEY, EXPERT_MATRICES, FUSED, TWEAKS,
+    CALIB_ARGS, CONFIGS, DEEPSEEK_MOE, DENSE, EXPERT_KEY, EXPERT_MATRICES, FUSED, write_family_model,
 )
 from wanda_stream.cli import main
 from wanda_stream.methods import plans
@@ -45,31 +44,15 @@ MAKERS: dict[str, Callable[[], Any]] = {**CONFIGS, "deepseek_v3": _deepseek_8}
 @pytest.fixture(scope="module")
 def moe_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
     """Tiny random MoE checkpoint of a family (float32, 40KB shards), made once per module."""
-    from transformers import AutoModelForCausalLM
-
     root = tmp_path_factory.mktemp("moe")
     tok = root / "tokenizer"
     build_tokenizer(tok)
     made: dict[str, Path] = {}
 
     def make(family: str) -> Path:
-        if family in made:
-            return made[family]
-        out = root / family
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(MAKERS[family]())
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.dim() == 1:
-                    p.copy_(1.0 + 0.1 * torch.randn_like(p))
-                elif p.dim() == 3:
-                    p.copy_(torch.randn_like(p) * 0.05)
-        TWEAKS.get(family, lambda m: None)(model)
-        model.save_pretrained(str(out), max_shard_size="40KB")
-        for f in tok.iterdir():
-            shutil.copy(f, out / f.name)
-        made[family] = out
-        return out
+        if family not in made:
+            made[family] = write_family_model(root / family, family, MAKERS[family](), tok)
+        return made[family]
 
     return make
 

@@ -124,7 +124,6 @@ TWEAKS: dict[str, Callable[[nn.Module], None]] = {"mixtral": _starve_last_expert
 @pytest.fixture(scope="session")
 def family_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
     """Tiny random checkpoint of a family (float32, 40KB shards, the helpers' tokenizer), built once per session."""
-    from transformers import AutoModelForCausalLM
 
     root = tmp_path_factory.mktemp("families")
     tok_dir = root / "tokenizer"
@@ -135,23 +134,29 @@ def family_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Pa
         name = family if dtype == torch.float32 else f"{family}-{str(dtype).removeprefix('torch.')}"
         if name in made:
             return made[name]
-        out = root / name
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(CONFIGS[family]())
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.dim() == 1:  # norms and biases: non-trivial so a bug in them shows
-                    p.copy_(1.0 + 0.1 * torch.randn_like(p))
-                elif p.dim() == 3:  # fused experts: distinct scales per expert
-                    p.copy_(torch.randn_like(p) * 0.05)
-        TWEAKS.get(family, lambda m: None)(model)
-        model.to(dtype).save_pretrained(str(out), max_shard_size="40KB")
-        for f in tok_dir.iterdir():
-            shutil.copy(f, out / f.name)
-        made[name] = out
-        return out
+        made[name] = write_family_model(root / name, family, CONFIGS[family](), tok_dir, dtype)
+        return made[name]
 
     return make
+
+
+def write_family_model(out: Path, family: str, config: Any, tok_dir: Path, dtype: torch.dtype = torch.float32) -> Path:
+    """A tiny random checkpoint of `config` (seed 0, 40KB shards, the family's tweak, the tokenizer of `tok_dir`)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:  # norms and biases: non-trivial so a bug in them shows
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            elif p.dim() == 3:  # fused experts: distinct scales per expert
+                p.copy_(torch.randn_like(p) * 0.05)
+    TWEAKS.get(family, lambda m: None)(model)
+    model.to(dtype).save_pretrained(str(out), max_shard_size="40KB")
+    for f in tok_dir.iterdir():
+        shutil.copy(f, out / f.name)
+    return out
 
 
 @pytest.fixture(scope="session")
