@@ -225,7 +225,8 @@ def test_report_peaks_are_read_after_the_evaluation(tiny_model: Path, tmp_path: 
     assert main(["prune", str(tiny_model), str(tmp_path / "out"), "--calib", "pydoc", "--nsamples", "2", "--seqlen",
                  "32", "--device", "cpu", "--batch-size", "2", "--eval-data", "pydoc", "--eval-windows", "2",
                  "--quiet"]) == 0
-    assert order[-2:] == ["eval", "peaks"]
+    # Every peak read (each rank's, gathered; rank 0's for the report) comes after the evaluation.
+    assert "eval" in order and "peaks" not in order[: order.index("eval")] and order[-1] == "peaks"
 
 
 # ---- item 7: host RAM of pinned blocks -----------------------------------------------------
