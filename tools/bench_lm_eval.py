@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_prune import evict_files  # tools/ is this script's sys.path[0]
+
 ROOT = Path(__file__).resolve().parents[1]
 TASK = "wikitext_next_sentence"
 WIKI_TEST = ROOT.parent / "shared" / "data" / "wikitext2" / "wiki.test.raw"
@@ -50,20 +52,8 @@ def child(backend: str, model_dir: str, task_dir: str, batch_size: int) -> None:
                       "cpu_s": ru.ru_utime + ru.ru_stime, "read_bytes": int(io["read_bytes"])}))
 
 
-def evict(model_dir: Path) -> None:
-    """Drop the model's files from the page cache, so the run reads them from storage."""
-    for p in model_dir.iterdir():
-        if p.is_file():
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-
-
 def measure(backend: str, model_dir: Path, task_dir: Path, batch_size: int) -> dict:
-    evict(model_dir)
+    evict_files(model_dir)
     t0 = time.monotonic()
     r = subprocess.run([sys.executable, __file__, "--child", backend, str(model_dir), str(task_dir),
                         "--batch-size", str(batch_size)], capture_output=True, text=True, check=False)

@@ -253,17 +253,14 @@ class ExpertSaliency:
                     norms[:, k] = torch.linalg.vector_norm(y.double(), dim=-1)
             rows = index.shape[0]
             routed = index.long()
+            window = (torch.arange(rows, device=x.device) // (rows // b)).unsqueeze(1).expand_as(routed)
         else:  # every expert's rows stacked: [experts * tokens, hidden] in, the same out (Llama 4)
             x, y = values[0], out[0] if isinstance(out, tuple) else out
             rows = x.shape[0] // n_exp
             hit = x.reshape(n_exp, rows, -1).ne(0).any(dim=-1).T  # [tokens, experts]
-            norms = torch.linalg.vector_norm(y.reshape(n_exp, rows, -1).double(), dim=-1).T * hit
-            routed = torch.arange(n_exp, device=x.device).expand(rows, n_exp)
-            norms, routed = norms[hit].reshape(-1, 1), routed[hit].reshape(-1, 1)
+            norms = torch.linalg.vector_norm(y.reshape(n_exp, rows, -1).double(), dim=-1).T[hit].reshape(-1, 1)
+            routed = torch.arange(n_exp, device=x.device).expand(rows, n_exp)[hit].reshape(-1, 1)
             window = (torch.nonzero(hit)[:, 0] // (rows // b)).reshape(-1, 1)
-            self._add(name, norms, routed, window, b, n_exp)
-            return
-        window = (torch.arange(rows, device=x.device) // (rows // b)).unsqueeze(1).expand_as(routed)
         self._add(name, norms, routed, window, b, n_exp)
 
     def _add(self, name: str, norms: torch.Tensor, routed: torch.Tensor, window: torch.Tensor, b: int,

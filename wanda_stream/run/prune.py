@@ -852,7 +852,7 @@ class PruneRun:
             scores = plans.reap_saliency(sums, counts)
             n = scores.shape[0]
             dropped = plans.experts_to_drop(scores, shrink.expert_drop(self.spec, n), self.shape.groups)
-            keep = [e for e in range(n) if e not in set(dropped)]
+            keep = plans.kept(n, dropped).tolist()
             tensors = experts.expert_tensors(self.sk, i, holder, self.structure.experts.router, stored)
             stored = experts.keep_experts(stored, tensors, keep)
             if stats is not None:
@@ -1012,7 +1012,7 @@ class PruneRun:
         if shares:
             nll = sum(s for sums, _ in shares for s in sums)  # micro-batch by micro-batch, as one process adds them
             count = sum(n for _, n in shares)
-            windows, seqlen = self.saved_tokens()["eval"].shape
+            windows, seqlen = read_header(self.work.file("tokens.safetensors"))["eval"]["shape"]
             report["eval"] = {"perplexity": math.exp(nll / count), "tokens": count, "windows": windows,
                               "seqlen": seqlen, "data": self.cfg.eval_data}
         if self.cfg.eval_tasks:
