@@ -31,6 +31,9 @@ PRUNE_EXAMPLES = """examples:
   # structure first, then 2:4 SparseGPT masks on what is left, in one pass
   wanda-stream prune ./model ./model-s24 --drop-ffn 0.25 --method sparsegpt --pattern 2:4
   wanda-stream prune ./qwen3-30b-a3b ./qwen3-reap50 --drop-experts 0.5
+  # a sweep: four configurations, each block read once for all, into ./sweep/<name>/ each
+  wanda-stream prune ./model ./sweep --sweep wanda:0.5,wanda:0.6,sparsegpt:0.6,sparsegpt:2:4 --eval-data wikitext2
+  wanda-stream prune ./model ./sweep --sweep plan.yaml    # name: "prune flags", one line per configuration
   # data-parallel calibration on 8 GPUs (gloo on CPUs); the same output as one process
   torchrun --nproc-per-node 8 -m wanda_stream prune ./model ./out --resume
 
@@ -180,6 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of each decoder linear to remove, 0<s<1 (default: 0.5); beside a --drop-* flag, "
                         "no masks unless given")
     p.add_argument("--pattern", default="unstructured", help="unstructured|2:4|4:8|N:M (N:M implies sparsity N/M)")
+    p.add_argument("--sweep", default=None, metavar="SPEC",
+                   help="several configurations in one pass (each block read once), each a complete output in "
+                        "OUTPUT_DIR/NAME: comma-separated [NAME=]METHOD:SPARSITY or [NAME=]METHOD:N:M, or a "
+                        ".json/.yaml file mapping NAME to its prune flags; the other flags apply to all, an "
+                        "item's sparsity or pattern replaces both of theirs")
     _add_method(p)
     _add_structure(p)
     _add_reconstruct(p)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
 import sys
 import tempfile
@@ -27,7 +28,8 @@ from wanda_stream.errors import InputError, Interrupted
 from wanda_stream.methods import build as build_method
 from wanda_stream.methods import dataclass_flags, option_flags
 from wanda_stream.model.skeleton import Skeleton
-from wanda_stream.storage.outputs import input_card, own_files, shard_names
+from wanda_stream.storage.outputs import SWEEP_NAME, input_card, own_files, shard_names
+from wanda_stream.storage.checkpoint import atomic_write_json
 from wanda_stream.methods.profiles import Owl
 from wanda_stream.run.report import PEAK_KEYS, Progress
 from wanda_stream.run.resources import (
@@ -283,12 +285,8 @@ def _saved_config(work_dir: Path, output_dir: Path) -> RunConfig | None:
         return None
 
 
-def check_resources(cfg: RunConfig, sk: Any, total_bytes: int, block_tensor_bytes: list[list[int]],
-                    eval_windows: int, ranks_per_node: int = 1) -> None:
-    """Refuse early, with numbers, when disk or memory cannot hold what the run needs (every rank of this
-    node holds its own blocks, pinned on CUDA; the hidden states are shared out, so all ranks together
-    need what one would). `block_tensor_bytes`: every block's tensor sizes."""
-    el = torch.empty(0, dtype=cfg.dtype).element_size()
+def disk_needs(cfg: RunConfig, sk: Any, total_bytes: int, eval_windows: int) -> list[tuple[Path, int, str]]:
+    """What the run still writes: the pruned checkpoint (less the shards already there) and its hidden states."""
     hidden = sk.hidden_size()
     states = 0
     if cfg.needs_calibration:
@@ -297,8 +295,18 @@ def check_resources(cfg: RunConfig, sk: Any, total_bytes: int, block_tensor_byte
         states += hidden_states_bytes(eval_windows, cfg.eval_seqlen or cfg.seqlen, hidden, cfg.dtype)
     out = Path(cfg.output_dir)
     existing = sum((out / n).stat().st_size for n in shard_names(sk.n_layers - cfg.drop_blocks) if (out / n).is_file())
-    need_out = max(total_bytes - existing, 0)
-    check_disk([(out, need_out, "the pruned checkpoint"), (Path(cfg.work_dir), states, "hidden states")])
+    return [(out, max(total_bytes - existing, 0), "the pruned checkpoint"),
+            (Path(cfg.work_dir), states, "hidden states")]
+
+
+def check_resources(cfg: RunConfig, sk: Any, total_bytes: int, block_tensor_bytes: list[list[int]],
+                    eval_windows: int, ranks_per_node: int = 1) -> None:
+    """Refuse early, with numbers, when disk or memory cannot hold what the run needs (every rank of this
+    node holds its own blocks, pinned on CUDA; the hidden states are shared out, so all ranks together
+    need what one would). `block_tensor_bytes`: every block's tensor sizes."""
+    el = torch.empty(0, dtype=cfg.dtype).element_size()
+    hidden = sk.hidden_size()
+    check_disk(disk_needs(cfg, sk, total_bytes, eval_windows))
     block = max((resources.block_host_bytes(b, cfg.device, el) for b in block_tensor_bytes), default=0)
     need_ram = resources.host_ram_needed(block, cfg.batch_size, cfg.seqlen, hidden, el, ranks_per_node)
     avail = psutil.virtual_memory().available
@@ -336,27 +344,10 @@ def resolve_model_arg(args: argparse.Namespace) -> str | None:
 
 
 def _prune(args: argparse.Namespace, stop: StopFlag, world: World) -> int:
-    if world.size > 1:
-        # Rank 0 fetches a hub id first; the others then find it in the cache.
-        world.on_main(lambda: resolve_model_arg(argparse.Namespace(**vars(args))), setup=True)
-    args.hub_id = resolve_model_arg(args)
-    lock: RunLock | None = None
-
-    def lock_and_prepare() -> RunConfig | None:
-        # The lock comes before anything is read from the run or written: of processes started at once
-        # on one output, one wins and the others are refused with the lock message.
-        nonlocal lock
-        lock = _lock(args)
-        try:
-            cfg = _prepare_locked(args, world)
-        except BaseException:
-            lock.release_unused()
-            raise
-        if cfg is None:
-            lock.release_unused()
-        return cfg
-
-    cfg = world.on_main(lock_and_prepare, setup=True)  # rank 0's config (its automatic micro-batch) for every rank
+    _resolve_model(args, world)
+    if args.sweep is not None:
+        return _sweep(args, stop, world)
+    lock, cfg = _open_run(args, world)
     if cfg is None:
         _say(args, f"{args.output_dir.resolve()}: this run is already complete; nothing to do", world)
         return 0
@@ -365,6 +356,140 @@ def _prune(args: argparse.Namespace, stop: StopFlag, world: World) -> int:
     finally:
         if lock is not None:
             lock.release()
+
+
+def _resolve_model(args: argparse.Namespace, world: World) -> None:
+    if world.size > 1:
+        # Rank 0 fetches a hub id first; the others then find it in the cache.
+        world.on_main(lambda: resolve_model_arg(argparse.Namespace(**vars(args))), setup=True)
+    args.hub_id = resolve_model_arg(args)
+
+
+def _open_run(args: argparse.Namespace, world: World) -> tuple[RunLock | None, RunConfig | None]:
+    """The run's lock (rank 0's; None elsewhere, or when there is nothing to do) and its config, which
+    rank 0 decides for every rank (its automatic micro-batch); None when the run is already complete."""
+    held: list[RunLock] = []
+
+    def lock_and_prepare() -> RunConfig | None:
+        # The lock comes before anything is read from the run or written: of processes started at once
+        # on one output, one wins and the others are refused with the lock message.
+        lock = _lock(args)
+        try:
+            cfg = _prepare_locked(args, world)
+        except BaseException:
+            lock.release_unused()
+            raise
+        if cfg is None:
+            lock.release_unused()
+        else:
+            held.append(lock)
+        return cfg
+
+    cfg = world.on_main(lock_and_prepare, setup=True)
+    return (held[0] if held else None), cfg
+
+
+def _sweep(args: argparse.Namespace, stop: StopFlag, world: World) -> int:
+    """`prune --sweep`: every configuration prepared (or found complete) first, then all run in one pass."""
+    from wanda_stream.run.sweep import parse_sweep
+
+    if args.work_dir is not None:
+        raise InputError("--work-dir: not with --sweep (each configuration keeps its work dir in "
+                         "OUTPUT_DIR/NAME/.wanda-stream); leave it out")
+    subs = [_entry_args(args, e) for e in parse_sweep(args.sweep)]
+    if world.main:
+        _check_sweep_disk(subs, world)
+    opened: list[tuple[argparse.Namespace, RunLock | None, RunConfig]] = []
+    try:
+        for sub in subs:
+            lock, cfg = _open_run(sub, world)
+            if cfg is None:
+                _say(args, f"{sub.output_dir.resolve()}: already complete", world)
+            else:
+                opened.append((sub, lock, cfg))
+        reports, reads = _run_sweep(args, stop, opened, world)
+    finally:
+        for _, lock, _ in opened:
+            if lock is not None:
+                lock.release()
+    if world.main:
+        _sweep_summary(args, subs, dict(zip((sub.sweep_name for sub, _, _ in opened), reports)), reads)
+    return 0
+
+
+def _sweep_summary(args: argparse.Namespace, subs: list[argparse.Namespace], reports: dict[str, dict | None],
+                   reads: int) -> None:
+    """OUTPUT_DIR/wanda_stream_sweep.json and the table of every configuration (those finished earlier too)."""
+    from wanda_stream.run.sweep import sweep_table
+
+    rows = []
+    for sub in subs:
+        report = reports.get(sub.sweep_name) or _read_report(sub.output_dir)
+        rows.append({"name": sub.sweep_name, "output_dir": str(sub.output_dir), "command": card_command(sub.argv),
+                     "method": report["method"]["name"], "total_sparsity": report["total_sparsity"],
+                     "perplexity": report.get("eval", {}).get("perplexity")})
+    atomic_write_json(args.output_dir / SWEEP_NAME, {"sweep": args.sweep, "blocks_read_this_process": reads,
+                                                     "configurations": rows})
+    if not args.quiet and args.log_format != "json":
+        print(sweep_table(rows))
+
+
+def _entry_args(args: argparse.Namespace, entry: Any) -> argparse.Namespace:
+    """The arguments of one sweep configuration: its single `prune` command line (`entry_argv`), parsed
+    as that command would be."""
+    from wanda_stream.cli import build_parser
+    from wanda_stream.run.sweep import entry_argv
+
+    argv = entry_argv(args.argv, args.output_dir, entry)
+    sub = build_parser().parse_args(argv)
+    sub.argv, sub.sweep_name = argv, entry.name
+    sub.model_dir, sub.hub_id = args.model_dir, args.hub_id  # resolved once, for the whole sweep
+    return sub
+
+
+def _check_sweep_disk(subs: list[argparse.Namespace], world: World) -> None:
+    """Refuse a sweep whose configurations together cannot fit on the disk, before any is created."""
+    from wanda_stream.run.prune import output_is_finished
+
+    needs: list[tuple[Path, int, str]] = []
+    for sub in subs:
+        if sub.resume and not sub.overwrite and not sub.model_dir.exists() and _finished_without_input(sub):
+            continue
+        cfg, (_, sk, ckpt) = build_prune_config(sub, world.size)
+        if not output_is_finished(cfg) or sub.overwrite:
+            needs += [(p, n, f"{what} of the sweep's {len(subs)} configurations")
+                      for p, n, what in disk_needs(cfg, sk, ckpt.total_bytes(), cfg.eval_windows or 0)]
+    check_disk(needs)
+
+
+def _run_sweep(args: argparse.Namespace, stop: StopFlag,
+               opened: list[tuple[argparse.Namespace, RunLock | None, RunConfig]], world: World
+               ) -> tuple[list[dict | None], int]:
+    from wanda_stream.run.prune import PruneRun
+    from wanda_stream.run.sweep import blocks_read, run_lockstep
+
+    progresses = [_progress(sub, cfg, world, f"prune {sub.sweep_name}") for sub, _, cfg in opened]
+    try:
+        if world.any(stop.requested):
+            raise Interrupted("stopped before the first block")
+        runs = [PruneRun(cfg, progress, stop, world) for (_, _, cfg), progress in zip(opened, progresses)]
+        reports = run_lockstep(runs)
+    except Interrupted as e:
+        resume = shlex.join(["wanda-stream", *args.argv, *([] if args.resume else ["--resume"])])
+        raise Interrupted(f"{e}; the sweep's state is saved in each configuration's work dir. "
+                          f"Resume with: {resume}") from None
+    except InputError:
+        if world.main:
+            for _, _, cfg in opened:
+                WorkDir(Path(cfg.work_dir)).discard_if_unstarted(Path(cfg.output_dir))
+        raise
+    finally:
+        for progress in progresses:
+            progress.close()
+    for (sub, _, cfg), report in zip(opened, reports):
+        if report is not None:
+            _summary(sub, cfg, report)
+    return reports, blocks_read(runs)
 
 
 def _work_dir(args: argparse.Namespace) -> Path:
@@ -409,14 +534,9 @@ def card_facts(hub_id: str | None, model_dir: Path, command: str) -> CardFacts:
 
 
 def _run_locked(args: argparse.Namespace, stop: StopFlag, cfg: RunConfig, world: World) -> int:
-    from wanda_stream.model.skeleton import load_config
     from wanda_stream.run.prune import PruneRun
 
-    blocks = load_config(Path(cfg.model_dir)).get_text_config().num_hidden_layers
-    # OWL's or --drop-blocks' pass over the dense model, then the pruning pass
-    passes = 2 if cfg.owl is not None or cfg.drop_blocks else 1
-    mode = "quiet" if args.quiet or (args.log_format != "json" and not world.main) else args.log_format
-    progress = Progress(mode, passes * blocks, "prune")
+    progress = _progress(args, cfg, world, "prune")
     try:
         if world.any(stop.requested):
             raise Interrupted("stopped before the first block")
@@ -432,6 +552,19 @@ def _run_locked(args: argparse.Namespace, stop: StopFlag, cfg: RunConfig, world:
     if report is not None:
         _summary(args, cfg, report)
     return 0
+
+
+def _progress(args: argparse.Namespace, cfg: RunConfig, world: World, desc: str) -> Progress:
+    """The run's progress output: one step per block of each pass over the model."""
+    from wanda_stream.model.skeleton import load_config
+
+    blocks = load_config(Path(cfg.model_dir)).get_text_config().num_hidden_layers
+    # OWL's or --drop-blocks' pass over the dense model, then the pruning pass
+    passes = 2 if cfg.owl is not None or cfg.drop_blocks else 1
+    mode = "quiet" if args.quiet or (args.log_format != "json" and not world.main) else args.log_format
+    if mode == "bar" and getattr(args, "sweep_name", None) is not None:
+        mode = "lines"  # several bars, advanced in turn, would overwrite each other
+    return Progress(mode, passes * blocks, desc)
 
 
 def _say(args: argparse.Namespace, text: str, world: World = World()) -> None:

@@ -90,6 +90,7 @@ class Streamer:
         self.embed_dim = int(embed.weight.shape[1])
         self.layers_name = sk.layers_prefix[len(sk.base_prefix) + 1 :]
         self.narrow: Skeleton | None = None  # the blocks at structured pruning's widths, when they change
+        self.shared: SharedBlocks | None = None  # a sweep's one read of each block, when it has several runs
 
     # ---- reading blocks -------------------------------------------------------------------
     def block_keys(self, i: int) -> list[str]:
@@ -114,7 +115,11 @@ class Streamer:
         on and its compute-dtype copy that would be a fourth block-sized allocation (0.4 GB for a 7B
         block) at the start of every block. Both still run behind the computation.
         """
-        if self._reader is not None and 0 <= i < self.sk.n_layers and i not in self._pending:
+        if self._reader is None or not 0 <= i < self.sk.n_layers:
+            return
+        if self.shared is not None:
+            self.shared.prefetch(i, self._reader, lambda: self._read_block_after(i, after))
+        elif i not in self._pending:
             self._pending[i] = self._reader.submit(self._read_block_after, i, after)
 
     def _read_block_after(self, i: int, after: Future | None) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
@@ -129,8 +134,11 @@ class Streamer:
         (the whole read without prefetch, only what the compute did not hide with it).
         """
         t0 = time.perf_counter()
-        fut = self._pending.pop(i, None)
-        out, timing = fut.result() if fut is not None else self._read_block(i)
+        if self.shared is not None:
+            out, timing = self.shared.take(i, lambda: self._read_block(i))
+        else:
+            fut = self._pending.pop(i, None)
+            out, timing = fut.result() if fut is not None else self._read_block(i)
         return out, {**timing, "read_wait_s": time.perf_counter() - t0}
 
     def load_block(self, i: int, stored: dict[str, torch.Tensor], narrow: bool = False) -> nn.Module:
@@ -366,6 +374,47 @@ class PinBudget:
         with self._lock:
             self.live -= n
 
+
+
+class SharedBlocks:
+    """One read of each block for the runs of a sweep, which take the blocks in lockstep.
+
+    The first run to ask for block i reads it (or finds its prefetch); the others get a copy of the
+    same tensors instead of a second read. Every taker gets tensors of its own, since pruning writes
+    into them, except the last, to whom the sweep's scheduler hands the read itself (`hand_over`):
+    so the block's bytes are held once more than in a single run only while several runs still
+    need it. A run asking for another block than the one held drops it first.
+    """
+
+    def __init__(self) -> None:
+        self.pending: dict[int, Future] = {}
+        self.block: int | None = None
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.timing: dict[str, float] = {}
+        self.hand_over = True  # set by the scheduler before each step: no other run will take this block
+        self.reads = 0  # blocks read from the checkpoint, for the sweep's report
+
+    def prefetch(self, i: int, reader: ThreadPoolExecutor, read: Callable[[], tuple[dict[str, torch.Tensor],
+                                                                                   dict[str, float]]]) -> None:
+        """Start reading block i on `reader` unless it is held or already being read."""
+        if i != self.block and i not in self.pending:
+            self.pending[i] = reader.submit(read)
+
+    def take(self, i: int, read: Callable[[], tuple[dict[str, torch.Tensor], dict[str, float]]]
+             ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """Block i's stored tensors and the timings of their read (zero for a copy of a block held)."""
+        if self.block != i:
+            self.block, self.tensors = None, {}  # the block held is freed before the next comes in
+            fut = self.pending.pop(i, None)
+            self.tensors, self.timing = fut.result() if fut is not None else read()
+            self.block, self.reads = i, self.reads + 1
+            timing = dict(self.timing)
+        else:
+            timing = {"read_s": 0.0, "read_cpu_s": 0.0}
+        if self.hand_over:
+            out, self.block, self.tensors = self.tensors, None, {}
+            return out, timing
+        return {k: v.clone() for k, v in self.tensors.items()}, timing
 
 
 class _DictCheckpoint:

@@ -16,10 +16,10 @@ import shutil
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -203,6 +203,14 @@ def _pruned(wd: torch.Tensor, result: Pruned) -> torch.Tensor:
     return wd.masked_fill_(result.mask, 0)
 
 
+class Position(NamedTuple):
+    """Where a run goes next: the pass (0 the pass over the dense model, 1 the pruning pass, 2 the
+    evaluation after it) and the block it reads there."""
+
+    stage: int
+    block: int
+
+
 class PruneRun:
     """One pruning run over a work directory; resumable from its state."""
 
@@ -248,6 +256,7 @@ class PruneRun:
         self._files: dict[tuple[str, int], HiddenFile] = {}
         self.placement = "disk"
         self.resident_bytes = 0
+        self.sweep_runs = 1  # runs of a sweep in this process, which share the memory for hidden states
 
     # ---- files in the work directory -------------------------------------------------------
     def hidden(self, stream: str, i: int, n: int, seqlen: int) -> HiddenFile:
@@ -289,7 +298,8 @@ class PruneRun:
         seqlen = max((s for _, s in shapes), default=self.cfg.seqlen)
         activations = self.cfg.batch_size * window_bytes(self.sk.model.config, seqlen, self.cfg.dtype)
         self.placement = "disk" if self.cfg.states_on_disk or not shapes else states_placement(
-            resident, activations, str(self.st.device), self.cfg.activation_budget, self.world.local_size)
+            resident, activations, str(self.st.device), self.cfg.activation_budget, self.world.local_size,
+            self.sweep_runs)
         self.resident_bytes = resident if self.placement != "disk" else 0
         on = {"device": self.st.device, "host": torch.device("cpu")}.get(self.placement)
         self.st.keep_states(on, defer=self.world.size == 1)
@@ -368,6 +378,17 @@ class PruneRun:
     # ---- the run --------------------------------------------------------------------------
     def run(self) -> dict[str, Any] | None:
         """Run (or continue) the prune; returns the report on rank 0, None on the other ranks."""
+        steps = self.steps()
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+
+    def steps(self) -> Generator[Position, None, dict[str, Any] | None]:
+        """The run, one block at a time: yields where it goes next, before it reads that block (`Position`),
+        and returns what `run` returns. A sweep steps several runs in lockstep, so that each block is read
+        once for all; closed at a yield (GeneratorExit), the run first records its last block as done."""
         state = self.world.on_main(self.work.load_state)
         toks = self.tokens()
         streams = self.my_streams(toks)
@@ -378,7 +399,7 @@ class PruneRun:
         self._clean_stale(state, streams)
         if state.stage == PROFILE_STAGE:
             self.progress.begin(profile_blocks_done(state.extra[PROFILE_STAGE]))
-            self._profile_pass(state, streams["calib"])
+            yield from self._profile_pass(state, streams["calib"])
             self._clean_stale(state, streams)  # the dense pass's last hidden states
         done_before = self.n if self.profiled else 0  # the dense pass counts as a first pass over the blocks
         self.progress.begin(done_before + state.next_block)
@@ -388,6 +409,11 @@ class PruneRun:
         pending_state: RunState | None = None
         loop_start = time.perf_counter()
         for i in range(state.next_block, self.n):
+            try:
+                yield Position(1, i)
+            except GeneratorExit:
+                self._finish_pending(pending, pending_state)
+                raise
             if i in self.dropped:
                 self._finish_pending(pending, pending_state)
                 pending = pending_state = None
@@ -437,6 +463,7 @@ class PruneRun:
                 raise Interrupted(f"stopped after block {i}")
         self._finish_pending(pending, pending_state)
         self.loop_seconds = time.perf_counter() - loop_start
+        yield Position(2, 0)
         evaluated = self.world.gather(self._evaluate_share(streams))
         # Every rank is done with the work dir before rank 0 finalizes (and removes it), its evaluation included.
         self.rank_peaks = self.world.gather(peak_figures(str(self.st.device)))[1:]
@@ -495,7 +522,7 @@ class PruneRun:
         profile = state.extra.get(PROFILE_STAGE, {}).get("block_sparsity")
         return profile[i] if profile else self.cfg.sparsity
 
-    def _profile_pass(self, state: RunState, calib: torch.Tensor) -> None:
+    def _profile_pass(self, state: RunState, calib: torch.Tensor) -> Generator[Position, None, None]:
         """The pass over the dense model: every block's OWL outlier ratio and, for --drop-blocks, its block
         influence and the angular distances; then the blocks' sparsities and the blocks to remove.
 
@@ -506,6 +533,7 @@ class PruneRun:
         done = profile_blocks_done(record)
         self.st.prefetch(done)
         for i in range(done, self.n):
+            yield Position(0, i)  # each block's progress is saved when done: nothing is pending here
             stored, _ = self.st.block_tensors(i)
             self.st.prefetch(i + 1 if i + 1 < self.n else 0)
             layer = self.st.load_block(i, stored)

@@ -61,18 +61,19 @@ def resident_states_bytes(streams: list[tuple[int, int]], hidden: int, dtype: to
 
 
 def states_placement(resident: int, activations: int, device: str, budget: int | None = None,
-                     ranks_per_node: int = 1) -> str:
+                     ranks_per_node: int = 1, runs: int = 1) -> str:
     """Where a run keeps its hidden states between blocks: "device" (CUDA memory), "host" (RAM,
     page-locked on CUDA hosts) or "disk" (read back from their files every block).
 
     The activation budget's rules: `budget` bytes (--max-activation-memory) when given, else a
     quarter of the free GPU memory for the device and an eighth of the available RAM (shared by
     the node's ranks) for the host. The states go where they fit beside what the micro-batch's
-    activations (`activations` bytes) take on that memory, the device first.
+    activations (`activations` bytes) take on that memory, the device first. The `runs` of a sweep,
+    which keep their states side by side in one process, share either budget.
     """
-    host = budget if budget is not None else psutil.virtual_memory().available // 8 // ranks_per_node
+    host = (budget if budget is not None else psutil.virtual_memory().available // 8 // ranks_per_node) // runs
     if device.startswith("cuda"):
-        gpu = budget if budget is not None else torch.cuda.mem_get_info(torch.device(device))[0] // 4
+        gpu = (budget if budget is not None else torch.cuda.mem_get_info(torch.device(device))[0] // 4) // runs
         if resident + activations <= gpu:
             return "device"
         return "host" if resident <= host else "disk"

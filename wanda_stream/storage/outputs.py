@@ -12,6 +12,7 @@ from wanda_stream.storage.checkpoint import INDEX_NAME
 from wanda_stream.storage.state import REPORT_NAME
 
 CARD_NAME = "README.md"
+SWEEP_NAME = "wanda_stream_sweep.json"  # a sweep's table, in its OUTPUT_DIR beside the configurations
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5", ".ckpt")
 # Input files never copied verbatim: weights' indexes and the files a run writes itself.
 SKIP_FILES = (INDEX_NAME, "pytorch_model.bin.index.json", REPORT_NAME, CARD_NAME)
