@@ -204,3 +204,16 @@ def test_ranks_split_the_evaluation_windows(tiny_model: Path, tmp_path: Path, wi
     a, b = (json.loads((d / "wanda_stream.json").read_text())["eval"] for d in (single, tmp_path / "three"))
     assert a == b and a["windows"] == int(windows)
     assert checkpoint_files(tmp_path / "three") == checkpoint_files(single)
+
+
+def test_a_sweep_on_two_ranks_writes_each_single_process_output(tiny_model: Path, tmp_path: Path) -> None:
+    """The runs of a sweep step in the same order on every rank, so their collectives pair up; OWL's dense
+    pass goes first, alone."""
+    plan = {"w50": "--method wanda --sparsity 0.5", "owl": "--method ria --sparsity 0.6 --sparsity-profile owl",
+            "m24": "--method magnitude --pattern 2:4"}
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    prune_on_two(tiny_model, tmp_path / "sweep", "--sweep", str(tmp_path / "plan.json"))
+    for name, flags in plan.items():
+        single = tmp_path / name
+        assert main(["prune", str(tiny_model), str(single), *ARGS, *flags.split()]) == 0
+        assert_same_result_bytes(tmp_path / "sweep" / name, single)
