@@ -144,3 +144,13 @@ def test_bad_sweeps_are_refused_with_one_line(model: Path, tmp_path: Path, sweep
     assert message in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not any(out.rglob("*.safetensors"))
+
+
+def test_json_progress_names_each_configuration(model: Path, tmp_path: Path) -> None:
+    r = run_cli("prune", str(model), str(tmp_path / "sweep"), *ARGS, "--sweep", "a=wanda:0.5,b=magnitude:0.5",
+                "--log-format", "json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    events = [json.loads(line) for line in (r.stdout + r.stderr).splitlines() if line.startswith("{")]
+    blocks = [e for e in events if e["event"] == "block"]
+    assert [e["run"] for e in blocks] == ["a", "b"] * BLOCKS  # in lockstep
+    assert sorted(e["run"] for e in events if e["event"] == "done") == ["a", "b"]

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     from wanda_stream.run.resources import parse_size
 
-    limit = parse_size(a.mem_limit)
+    limit = parse_size(a.mem_limit, "--mem-limit")
     work = a.work or a.model_dir.parent / "bench-sweep"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)

@@ -562,9 +562,10 @@ def _progress(args: argparse.Namespace, cfg: RunConfig, world: World, desc: str)
     # OWL's or --drop-blocks' pass over the dense model, then the pruning pass
     passes = 2 if cfg.owl is not None or cfg.drop_blocks else 1
     mode = "quiet" if args.quiet or (args.log_format != "json" and not world.main) else args.log_format
-    if mode == "bar" and getattr(args, "sweep_name", None) is not None:
+    name = getattr(args, "sweep_name", None)
+    if mode == "bar" and name is not None:
         mode = "lines"  # several bars, advanced in turn, would overwrite each other
-    return Progress(mode, passes * blocks, desc)
+    return Progress(mode, passes * blocks, desc, run=name)
 
 
 def _say(args: argparse.Namespace, text: str, world: World = World()) -> None:
@@ -576,7 +577,8 @@ def _summary(args: argparse.Namespace, cfg: RunConfig, report: dict) -> None:
     if args.quiet:
         return
     if args.log_format == "json":
-        print(json.dumps({"event": "done", "output_dir": cfg.output_dir, "total_sparsity": report["total_sparsity"],
+        name = getattr(args, "sweep_name", None)
+        print(json.dumps({"event": "done", **({"run": name} if name else {}), "output_dir": cfg.output_dir, "total_sparsity": report["total_sparsity"],
                           "perplexity": report.get("eval", {}).get("perplexity"),
                           **_peaks(report)}), flush=True)
         return

@@ -84,8 +84,10 @@ class Progress:
     it prints one plain line per block instead, as a bar's redraws would be lost or garble the log.
     """
 
-    def __init__(self, mode: str, total: int, desc: str, stream: TextIO | None = None) -> None:
+    def __init__(self, mode: str, total: int, desc: str, stream: TextIO | None = None, run: str | None = None) -> None:
         self.stream = stream or sys.stderr
+        # A sweep's configuration: named in each JSON event, as several runs write to one log.
+        self.tag = {"run": run} if run is not None else {}
         self.mode = "lines" if mode == "bar" and not _is_terminal(self.stream) else mode
         self.total = total
         self.desc = desc
@@ -124,7 +126,7 @@ class Progress:
             self.bar.refresh()
         elif self.mode == "json":
             elapsed, eta = self._elapsed_eta(done)
-            rec = {"event": "block", "done": done, "total": self.total, "resumed_from": self.initial,
+            rec = {"event": "block", **self.tag, "done": done, "total": self.total, "resumed_from": self.initial,
                    "elapsed_s": round(elapsed, 3), "eta_s": None if eta is None else round(eta, 1),
                    "peak_rss_bytes": peak_rss_bytes(), **fields}
             print(json.dumps(rec), file=self.stream, flush=True)
@@ -138,7 +140,7 @@ class Progress:
         if self.mode == "quiet":
             return
         if self.mode == "json":
-            print(json.dumps({"event": "message", "text": text}), file=self.stream, flush=True)
+            print(json.dumps({"event": "message", **self.tag, "text": text}), file=self.stream, flush=True)
         elif self.bar is not None:
             self.bar.write(text, file=self.stream)
         else:
