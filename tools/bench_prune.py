@@ -159,7 +159,7 @@ def in_memory_prune(model_dir: str, out_dir: str, nsamples: int, seqlen: int, sp
     from wanda_stream.run import calib
     from wanda_stream.methods import kernel
     from wanda_stream.storage.checkpoint import Checkpoint
-    from wanda_stream.run.prune import linear_modules
+    from wanda_stream.run.block import linear_modules
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[compute_dtype]
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)

@@ -100,7 +100,7 @@ def instrument(tl: Timeline) -> None:
     """Wrap the run's steps; sizes are the tensors each step makes or hands on."""
     from torch import nn
 
-    from wanda_stream.run import prune
+    from wanda_stream.run import block, prune
     from wanda_stream.model import stream
 
     def read_size(_st: Any, _i: int, out: Any) -> int:
@@ -115,9 +115,8 @@ def instrument(tl: Timeline) -> None:
     tl.wrap(stream.Streamer, "_read_block", "read block (prefetch thread)", read_size)
     tl.wrap(stream.Streamer, "load_block", "materialize block (compute dtype)", layer_size)
     tl.wrap(stream.Streamer, "run_block", "run block over hidden states")
-    tl.wrap(prune, "observe", "observe (dense block)")
-    tl.wrap(prune, "observe_all", "observe (dense block, every statistic)")
-    tl.wrap(prune, "check_finite", "check the statistics are finite")
+    tl.wrap(prune, "observe_all", "observe (dense block, every statistic)")  # as the run calls it
+    tl.wrap(block, "check_finite", "check the statistics are finite")
     from wanda_stream.methods import fidelity, sparsegpt
 
     tl.wrap(sparsegpt.SparseGPT, "prepare", "SparseGPT: factor a Hessian", lambda s, o, out: _tensor_bytes([out.upper]))
