@@ -397,8 +397,7 @@ def _sweep(args: argparse.Namespace, stop: StopFlag, world: World) -> int:
         raise InputError("--work-dir: not with --sweep (each configuration keeps its work dir in "
                          "OUTPUT_DIR/NAME/.wanda-stream); leave it out")
     subs = [_entry_args(args, e) for e in parse_sweep(args.sweep)]
-    if world.main:
-        _check_sweep_disk(subs, world)
+    world.on_main(lambda: _check_sweep_disk(subs, world), setup=True)  # a refusal ends every rank
     opened: list[tuple[argparse.Namespace, RunLock | None, RunConfig]] = []
     try:
         for sub in subs:
