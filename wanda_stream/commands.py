@@ -448,14 +448,12 @@ def _entry_args(args: argparse.Namespace, entry: Any) -> argparse.Namespace:
 
 def _check_sweep_disk(subs: list[argparse.Namespace], world: World) -> None:
     """Refuse a sweep whose configurations together cannot fit on the disk, before any is created."""
-    from wanda_stream.run.prune import output_is_finished
-
     needs: list[tuple[Path, int, str]] = []
     for sub in subs:
-        if sub.resume and not sub.overwrite and not sub.model_dir.exists() and _finished_without_input(sub):
+        if _done_without_input(sub):
             continue
         cfg, (_, sk, ckpt) = build_prune_config(sub, world.size)
-        if not output_is_finished(cfg) or sub.overwrite:
+        if _will_write(sub, cfg):
             needs += [(p, n, f"{what} of the sweep's {len(subs)} configurations")
                       for p, n, what in disk_needs(cfg, sk, ckpt.total_bytes(), cfg.eval_windows or 0)]
     check_disk(needs)
@@ -506,14 +504,26 @@ def _lock(args: argparse.Namespace) -> RunLock:
         raise InputError(f"{what} is not writable ({e.strerror}); choose another directory") from None
 
 
+def _done_without_input(args: argparse.Namespace) -> bool:
+    """A --resume of a run whose output is finished and whose input is gone: nothing to read or do."""
+    return args.resume and not args.overwrite and not args.model_dir.exists() and _finished_without_input(args)
+
+
+def _will_write(args: argparse.Namespace, cfg: RunConfig) -> bool:
+    """Whether this command writes the run's output (not a --resume of a finished one)."""
+    from wanda_stream.run.prune import output_is_finished
+
+    return args.overwrite or not (args.resume and output_is_finished(cfg))
+
+
 def _prepare_locked(args: argparse.Namespace, world: World) -> RunConfig | None:
     """Validate, check resources and create or reopen the run; None when it is already finished."""
-    from wanda_stream.run.prune import output_is_finished, prepare
+    from wanda_stream.run.prune import prepare
 
-    if args.resume and not args.overwrite and not args.model_dir.exists() and _finished_without_input(args):
+    if _done_without_input(args):
         return None
     cfg, (fp, sk, ckpt) = build_prune_config(args, world.size)
-    if args.overwrite or not (args.resume and output_is_finished(cfg)):
+    if _will_write(args, cfg):
         # Before prepare() creates the run: a refusal here leaves nothing behind to --resume or --overwrite.
         blocks = [[t.nbytes for k, t in ckpt.tensors.items() if k.startswith(sk.block_prefix(i))]
                   for i in range(sk.n_layers)]

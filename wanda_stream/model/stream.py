@@ -390,7 +390,6 @@ class SharedBlocks:
         self.pending: dict[int, Future] = {}
         self.block: int | None = None
         self.tensors: dict[str, torch.Tensor] = {}
-        self.timing: dict[str, float] = {}
         self.hand_over = True  # set by the scheduler before each step: no other run will take this block
         self.reads = 0  # blocks read from the checkpoint, for the sweep's report
 
@@ -406,9 +405,8 @@ class SharedBlocks:
         if self.block != i:
             self.block, self.tensors = None, {}  # the block held is freed before the next comes in
             fut = self.pending.pop(i, None)
-            self.tensors, self.timing = fut.result() if fut is not None else read()
+            self.tensors, timing = fut.result() if fut is not None else read()
             self.block, self.reads = i, self.reads + 1
-            timing = dict(self.timing)
         else:
             timing = {"read_s": 0.0, "read_cpu_s": 0.0}
         if self.hand_over:
