@@ -79,6 +79,15 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_INPUT)
 
 
+def _expert_group(value: str) -> int | None:
+    """--expert-group: 'auto' (None) or a count of experts, 0 for whole blocks."""
+    if value == "auto":
+        return None
+    if not value.isdigit():
+        raise argparse.ArgumentTypeError(f"'{value}' is not a number of experts or 'auto'")
+    return int(value)
+
+
 def _add_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N (auto = cuda when available)")
     p.add_argument("--compute-dtype", default="auto",
@@ -226,6 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--states-on-disk", action="store_true",
                    help="read hidden states back from their files every block even when memory holds them "
                         "(default: in memory when they fit --max-activation-memory, the files only the resume point)")
+    p.add_argument("--expert-group", type=_expert_group, default=None, metavar="N|auto",
+                   help="routed experts of a MoE block held in memory at once: 0 = whole blocks; N = the block's "
+                        "other tensors stay, its experts are read, observed, pruned and written N at a time "
+                        "(host memory bounded by a group, not the block: DeepSeek-V3's 23 GB blocks); auto "
+                        "(default): whole blocks unless a block's experts take over 1/8 of the device's memory")
     _add_revision(p)
     _add_device(p)
     _add_progress(p)

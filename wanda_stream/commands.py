@@ -168,7 +168,7 @@ def _run_config(args: argparse.Namespace, seqlen: int, device: str, compute_dtyp
         nsamples=args.nsamples, seqlen=seqlen, seed=args.seed, device=device, compute_dtype=compute_dtype,
         batch_size=batch, eval_data=args.eval_data, eval_windows=args.eval_windows, eval_seqlen=args.eval_seqlen,
         keep_work_dir=args.keep_work_dir, prefetch=not args.no_prefetch, states_on_disk=args.states_on_disk,
-        activation_budget=_budget(args), world_size=world_size,
+        expert_group=args.expert_group, activation_budget=_budget(args), world_size=world_size,
         calib_fingerprint=calib_fp, eval_fingerprint=eval_fp, chat_template=args.chat_template,
         calib_field=args.calib_field, save_dtype=args.save_dtype, **_task_fields(args),
     ).validate()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -41,7 +41,8 @@ class BlockObserver:
     """Context manager gathering `kind` statistics of every linear in `linears` and every expert of `layer`."""
 
     def __init__(self, model: nn.Module, layer: nn.Module, linears: dict[str, nn.Linear], kind: Stat,
-                 device: torch.device, keep_windows: bool = False, with_experts: bool = True) -> None:
+                 device: torch.device, keep_windows: bool = False, with_experts: bool = True,
+                 expert_index: Sequence[int] | None = None) -> None:
         self.kind = kind
         self.device = device
         self.keep_windows = keep_windows
@@ -50,7 +51,7 @@ class BlockObserver:
         self.obs: dict[str, Observation] = {}
         self._leader: dict[str, str] = {}
         self._last: tuple[str, torch.Tensor] | None = None
-        self._experts = experts.ExpertStats(model, layer if with_experts else nn.Module(), self.record)
+        self._experts = experts.ExpertStats(model, layer if with_experts else nn.Module(), self.record, expert_index)
         self._stack = contextlib.ExitStack()
 
     def record(self, name: str, x: torch.Tensor) -> None:
@@ -95,10 +96,15 @@ class BlockObserver:
         for ob in {id(o): o for o in self.obs.values()}.values():
             ob.close_batch()
 
-    def results(self) -> BlockStats:
-        """The observations (experts that got no token are absent) and the experts' token counts."""
+    def close_batch(self) -> None:
+        """End a micro-batch of calls made without the block's forward (which ends one by itself)."""
         self._close_batches()
-        if self._experts.params:
+
+    def results(self, check: bool = True) -> BlockStats:
+        """The observations (experts that got no token are absent) and the experts' token counts; with `check`,
+        InputError when no expert saw a token (see ExpertStats.check_observed)."""
+        self._close_batches()
+        if self._experts.params and check:
             self._experts.check_observed()
         return BlockStats(self.obs, self._experts.token_counts())
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -55,6 +55,19 @@ def moe_modules(layer: nn.Module) -> dict[str, int]:
     """The block's experts modules (the modules holding fused expert parameters), by name relative to the
     block, with their number of routed experts."""
     return {n.rpartition(".")[0]: p.shape[0] for n, p in expert_params(layer).items()}
+
+
+@contextlib.contextmanager
+def eager(model: nn.Module) -> Iterator[None]:
+    """The model's experts run transformers' eager (per-expert) implementation in this context."""
+    previous = model.config._experts_implementation
+    if previous != EAGER:
+        model.set_experts_implementation(EAGER)
+    try:
+        yield
+    finally:
+        if previous not in (None, EAGER):
+            model.set_experts_implementation(previous)
 
 
 @contextlib.contextmanager
@@ -265,25 +278,26 @@ class ExpertStats(TorchFunctionMode):
     fused parameter (relative to the block) and the expert index.
     """
 
-    def __init__(self, model: nn.Module, layer: nn.Module, record: Callable[[str, torch.Tensor], None]) -> None:
+    def __init__(self, model: nn.Module, layer: nn.Module, record: Callable[[str, torch.Tensor], None],
+                 index: Sequence[int] | None = None) -> None:
         super().__init__()
         self.model = model
         self.params = expert_params(layer)
         self.record = record
+        # The index each expert of the fused parameters is named by: its own, or (a group of a block's experts
+        # held alone, see run/expert_groups.py) its index in the block.
+        self.index = list(index) if index is not None else None
         self.tokens = {n: torch.zeros(p.shape[0], dtype=torch.int64) for n, p in self.params.items()}
-        self._previous: str | None = None
+        self._eager = contextlib.ExitStack()
 
     def __enter__(self) -> "ExpertStats":
         if self.params:
-            self._previous = self.model.config._experts_implementation
-            if self._previous != EAGER:
-                self.model.set_experts_implementation(EAGER)
+            self._eager.enter_context(eager(self.model))
         return super().__enter__()
 
     def __exit__(self, *exc: Any) -> None:
         super().__exit__(*exc)
-        if self.params and self._previous not in (None, EAGER):
-            self.model.set_experts_implementation(self._previous)
+        self._eager.close()
 
     def _expert_of(self, w: Any) -> tuple[str, int] | None:
         if not isinstance(w, torch.Tensor) or w.dim() != 2:
@@ -323,8 +337,11 @@ class ExpertStats(TorchFunctionMode):
             if rows.shape[0]:
                 self._record(name, e, rows)
 
+    def _name(self, e: int) -> int:
+        return self.index[e] if self.index is not None else e
+
     def _record(self, name: str, e: int, x: torch.Tensor) -> None:
-        self.record(f"{name}[{e}]", x)
+        self.record(f"{name}[{self._name(e)}]", x)
         self.tokens[name][e] += x.numel() // x.shape[-1]
 
     def check_observed(self) -> None:
@@ -346,4 +363,4 @@ class ExpertStats(TorchFunctionMode):
         Counted from the rows each expert's F.linear received, so they are transformers' own routing:
         per parameter, they sum to tokens x experts per token.
         """
-        return {f"{n}[{e}]": int(c) for n, t in self.tokens.items() for e, c in enumerate(t.tolist())}
+        return {f"{n}[{self._name(e)}]": int(c) for n, t in self.tokens.items() for e, c in enumerate(t.tolist())}

@@ -70,6 +70,9 @@ class Streamer:
         self.device = torch.device(device)
         self.dtype = dtype
         self.hidden = sk.hidden_size()
+        # Blocks whose routed experts are read a group at a time (run/expert_groups.py): a read of the block
+        # leaves these keys out.
+        self.streamed: dict[int, frozenset[str]] = {}
         bind_device(self.device)
         largest = max((sum(pinned_bytes(ckpt.tensors[k].nbytes) for k in self.block_keys(i))
                        for i in range(sk.n_layers)), default=0)
@@ -94,8 +97,19 @@ class Streamer:
 
     # ---- reading blocks -------------------------------------------------------------------
     def block_keys(self, i: int) -> list[str]:
+        """Block i's checkpoint keys, but the routed experts of a block that streams them."""
         prefix = self.sk.block_prefix(i)
-        return [k for k in self.ckpt.keys() if k.startswith(prefix)]
+        apart = self.streamed.get(i, frozenset())
+        return [k for k in self.ckpt.keys() if k.startswith(prefix) and k not in apart]
+
+    def read_keys(self, keys: list[str]) -> Future:
+        """These tensors (CPU, presented dtype; a group of a streamed block's experts), read in the background
+        with prefetch, else now."""
+        if self._reader is not None:
+            return self._reader.submit(lambda: {k: self.ckpt.get(k) for k in keys})
+        done: Future = Future()
+        done.set_result({k: self.ckpt.get(k) for k in keys})
+        return done
 
     def _read_block(self, i: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         t0, c0 = time.perf_counter(), time.thread_time()
@@ -141,15 +155,22 @@ class Streamer:
             out, timing = fut.result() if fut is not None else self._read_block(i)
         return out, {**timing, "read_wait_s": time.perf_counter() - t0}
 
-    def load_block(self, i: int, stored: dict[str, torch.Tensor], narrow: bool = False) -> nn.Module:
+    def load_block(self, i: int, stored: dict[str, torch.Tensor], narrow: bool = False,
+                   exclude: tuple[str, ...] = ()) -> nn.Module:
         """Materialize block i on the device, in the compute dtype, from its stored tensors; `narrow`: into
-        the skeleton of structured pruning's new widths (`self.narrow`), for a block whose tensors shrank."""
-        sk = self.narrow if narrow and self.narrow is not None else self.sk
+        the skeleton of structured pruning's new widths (`self.narrow`), for a block whose tensors shrank;
+        the modules named in `exclude` (relative names: a streamed block's experts) stay on the meta device."""
+        sk = self.skeleton(narrow)
         layer = sk.layers[i]
         view = _DictCheckpoint(self.ckpt.root, sk.layout.to_params(stored))
-        materialize(layer, sk.block_prefix(i), view, self.device, self.dtype, {}, sk.model, narrow_linears=True)
+        materialize(layer, sk.block_prefix(i), view, self.device, self.dtype, {}, sk.model, exclude=exclude,
+                    narrow_linears=True)
         layer.eval()
         return layer
+
+    def skeleton(self, narrow: bool = False) -> Skeleton:
+        """The skeleton blocks load into: the narrow one (structured pruning's new widths) when asked and made."""
+        return self.narrow if narrow and self.narrow is not None else self.sk
 
     def release_block(self, i: int) -> None:
         """Free block i's weights, in both skeletons."""
@@ -163,7 +184,8 @@ class Streamer:
         thread behind the computation, and the caller waits with `HiddenFile.wait_durable`."""
         self.keep, self.defer = on, defer
 
-    def _writer(self, dst: HiddenFile) -> HiddenWriter:
+    def writer(self, dst: HiddenFile) -> HiddenWriter:
+        """A writer of hidden states into `dst`, kept in memory as `keep_states` says."""
         return HiddenWriter(dst, self.mover, self.keep, self.defer)
 
     def close(self) -> None:
@@ -187,7 +209,7 @@ class Streamer:
     def embed_windows(self, tokens: torch.Tensor, out: HiddenFile, batch: int, stop: StopFlag | None = None) -> bool:
         """Block-0 inputs of `tokens` [n, seqlen], as the base model computes them, into `out`."""
         self._stem(with_embedding=True)
-        writer = self._writer(out)
+        writer = self.writer(out)
         try:
             for start, count in batches(tokens.shape[0], batch):
                 if stop is not None and stop.requested:
@@ -224,7 +246,7 @@ class Streamer:
 
         Returns False (and writes nothing) when a stop was requested midway.
         """
-        writer = self._writer(dst) if dst is not None else None
+        writer = self.writer(dst) if dst is not None else None
         try:
             for start, count, h, waited in self._read(src, batch):
                 self.hidden_wait_s += waited

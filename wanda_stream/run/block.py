@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -37,17 +37,18 @@ Watch = tuple[Stat, dict[str, nn.Linear], bool]  # a statistic, of these linears
 def observe_all(
     st: Streamer, i: int, layer: nn.Module, watches: list[Watch], src: HiddenFile, batch: int,
     stop: StopFlag | None, dst: HiddenFile | None = None, world: World = World(), hooks: Sequence[Any] = (),
+    on_output: Callable[[int, int, torch.Tensor], None] | None = None,
 ) -> list[BlockStats] | None:
-    """Run block i over the calibration states `src` (into `dst` when given), observing the inputs of the
-    matrices each watch names as its statistic says (the method's, and a width plan's of the matrices it
-    refits), summed over every rank's share; `hooks` are further context managers entered around the
-    run. None when a stop was requested midway."""
+    """Run block i over the calibration states `src` (into `dst` when given; each micro-batch's outputs to
+    `on_output` when given), observing the inputs of the matrices each watch names as its statistic says
+    (the method's, and a width plan's of the matrices it refits), summed over every rank's share; `hooks`
+    are further context managers entered around the run. None when a stop was requested midway."""
     observers = [BlockObserver(st.sk.model, layer, linears, kind, st.device, keep_windows=world.size > 1,
                                with_experts=with_experts) for kind, linears, with_experts in watches]
     with contextlib.ExitStack() as stack:
         for ctx in [*observers, *hooks]:
             stack.enter_context(ctx)
-        finished = st.run_block(i, layer, src, batch, dst=dst, stop=stop)
+        finished = st.run_block(i, layer, src, batch, dst=dst, stop=stop, on_output=on_output)
     if not finished:
         return None
     got = [reduce_stats(world, o.results()) for o in observers]
@@ -72,15 +73,28 @@ def prune_block(
     Under several ranks each matrix is pruned by one rank (`assign_matrices`) and sent from there to
     the others, so every rank holds the very bits one process computes, at a share of the work.
     """
-    out = dict(stored)
-    records: list[dict[str, Any]] = []
     linears = linear_modules(layer)
     # The matrices as the block's tensors now are: with fewer experts, the narrow skeleton's (meta) block.
-    sk = st.narrow if narrow and st.narrow is not None else st.sk
+    sk = st.skeleton(narrow)
     keys = experts.prunable_keys(sk, i, sk.layers[i], stored, linears) if sparsity > 0 else {}
     # The block's compute-dtype weights (0.8 GB for a 7B block in float32) are not needed while its
     # matrices are pruned: freed here, rebuilt from the pruned tensors below.
     release(layer)
+    records = prune_matrices(method, sparsity, nm, st.device, stored, keys, stats, world)
+    # The pruned block, to compute the next block's inputs (fused expert parameters rebuilt from the
+    # pruned per-expert tensors, as transformers loads them).
+    return dict(stored), records, st.load_block(i, stored, narrow=narrow)
+
+
+def prune_matrices(
+    method: Method[Any], sparsity: float, nm: NM | None, device: torch.device, stored: dict[str, torch.Tensor],
+    keys: dict[str, experts.Matrix], stats: BlockStats | None, world: World = World(),
+) -> list[dict[str, Any]]:
+    """Prune the matrices `keys` (by report name) inside the stored tensors `stored`, in place; their records.
+
+    Under several ranks each matrix is pruned by one rank and sent from there to the others.
+    """
+    records: list[dict[str, Any]] = []
     observed = {key: stats.obs.get(m.stat) if stats is not None else None for key, m in keys.items()}
     owner = assign_by_cost({k: matrix_cost(method, stored[m.key], m) for k, m in keys.items()}, world.size)
     mine = {k: m for k, m in keys.items() if owner[k] == world.rank}
@@ -94,7 +108,7 @@ def prune_block(
         if id(obs) not in prepared:
             prepared[id(obs)] = m.prepare(obs)
         w = matrix.view(stored[matrix.key])  # a view: pruning it prunes the stored tensor
-        wd = w.to(st.device).contiguous()  # a transposed expert slice is pruned in a copy, written back below
+        wd = w.to(device).contiguous()  # a transposed expert slice is pruned in a copy, written back below
         result = m.prune(wd, prepared[id(obs)], sparsity, nm)
         users[id(obs)] -= 1
         if not users[id(obs)]:
@@ -117,9 +131,7 @@ def prune_block(
         records.append(record)
     if world.size > 1:
         records = _share_pruned(world, keys, owner, stored, records)
-    # The pruned block, to compute the next block's inputs (fused expert parameters rebuilt from the
-    # pruned per-expert tensors, as transformers loads them).
-    return out, records, st.load_block(i, out, narrow=narrow)
+    return records
 
 
 def matrix_cost(method: Method[Any], stored: torch.Tensor, matrix: experts.Matrix) -> float:

@@ -20,7 +20,8 @@ from wanda_stream.model.shrink import ShrinkSpec
 
 DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Fields that do not change the result: they may differ between a run and its resumption.
-NON_RESULT_FIELDS = ("work_dir", "keep_work_dir", "prefetch", "world_size", "activation_budget", "states_on_disk")
+NON_RESULT_FIELDS = ("work_dir", "keep_work_dir", "prefetch", "world_size", "activation_budget", "states_on_disk",
+                     "expert_group")
 LATER_FIELDS = {"chat_template": "auto", "calib_field": None, "save_dtype": None, "drop_blocks": 0, "block_score": "bi",
                 "drop_ffn": 0.0, "drop_heads": 0.0, "refit": True, "drop_experts": 0.0, "reconstruct": {}}
 
@@ -97,6 +98,8 @@ class RunConfig:
     prefetch: bool = True
     activation_budget: int | None = None  # --max-activation-memory in bytes (None: a share of free memory)
     states_on_disk: bool = False  # never hold hidden states in memory between blocks (their files only)
+    # Routed experts held at once in a MoE block (--expert-group): 0 whole blocks, None as memory requires.
+    expert_group: int | None = None
     world_size: int = 1  # ranks of a torchrun launch: the same output, but a resume needs as many
     calib_fingerprint: str = ""
     eval_fingerprint: str = ""

@@ -37,7 +37,7 @@ from wanda_stream.run.dist import World, assign_by_cost
 from wanda_stream.methods.fidelity import OutputError
 from wanda_stream.methods.reconstruct import PAPERS as RECONSTRUCT_PAPERS
 from wanda_stream.methods.reconstruct import fit_block
-from wanda_stream.errors import Interrupted
+from wanda_stream.errors import InputError, Interrupted
 from wanda_stream.run.card import CardFacts, render_card
 from wanda_stream.eval.loglik import hidden_streams
 from wanda_stream.methods import Stat
@@ -54,6 +54,9 @@ from wanda_stream.storage.state import (
 )
 from wanda_stream.model.stream import Streamer, open_model
 from wanda_stream.run.block import Watch, linear_modules, observe_all, prune_block
+from wanda_stream.run.expert_groups import plan_streaming
+from wanda_stream.run.streamed_block import prune_streamed
+from wanda_stream.run.streamed_block import refusal as streamed_refusal
 
 PROFILE_STAGE = "profile"  # the run's stage during the dense pass (OWL, --drop-blocks), and where its results live
 DISTINCT_KEY = "calib_distinct_tokens"  # tokens.safetensors metadata: distinct tokens the calibration windows cover
@@ -120,6 +123,18 @@ class PruneRun:
         self.placement = "disk"
         self.resident_bytes = 0
         self.sweep_runs = 1  # runs of a sweep in this process, which share the memory for hidden states
+        # MoE blocks too large to hold, whose routed experts go a group at a time (run/streamed_block.py).
+        self.streamed = plan_streaming(self.ckpt, self.sk, self.structure.experts, cfg.expert_group,
+                                       self.st.device, cfg.dtype)
+        self.streamed_notes: dict[int, dict[str, Any]] = {}
+        if self.streamed:
+            refused = streamed_refusal(self)
+            if refused:
+                i, p = next(iter(self.streamed.items()))
+                raise InputError(f"block {i}'s {p.n_experts} routed experts are streamed {p.group} at a time "
+                                 f"(--expert-group), which does not combine with {refused} yet; hold whole blocks "
+                                 "with --expert-group 0 if memory allows")
+            self.st.streamed = {i: p.all_keys() for i, p in self.streamed.items()}
 
     # ---- files in the work directory -------------------------------------------------------
     def hidden(self, stream: str, i: int, n: int, seqlen: int) -> HiddenFile:
@@ -304,13 +319,16 @@ class PruneRun:
                 entry["output_error"] = output_error
             if fit is not None:
                 entry["reconstruct"] = fit
+            if i in self.streamed_notes:
+                entry["streamed_experts"] = self.streamed_notes.pop(i)
             if self.owl is not None:
                 entry.update(target_sparsity=target,
                              outlier_ratio=state.extra[PROFILE_STAGE]["outlier_ratios"][i])
             new_state = RunState(i + 1, "blocks", state.blocks + [entry], state.extra)
             self._finish_pending(pending, pending_state)
             if self.world.main:
-                pending, pending_state = self.writer.submit(self._write_block_shard, i, out), new_state
+                write = out if isinstance(out, Future) else self.writer.submit(self._write_block_shard, i, out)
+                pending, pending_state = write, new_state
             # Only the writer may hold block i's tensors now: kept here, they would stay resident
             # through block i+1 (a third block in RAM, beside block i+1 and the prefetch of i+2).
             del out, result, stored
@@ -562,12 +580,20 @@ class PruneRun:
 
     def _block(
         self, i: int, stored: dict[str, torch.Tensor], streams: dict[str, torch.Tensor], sparsity: float,
-    ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]], dict[str, Any], float | None,
+    ) -> tuple[dict[str, torch.Tensor] | Future, list[dict[str, Any]], dict[str, Any], float | None,
                dict[str, Any] | None] | None:
         """Block i observed, shrunk by its width plan, masked, with --reconstruct fitted, and run to make
         the next block's inputs; returns its output tensors, the matrices' records, the plan's record, the
         block's relative output error against the dense block on the calibration inputs (None without
-        calibration) and the fit's record (None without --reconstruct); None when stopped midway."""
+        calibration) and the fit's record (None without --reconstruct); None when stopped midway.
+
+        A block whose experts stream returns its shard's write, in flight, in place of its tensors."""
+        if i in self.streamed:
+            try:
+                return prune_streamed(self, i, stored, streams, sparsity)
+            finally:
+                self._release(i)
+                self.st.release_block(i)
         layer = self.st.load_block(i, stored)
         b = self.cfg.batch_size
         try:

@@ -285,13 +285,16 @@ def write_shard(
     items: list[tuple[str, torch.dtype, tuple[int, ...]]],
     produce: Callable[[str], torch.Tensor],
     before_rename: Callable[[], None] | None = None,
+    in_order: bool = False,
 ) -> int:
     """Stream tensors into a safetensors file atomically; one tensor is in memory at a time.
 
-    `items` fixes the order and the header; `produce(key)` returns each tensor when it is written.
-    Returns the file size. The file is verified (header and size) before it is renamed into place.
+    `items` fix the header; the tensors are written sorted by key, or in the order given with `in_order`
+    (a block whose tensors are produced one group after another while the file is written).
+    `produce(key)` returns each tensor when it is written. Returns the file size. The file is verified
+    (header and size) before it is renamed into place.
     """
-    items = sorted(items)
+    items = list(items) if in_order else sorted(items)
     head, sizes = build_header(items)
     tmp = path.with_name(path.name + ".partial")
     with open(tmp, "wb") as f:

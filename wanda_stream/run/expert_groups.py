@@ -1,0 +1,250 @@
+"""MoE blocks too large to hold: their routed experts read, observed, pruned and written a group at a time.
+
+A DeepSeek-V3 MoE block is 11.5 B parameters (23 GB in bf16, 46 GB in float32): held whole, as every
+other block is, it needs several times that in host RAM. A streamed block holds its *core* (every
+tensor but the routed experts: attention, norms, router, shared experts) and one group of experts:
+
+1. The dense core runs over the calibration states with the experts module replaced by `Routing`,
+   which records what transformers' own router hands the experts (hidden states, top-k index and
+   combine weights) and returns zeros; the core's output is then the block's output without the routed
+   experts' part. That part is only added (`Experts.streamable` in the family table), so it is added
+   afterwards, expert by expert.
+2. Each group of experts is read (the next one behind the compute), loaded into the experts module in
+   place of the whole stack, and run on exactly the rows transformers' eager loop gives each expert:
+   its inputs are observed (the same statistics, in the same micro-batches, as a whole block gives),
+   its contributions summed, then it is pruned, run on the pruned core's routing, and handed to the
+   shard writer, which writes the block's shard while the groups are computed.
+3. With --drop-experts a first pass over the groups scores every expert (REAP) before any is pruned,
+   so a kept expert is read twice.
+
+The block's outputs are the core's plus the experts' sums: one float addition in another order than
+transformers' (residual + (experts + shared)), so they equal the whole block's within rounding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import psutil
+import torch
+from torch import nn
+
+from wanda_stream.errors import InputError, Interrupted
+from wanda_stream.model import experts
+from wanda_stream.model.families import Experts
+from wanda_stream.model.skeleton import Skeleton
+from wanda_stream.storage.checkpoint import Checkpoint
+
+GROUP_BYTES = 1 << 30  # compute-dtype bytes of the experts held at once under --expert-group auto
+STREAM_SHARE = 8  # auto: a block streams its experts when they take over 1/8 of the device's memory
+
+
+@dataclass(frozen=True)
+class Streamed:
+    """A block whose routed experts are streamed: the experts module, its router, the experts' stored keys
+    (per expert, in key order) and how many are held at once."""
+
+    holder: str
+    router: str
+    keys: tuple[tuple[str, ...], ...]
+    group: int
+
+    @property
+    def n_experts(self) -> int:
+        return len(self.keys)
+
+    def all_keys(self) -> frozenset[str]:
+        return frozenset(k for ks in self.keys for k in ks)
+
+    def groups(self, experts_: list[int]) -> list[list[int]]:
+        """`experts_` (ascending) in groups of `group`."""
+        return [experts_[s : s + self.group] for s in range(0, len(experts_), self.group)]
+
+
+def plan_streaming(ckpt: Checkpoint, sk: Skeleton, family: Experts | None, requested: int | None,
+                   device: torch.device, dtype: torch.dtype) -> dict[int, Streamed]:
+    """The blocks whose experts are streamed, by index: every MoE block when `requested` is a count, none
+    for 0, and for None (auto) those whose experts in `dtype` take over 1/STREAM_SHARE of the device's
+    memory. InputError when a count is asked of a model whose experts cannot stream."""
+    if requested == 0:
+        return {}
+    out: dict[int, Streamed] = {}
+    size = torch.empty(0, dtype=dtype).element_size()
+    for i, layer in enumerate(sk.layers):
+        holders = experts.moe_modules(layer)
+        if not holders:
+            continue
+        why = _not_streamable(sk, family, holders)
+        found = None if why else _expert_keys(sk, i, next(iter(holders)), family.router, ckpt.keys())  # type: ignore[union-attr]
+        if found is None:
+            if requested is not None:
+                raise InputError(f"--expert-group {requested}: {why or 'the experts are stored fused on disk'}; "
+                                 "their groups cannot be read apart (use --expert-group 0)")
+            continue
+        holder, keys = found
+        per_expert = sum(_numel(ckpt, k) for k in keys[0]) * size
+        if requested is None and per_expert * len(keys) * STREAM_SHARE <= _device_memory(device):
+            continue
+        group = requested or max(1, GROUP_BYTES // max(per_expert, 1))
+        out[i] = Streamed(holder, family.router, keys, min(group, len(keys)))  # type: ignore[union-attr]
+    return out
+
+
+def _not_streamable(sk: Skeleton, family: Experts | None, holders: dict[str, int]) -> str:
+    if family is None or not family.streamable:
+        return f"model_type '{sk.model.config.model_type}' cannot run its experts a group at a time"
+    if len(holders) != 1:
+        return "the block has several experts modules"
+    return ""
+
+
+def _expert_keys(sk: Skeleton, i: int, holder: str, router: str, keys: list[str]
+                 ) -> tuple[str, tuple[tuple[str, ...], ...]] | None:
+    """The experts' stored keys per expert (every fused part's key of expert e), None when any tensor of the
+    experts module is stored with all experts in it (gpt-oss's fused layout)."""
+    prefix = sk.block_prefix(i)
+    tensors = experts.expert_tensors(sk, i, holder, router, [k for k in keys if k.startswith(prefix)])
+    inside = f"{prefix}{holder}."
+    if not tensors.per_expert or any(sk.layout.slots[k].param.startswith(inside) for k in tensors.stacked):
+        return None
+    n = len(tensors.per_expert[0])
+    if any(len(part) != n for part in tensors.per_expert):
+        return None
+    return holder, tuple(tuple(part[e] for part in tensors.per_expert) for e in range(n))
+
+
+def _numel(ckpt: Checkpoint, key: str) -> int:
+    n = 1
+    for d in ckpt.tensors[key].shape:
+        n *= int(d)
+    return n
+
+
+def _device_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    return int(psutil.virtual_memory().total)
+
+
+@dataclass
+class Routes:
+    """One micro-batch's call of an experts module: its inputs [tokens, hidden], top-k index and weights."""
+
+    x: torch.Tensor
+    index: torch.Tensor
+    weight: torch.Tensor
+
+
+class Routing:
+    """While `recording`, the experts module `mod` records each call's Routes and returns zeros."""
+
+    def __init__(self, mod: nn.Module) -> None:
+        self.mod = mod
+        self.calls: list[Routes] = []
+        self._signature = inspect.signature(mod.forward)
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[list[Routes]]:
+        """Record into a fresh list, yielded."""
+        self.calls = []
+
+        def stand_in(*args: object, **kwargs: object) -> torch.Tensor:
+            x, index, weight = list(self._signature.bind(*args, **kwargs).arguments.values())[:3]
+            assert isinstance(x, torch.Tensor) and isinstance(index, torch.Tensor) and isinstance(weight, torch.Tensor)
+            self.calls.append(Routes(x, index, weight))
+            return torch.zeros_like(x)
+
+        self.mod.forward = stand_in  # an instance attribute: nn.Module.__call__ finds it first
+        try:
+            yield self.calls
+        finally:
+            del self.mod.forward
+
+
+@contextlib.contextmanager
+def holding(mod: nn.Module, params: dict[str, torch.Tensor], n: int) -> Iterator[nn.Module]:
+    """The experts module `mod` holding only `params` (its fused parameters for `n` experts, relative names)
+    in the context; its meta stand-ins and expert count are put back after."""
+    before = dict(mod._parameters)
+    count = mod.num_experts
+    for name, t in params.items():
+        mod._parameters[name] = nn.Parameter(t, requires_grad=False)
+    mod.num_experts = n
+    try:
+        yield mod
+    finally:
+        mod._parameters.update(before)
+        mod.num_experts = count
+
+
+def expert_rows(r: Routes, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The token rows routed to expert `e` and their top-k slots, in the order transformers' eager experts
+    loop takes them (slot, then token)."""
+    pos, token = torch.where((r.index == e).T)
+    return token, pos
+
+
+def contribution(mod: nn.Module, r: Routes, e: int, local: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Expert `e`'s weighted outputs g_e(x) f_e(x) on its rows of `r` and those rows (None: no token), computed
+    by the experts module itself on the expert it holds at index `local`, so the expert sees exactly the
+    inputs of the whole block's call (biases and activation clamps included)."""
+    token, pos = expert_rows(r, e)
+    if not token.numel():
+        return None
+    x = r.x[token]
+    index = torch.full((token.shape[0], 1), local, dtype=r.index.dtype, device=x.device)
+    return mod(x, index, r.weight[token, pos].unsqueeze(1)), token
+
+
+class ShardFeed:
+    """Tensors handed from the computing thread to the thread writing their shard, in the order written; at
+    most `limit` bytes wait at once (one more tensor always may), so the block is never held whole."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._items: dict[str, torch.Tensor] = {}
+        self._bytes = 0
+        self._cv = threading.Condition()
+        self._stopped = False
+        self._error: BaseException | None = None
+
+    def put(self, key: str, t: torch.Tensor) -> None:
+        """Hand over `t` under `key`; waits while the writer is `limit` bytes behind; raises its error."""
+        with self._cv:
+            while self._items and self._bytes + t.nbytes > self.limit and self._error is None:
+                self._cv.wait()
+            if self._error is not None:
+                raise self._error
+            self._items[key] = t
+            self._bytes += t.nbytes
+            self._cv.notify_all()
+
+    def take(self, key: str) -> torch.Tensor:
+        """The tensor `key` once handed over (the writer's `produce`); Interrupted when the block stopped."""
+        with self._cv:
+            while key not in self._items:
+                if self._stopped:
+                    raise Interrupted("the block stopped before its shard was complete")
+                self._cv.wait()
+            t = self._items.pop(key)
+            self._bytes -= t.nbytes
+            self._cv.notify_all()
+            return t
+
+    def stop(self) -> None:
+        """The computing side gives up: the writer stops waiting (and leaves its partial file)."""
+        with self._cv:
+            self._stopped = True
+            self._items.clear()
+            self._cv.notify_all()
+
+    def fail(self, error: BaseException) -> None:
+        """The writer failed: the next `put` raises its error."""
+        with self._cv:
+            self._error = error
+            self._items.clear()
+            self._cv.notify_all()

@@ -1,0 +1,341 @@
+"""One MoE block of a pruning run with its routed experts streamed a group at a time (see expert_groups.py).
+
+`prune_streamed` is the streamed counterpart of `PruneRun._block`: the same statistics, masks, REAP
+choice, records and next-block inputs, with the block's shard written while its groups are computed
+instead of after. Supported: every method's masks, --drop-experts, the evaluation streams and the
+block's output error; the rest is refused before any work (`refusal`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from wanda_stream.methods import plans
+from wanda_stream.methods.fidelity import OutputError
+from wanda_stream.methods.observe import BlockObserver, BlockStats, check_finite
+from wanda_stream.model import experts, shrink
+from wanda_stream.model.skeleton import Skeleton, release
+from wanda_stream.run.block import linear_modules, observe_all, prune_matrices
+from wanda_stream.run.expert_groups import Routes, Routing, ShardFeed, Streamed, contribution, holding
+
+if TYPE_CHECKING:
+    from wanda_stream.run.prune import PruneRun
+
+StreamedResult = tuple[Future, list[dict[str, Any]], dict[str, Any], float | None, None]
+
+
+def refusal(run: "PruneRun") -> str:
+    """Why this run cannot stream its blocks' experts ('' when it can)."""
+    cfg, spec = run.cfg, run.spec
+    for flag, on in (("--drop-ffn", spec.drop_ffn), ("--drop-heads", spec.drop_heads),
+                     ("--drop-blocks", spec.drop_blocks), ("--reconstruct", bool(cfg.reconstruct)),
+                     ("--sparsity-profile owl", run.owl is not None), ("torchrun", run.world.size > 1)):
+        if on:
+            return flag
+    return ""
+
+
+def prune_streamed(run: "PruneRun", i: int, core: dict[str, torch.Tensor], streams: dict[str, torch.Tensor],
+                   sparsity: float) -> StreamedResult | None:
+    """Block i, its core tensors `core` read: observed, its experts scored (REAP), pruned group by group and
+    written, and run to make every stream's next inputs. Returns the shard write's future, the records, the
+    plan's record, the output error (None without calibration) and no fit; None when stopped midway."""
+    plan: Streamed = run.streamed[i]
+    st = run.st
+    layer = st.load_block(i, core, exclude=(plan.holder,))
+    linears = linear_modules(layer)
+    calib = streams["calib"]
+    dense: _Pass | None = None
+    core_stats: BlockStats | None = None
+    if run.observes:
+        dense, core_stats = _dense_core(run, i, layer, linears, calib)
+        if dense is None:
+            return None
+    release(layer)
+    every = list(range(plan.n_experts))
+    kept, record = every, {}
+    t_read = [0.0, 0]  # seconds waited on group reads, groups read
+    if run.spec.drop_experts:
+        assert dense is not None  # --drop-experts observes
+        scored = _score(run, i, plan, dense, t_read)
+        if scored is None:
+            return None
+        kept, record = scored
+        router = experts.ExpertTensors((), experts.expert_tensors(run.sk, i, plan.holder, plan.router, core).stacked)
+        core = experts.keep_experts(core, router, kept)
+    narrow = run.spec.widths
+    psk = st.skeleton(narrow)
+    keys = experts.prunable_keys(psk, i, psk.layers[i], core, linears) if sparsity > 0 else {}
+    records = prune_matrices(run.method, sparsity, run.cfg.nm, st.device, core, keys, core_stats)
+    del core_stats
+    pruned = st.load_block(i, core, narrow=narrow, exclude=(plan.holder,))
+    passes = _pruned_core(run, i, pruned, streams)
+    if passes is None:
+        return None
+    feed = ShardFeed(2 * _stored_bytes(run, plan, min(plan.group, len(kept))))
+    future = run.writer.submit(_write_shard, run, i, _shard_items(run, plan, core, kept), feed)
+    try:
+        for k in sorted(core):
+            feed.put(k, core.pop(k))
+        done = _prune_groups(run, i, plan, kept, dense, passes, sparsity, feed, records, t_read)
+        if not done:
+            feed.stop()
+            return None
+        error = _write_states(run, i, streams, passes, dense)
+    except BaseException:
+        feed.stop()
+        raise
+    run.streamed_notes[i] = {"expert_group": plan.group, "groups": len(plan.groups(kept)),
+                             "expert_read_wait_s": round(t_read[0], 3), "groups_read": t_read[1]}
+    plan_record = {"experts": {plan.holder: record}} if record else {}
+    return future, records, plan_record, error, None
+
+
+class _Pass:
+    """One stream's pass through a block's core: per micro-batch the experts module's routing and the core's
+    output, and the routed experts' summed contributions (added group by group)."""
+
+    def __init__(self, routes: list[Routes], outputs: list[torch.Tensor]) -> None:
+        self.routes = routes
+        self.outputs = outputs
+        self.sums = [torch.zeros_like(r.x) for r in routes]
+
+    def block_outputs(self) -> list[torch.Tensor]:
+        """The block's outputs per micro-batch: the core's plus the routed experts'."""
+        return [z + s.view(z.shape) for z, s in zip(self.outputs, self.sums)]
+
+
+def _dense_core(run: "PruneRun", i: int, layer: nn.Module, linears: dict[str, nn.Linear], calib: torch.Tensor
+                ) -> tuple[_Pass | None, BlockStats | None]:
+    """The dense core over the calibration states: the method's statistics of its linears, and its routing."""
+    routing = Routing(layer.get_submodule(run.streamed[i].holder))
+    outputs: list[torch.Tensor] = []
+    watches = [(run.method.stat, linears, False)] if run.cfg.masks_observe else []
+    with routing.recording() as routes:
+        got = observe_all(run.st, i, layer, watches, run.hidden("calib", i, *calib.shape), run.cfg.batch_size,
+                          run.midblock_stop, world=run.world, on_output=lambda s, c, out: outputs.append(out))
+    if got is None:
+        return None, None
+    return _Pass(routes, outputs), (got[0] if watches else None)
+
+
+def _pruned_core(run: "PruneRun", i: int, layer: nn.Module, streams: dict[str, torch.Tensor]
+                 ) -> dict[str, _Pass] | None:
+    """The pruned core over every stream's states (the calibration's when observed)."""
+    routing = Routing(layer.get_submodule(run.streamed[i].holder))
+    passes: dict[str, _Pass] = {}
+    for name, t in streams.items():
+        if name == "calib" and not run.observes:
+            continue
+        outputs: list[torch.Tensor] = []
+        with routing.recording() as routes:
+            ok = run.st.run_block(i, layer, run.hidden(name, i, *t.shape), run.cfg.batch_size,
+                                  stop=run.midblock_stop, on_output=lambda s, c, out: outputs.append(out))
+        if not ok:
+            return None
+        passes[name] = _Pass(routes, outputs)
+    return passes
+
+
+def _group_params(run: "PruneRun", sk: Skeleton, i: int, holder: str, stored: dict[str, torch.Tensor]
+                  ) -> dict[str, torch.Tensor]:
+    """A group's stored tensors as the experts module's fused parameters (relative names), in the compute
+    dtype on the device, fused as transformers loads them."""
+    inside = sk.block_prefix(i) + holder + "."
+    return {name[len(inside):]: t.to(device=run.st.device, dtype=run.st.dtype)
+            for name, t in sk.layout.to_params(stored).items()}
+
+
+def _groups(run: "PruneRun", plan: Streamed, chosen: list[int], t_read: list[float]
+            ) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
+    """(experts, their stored tensors) per group of `chosen`, each group read behind the previous one's compute."""
+    groups = plan.groups(chosen)
+    ahead = run.st.read_keys([k for e in groups[0] for k in plan.keys[e]]) if groups else None
+    for g, group in enumerate(groups):
+        t0 = time.perf_counter()
+        assert ahead is not None
+        stored = ahead.result()
+        t_read[0] += time.perf_counter() - t0
+        t_read[1] += 1
+        ahead = run.st.read_keys([k for e in groups[g + 1] for k in plan.keys[e]]) if g + 1 < len(groups) else None
+        yield group, stored
+        del stored
+
+
+def _score(run: "PruneRun", i: int, plan: Streamed, dense: _Pass, t_read: list[float]
+           ) -> tuple[list[int], dict[str, Any]] | None:
+    """REAP over every expert, group by group, on the dense routing (their contributions summed into the
+    dense outputs on the way): the kept experts and the plan's record; None when stopped."""
+    n = plan.n_experts
+    windows = sum(z.shape[0] for z in dense.outputs)
+    sums = torch.zeros(windows, n, dtype=torch.float64)
+    counts = torch.zeros(windows, n, dtype=torch.int64)
+    mod = run.sk.layers[i].get_submodule(plan.holder)
+    for group, stored in _groups(run, plan, list(range(n)), t_read):
+        if run.midblock_stop is not None and run.midblock_stop.requested:
+            return None
+        params = _group_params(run, run.sk, i, plan.holder, stored)
+        with holding(mod, params, len(group)), experts.eager(run.sk.model), torch.no_grad():
+            first = 0
+            for r, acc, z in zip(dense.routes, dense.sums, dense.outputs):
+                per_window = z.shape[1]
+                for local, e in enumerate(group):
+                    got = contribution(mod, r, e, local)
+                    if got is None:
+                        continue
+                    y, token = got
+                    acc.index_add_(0, token, y)
+                    window = (token // per_window + first).cpu()
+                    sums[:, e].index_add_(0, window, torch.linalg.vector_norm(y.double(), dim=-1).cpu())
+                    counts[:, e].index_add_(0, window, torch.ones_like(window))
+                first += z.shape[0]
+        del params
+    total_s, total_c = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.int64)
+    for s, c in zip(sums, counts):  # window order, as a whole block adds them
+        total_s += s
+        total_c += c
+    scores = plans.reap_saliency(total_s, total_c)
+    dropped = plans.experts_to_drop(scores, shrink.expert_drop(run.spec, n), run.shape.groups)
+    kept = plans.kept(n, dropped).tolist()
+    return kept, {"experts": n, "kept": kept, "dropped": dropped,
+                  "saliency": [float(f"{float(v):.6g}") for v in scores], "tokens": [int(c) for c in total_c]}
+
+
+def _prune_groups(run: "PruneRun", i: int, plan: Streamed, kept: list[int], dense: _Pass | None,
+                  passes: dict[str, _Pass], sparsity: float, feed: ShardFeed, records: list[dict[str, Any]],
+                  t_read: list[float]) -> bool:
+    """Every group of the kept experts: observed on the dense routing (their contributions summed into the
+    dense outputs unless REAP did it), pruned, run on the pruned routing, handed to the writer. False when
+    stopped."""
+    st, cfg = run.st, run.cfg
+    new = {e: j for j, e in enumerate(kept)}
+    dense_mod = run.sk.layers[i].get_submodule(plan.holder)
+    psk = st.skeleton(run.spec.widths)
+    pruned_mod = psk.layers[i].get_submodule(plan.holder)
+    sum_dense = dense is not None and not run.spec.drop_experts
+    for group, stored in _groups(run, plan, kept, t_read):
+        if run.midblock_stop is not None and run.midblock_stop.requested:
+            return False
+        stats = None
+        if dense is not None and (cfg.masks_observe or sum_dense):
+            stats = _observe_group(run, i, plan, dense_mod, group, [new[e] for e in group], stored, dense, sum_dense)
+        # Renamed to the kept experts' new indices (the key names of those indices), as keep_experts renames.
+        out = {plan.keys[new[e]][p]: stored[k] for e in group for p, k in enumerate(plan.keys[e])}
+        del stored
+        keys = experts.prunable_keys(psk, i, psk.layers[i], out, {}) if sparsity > 0 else {}
+        records += prune_matrices(run.method, sparsity, cfg.nm, st.device, out, keys, stats)
+        del stats
+        if passes:
+            params = _group_params(run, psk, i, plan.holder, out)
+            with holding(pruned_mod, params, len(group)), experts.eager(psk.model), torch.no_grad():
+                for p in passes.values():
+                    _add_contributions(pruned_mod, p, [new[e] for e in group])
+            del params
+        for k in sorted(out):
+            feed.put(k, out.pop(k))
+    return True
+
+
+def _observe_group(run: "PruneRun", i: int, plan: Streamed, mod: nn.Module, group: list[int], names: list[int],
+                   stored: dict[str, torch.Tensor], dense: _Pass, sum_dense: bool) -> BlockStats | None:
+    """The method's statistics of a group's experts (named by their kept indices `names`) on the dense routing,
+    in the whole block's micro-batches; with `sum_dense`, their contributions summed into the dense outputs."""
+    params = _group_params(run, run.sk, i, plan.holder, stored)
+    with holding(mod, params, len(group)), experts.eager(run.sk.model), torch.no_grad():
+        observer = (BlockObserver(run.sk.model, run.sk.layers[i], {}, run.method.stat, run.st.device,
+                                  expert_index=names) if run.cfg.masks_observe else None)
+        with observer if observer is not None else _nothing():
+            for r, acc in zip(dense.routes, dense.sums):
+                for local, e in enumerate(group):
+                    got = contribution(mod, r, e, local)
+                    if got is not None and sum_dense:
+                        acc.index_add_(0, got[1], got[0])
+                if observer is not None:
+                    observer.close_batch()
+    if observer is None:
+        return None
+    stats = observer.results(check=False)
+    check_finite(stats, i, run.st.dtype)
+    return stats
+
+
+def _add_contributions(mod: nn.Module, p: _Pass, group: list[int]) -> None:
+    """The group's (held at local indices 0..) contributions on pass `p`'s routing, summed into its sums."""
+    for r, acc in zip(p.routes, p.sums):
+        for local, e in enumerate(group):
+            got = contribution(mod, r, e, local)
+            if got is not None:
+                acc.index_add_(0, got[1], got[0])
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _write_states(run: "PruneRun", i: int, streams: dict[str, torch.Tensor], passes: dict[str, _Pass],
+                  dense: _Pass | None) -> float | None:
+    """Every stream's block outputs into block i+1's states; the calibration outputs' relative error against
+    the dense block's (None without calibration)."""
+    from wanda_stream.storage.state import killpoint
+
+    error = OutputError()
+    wanted = dense.block_outputs() if dense is not None else None
+    for name, p in passes.items():
+        last_calib = name == "calib" and i == run.n - 1  # feeds no block: computed for the error only
+        writer = None if last_calib else run.st.writer(run.hidden(name, i + 1, *streams[name].shape))
+        for mb, out in enumerate(p.block_outputs()):
+            if name == "calib" and wanted is not None:
+                error.add(out, wanted[mb])
+            if writer is not None:
+                writer.write(out)
+                killpoint("hidden_write")
+        if writer is not None:
+            writer.commit()
+    return run._total_error(error) if dense is not None else None
+
+
+def _shard_items(run: "PruneRun", plan: Streamed, core: dict[str, torch.Tensor], kept: list[int]
+                 ) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """The block shard's tensors in the order they are produced: the core's sorted, then each kept expert's
+    (under its new index's names) group by group."""
+    items = [(k, core[k].dtype, tuple(core[k].shape)) for k in sorted(core)]
+    infos = run.ckpt.tensors
+    for group in plan.groups(kept):
+        names = {plan.keys[j][p]: plan.keys[e][p] for j, e in enumerate(kept) if e in group
+                 for p in range(len(plan.keys[e]))}
+        items += [(k, infos[src].dtype, tuple(infos[src].shape)) for k, src in sorted(names.items())]
+    return items
+
+
+def _stored_bytes(run: "PruneRun", plan: Streamed, experts_held: int) -> int:
+    infos = run.ckpt.tensors
+    one = sum(torch.Size(infos[k].shape).numel() * torch.empty(0, dtype=infos[k].dtype).element_size()
+              for k in plan.keys[0])
+    return one * max(experts_held, 1)
+
+
+def _write_shard(run: "PruneRun", i: int, items: list[tuple[str, torch.dtype, tuple[int, ...]]], feed: ShardFeed
+                 ) -> dict[str, float]:
+    """The writer thread's part: block i's shard, its tensors taken from `feed` as they come."""
+    from wanda_stream.storage.checkpoint import write_shard
+    from wanda_stream.storage.outputs import shard_name
+    from wanda_stream.storage.state import killpoint
+
+    t0, c0 = time.perf_counter(), time.thread_time()
+    try:
+        write_shard(run.out / shard_name(i + 1, run.total_shards), items, feed.take,
+                    before_rename=lambda: killpoint("shard_write"), in_order=True)
+    except BaseException as e:
+        feed.fail(e)
+        raise
+    return {"write_s": time.perf_counter() - t0, "write_cpu_s": time.thread_time() - c0}
