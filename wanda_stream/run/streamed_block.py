@@ -23,6 +23,7 @@ from wanda_stream.model import experts, shrink
 from wanda_stream.model.skeleton import Skeleton, release
 from wanda_stream.run.block import linear_modules, observe_all, prune_matrices
 from wanda_stream.run.expert_groups import Routes, Routing, ShardFeed, Streamed, contribution, holding
+from wanda_stream.storage.state import killpoint
 
 if TYPE_CHECKING:
     from wanda_stream.run.prune import PruneRun
@@ -50,11 +51,10 @@ def prune_streamed(run: "PruneRun", i: int, core: dict[str, torch.Tensor], strea
     st = run.st
     layer = st.load_block(i, core, exclude=(plan.holder,))
     linears = linear_modules(layer)
-    calib = streams["calib"]
     dense: _Pass | None = None
     core_stats: BlockStats | None = None
     if run.observes:
-        dense, core_stats = _dense_core(run, i, layer, linears, calib)
+        dense, core_stats = _dense_core(run, i, layer, linears, streams["calib"])
         if dense is None:
             return None
     release(layer)
@@ -239,6 +239,7 @@ def _prune_groups(run: "PruneRun", i: int, plan: Streamed, kept: list[int], dens
             del params
         for k in sorted(out):
             feed.put(k, out.pop(k))
+        killpoint("expert_group")
     return True
 
 
@@ -286,8 +287,6 @@ def _write_states(run: "PruneRun", i: int, streams: dict[str, torch.Tensor], pas
                   dense: _Pass | None) -> float | None:
     """Every stream's block outputs into block i+1's states; the calibration outputs' relative error against
     the dense block's (None without calibration)."""
-    from wanda_stream.storage.state import killpoint
-
     error = OutputError()
     wanted = dense.block_outputs() if dense is not None else None
     for name, p in passes.items():
@@ -329,7 +328,6 @@ def _write_shard(run: "PruneRun", i: int, items: list[tuple[str, torch.dtype, tu
     """The writer thread's part: block i's shard, its tensors taken from `feed` as they come."""
     from wanda_stream.storage.checkpoint import write_shard
     from wanda_stream.storage.outputs import shard_name
-    from wanda_stream.storage.state import killpoint
 
     t0, c0 = time.perf_counter(), time.thread_time()
     try:

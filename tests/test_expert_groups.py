@@ -1,0 +1,220 @@
+"""--expert-group: MoE blocks whose routed experts are read, observed, pruned and written a group at a time.
+
+The streamed run against the whole-block run (the same tensors, the same evaluation) and against the
+independent REAP reference; what it reads at once; kills, stops and resumes; the refusals; the shard
+feed and the in-order shard writer."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+
+from tests.helpers import checkpoint_files, load_state_dict, run_cli
+from tests.reference_experts import reference_reap
+from tests.test_experts_drop import COUNT, GROUPS, MAKERS, moe_model, windows  # noqa: F401 (fixtures)
+from tests.test_families import CALIB_ARGS
+from wanda_stream.cli import main
+from wanda_stream.errors import Interrupted
+from wanda_stream.model.stream import Streamer
+from wanda_stream.run.expert_groups import ShardFeed
+from wanda_stream.storage import state as state_mod
+from wanda_stream.storage.checkpoint import write_shard
+
+REPORT = "wanda_stream.json"
+EVAL = ["--eval-data", "pydoc", "--eval-windows", "4"]
+
+
+def _prune(src: Path, out: Path, *extra: str) -> dict[str, Any]:
+    assert main(["prune", str(src), str(out), *CALIB_ARGS, *extra]) == 0
+    return json.loads((out / REPORT).read_text())
+
+
+def _same_tensors(a: Path, b: Path) -> None:
+    sa, sb = load_state_dict(a), load_state_dict(b)
+    assert set(sa) == set(sb)
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+
+
+@pytest.mark.parametrize("family,flags", [
+    ("deepseek_v3", ["--sparsity", "0.5"]),
+    ("deepseek_v3", ["--drop-experts", "0.25", "--sparsity", "0.5", "--method", "sparsegpt"]),
+    ("qwen2_moe", ["--pattern", "2:4"]),
+    ("mixtral", ["--drop-experts", "0.25", "--sparsity", "0.5", "--method", "ria"]),
+    ("glm4_moe", ["--sparsity", "0.6", "--method", "magnitude"]),
+    ("qwen3_next", ["--sparsity", "0.5"]),
+])
+def test_streamed_equals_whole_blocks(family: str, flags: list[str], moe_model: Callable[[str], Path],
+                                      tmp_path: Path) -> None:
+    """Groups of 3 (the last one short) give the whole block's tensors to the bit, its evaluation and its
+    output errors within rounding (the experts' sum is added to the rest of the block in another order)."""
+    src = moe_model(family)
+    whole = _prune(src, tmp_path / "whole", *flags, *EVAL, "--expert-group", "0")
+    streamed = _prune(src, tmp_path / "streamed", *flags, *EVAL, "--expert-group", "3")
+    _same_tensors(tmp_path / "whole", tmp_path / "streamed")
+    assert (tmp_path / "whole" / "config.json").read_bytes() == (tmp_path / "streamed" / "config.json").read_bytes()
+    assert streamed["eval"]["perplexity"] == pytest.approx(whole["eval"]["perplexity"], rel=1e-6)
+    notes = [b.get("streamed_experts") for b in streamed["blocks"]]
+    assert any(notes) and not any(b.get("streamed_experts") for b in whole["blocks"])
+    for w, s in zip(whole["blocks"], streamed["blocks"]):
+        if w.get("output_error") is None:  # no calibration (magnitude)
+            assert s.get("output_error") is None
+        else:
+            assert s["output_error"] == pytest.approx(w["output_error"], rel=1e-6, abs=1e-9)
+        assert sorted(m["name"] for m in s["matrices"]) == sorted(m["name"] for m in w["matrices"])
+        if "structure" in w:
+            assert s["structure"] == w["structure"]
+
+
+@pytest.mark.parametrize("family,ratio", [("mixtral", 0.25), ("deepseek_v3", 0.25)])
+def test_streamed_reap_matches_reference(family: str, ratio: float, moe_model: Callable[[str], Path],
+                                         windows: torch.Tensor, tmp_path: Path) -> None:  # noqa: F811
+    """Streamed in groups of 2, REAP keeps the independent reference's experts with its saliencies and token
+    counts, and the output's logits are the reference model's."""
+    from transformers import AutoModelForCausalLM
+
+    src = moe_model(family)
+    report = _prune(src, tmp_path / "out", "--drop-experts", str(ratio), "--expert-group", "2")
+    ref = reference_reap(str(src), windows, ratio, COUNT[family], GROUPS.get(family))
+    got = {i: next(iter(b["structure"]["experts"].values())) for i, b in enumerate(report["blocks"])
+           if b.get("structure", {}).get("experts")}
+    assert sorted(got) == sorted(ref.kept)
+    for i, p in got.items():
+        assert p["kept"] == ref.kept[i] and p["tokens"] == ref.tokens[i]
+        assert p["saliency"] == pytest.approx(ref.saliency[i], rel=1e-5, abs=1e-9)
+    model, info = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), output_loading_info=True,
+                                                       dtype=torch.float32)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(windows, use_cache=False).logits,
+                              ref.model(windows, use_cache=False).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_streamed_block_reads_one_group_at_a_time(moe_model: Callable[[str], Path], tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A streamed block's read leaves its routed experts out; they come in reads of at most a group."""
+    src = moe_model("deepseek_v3")
+    reads: list[list[str]] = []
+    blocks: list[list[str]] = []
+    read_keys, read_block = Streamer.read_keys, Streamer._read_block
+
+    def spy_read(self: Streamer, keys: list[str]) -> Any:
+        reads.append(list(keys))
+        return read_keys(self, keys)
+
+    def spy_block(self: Streamer, i: int) -> Any:
+        got = read_block(self, i)
+        blocks.append(list(got[0]))
+        return got
+
+    monkeypatch.setattr(Streamer, "read_keys", spy_read)
+    monkeypatch.setattr(Streamer, "_read_block", spy_block)
+    _prune(src, tmp_path / "out", "--sparsity", "0.5", "--expert-group", "3")
+    # 8 experts of 3 parts (gate, up, down) in groups of 3, 3, 2: every expert read once.
+    assert [len(r) for r in reads] == [9, 9, 6]
+    assert sorted(k for r in reads for k in r) == sorted(k for k in load_state_dict(src) if ".mlp.experts." in k)
+    assert not any(".mlp.experts." in k for b in blocks for k in b)
+
+
+def test_streamed_kills_and_stops_resume_identical(moe_model: Callable[[str], Path], tmp_path: Path) -> None:
+    """Killed between groups, while the shard is written and after a block, or stopped (SIGTERM, exit 75)
+    between groups: --resume finishes to the uninterrupted run's bytes."""
+    src = moe_model("deepseek_v3")
+    flags = ["--drop-experts", "0.25", "--sparsity", "0.5", "--expert-group", "2"]
+    one = tmp_path / "one"
+    _prune(src, one, *flags)
+    killed = tmp_path / "killed"
+    for point in ("hidden_write:2", "expert_group:2", "shard_write:2", "block_done:1", "finalize"):
+        r = run_cli("prune", str(src), str(killed), *CALIB_ARGS, *flags, "--resume", env={state_mod.KILL_ENV: point})
+        assert r.returncode == -signal.SIGKILL, (point, r.returncode, r.stderr[-2000:])
+    assert main(["prune", str(src), str(killed), *CALIB_ARGS, *flags, "--resume"]) == 0
+    assert checkpoint_files(killed) == checkpoint_files(one)
+    stopped = tmp_path / "stopped"
+    r = run_cli("prune", str(src), str(stopped), *CALIB_ARGS, *flags, env={state_mod.KILL_ENV: "expert_group:1:TERM"})
+    assert r.returncode == 75, r.stderr[-2000:]
+    assert "--resume" in r.stderr
+    assert main(["prune", str(src), str(stopped), *CALIB_ARGS, *flags, "--resume"]) == 0
+    assert checkpoint_files(stopped) == checkpoint_files(one)
+
+
+@pytest.mark.parametrize("family,extra,needle", [
+    ("deepseek_v3", ["--reconstruct"], "--reconstruct"),
+    ("qwen2_moe", ["--sparsity-profile", "owl", "--sparsity", "0.5"], "owl"),
+    ("qwen2_moe", ["--drop-ffn", "0.25"], "--drop-ffn"),
+    ("gpt_oss", [], "fused on disk"),
+    ("llama4_text", [], "cannot run its experts a group at a time"),
+])
+def test_streamed_refusals(family: str, extra: list[str], needle: str, moe_model: Callable[[str], Path],
+                           tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    src = moe_model(family)
+    capsys.readouterr()
+    out = tmp_path / "out"
+    assert main(["prune", str(src), str(out), *CALIB_ARGS, "--expert-group", "2", *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--expert-group" in err[0] and needle in err[0], err
+    assert not out.exists() or not any(out.glob("*.safetensors"))
+
+
+def test_expert_group_flag_value(moe_model: Callable[[str], Path], tmp_path: Path) -> None:
+    r = run_cli("prune", str(moe_model("mixtral")), str(tmp_path / "out"), *CALIB_ARGS, "--expert-group", "some")
+    assert r.returncode == 2 and "--expert-group" in r.stderr and "Traceback" not in r.stderr
+
+
+# ---- the parts ---------------------------------------------------------------------------------------------
+def test_shard_feed_hands_over_in_order_and_bounds_what_waits() -> None:
+    feed = ShardFeed(limit=8)
+    a, b, c = torch.zeros(2), torch.ones(2), torch.full((2,), 2.0)  # 8 bytes each
+    feed.put("a", a)
+    blocked = threading.Event()
+    done = threading.Event()
+
+    def producer() -> None:
+        blocked.set()
+        feed.put("b", b)  # waits: 'a' (8 bytes) still waits for the writer
+        feed.put("c", c)
+        done.set()
+
+    t = threading.Thread(target=producer)
+    t.start()
+    blocked.wait()
+    assert not done.wait(0.2)
+    assert feed.take("a") is a and feed.take("b") is b and feed.take("c") is c
+    t.join(5)
+    assert done.is_set()
+
+
+def test_shard_feed_stop_and_failure() -> None:
+    feed = ShardFeed(limit=1 << 20)
+    feed.stop()
+    with pytest.raises(Interrupted):
+        feed.take("x")
+    feed = ShardFeed(limit=1 << 20)
+    feed.fail(OSError(28, "No space left on device"))
+    with pytest.raises(OSError):
+        feed.put("x", torch.zeros(1))
+
+
+def test_write_shard_in_order_loads(tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    tensors = {"z": torch.arange(3.0), "a": torch.arange(4, dtype=torch.int64), "m": torch.ones(2, 2)}
+    order = ["z", "a", "m"]
+    asked: list[str] = []
+
+    def produce(k: str) -> torch.Tensor:
+        asked.append(k)
+        return tensors[k]
+
+    write_shard(tmp_path / "s.safetensors", [(k, tensors[k].dtype, tuple(tensors[k].shape)) for k in order],
+                produce, in_order=True)
+    assert asked == order
+    with safe_open(str(tmp_path / "s.safetensors"), "pt") as f:
+        assert sorted(f.keys()) == sorted(tensors)
+        for k, t in tensors.items():
+            assert torch.equal(f.get_tensor(k), t)
