@@ -516,6 +516,17 @@ def _will_write(args: argparse.Namespace, cfg: RunConfig) -> bool:
     return args.overwrite or not (args.resume and output_is_finished(cfg))
 
 
+def _held_blocks(cfg: RunConfig, sk: Any, ckpt: Any) -> list[list[int]]:
+    """Every block's stored tensor sizes held at once (a block streaming its experts holds a part)."""
+    from wanda_stream.model.shrink import structure_of
+    from wanda_stream.run.expert_groups import held_tensor_bytes, plan_streaming
+
+    device = torch.device("cuda" if cfg.device.startswith("cuda") else "cpu")
+    streamed = plan_streaming(ckpt, sk, structure_of(sk.model.config.model_type).experts, cfg.expert_group,
+                              device, cfg.dtype)
+    return [held_tensor_bytes(ckpt, sk, i, streamed.get(i)) for i in range(sk.n_layers)]
+
+
 def _prepare_locked(args: argparse.Namespace, world: World) -> RunConfig | None:
     """Validate, check resources and create or reopen the run; None when it is already finished."""
     from wanda_stream.run.prune import prepare
@@ -525,8 +536,7 @@ def _prepare_locked(args: argparse.Namespace, world: World) -> RunConfig | None:
     cfg, (fp, sk, ckpt) = build_prune_config(args, world.size)
     if _will_write(args, cfg):
         # Before prepare() creates the run: a refusal here leaves nothing behind to --resume or --overwrite.
-        blocks = [[t.nbytes for k, t in ckpt.tensors.items() if k.startswith(sk.block_prefix(i))]
-                  for i in range(sk.n_layers)]
+        blocks = _held_blocks(cfg, sk, ckpt)
         check_resources(cfg, sk, ckpt.total_bytes(), blocks, cfg.eval_windows or 0, world.local_size)
     card = card_facts(args.hub_id, Path(cfg.model_dir), card_command(args.argv))
     own = own_files(Path(cfg.model_dir), sk.n_layers - cfg.drop_blocks)

@@ -94,6 +94,19 @@ def plan_streaming(ckpt: Checkpoint, sk: Skeleton, family: Experts | None, reque
     return out
 
 
+def held_tensor_bytes(ckpt: Checkpoint, sk: Skeleton, i: int, plan: Streamed | None) -> list[int]:
+    """The sizes of block i's stored tensors held at once: all of them, or for a streamed block its core and
+    two groups of experts (the one computed, the next one read ahead)."""
+    prefix = sk.block_prefix(i)
+    keys = [k for k in ckpt.tensors if k.startswith(prefix)]
+    if plan is None:
+        return [ckpt.tensors[k].nbytes for k in keys]
+    apart = plan.all_keys()
+    core = [ckpt.tensors[k].nbytes for k in keys if k not in apart]
+    held = [ckpt.tensors[k].nbytes for ks in plan.keys[: 2 * plan.group] for k in ks]
+    return core + held
+
+
 def _not_streamable(sk: Skeleton, family: Experts | None, holders: dict[str, int]) -> str:
     if family is None or not family.streamable:
         return f"model_type '{sk.model.config.model_type}' cannot run its experts a group at a time"
