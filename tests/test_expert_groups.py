@@ -218,3 +218,19 @@ def test_write_shard_in_order_loads(tmp_path: Path) -> None:
         assert sorted(f.keys()) == sorted(tensors)
         for k, t in tensors.items():
             assert torch.equal(f.get_tensor(k), t)
+
+
+def test_streamed_two_ranks_equal_one_process(moe_model: Callable[[str], Path], tmp_path: Path) -> None:
+    """Under 2 gloo ranks (each a share of the windows), streamed REAP and Wanda give one process's bytes."""
+    from tests.test_dist import finish, launch
+
+    src = moe_model("qwen3_moe")
+    flags = ["--drop-experts", "0.5", "--sparsity", "0.5", "--expert-group", "1"]
+    one = tmp_path / "one"
+    _prune(src, one, *flags)
+    two = tmp_path / "two"
+    results = finish(launch(["prune", str(src), str(two), *CALIB_ARGS, *flags]))
+    assert [rc for rc, _ in results] == [0, 0], [err[-3000:] for _, err in results]
+    assert checkpoint_files(two) == checkpoint_files(one)
+    report = json.loads((two / REPORT).read_text())
+    assert any(b.get("streamed_experts") for b in report["blocks"])

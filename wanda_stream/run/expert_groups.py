@@ -215,10 +215,12 @@ def contribution(mod: nn.Module, r: Routes, e: int, local: int) -> tuple[torch.T
 
 class ShardFeed:
     """Tensors handed from the computing thread to the thread writing their shard, in the order written; at
-    most `limit` bytes wait at once (one more tensor always may), so the block is never held whole."""
+    most `limit` bytes wait at once (one more tensor always may), so the block is never held whole. A feed not
+    `enabled` (a rank that does not write) drops what it is handed."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, enabled: bool = True) -> None:
         self.limit = limit
+        self.enabled = enabled
         self._items: dict[str, torch.Tensor] = {}
         self._bytes = 0
         self._cv = threading.Condition()
@@ -227,6 +229,8 @@ class ShardFeed:
 
     def put(self, key: str, t: torch.Tensor) -> None:
         """Hand over `t` under `key`; waits while the writer is `limit` bytes behind; raises its error."""
+        if not self.enabled:
+            return
         with self._cv:
             while self._items and self._bytes + t.nbytes > self.limit and self._error is None:
                 self._cv.wait()

@@ -18,7 +18,7 @@ from torch import nn
 
 from wanda_stream.methods import plans
 from wanda_stream.methods.fidelity import OutputError
-from wanda_stream.methods.observe import BlockObserver, BlockStats, check_finite
+from wanda_stream.methods.observe import BlockObserver, BlockStats, check_finite, reduce_stats
 from wanda_stream.model import experts, shrink
 from wanda_stream.model.skeleton import Skeleton, release
 from wanda_stream.run.block import linear_modules, observe_all, prune_matrices
@@ -28,7 +28,7 @@ from wanda_stream.storage.state import killpoint
 if TYPE_CHECKING:
     from wanda_stream.run.prune import PruneRun
 
-StreamedResult = tuple[Future, list[dict[str, Any]], dict[str, Any], float | None, None]
+StreamedResult = tuple[Future | None, list[dict[str, Any]], dict[str, Any], float | None, None]
 
 
 def refusal(run: "PruneRun") -> str:
@@ -36,7 +36,7 @@ def refusal(run: "PruneRun") -> str:
     cfg, spec = run.cfg, run.spec
     for flag, on in (("--drop-ffn", spec.drop_ffn), ("--drop-heads", spec.drop_heads),
                      ("--drop-blocks", spec.drop_blocks), ("--reconstruct", bool(cfg.reconstruct)),
-                     ("--sparsity-profile owl", run.owl is not None), ("torchrun", run.world.size > 1)):
+                     ("--sparsity-profile owl", run.owl is not None)):
         if on:
             return flag
     return ""
@@ -45,8 +45,8 @@ def refusal(run: "PruneRun") -> str:
 def prune_streamed(run: "PruneRun", i: int, core: dict[str, torch.Tensor], streams: dict[str, torch.Tensor],
                    sparsity: float) -> StreamedResult | None:
     """Block i, its core tensors `core` read: observed, its experts scored (REAP), pruned group by group and
-    written, and run to make every stream's next inputs. Returns the shard write's future, the records, the
-    plan's record, the output error (None without calibration) and no fit; None when stopped midway."""
+    written, and run to make every stream's next inputs. Returns the shard write's future (rank 0's; None
+    on the others), the records, the plan's record, the output error (None without calibration) and no fit; None when stopped midway."""
     plan: Streamed = run.streamed[i]
     st = run.st
     layer = st.load_block(i, core, exclude=(plan.holder,))
@@ -72,14 +72,15 @@ def prune_streamed(run: "PruneRun", i: int, core: dict[str, torch.Tensor], strea
     narrow = run.spec.widths
     psk = st.skeleton(narrow)
     keys = experts.prunable_keys(psk, i, psk.layers[i], core, linears) if sparsity > 0 else {}
-    records = prune_matrices(run.method, sparsity, run.cfg.nm, st.device, core, keys, core_stats)
+    records = prune_matrices(run.method, sparsity, run.cfg.nm, st.device, core, keys, core_stats, run.world)
     del core_stats
     pruned = st.load_block(i, core, narrow=narrow, exclude=(plan.holder,))
     passes = _pruned_core(run, i, pruned, streams)
     if passes is None:
         return None
-    feed = ShardFeed(2 * _stored_bytes(run, plan, min(plan.group, len(kept))))
-    future = run.writer.submit(_write_shard, run, i, _shard_items(run, plan, core, kept), feed)
+    # Rank 0 writes the shard; the other ranks' tensors (the same bits) are dropped as they are done.
+    feed = ShardFeed(2 * _stored_bytes(run, plan, min(plan.group, len(kept))), enabled=run.world.main)
+    future = run.writer.submit(_write_shard, run, i, _shard_items(run, plan, core, kept), feed) if feed.enabled else None
     try:
         for k in sorted(core):
             feed.put(k, core.pop(k))
@@ -197,9 +198,10 @@ def _score(run: "PruneRun", i: int, plan: Streamed, dense: _Pass, t_read: list[f
                 first += z.shape[0]
         del params
     total_s, total_c = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.int64)
-    for s, c in zip(sums, counts):  # window order, as a whole block adds them
-        total_s += s
-        total_c += c
+    for part_s, part_c in run.world.gather((sums, counts)):  # rank order, then window order: as a whole block adds
+        for s, c in zip(part_s, part_c):
+            total_s += s
+            total_c += c
     scores = plans.reap_saliency(total_s, total_c)
     dropped = plans.experts_to_drop(scores, shrink.expert_drop(run.spec, n), run.shape.groups)
     kept = plans.kept(n, dropped).tolist()
@@ -229,7 +231,7 @@ def _prune_groups(run: "PruneRun", i: int, plan: Streamed, kept: list[int], dens
         out = {plan.keys[new[e]][p]: stored[k] for e in group for p, k in enumerate(plan.keys[e])}
         del stored
         keys = experts.prunable_keys(psk, i, psk.layers[i], out, {}) if sparsity > 0 else {}
-        records += prune_matrices(run.method, sparsity, cfg.nm, st.device, out, keys, stats)
+        records += prune_matrices(run.method, sparsity, cfg.nm, st.device, out, keys, stats, run.world)
         del stats
         if passes:
             params = _group_params(run, psk, i, plan.holder, out)
@@ -250,7 +252,8 @@ def _observe_group(run: "PruneRun", i: int, plan: Streamed, mod: nn.Module, grou
     params = _group_params(run, run.sk, i, plan.holder, stored)
     with holding(mod, params, len(group)), experts.eager(run.sk.model), torch.no_grad():
         observer = (BlockObserver(run.sk.model, run.sk.layers[i], {}, run.method.stat, run.st.device,
-                                  expert_index=names) if run.cfg.masks_observe else None)
+                                  keep_windows=run.world.size > 1, expert_index=names)
+                    if run.cfg.masks_observe else None)
         with observer if observer is not None else _nothing():
             for r, acc in zip(dense.routes, dense.sums):
                 for local, e in enumerate(group):
@@ -261,7 +264,7 @@ def _observe_group(run: "PruneRun", i: int, plan: Streamed, mod: nn.Module, grou
                     observer.close_batch()
     if observer is None:
         return None
-    stats = observer.results(check=False)
+    stats = reduce_stats(run.world, observer.results(check=False))
     check_finite(stats, i, run.st.dtype)
     return stats
 
