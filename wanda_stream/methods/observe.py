@@ -104,7 +104,7 @@ class BlockObserver:
         """The observations (experts that got no token are absent) and the experts' token counts; with `check`,
         InputError when no expert saw a token (see ExpertStats.check_observed)."""
         self._close_batches()
-        if self._experts.params and check:
+        if self._experts.tokens and check:
             self._experts.check_observed()
         return BlockStats(self.obs, self._experts.token_counts())
 

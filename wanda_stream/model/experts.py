@@ -298,6 +298,9 @@ class ExpertStats(TorchFunctionMode):
     def __exit__(self, *exc: Any) -> None:
         super().__exit__(*exc)
         self._eager.close()
+        # The observer that records holds this mode and this mode its `record`: a reference cycle, freed only
+        # by the garbage collector, which would keep a streamed group's parameters (1 GB) alive for groups.
+        self.params = {}
 
     def _expert_of(self, w: Any) -> tuple[str, int] | None:
         if not isinstance(w, torch.Tensor) or w.dim() != 2:
