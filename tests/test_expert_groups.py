@@ -234,3 +234,15 @@ def test_streamed_two_ranks_equal_one_process(moe_model: Callable[[str], Path], 
     assert checkpoint_files(two) == checkpoint_files(one)
     report = json.loads((two / REPORT).read_text())
     assert any(b.get("streamed_experts") for b in report["blocks"])
+
+
+def test_streamed_sweep_equals_single_runs(moe_model: Callable[[str], Path], tmp_path: Path) -> None:
+    """A sweep shares each streamed block's core read; every configuration reads its own expert groups and
+    writes what its single run writes."""
+    src = moe_model("deepseek_v3")
+    assert main(["prune", str(src), str(tmp_path / "sweep"), *CALIB_ARGS, "--expert-group", "3",
+                 "--sweep", "a=wanda:0.5,b=sparsegpt:2:4"]) == 0
+    _prune(src, tmp_path / "a", "--expert-group", "3", "--method", "wanda", "--sparsity", "0.5")
+    _prune(src, tmp_path / "b", "--expert-group", "3", "--method", "sparsegpt", "--pattern", "2:4")
+    for name in ("a", "b"):
+        _same_tensors(tmp_path / name, tmp_path / "sweep" / name)
