@@ -145,7 +145,7 @@ def test_streamed_kills_and_stops_resume_identical(moe_model: Callable[[str], Pa
 
 @pytest.mark.parametrize("family,extra,needle", [
     ("deepseek_v3", ["--reconstruct"], "--reconstruct"),
-    ("qwen2_moe", ["--sparsity-profile", "owl", "--sparsity", "0.5"], "owl"),
+    ("qwen2_moe", ["--drop-heads", "0.25"], "--drop-heads"),
     ("qwen2_moe", ["--drop-ffn", "0.25"], "--drop-ffn"),
     ("gpt_oss", [], "fused on disk"),
     ("llama4_text", [], "cannot run its experts a group at a time"),
@@ -246,3 +246,28 @@ def test_streamed_sweep_equals_single_runs(moe_model: Callable[[str], Path], tmp
     _prune(src, tmp_path / "b", "--expert-group", "3", "--method", "sparsegpt", "--pattern", "2:4")
     for name in ("a", "b"):
         _same_tensors(tmp_path / name, tmp_path / "sweep" / name)
+
+
+@pytest.mark.parametrize("family,flags", [
+    ("deepseek_v3", ["--sparsity-profile", "owl", "--sparsity", "0.6"]),
+    ("qwen2_moe", ["--drop-blocks", "1", "--sparsity", "0.5"]),
+    ("qwen2_moe", ["--drop-blocks", "1", "--block-score", "angular", "--drop-experts", "0.25",
+                   "--sparsity-profile", "owl", "--sparsity", "0.5"]),
+])
+def test_streamed_dense_pass_equals_whole_blocks(family: str, flags: list[str], moe_model: Callable[[str], Path],
+                                                 tmp_path: Path) -> None:
+    """The pass over the dense model (OWL's outlier ratios, --drop-blocks' scores) on streamed blocks: the
+    same ratios and scores within rounding, the same blocks removed, the same tensors."""
+    src = moe_model(family)
+    whole = _prune(src, tmp_path / "whole", *flags, "--expert-group", "0")
+    streamed = _prune(src, tmp_path / "streamed", *flags, "--expert-group", "3")
+    _same_tensors(tmp_path / "whole", tmp_path / "streamed")
+    for key in ("sparsity_profile", "structure"):
+        if key not in whole:
+            continue
+        w, s = whole[key], streamed[key]
+        for name in ("outlier_ratios", "block_sparsity", "influence", "angular", "removal_error"):
+            if name in w:
+                assert s[name] == pytest.approx(w[name], rel=1e-6, abs=1e-9), name
+        if key == "structure":
+            assert s["dropped_blocks"] == w["dropped_blocks"]

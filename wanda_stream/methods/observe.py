@@ -180,20 +180,23 @@ class DepthProbe:
     def on(self, layer: nn.Module) -> Iterator[None]:
         """Watch `layer`'s calls (one per micro-batch, in window order) while in the context."""
         def hook(mod: nn.Module, args: tuple, out: Any) -> None:
-            h_in, h_out = args[0], out[0] if isinstance(out, tuple) else out
-            self.cos.append(plans.token_cosines(h_in, h_out).cpu())
-            self.removal.add(h_in, h_out)
-            if self.back is not None:
-                old = self.back.read(self._pos, h_out.shape[0]).to(h_out.device)
-                self.angles.append(plans.token_angles(old, h_out).cpu())
-            self._pos += h_out.shape[0]
-            self.tokens += h_out.shape[0] * h_out.shape[1]
+            self.add(args[0], out[0] if isinstance(out, tuple) else out)
 
         handle = layer.register_forward_hook(hook)
         try:
             yield
         finally:
             handle.remove()
+
+    def add(self, h_in: torch.Tensor, h_out: torch.Tensor) -> None:
+        """One micro-batch of the block's inputs and outputs, the next windows in order."""
+        self.cos.append(plans.token_cosines(h_in, h_out).cpu())
+        self.removal.add(h_in, h_out)
+        if self.back is not None:
+            old = self.back.read(self._pos, h_out.shape[0]).to(h_out.device)
+            self.angles.append(plans.token_angles(old, h_out).cpu())
+        self._pos += h_out.shape[0]
+        self.tokens += h_out.shape[0] * h_out.shape[1]
 
     def results(self, world: World) -> dict[str, float]:
         """The block's influence 1 - mean cos and, with `back`, the mean angular distance, over every rank's

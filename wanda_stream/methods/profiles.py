@@ -52,14 +52,24 @@ def outlier_ratio(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], m: float) 
     together would take 800 MB.
     """
     pairs = list(pairs)
+    total, count = score_sums(pairs)
+    return 100.0 * count_above(pairs, m * total / max(count, 1)) / max(count, 1)
+
+
+def score_sums(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, int]:
+    """The sum and number of the Wanda scores of (weight, sq_sum) pairs: the first of outlier_ratio's passes,
+    which a block streamed in parts makes a part at a time."""
     total, count = 0.0, 0
     for w, sq in pairs:
         for score in _score_slices(w, sq):
             total += float(score.sum(dtype=torch.float64))
             count += score.numel()
-    threshold = m * total / max(count, 1)
-    above = sum(int((score > threshold).sum()) for w, sq in pairs for score in _score_slices(w, sq))
-    return 100.0 * above / max(count, 1)
+    return total, count
+
+
+def count_above(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], threshold: float) -> int:
+    """How many Wanda scores of (weight, sq_sum) pairs are above `threshold`: outlier_ratio's second pass."""
+    return sum(int((score > threshold).sum()) for w, sq in pairs for score in _score_slices(w, sq))
 
 
 def _score_slices(w: torch.Tensor, sq: torch.Tensor) -> Iterable[torch.Tensor]:

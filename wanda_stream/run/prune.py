@@ -55,7 +55,7 @@ from wanda_stream.storage.state import (
 from wanda_stream.model.stream import Streamer, open_model
 from wanda_stream.run.block import Watch, linear_modules, observe_all, prune_block
 from wanda_stream.run.expert_groups import plan_streaming
-from wanda_stream.run.streamed_block import prune_streamed
+from wanda_stream.run.streamed_block import profile_streamed, prune_streamed
 from wanda_stream.run.streamed_block import refusal as streamed_refusal
 
 PROFILE_STAGE = "profile"  # the run's stage during the dense pass (OWL, --drop-blocks), and where its results live
@@ -417,11 +417,20 @@ class PruneRun:
             yield Position(0, i)  # each block's progress is saved when done: nothing is pending here
             stored, _ = self.st.block_tensors(i)
             self.st.prefetch(i + 1 if i + 1 < self.n else 0)
-            layer = self.st.load_block(i, stored)
-            try:
-                found = self._profile_block(i, layer, stored, calib)
-            finally:
-                release(self.sk.layers[i])
+            if i in self.streamed:
+                try:
+                    got = profile_streamed(self, i, stored, calib, self._depth_probe(i, calib))
+                finally:
+                    self.st.release_block(i)
+                if got is None:
+                    raise Interrupted(f"stopped during block {i} of the pass over the dense model")
+                found = got
+            else:
+                layer = self.st.load_block(i, stored)
+                try:
+                    found = self._profile_block(i, layer, stored, calib)
+                finally:
+                    release(self.sk.layers[i])
             for key, value in found.items():
                 record[key].append(value)
             # Block 0's calibration states too: the pruning pass reads them back from their file.
@@ -450,11 +459,7 @@ class PruneRun:
         """Run dense block i over the calibration states; what the dense pass records of it."""
         src = self._dense_state(i, calib)
         dst = self._dense_state(i + 1, calib) if i + 1 < self.n else None
-        n = self.spec.drop_blocks
-        probe = None
-        if n:
-            back = i + 1 - n if self.spec.block_score == "angular" else -1
-            probe = DepthProbe(self._dense_state(back, calib) if back >= 0 else None)
+        probe = self._depth_probe(i, calib)
         watches: list[Watch] = [(Stat.SQ_SUM, linear_modules(layer), True)] if self.owl is not None else []
         got = observe_all(self.st, i, layer, watches, src, self.cfg.batch_size, self.midblock_stop, dst, self.world,
                           hooks=[probe.on(layer)] if probe is not None else [])
@@ -469,6 +474,14 @@ class PruneRun:
         if probe is not None:
             found.update(probe.results(self.world))
         return found
+
+    def _depth_probe(self, i: int, calib: torch.Tensor) -> DepthProbe | None:
+        """--drop-blocks' observer of dense block i (with the states N-1 blocks back for the angular score)."""
+        n = self.spec.drop_blocks
+        if not n:
+            return None
+        back = i + 1 - n if self.spec.block_score == "angular" else -1
+        return DepthProbe(self._dense_state(back, calib) if back >= 0 else None)
 
     def _profile_unneeded(self, i: int) -> int | None:
         """The dense pass's state file no longer needed once block i is done (None: keep them all).

@@ -18,11 +18,14 @@ from torch import nn
 
 from wanda_stream.methods import plans
 from wanda_stream.methods.fidelity import OutputError
-from wanda_stream.methods.observe import BlockObserver, BlockStats, check_finite, reduce_stats
+from wanda_stream.methods import Stat
+from wanda_stream.methods.observe import BlockObserver, BlockStats, DepthProbe, check_finite, reduce_stats
+from wanda_stream.methods.profiles import count_above, score_sums
 from wanda_stream.model import experts, shrink
 from wanda_stream.model.skeleton import Skeleton, release
 from wanda_stream.run.block import linear_modules, observe_all, prune_matrices
 from wanda_stream.run.expert_groups import Routes, Routing, ShardFeed, Streamed, contribution, holding
+from wanda_stream.storage.activations import HiddenFile
 from wanda_stream.storage.state import killpoint
 
 if TYPE_CHECKING:
@@ -35,8 +38,7 @@ def refusal(run: "PruneRun") -> str:
     """Why this run cannot stream its blocks' experts ('' when it can)."""
     cfg, spec = run.cfg, run.spec
     for flag, on in (("--drop-ffn", spec.drop_ffn), ("--drop-heads", spec.drop_heads),
-                     ("--drop-blocks", spec.drop_blocks), ("--reconstruct", bool(cfg.reconstruct)),
-                     ("--sparsity-profile owl", run.owl is not None)):
+                     ("--reconstruct", bool(cfg.reconstruct))):
         if on:
             return flag
     return ""
@@ -96,6 +98,95 @@ def prune_streamed(run: "PruneRun", i: int, core: dict[str, torch.Tensor], strea
                              "expert_read_wait_s": round(t_read[0], 3), "groups_read": t_read[1]}
     plan_record = {"experts": {plan.holder: record}} if record else {}
     return future, records, plan_record, error, None
+
+
+def profile_streamed(run: "PruneRun", i: int, core: dict[str, torch.Tensor], calib: torch.Tensor,
+                     probe: DepthProbe | None) -> dict[str, float] | None:
+    """The pass over the dense model for streamed block i (its core `core` read): the block's outputs into the
+    next block's dense states, OWL's outlier ratio over the core's and every expert's Wanda scores, and
+    --drop-blocks' `probe`; what the pass records of the block, None when stopped.
+
+    OWL's threshold is m times the mean score of the whole block, known only once every expert is seen,
+    so with OWL the experts are read a second time to count the scores above it."""
+    plan, st, owl = run.streamed[i], run.st, run.owl
+    layer = st.load_block(i, core, exclude=(plan.holder,))
+    linears = linear_modules(layer)
+    src = run._dense_state(i, calib)
+    routing = Routing(layer.get_submodule(plan.holder))
+    outputs: list[torch.Tensor] = []
+    watches = [(Stat.SQ_SUM, linears, False)] if owl is not None else []
+    with routing.recording() as routes:
+        got = observe_all(st, i, layer, watches, src, run.cfg.batch_size, run.midblock_stop, world=run.world,
+                          on_output=lambda s, c, out: outputs.append(out))
+    if got is None:
+        return None
+    dense = _Pass(routes, outputs)
+    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+    if owl is not None:
+        keys = experts.prunable_keys(run.sk, i, run.sk.layers[i], core, linears)
+        pairs = [(m.view(core[m.key]).to(st.device), got[0].obs[m.stat].stat) for m in keys.values()
+                 if m.stat in got[0].obs]
+    release(layer)
+    total, count = score_sums(pairs)
+    expert_sq: dict[str, torch.Tensor] = {}  # an expert matrix's key -> its inputs' sums of squares
+    t_read = [0.0, 0]
+    every = list(range(plan.n_experts))
+    mod = run.sk.layers[i].get_submodule(plan.holder)
+    for group, stored in _groups(run, plan, every, t_read):
+        if run.midblock_stop is not None and run.midblock_stop.requested:
+            return None
+        params = _group_params(run, run.sk, i, plan.holder, stored)
+        with holding(mod, params, len(group)), experts.eager(run.sk.model), torch.no_grad():
+            observer = (BlockObserver(run.sk.model, run.sk.layers[i], {}, Stat.SQ_SUM, st.device,
+                                      keep_windows=run.world.size > 1, expert_index=group) if owl else None)
+            with observer if observer is not None else _nothing():
+                for r, acc in zip(dense.routes, dense.sums):
+                    for local, e in enumerate(group):
+                        c = contribution(mod, r, e, local)
+                        if c is not None:
+                            acc.index_add_(0, c[1], c[0])
+                    if observer is not None:
+                        observer.close_batch()
+        del params
+        if observer is not None:
+            stats = reduce_stats(run.world, observer.results(check=False))
+            check_finite(stats, i, st.dtype)
+            found = [(m, stats.obs[m.stat].stat) for m in
+                     experts.prunable_keys(run.sk, i, run.sk.layers[i], stored, {}).values() if m.stat in stats.obs]
+            t, n = score_sums((m.view(stored[m.key]).to(st.device), sq) for m, sq in found)
+            total, count = total + t, count + n
+            expert_sq.update((m.key, sq) for m, sq in found)
+    _write_dense_states(run, i, calib, src, dense, probe)
+    record: dict[str, float] = {}
+    if owl is not None:
+        threshold = owl.m * total / max(count, 1)
+        above = count_above(pairs, threshold)
+        chosen = sorted({e for e in every for k in plan.keys[e] if k in expert_sq})
+        for group, stored in _groups(run, plan, chosen, t_read):
+            above += count_above(((stored[k].to(st.device), expert_sq[k]) for e in group for k in plan.keys[e]
+                                  if k in expert_sq), threshold)
+        record["outlier_ratios"] = 100.0 * above / max(count, 1)
+    if probe is not None:
+        record.update(probe.results(run.world))
+    return record
+
+
+def _write_dense_states(run: "PruneRun", i: int, calib: torch.Tensor, src: HiddenFile, dense: "_Pass",
+                        probe: DepthProbe | None) -> None:
+    """The dense block's outputs into the dense pass's states entering block i+1 (none after the last block),
+    each micro-batch with its inputs to --drop-blocks' probe."""
+    dst = run._dense_state(i + 1, calib) if i + 1 < run.n else None
+    writer = run.st.writer(dst) if dst is not None else None
+    start = 0
+    for out in dense.block_outputs():
+        if probe is not None:
+            probe.add(src.read(start, out.shape[0]).to(out.device), out)
+        if writer is not None:
+            writer.write(out)
+            killpoint("hidden_write")
+        start += out.shape[0]
+    if writer is not None:
+        writer.commit()
 
 
 class _Pass:
@@ -333,9 +424,12 @@ def _write_shard(run: "PruneRun", i: int, items: list[tuple[str, torch.dtype, tu
     from wanda_stream.storage.outputs import shard_name
 
     t0, c0 = time.perf_counter(), time.thread_time()
+    j = shrink.new_index(i, run.dropped)  # the output's block j, past removed blocks
+    back = shrink.renumber({k: k for k, _, _ in items}, run.sk.block_prefix(i), run.sk.block_prefix(j))  # new: old
+    names = {old: new for new, old in back.items()}
     try:
-        write_shard(run.out / shard_name(i + 1, run.total_shards), items, feed.take,
-                    before_rename=lambda: killpoint("shard_write"), in_order=True)
+        write_shard(run.out / shard_name(j + 1, run.total_shards), [(names[k], d, s) for k, d, s in items],
+                    lambda k: feed.take(back[k]), before_rename=lambda: killpoint("shard_write"), in_order=True)
     except BaseException as e:
         feed.fail(e)
         raise
