@@ -8,6 +8,7 @@ block's output error; the rest is refused before any work (`refusal`).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future
@@ -23,7 +24,7 @@ from wanda_stream.methods.observe import BlockObserver, BlockStats, DepthProbe, 
 from wanda_stream.methods.profiles import count_above, score_sums
 from wanda_stream.model import experts, shrink
 from wanda_stream.model.skeleton import Skeleton, release
-from wanda_stream.run.block import linear_modules, observe_all, prune_matrices
+from wanda_stream.run.block import Watch, linear_modules, observe_all, prune_matrices
 from wanda_stream.run.expert_groups import Routes, Routing, ShardFeed, Streamed, contribution, holding
 from wanda_stream.storage.activations import HiddenFile
 from wanda_stream.storage.state import killpoint
@@ -56,9 +57,12 @@ def prune_streamed(run: "PruneRun", i: int, core: dict[str, torch.Tensor], strea
     dense: _Pass | None = None
     core_stats: BlockStats | None = None
     if run.observes:
-        dense, core_stats = _dense_core(run, i, layer, linears, streams["calib"])
-        if dense is None:
+        watches: list[Watch] = [(run.method.stat, linears, False)] if run.cfg.masks_observe else []
+        core_pass = _dense_core(run, i, layer, watches, run.hidden("calib", i, *streams["calib"].shape))
+        if core_pass is None:
             return None
+        dense, got = core_pass
+        core_stats = got[0] if watches else None
     release(layer)
     every = list(range(plan.n_experts))
     kept, record = every, {}
@@ -112,15 +116,10 @@ def profile_streamed(run: "PruneRun", i: int, core: dict[str, torch.Tensor], cal
     layer = st.load_block(i, core, exclude=(plan.holder,))
     linears = linear_modules(layer)
     src = run._dense_state(i, calib)
-    routing = Routing(layer.get_submodule(plan.holder))
-    outputs: list[torch.Tensor] = []
-    watches = [(Stat.SQ_SUM, linears, False)] if owl is not None else []
-    with routing.recording() as routes:
-        got = observe_all(st, i, layer, watches, src, run.cfg.batch_size, run.midblock_stop, world=run.world,
-                          on_output=lambda s, c, out: outputs.append(out))
-    if got is None:
+    core_pass = _dense_core(run, i, layer, [(Stat.SQ_SUM, linears, False)] if owl is not None else [], src)
+    if core_pass is None:
         return None
-    dense = _Pass(routes, outputs)
+    dense, got = core_pass
     pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
     if owl is not None:
         keys = experts.prunable_keys(run.sk, i, run.sk.layers[i], core, linears)
@@ -131,26 +130,11 @@ def profile_streamed(run: "PruneRun", i: int, core: dict[str, torch.Tensor], cal
     expert_sq: dict[str, torch.Tensor] = {}  # an expert matrix's key -> its inputs' sums of squares
     t_read = [0.0, 0]
     every = list(range(plan.n_experts))
-    mod = run.sk.layers[i].get_submodule(plan.holder)
     for group, stored in _groups(run, plan, every, t_read):
         if run.midblock_stop is not None and run.midblock_stop.requested:
             return None
-        params = _group_params(run, run.sk, i, plan.holder, stored)
-        with holding(mod, params, len(group)), experts.eager(run.sk.model), torch.no_grad():
-            observer = (BlockObserver(run.sk.model, run.sk.layers[i], {}, Stat.SQ_SUM, st.device,
-                                      keep_windows=run.world.size > 1, expert_index=group) if owl else None)
-            with observer if observer is not None else _nothing():
-                for r, acc in zip(dense.routes, dense.sums):
-                    for local, e in enumerate(group):
-                        c = contribution(mod, r, e, local)
-                        if c is not None:
-                            acc.index_add_(0, c[1], c[0])
-                    if observer is not None:
-                        observer.close_batch()
-        del params
-        if observer is not None:
-            stats = reduce_stats(run.world, observer.results(check=False))
-            check_finite(stats, i, st.dtype)
+        stats = _observe_group(run, i, plan, group, group, stored, dense, Stat.SQ_SUM if owl else None, True)
+        if stats is not None:
             found = [(m, stats.obs[m.stat].stat) for m in
                      experts.prunable_keys(run.sk, i, run.sk.layers[i], stored, {}).values() if m.stat in stats.obs]
             t, n = score_sums((m.view(stored[m.key]).to(st.device), sq) for m, sq in found)
@@ -203,18 +187,15 @@ class _Pass:
         return [z + s.view(z.shape) for z, s in zip(self.outputs, self.sums)]
 
 
-def _dense_core(run: "PruneRun", i: int, layer: nn.Module, linears: dict[str, nn.Linear], calib: torch.Tensor
-                ) -> tuple[_Pass | None, BlockStats | None]:
-    """The dense core over the calibration states: the method's statistics of its linears, and its routing."""
+def _dense_core(run: "PruneRun", i: int, layer: nn.Module, watches: list[Watch], src: HiddenFile
+                ) -> tuple[_Pass, list[BlockStats]] | None:
+    """The dense core over the states `src`: the statistics `watches` ask of its linears, and its routing."""
     routing = Routing(layer.get_submodule(run.streamed[i].holder))
     outputs: list[torch.Tensor] = []
-    watches = [(run.method.stat, linears, False)] if run.cfg.masks_observe else []
     with routing.recording() as routes:
-        got = observe_all(run.st, i, layer, watches, run.hidden("calib", i, *calib.shape), run.cfg.batch_size,
-                          run.midblock_stop, world=run.world, on_output=lambda s, c, out: outputs.append(out))
-    if got is None:
-        return None, None
-    return _Pass(routes, outputs), (got[0] if watches else None)
+        got = observe_all(run.st, i, layer, watches, src, run.cfg.batch_size, run.midblock_stop, world=run.world,
+                          on_output=lambda s, c, out: outputs.append(out))
+    return None if got is None else (_Pass(routes, outputs), got)
 
 
 def _pruned_core(run: "PruneRun", i: int, layer: nn.Module, streams: dict[str, torch.Tensor]
@@ -308,7 +289,6 @@ def _prune_groups(run: "PruneRun", i: int, plan: Streamed, kept: list[int], dens
     stopped."""
     st, cfg = run.st, run.cfg
     new = {e: j for j, e in enumerate(kept)}
-    dense_mod = run.sk.layers[i].get_submodule(plan.holder)
     psk = st.skeleton(run.spec.widths)
     pruned_mod = psk.layers[i].get_submodule(plan.holder)
     sum_dense = dense is not None and not run.spec.drop_experts
@@ -317,7 +297,8 @@ def _prune_groups(run: "PruneRun", i: int, plan: Streamed, kept: list[int], dens
             return False
         stats = None
         if dense is not None and (cfg.masks_observe or sum_dense):
-            stats = _observe_group(run, i, plan, dense_mod, group, [new[e] for e in group], stored, dense, sum_dense)
+            stats = _observe_group(run, i, plan, group, [new[e] for e in group], stored, dense,
+                                   run.method.stat if cfg.masks_observe else None, sum_dense)
         # Renamed to the kept experts' new indices (the key names of those indices), as keep_experts renames.
         out = {plan.keys[new[e]][p]: stored[k] for e in group for p, k in enumerate(plan.keys[e])}
         del stored
@@ -336,16 +317,18 @@ def _prune_groups(run: "PruneRun", i: int, plan: Streamed, kept: list[int], dens
     return True
 
 
-def _observe_group(run: "PruneRun", i: int, plan: Streamed, mod: nn.Module, group: list[int], names: list[int],
-                   stored: dict[str, torch.Tensor], dense: _Pass, sum_dense: bool) -> BlockStats | None:
-    """The method's statistics of a group's experts (named by their kept indices `names`) on the dense routing,
-    in the whole block's micro-batches; with `sum_dense`, their contributions summed into the dense outputs."""
+def _observe_group(run: "PruneRun", i: int, plan: Streamed, group: list[int], names: list[int],
+                   stored: dict[str, torch.Tensor], dense: _Pass, kind: Stat | None, sum_dense: bool
+                   ) -> BlockStats | None:
+    """A group's experts (their stored tensors `stored`) run on the dense routing in the whole block's
+    micro-batches: their `kind` statistics (None: none), named by the indices `names`, summed over the ranks;
+    with `sum_dense`, their contributions summed into the dense outputs."""
+    mod = run.sk.layers[i].get_submodule(plan.holder)
     params = _group_params(run, run.sk, i, plan.holder, stored)
     with holding(mod, params, len(group)), experts.eager(run.sk.model), torch.no_grad():
-        observer = (BlockObserver(run.sk.model, run.sk.layers[i], {}, run.method.stat, run.st.device,
-                                  keep_windows=run.world.size > 1, expert_index=names)
-                    if run.cfg.masks_observe else None)
-        with observer if observer is not None else _nothing():
+        observer = (BlockObserver(run.sk.model, run.sk.layers[i], {}, kind, run.st.device,
+                                  keep_windows=run.world.size > 1, expert_index=names) if kind is not None else None)
+        with observer if observer is not None else contextlib.nullcontext():
             for r, acc in zip(dense.routes, dense.sums):
                 for local, e in enumerate(group):
                     got = contribution(mod, r, e, local)
@@ -367,14 +350,6 @@ def _add_contributions(mod: nn.Module, p: _Pass, group: list[int]) -> None:
             got = contribution(mod, r, e, local)
             if got is not None:
                 acc.index_add_(0, got[1], got[0])
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _write_states(run: "PruneRun", i: int, streams: dict[str, torch.Tensor], passes: dict[str, _Pass],
