@@ -332,8 +332,10 @@ class PruneRun:
             # Only the writer may hold block i's tensors now: kept here, they would stay resident
             # through block i+1 (a third block in RAM, beside block i+1 and the prefetch of i+2).
             del out, result, stored
-            if not self.cfg.prefetch:
-                # --no-prefetch: read, compute and write strictly in turn, the baseline the overlap beats.
+            if not self.cfg.prefetch or i in self.streamed:
+                # --no-prefetch: read, compute and write strictly in turn, the baseline the overlap beats. A block
+                # streaming its experts wrote its shard while it computed: recorded as done now, not after the
+                # next block (minutes of DeepSeek-V3 work a kill would otherwise redo).
                 self._finish_pending(pending, pending_state)
                 pending = pending_state = None
             state = new_state
