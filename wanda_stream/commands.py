@@ -300,15 +300,22 @@ def disk_needs(cfg: RunConfig, sk: Any, total_bytes: int, eval_windows: int) -> 
 
 
 def check_resources(cfg: RunConfig, sk: Any, total_bytes: int, block_tensor_bytes: list[list[int]],
-                    eval_windows: int, ranks_per_node: int = 1) -> None:
+                    eval_windows: int, ranks_per_node: int = 1, streamed: bool = False) -> None:
     """Refuse early, with numbers, when disk or memory cannot hold what the run needs (every rank of this
     node holds its own blocks, pinned on CUDA; the hidden states are shared out, so all ranks together
-    need what one would). `block_tensor_bytes`: every block's tensor sizes."""
+    need what one would). `block_tensor_bytes`: every block's tensor sizes held at once; `streamed`: some
+    block streams its experts."""
     el = torch.empty(0, dtype=cfg.dtype).element_size()
     hidden = sk.hidden_size()
     check_disk(disk_needs(cfg, sk, total_bytes, eval_windows))
     block = max((resources.block_host_bytes(b, cfg.device, el) for b in block_tensor_bytes), default=0)
     need_ram = resources.host_ram_needed(block, cfg.batch_size, cfg.seqlen, hidden, el, ranks_per_node)
+    if streamed and cfg.device == "cpu":
+        # A block streaming its experts keeps, per stream, the experts' inputs, the rest of the block's outputs
+        # and the experts' sums of every token (twice for the calibration: dense and pruned).
+        tokens = 2 * cfg.nsamples * cfg.seqlen if cfg.needs_calibration else 0
+        tokens += eval_windows * (cfg.eval_seqlen or cfg.seqlen) if cfg.eval_data else 0
+        need_ram += 3 * tokens * hidden * el
     avail = psutil.virtual_memory().available
     if need_ram > avail:
         pinned = " (pinned for the GPU, each tensor rounded up to a power of two)" if cfg.device != "cpu" else ""
@@ -516,15 +523,16 @@ def _will_write(args: argparse.Namespace, cfg: RunConfig) -> bool:
     return args.overwrite or not (args.resume and output_is_finished(cfg))
 
 
-def _held_blocks(cfg: RunConfig, sk: Any, ckpt: Any) -> list[list[int]]:
-    """Every block's stored tensor sizes held at once (a block streaming its experts holds a part)."""
+def _held_blocks(cfg: RunConfig, sk: Any, ckpt: Any) -> tuple[list[list[int]], bool]:
+    """Every block's stored tensor sizes held at once (a block streaming its experts holds a part), and
+    whether any block streams."""
     from wanda_stream.model.shrink import structure_of
     from wanda_stream.run.expert_groups import held_tensor_bytes, plan_streaming
 
     device = torch.device("cuda" if cfg.device.startswith("cuda") else "cpu")
     streamed = plan_streaming(ckpt, sk, structure_of(sk.model.config.model_type).experts, cfg.expert_group,
                               device, cfg.dtype)
-    return [held_tensor_bytes(ckpt, sk, i, streamed.get(i)) for i in range(sk.n_layers)]
+    return [held_tensor_bytes(ckpt, sk, i, streamed.get(i)) for i in range(sk.n_layers)], bool(streamed)
 
 
 def _prepare_locked(args: argparse.Namespace, world: World) -> RunConfig | None:
@@ -536,8 +544,8 @@ def _prepare_locked(args: argparse.Namespace, world: World) -> RunConfig | None:
     cfg, (fp, sk, ckpt) = build_prune_config(args, world.size)
     if _will_write(args, cfg):
         # Before prepare() creates the run: a refusal here leaves nothing behind to --resume or --overwrite.
-        blocks = _held_blocks(cfg, sk, ckpt)
-        check_resources(cfg, sk, ckpt.total_bytes(), blocks, cfg.eval_windows or 0, world.local_size)
+        blocks, streamed = _held_blocks(cfg, sk, ckpt)
+        check_resources(cfg, sk, ckpt.total_bytes(), blocks, cfg.eval_windows or 0, world.local_size, streamed)
     card = card_facts(args.hub_id, Path(cfg.model_dir), card_command(args.argv))
     own = own_files(Path(cfg.model_dir), sk.n_layers - cfg.drop_blocks)
     if not prepare(cfg, fp, args.resume, args.overwrite, own, card):
