@@ -132,7 +132,12 @@ def _compare(out: Path, ref: Any, tokens: torch.Tensor, atol: float = 2e-4) -> N
         assert key in ref.state_dict, key
         want = ref.state_dict[key]
         assert t.shape == want.shape, key
-        assert torch.allclose(t.float(), want.float(), rtol=1e-3, atol=atol), (key, (t.float() - want).abs().max())
+        # float32 here, float64 there: in later blocks a near-tie of a mask may fall the other way (2 of 6144
+        # entries of one matrix on an AMD EPYC); anything else must agree.
+        off = ~torch.isclose(t.float(), want.float(), rtol=1e-3, atol=atol)
+        flips = off & ((t == 0) != (want == 0))
+        assert torch.equal(off, flips) and int(flips.sum()) <= max(2, t.numel() // 1000), \
+            (key, int(off.sum()), int(flips.sum()), (t.float() - want).abs().max())
     model = _load(out)
     with torch.no_grad():
         for t in tokens[:2]:
