@@ -79,18 +79,19 @@ def plan_streaming(ckpt: Checkpoint, sk: Skeleton, family: Experts | None, reque
         if not holders:
             continue
         why = _not_streamable(sk, family, holders)
-        found = None if why else _expert_keys(sk, i, next(iter(holders)), family.router, ckpt.keys())  # type: ignore[union-attr]
-        if found is None:
+        found = None if why or family is None else _expert_keys(sk, i, next(iter(holders)), family.router,
+                                                                  ckpt.keys())
+        if found is None or family is None:
             if requested is not None:
                 raise InputError(f"--expert-group {requested}: {why or 'the experts are stored fused on disk'}; "
                                  "their groups cannot be read apart (use --expert-group 0)")
             continue
         holder, keys = found
-        per_expert = sum(_numel(ckpt, k) for k in keys[0]) * size
+        per_expert = sum(torch.Size(ckpt.tensors[k].shape).numel() for k in keys[0]) * size
         if requested is None and per_expert * len(keys) * STREAM_SHARE <= _device_memory(device):
             continue
         group = requested or max(1, GROUP_BYTES // max(per_expert, 1))
-        out[i] = Streamed(holder, family.router, keys, min(group, len(keys)))  # type: ignore[union-attr]
+        out[i] = Streamed(holder, family.router, keys, min(group, len(keys)))
     return out
 
 
@@ -128,13 +129,6 @@ def _expert_keys(sk: Skeleton, i: int, holder: str, router: str, keys: list[str]
     if any(len(part) != n for part in tensors.per_expert):
         return None
     return holder, tuple(tuple(part[e] for part in tensors.per_expert) for e in range(n))
-
-
-def _numel(ckpt: Checkpoint, key: str) -> int:
-    n = 1
-    for d in ckpt.tensors[key].shape:
-        n *= int(d)
-    return n
 
 
 def _device_memory(device: torch.device) -> int:

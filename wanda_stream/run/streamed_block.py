@@ -2,8 +2,9 @@
 
 `prune_streamed` is the streamed counterpart of `PruneRun._block`: the same statistics, masks, REAP
 choice, records and next-block inputs, with the block's shard written while its groups are computed
-instead of after. Supported: every method's masks, --drop-experts, the evaluation streams and the
-block's output error; the rest is refused before any work (`refusal`).
+instead of after; `profile_streamed` is its counterpart in the pass over the dense model (OWL,
+--drop-blocks). Supported: every method's masks, --drop-experts, the evaluation streams and the block's
+output error; the rest is refused before any work (`refusal`).
 """
 
 from __future__ import annotations
@@ -247,6 +248,9 @@ def _score(run: "PruneRun", i: int, plan: Streamed, dense: _Pass, t_read: list[f
     dense outputs on the way): the kept experts and the plan's record; None when stopped."""
     n = plan.n_experts
     windows = sum(z.shape[0] for z in dense.outputs)
+    first = [0]  # each micro-batch's first window
+    for z in dense.outputs[:-1]:
+        first.append(first[-1] + z.shape[0])
     sums = torch.zeros(windows, n, dtype=torch.float64)
     counts = torch.zeros(windows, n, dtype=torch.int64)
     mod = run.sk.layers[i].get_submodule(plan.holder)
@@ -255,19 +259,13 @@ def _score(run: "PruneRun", i: int, plan: Streamed, dense: _Pass, t_read: list[f
             return None
         params = _group_params(run, run.sk, i, plan.holder, stored)
         with holding(mod, params, len(group)), experts.eager(run.sk.model), torch.no_grad():
-            first = 0
-            for r, acc, z in zip(dense.routes, dense.sums, dense.outputs):
-                per_window = z.shape[1]
-                for local, e in enumerate(group):
-                    got = contribution(mod, r, e, local)
-                    if got is None:
-                        continue
-                    y, token = got
-                    acc.index_add_(0, token, y)
-                    window = (token // per_window + first).cpu()
-                    sums[:, e].index_add_(0, window, torch.linalg.vector_norm(y.double(), dim=-1).cpu())
-                    counts[:, e].index_add_(0, window, torch.ones_like(window))
-                first += z.shape[0]
+            for mb, e, y, token in _contributions(mod, dense, group):
+                if y is None:
+                    continue
+                dense.sums[mb].index_add_(0, token, y)
+                window = (token // dense.outputs[mb].shape[1] + first[mb]).cpu()
+                sums[:, e].index_add_(0, window, torch.linalg.vector_norm(y.double(), dim=-1).cpu())
+                counts[:, e].index_add_(0, window, torch.ones_like(window))
         del params
     total_s, total_c = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.int64)
     for part_s, part_c in run.world.gather((sums, counts)):  # rank order, then window order: as a whole block adds
@@ -329,12 +327,10 @@ def _observe_group(run: "PruneRun", i: int, plan: Streamed, group: list[int], na
         observer = (BlockObserver(run.sk.model, run.sk.layers[i], {}, kind, run.st.device,
                                   keep_windows=run.world.size > 1, expert_index=names) if kind is not None else None)
         with observer if observer is not None else contextlib.nullcontext():
-            for r, acc in zip(dense.routes, dense.sums):
-                for local, e in enumerate(group):
-                    got = contribution(mod, r, e, local)
-                    if got is not None and sum_dense:
-                        acc.index_add_(0, got[1], got[0])
-                if observer is not None:
+            for mb, e, y, token in _contributions(mod, dense, group):
+                if y is not None and sum_dense:
+                    dense.sums[mb].index_add_(0, token, y)
+                if observer is not None and e == group[-1]:  # the micro-batch's last expert: it ends
                     observer.close_batch()
     if observer is None:
         return None
@@ -343,13 +339,22 @@ def _observe_group(run: "PruneRun", i: int, plan: Streamed, group: list[int], na
     return stats
 
 
-def _add_contributions(mod: nn.Module, p: _Pass, group: list[int]) -> None:
-    """The group's (held at local indices 0..) contributions on pass `p`'s routing, summed into its sums."""
-    for r, acc in zip(p.routes, p.sums):
+def _contributions(mod: nn.Module, p: _Pass, group: list[int]
+                   ) -> Iterator[tuple[int, int, torch.Tensor | None, torch.Tensor | None]]:
+    """Per micro-batch of pass `p` and expert e of `group` (held at local indices 0..): (micro-batch, e, its
+    weighted outputs, their token rows), (mb, e, None, None) for an expert without a token; in expert order
+    within a micro-batch, as the whole block's experts loop adds them."""
+    for mb, r in enumerate(p.routes):
         for local, e in enumerate(group):
             got = contribution(mod, r, e, local)
-            if got is not None:
-                acc.index_add_(0, got[1], got[0])
+            yield (mb, e, *got) if got is not None else (mb, e, None, None)
+
+
+def _add_contributions(mod: nn.Module, p: _Pass, group: list[int]) -> None:
+    """The group's contributions on pass `p`'s routing, summed into its sums."""
+    for mb, _, y, token in _contributions(mod, p, group):
+        if y is not None:
+            p.sums[mb].index_add_(0, token, y)
 
 
 def _write_states(run: "PruneRun", i: int, streams: dict[str, torch.Tensor], passes: dict[str, _Pass],
@@ -386,6 +391,7 @@ def _shard_items(run: "PruneRun", plan: Streamed, core: dict[str, torch.Tensor],
 
 
 def _stored_bytes(run: "PruneRun", plan: Streamed, experts_held: int) -> int:
+    """Bytes of `experts_held` experts' tensors as read (dequantized: the presented dtype, not the file's)."""
     infos = run.ckpt.tensors
     one = sum(torch.Size(infos[k].shape).numel() * torch.empty(0, dtype=infos[k].dtype).element_size()
               for k in plan.keys[0])
