@@ -37,10 +37,11 @@ def test_dry_run_runs_every_step(tmp_path: Path) -> None:
     r = _bench(tmp_path, "--dry-run")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rows = _rows(r.stdout)
-    steps = ["cuda-tests", "generate", "wanda-7b", "eval", "sparsegpt", "wanda-owl", "wanda", "resume", "torchrun",
+    steps = ["cuda-tests", "features", "generate", "wanda-7b", "eval", "sparsegpt", "wanda-owl", "wanda", "resume", "torchrun",
              "2:4", "masks"]
     assert list(rows) == steps, r.stdout
     assert all(rows[s][1] == "ok" for s in steps if s != "2:4"), r.stdout
+    assert "skipped" in rows["features"][3]  # the GPU-against-CPU cases need a card
     assert rows["2:4"][1] == "needs CUDA" and "needs a CUDA device" in rows["2:4"][-1]
     assert rows["resume"][3] == "identical bytes" and rows["torchrun"][3] == "identical to 1 process"
     assert rows["masks"][3].count("1.00000") == 4  # CPU against CPU: every mask entry agrees

@@ -7,6 +7,8 @@ total; a step that fails or runs out of time is a row saying so, and the next st
 Steps, on a llama-2-7b-shaped bf16 checkpoint of random weights (generated on the GPU) and pydoc
 text (the paper's C4 needs the hub; the shapes and token counts are the paper's):
   cuda-tests   the CUDA tests (tests/test_cuda.py, test_checkpoint.py, test_cuda_path.py)
+  features     tests/test_cuda_features.py: every method, structural step, MoE streaming and REAP, a sweep
+               and a killed streamed run on the GPU against the CPU, on tiny checkpoints
   generate     the 32-block checkpoint, a 4-block one of the same shape, a 2-block one for the CPU
   wanda-7b     50% wanda, 128 x 2048 tokens, --compute-dtype auto (bf16), streamed perplexity in the
                same pass; time per block split into read, compute and write; peaks
@@ -64,10 +66,10 @@ class Plan:
 
 
 GPU = Plan("cuda", "llama-2-7b", 4, 2, 128, 2048, 8, 16, 8, 512, 570,
-           {"cuda-tests": 120, "generate": 150, "wanda-7b": 150, "eval": 60, "sparsegpt": 90, "wanda-owl": 60,
+           {"cuda-tests": 120, "features": 120, "generate": 150, "wanda-7b": 150, "eval": 60, "sparsegpt": 90, "wanda-owl": 60,
             "wanda": 40, "resume": 70, "torchrun": 90, "2:4": 90, "masks": 150})
 DRY = Plan("cpu", "tiny-llama", None, None, 4, 64, 2, 2, 4, 64, 300,
-           {"cuda-tests": 60, "generate": 60, "wanda-7b": 60, "eval": 60, "sparsegpt": 60, "wanda-owl": 60,
+           {"cuda-tests": 60, "features": 60, "generate": 60, "wanda-7b": 60, "eval": 60, "sparsegpt": 60, "wanda-owl": 60,
             "wanda": 60, "resume": 60, "torchrun": 90, "2:4": 60, "masks": 120})
 
 
@@ -160,13 +162,20 @@ def mask_agreement(a: Path, b: Path) -> tuple[float, float, int]:
 
 
 # ---- the steps ----------------------------------------------------------------------------
-def step_cuda_tests(b: Bench) -> None:
-    files = ["tests/test_cuda.py"] if b.plan.device == "cpu" else \
-        ["tests/test_cuda.py", "tests/test_checkpoint.py", "tests/test_cuda_path.py"]
-    r = b.run("cuda-tests", [b.py, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *files], b.plan.limits["cuda-tests"])
-    log = (b.work / "cuda-tests.log").read_text(errors="replace").strip().splitlines()
+def _pytest_step(b: Bench, step: str, files: list[str]) -> None:
+    r = b.run(step, [b.py, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *files], b.plan.limits[step])
+    log = (b.work / f"{step}.log").read_text(errors="replace").strip().splitlines()
     summary = log[-1].strip("= ") if log else ""
-    b.add("cuda-tests", "ok" if r["exit"] == 0 else r["status"], r["wall_s"], summary, " ".join(files), rss=r["peak_rss_bytes"])
+    b.add(step, "ok" if r["exit"] == 0 else r["status"], r["wall_s"], summary, " ".join(files), rss=r["peak_rss_bytes"])
+
+
+def step_cuda_tests(b: Bench) -> None:
+    _pytest_step(b, "cuda-tests", ["tests/test_cuda.py"] if b.plan.device == "cpu" else
+                 ["tests/test_cuda.py", "tests/test_checkpoint.py", "tests/test_cuda_path.py"])
+
+
+def step_features(b: Bench) -> None:
+    _pytest_step(b, "features", ["tests/test_cuda_features.py"])  # skipped on the dry run's CPU
 
 
 def _config_json(b: Bench, layers: int, where: Path) -> Path:
@@ -340,12 +349,12 @@ def step_masks(b: Bench) -> None:
 
 
 STEPS: list[tuple[str, Callable[[Bench], None]]] = [
-    ("cuda-tests", step_cuda_tests), ("generate", step_generate), ("wanda-7b", step_wanda_7b), ("eval", step_eval),
+    ("cuda-tests", step_cuda_tests), ("features", step_features), ("generate", step_generate), ("wanda-7b", step_wanda_7b), ("eval", step_eval),
     ("sparsegpt", step_sparsegpt), ("wanda-owl", step_owl), ("wanda", step_wanda_small), ("resume", step_resume),
     ("torchrun", step_torchrun), ("2:4", step_2of4), ("masks", step_masks),
 ]
 # Steps that need the checkpoints: skipped when the generation failed.
-NEEDS_MODEL = {name for name, _ in STEPS} - {"cuda-tests", "generate", "2:4"}
+NEEDS_MODEL = {name for name, _ in STEPS} - {"cuda-tests", "features", "generate", "2:4"}
 
 
 # ---- the table ------------------------------------------------------------------------------
