@@ -10,7 +10,7 @@ import sys
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import psutil
 import torch
@@ -38,6 +38,9 @@ from wanda_stream.run.resources import (
 from wanda_stream.storage.state import (
     REPORT_NAME, RUN_FILE, RunLock, StopFlag, WorkDir, checkpoint_fingerprint, resume_command,
 )
+
+if TYPE_CHECKING:
+    from wanda_stream.run.prune import PruneRun
 
 
 def build_prune_config(args: argparse.Namespace, world_size: int = 1) -> tuple[RunConfig, Any]:
@@ -469,30 +472,12 @@ def _check_sweep_disk(subs: list[argparse.Namespace], world: World) -> None:
 def _run_sweep(args: argparse.Namespace, stop: StopFlag,
                opened: list[tuple[argparse.Namespace, RunLock | None, RunConfig]], world: World
                ) -> tuple[list[dict | None], int]:
-    from wanda_stream.run.prune import PruneRun
     from wanda_stream.run.sweep import blocks_read, run_lockstep
 
-    progresses = [_progress(sub, cfg, world, f"prune {sub.sweep_name}") for sub, _, cfg in opened]
-    try:
-        if world.any(stop.requested):
-            raise Interrupted("stopped before the first block")
-        runs = [PruneRun(cfg, progress, stop, world) for (_, _, cfg), progress in zip(opened, progresses)]
-        reports = run_lockstep(runs)
-    except Interrupted as e:
-        resume = shlex.join(["wanda-stream", *args.argv, *([] if args.resume else ["--resume"])])
-        raise Interrupted(f"{e}; the sweep's state is saved in each configuration's work dir. "
-                          f"Resume with: {resume}") from None
-    except InputError:
-        if world.main:
-            for _, _, cfg in opened:
-                WorkDir(Path(cfg.work_dir)).discard_if_unstarted(Path(cfg.output_dir))
-        raise
-    finally:
-        for progress in progresses:
-            progress.close()
-    for (sub, _, cfg), report in zip(opened, reports):
-        if report is not None:
-            _summary(sub, cfg, report)
+    resume = shlex.join(["wanda-stream", *args.argv, *([] if args.resume else ["--resume"])])
+    reports, runs = _run_prunes([(sub, cfg, f"prune {sub.sweep_name}") for sub, _, cfg in opened], stop, world,
+                                f"the sweep's state is saved in each configuration's work dir. Resume with: {resume}",
+                                run_lockstep)
     return reports, blocks_read(runs)
 
 
@@ -561,24 +546,38 @@ def card_facts(hub_id: str | None, model_dir: Path, command: str) -> CardFacts:
 
 
 def _run_locked(args: argparse.Namespace, stop: StopFlag, cfg: RunConfig, world: World) -> int:
+    _run_prunes([(args, cfg, "prune")], stop, world,
+                f"state saved in {cfg.work_dir}. Resume with: {resume_command(cfg)}", lambda runs: [runs[0].run()])
+    return 0
+
+
+def _run_prunes(jobs: list[tuple[argparse.Namespace, RunConfig, str]], stop: StopFlag, world: World, saved: str,
+                go: Callable[[list[PruneRun]], list[dict | None]]) -> tuple[list[dict | None], list[PruneRun]]:
+    """The prepared runs `jobs` (arguments, config, progress label) run by `go`, and a summary of each that
+    finished. An interruption says `saved` (where the state is, how to resume); a refusal discards the
+    runs that had not started, so that nothing is left to --resume."""
     from wanda_stream.run.prune import PruneRun
 
-    progress = _progress(args, cfg, world, "prune")
+    progresses = [_progress(sub, cfg, world, desc) for sub, cfg, desc in jobs]
     try:
         if world.any(stop.requested):
             raise Interrupted("stopped before the first block")
-        report = PruneRun(cfg, progress, stop, world).run()
+        runs = [PruneRun(cfg, progress, stop, world) for (_, cfg, _), progress in zip(jobs, progresses)]
+        reports = go(runs)
     except Interrupted as e:
-        raise Interrupted(f"{e}; state saved in {cfg.work_dir}. Resume with: {resume_command(cfg)}") from None
+        raise Interrupted(f"{e}; {saved}") from None
     except InputError:
         if world.main:
-            WorkDir(Path(cfg.work_dir)).discard_if_unstarted(Path(cfg.output_dir))
+            for _, cfg, _ in jobs:
+                WorkDir(Path(cfg.work_dir)).discard_if_unstarted(Path(cfg.output_dir))
         raise
     finally:
-        progress.close()
-    if report is not None:
-        _summary(args, cfg, report)
-    return 0
+        for progress in progresses:
+            progress.close()
+    for (sub, cfg, _), report in zip(jobs, reports):
+        if report is not None:
+            _summary(sub, cfg, report)
+    return reports, runs
 
 
 def _progress(args: argparse.Namespace, cfg: RunConfig, world: World, desc: str) -> Progress:
