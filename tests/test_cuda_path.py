@@ -291,3 +291,28 @@ def test_token_scores_copy_back_once(monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(copies) == 1  # four chunks, one synchronisation
     assert torch.equal(logp, whole[0]) and torch.equal(greedy, whole[1]) and greedy.dtype == torch.bool
     assert torch.equal(logp, torch.log_softmax(hidden * 3, -1).gather(1, targets[:, None])[:, 0])
+
+
+# ---- the newer code (structured plans, REAP, ranks, --reconstruct): device of the statistics vs the host --
+# On a CPU run the statistics and the stored tensors share one device; on CUDA the statistics are on the card
+# and the stored tensors on the host. The meta device stands in for the card here: an op that mixes it with a
+# CPU tensor raises as CUDA would, and the host syncs that read a value (float(t), int(t)) get a placeholder.
+@pytest.fixture
+def meta_scalars(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in (("__float__", 1.0), ("__int__", 0)):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, real=real, value=value: value if self.is_meta else real(self))
+
+
+def test_structured_plans_compute_on_the_statistics_device(meta_scalars: None) -> None:
+    """--drop-ffn/--drop-heads: the scores and the refit run where the observations are (the card), on the
+    stored weight read on the host; the refit comes back on the card for widths to move home."""
+    from wanda_stream.methods import plans
+
+    w = torch.randn(3, 6)  # the stored consumer weight, on the host
+    assert plans.channel_scores(torch.ones(6, device="meta"), w).device.type == "meta"
+    assert plans.head_scores(torch.ones(6, device="meta"), w, 2).device.type == "meta"
+    stats = plans.InputStats(torch.ones(6, device="meta"), torch.ones(6, 6, device="meta"))
+    fit = plans.fit_consumer(w, stats, torch.tensor([0, 2, 3, 5]))
+    assert fit.weight.device.type == "meta" and tuple(fit.weight.shape) == (3, 4)
+
