@@ -316,3 +316,28 @@ def test_structured_plans_compute_on_the_statistics_device(meta_scalars: None) -
     fit = plans.fit_consumer(w, stats, torch.tensor([0, 2, 3, 5]))
     assert fit.weight.device.type == "meta" and tuple(fit.weight.shape) == (3, 4)
 
+
+def test_a_rank_without_observations_reduces_on_the_compute_device() -> None:
+    """A rank none of whose tokens reached a streamed group's experts has no observation: its share of the
+    sums (NCCL needs CUDA tensors) and the totals it prunes with are on the compute device all the same."""
+    from wanda_stream.methods import Observation, Stat
+    from wanda_stream.methods.observe import BlockStats, reduce_stats
+
+    other = [{"groups": {"e[0]": "e[0]", "e[1]": "e[1]"}, "kinds": {"e[0]": "sq_sum", "e[1]": "gram"},
+              "widths": {"e[0]": 4, "e[1]": 4}, "tokens": {"e[0]": 3, "e[1]": 5}, "experts": {}},
+             {"e[0]": [torch.ones(1, 4, dtype=torch.float64)]}]
+    summed: list[torch.device] = []
+
+    class Ranks(World):
+        def gather(self, obj: object) -> list:
+            return [obj, other.pop(0)]
+
+        def sum_(self, t: torch.Tensor) -> torch.Tensor:
+            summed.append(t.device)
+            return t
+
+    got = reduce_stats(Ranks(rank=0, size=2), BlockStats({}), torch.device("meta"))
+    assert {n: o.stat.device.type for n, o in got.obs.items()} == {"e[0]": "meta", "e[1]": "meta"}
+    assert [d.type for d in summed] == ["meta"] and got.obs["e[1]"].tokens == 5
+    assert isinstance(got.obs["e[0]"], Observation) and got.obs["e[0]"].kind is Stat.SQ_SUM
+
