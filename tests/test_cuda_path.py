@@ -341,3 +341,22 @@ def test_a_rank_without_observations_reduces_on_the_compute_device() -> None:
     assert [d.type for d in summed] == ["meta"] and got.obs["e[1]"].tokens == 5
     assert isinstance(got.obs["e[0]"], Observation) and got.obs["e[0]"].kind is Stat.SQ_SUM
 
+
+def test_reap_sums_are_made_on_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    """REAP's per-window sums of contribution norms: added on the host, in slot order, not by CUDA's float
+    index_add_, whose atomics add a slot's tokens in no fixed order (other bits on every run and resume)."""
+    from wanda_stream.methods.observe import ExpertSaliency
+
+    added: list[str] = []
+    real_add, real_cpu = torch.Tensor.index_add_, torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "index_add_", lambda self, *a: (added.append(self.device.type), real_add(self, *a))[1])
+    # The card's tensors arrive as zeros: only where the additions run is checked here.
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda self: torch.zeros(self.shape, dtype=self.dtype) if self.is_meta
+                        else real_cpu(self))
+    sal = ExpertSaliency({"mlp.experts": 4})
+    meta = {"device": "meta"}
+    sal._add("mlp.experts", torch.ones(6, 2, dtype=torch.float64, **meta), torch.zeros(6, 2, dtype=torch.int64, **meta),
+             torch.zeros(6, 2, dtype=torch.int64, **meta), 2, 4)
+    assert added == ["cpu", "cpu"]
+    assert sal.sums["mlp.experts"][0].device.type == "cpu" and tuple(sal.counts["mlp.experts"][0].shape) == (2, 4)
+

@@ -280,12 +280,13 @@ class ExpertSaliency:
 
     def _add(self, name: str, norms: torch.Tensor, routed: torch.Tensor, window: torch.Tensor, b: int,
              n_exp: int) -> None:
-        slot = (window * n_exp + routed).flatten()
-        sums = torch.zeros(b * n_exp, dtype=torch.float64, device=norms.device).index_add_(0, slot, norms.flatten())
-        counts = torch.zeros(b * n_exp, dtype=torch.int64, device=norms.device).index_add_(
-            0, slot, torch.ones_like(slot))
-        self.sums[name].append(sums.view(b, n_exp).cpu())
-        self.counts[name].append(counts.view(b, n_exp).cpu())
+        # Summed on the host: a float index_add_ on CUDA adds a slot's many tokens by atomics in no fixed
+        # order, so the sums (and a near tie in REAP's choice) would change from run to run and on a resume.
+        slot = (window * n_exp + routed).flatten().cpu()
+        sums = torch.zeros(b * n_exp, dtype=torch.float64).index_add_(0, slot, norms.flatten().cpu())
+        counts = torch.zeros(b * n_exp, dtype=torch.int64).index_add_(0, slot, torch.ones_like(slot))
+        self.sums[name].append(sums.view(b, n_exp))
+        self.counts[name].append(counts.view(b, n_exp))
 
     def results(self, world: World) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Per experts module, (summed contribution norms, routed token counts) over every rank's windows,
