@@ -7,7 +7,10 @@ background threads; a run resumes on another card index; float16 checkpoints com
 where the card has it, and non-finite statistics stop the run naming the block; the report's CUDA
 peaks are reset at the start, read at the end, allocated and reserved, the maximum over ranks; the
 RAM preflight counts pinned blocks as the allocator rounds them, and the pinned pool is bounded;
-the head's chunks are sized from free device memory and come back in one copy.
+the head's chunks are sized from free device memory and come back in one copy. And the code written
+since, where the compute device and the host differ (the meta device stands in for the card): structured
+plans computed where the statistics are, ranks without observations reducing on the compute device,
+REAP's sums made on the host, --reconstruct's fit under deterministic attention.
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ from __future__ import annotations
 import datetime
 import gc
 import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -360,3 +365,43 @@ def test_reap_sums_are_made_on_the_host(monkeypatch: pytest.MonkeyPatch) -> None
     assert added == ["cpu", "cpu"]
     assert sal.sums["mlp.experts"][0].device.type == "cpu" and tuple(sal.counts["mlp.experts"][0].shape) == (2, 4)
 
+
+def test_reconstruct_fits_under_deterministic_attention(tiny_model: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """--reconstruct on CUDA: the fit's forward and backward run attention by the math kernel (the fused
+    kernels' backward adds by atomics: other fitted bytes on every run); the CPU's kernels stay as they are."""
+    import contextlib
+
+    from wanda_stream.methods import reconstruct
+    from wanda_stream.run import prune
+
+    cuda = torch.backends.cuda
+    with reconstruct.fit_attention(torch.device("cuda", 1)):
+        assert cuda.math_sdp_enabled() and not (cuda.flash_sdp_enabled() or cuda.mem_efficient_sdp_enabled()
+                                                or cuda.cudnn_sdp_enabled())
+    assert cuda.flash_sdp_enabled() and cuda.mem_efficient_sdp_enabled()  # restored after the fit
+    with reconstruct.fit_attention(torch.device("cpu")):
+        assert cuda.flash_sdp_enabled() and cuda.mem_efficient_sdp_enabled()
+    inside: list[torch.device] = []  # the device of the fit_attention context entered, while in it
+    fits: list[torch.device] = []
+
+    @contextlib.contextmanager
+    def recorded(device: torch.device) -> Iterator[None]:
+        inside.append(device)
+        try:
+            yield
+        finally:
+            inside.pop()
+
+    def fit(*args: Any, **kwargs: Any) -> Any:
+        assert inside, "fit_block ran outside fit_attention"
+        fits.append(inside[-1])
+        return real_fit(*args, **kwargs)
+
+    real_fit = prune.fit_block
+    monkeypatch.setattr(prune, "fit_attention", recorded)
+    monkeypatch.setattr(prune, "fit_block", fit)
+    assert main(["prune", str(tiny_model), str(tmp_path / "out"), "--calib", "pydoc", "--nsamples", "2", "--seqlen",
+                 "32", "--device", "cpu", "--batch-size", "1", "--reconstruct", "--reconstruct-epochs", "1",
+                 "--quiet"]) == 0
+    assert fits and {d.type for d in fits} == {"cpu"}  # every block's fit, under the run's device
