@@ -7,7 +7,10 @@ background threads; a run resumes on another card index; float16 checkpoints com
 where the card has it, and non-finite statistics stop the run naming the block; the report's CUDA
 peaks are reset at the start, read at the end, allocated and reserved, the maximum over ranks; the
 RAM preflight counts pinned blocks as the allocator rounds them, and the pinned pool is bounded;
-the head's chunks are sized from free device memory and come back in one copy.
+the head's chunks are sized from free device memory and come back in one copy. And the code written
+since, where the compute device and the host differ (the meta device stands in for the card): structured
+plans computed where the statistics are, ranks without observations reducing on the compute device,
+REAP's sums made on the host, --reconstruct's fit under deterministic attention.
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ from __future__ import annotations
 import datetime
 import gc
 import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -291,3 +296,112 @@ def test_token_scores_copy_back_once(monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(copies) == 1  # four chunks, one synchronisation
     assert torch.equal(logp, whole[0]) and torch.equal(greedy, whole[1]) and greedy.dtype == torch.bool
     assert torch.equal(logp, torch.log_softmax(hidden * 3, -1).gather(1, targets[:, None])[:, 0])
+
+
+# ---- the newer code (structured plans, REAP, ranks, --reconstruct): device of the statistics vs the host --
+# On a CPU run the statistics and the stored tensors share one device; on CUDA the statistics are on the card
+# and the stored tensors on the host. The meta device stands in for the card here: an op that mixes it with a
+# CPU tensor raises as CUDA would, and the host syncs that read a value (float(t), int(t)) get a placeholder.
+@pytest.fixture
+def meta_scalars(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in (("__float__", 1.0), ("__int__", 0)):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, real=real, value=value: value if self.is_meta else real(self))
+
+
+def test_structured_plans_compute_on_the_statistics_device(meta_scalars: None) -> None:
+    """--drop-ffn/--drop-heads: the scores and the refit run where the observations are (the card), on the
+    stored weight read on the host; the refit comes back on the card for widths to move home."""
+    from wanda_stream.methods import plans
+
+    w = torch.randn(3, 6)  # the stored consumer weight, on the host
+    assert plans.channel_scores(torch.ones(6, device="meta"), w).device.type == "meta"
+    assert plans.head_scores(torch.ones(6, device="meta"), w, 2).device.type == "meta"
+    stats = plans.InputStats(torch.ones(6, device="meta"), torch.ones(6, 6, device="meta"))
+    fit = plans.fit_consumer(w, stats, torch.tensor([0, 2, 3, 5]))
+    assert fit.weight.device.type == "meta" and tuple(fit.weight.shape) == (3, 4)
+
+
+def test_a_rank_without_observations_reduces_on_the_compute_device() -> None:
+    """A rank none of whose tokens reached a streamed group's experts has no observation: its share of the
+    sums (NCCL needs CUDA tensors) and the totals it prunes with are on the compute device all the same."""
+    from wanda_stream.methods import Observation, Stat
+    from wanda_stream.methods.observe import BlockStats, reduce_stats
+
+    other = [{"groups": {"e[0]": "e[0]", "e[1]": "e[1]"}, "kinds": {"e[0]": "sq_sum", "e[1]": "gram"},
+              "widths": {"e[0]": 4, "e[1]": 4}, "tokens": {"e[0]": 3, "e[1]": 5}, "experts": {}},
+             {"e[0]": [torch.ones(1, 4, dtype=torch.float64)]}]
+    summed: list[torch.device] = []
+
+    class Ranks(World):
+        def gather(self, obj: object) -> list:
+            return [obj, other.pop(0)]
+
+        def sum_(self, t: torch.Tensor) -> torch.Tensor:
+            summed.append(t.device)
+            return t
+
+    got = reduce_stats(Ranks(rank=0, size=2), BlockStats({}), torch.device("meta"))
+    assert {n: o.stat.device.type for n, o in got.obs.items()} == {"e[0]": "meta", "e[1]": "meta"}
+    assert [d.type for d in summed] == ["meta"] and got.obs["e[1]"].tokens == 5
+    assert isinstance(got.obs["e[0]"], Observation) and got.obs["e[0]"].kind is Stat.SQ_SUM
+
+
+def test_reap_sums_are_made_on_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    """REAP's per-window sums of contribution norms: added on the host, in slot order, not by CUDA's float
+    index_add_, whose atomics add a slot's tokens in no fixed order (other bits on every run and resume)."""
+    from wanda_stream.methods.observe import ExpertSaliency
+
+    added: list[str] = []
+    real_add, real_cpu = torch.Tensor.index_add_, torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "index_add_", lambda self, *a: (added.append(self.device.type), real_add(self, *a))[1])
+    # The card's tensors arrive as zeros: only where the additions run is checked here.
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda self: torch.zeros(self.shape, dtype=self.dtype) if self.is_meta
+                        else real_cpu(self))
+    sal = ExpertSaliency({"mlp.experts": 4})
+    meta = {"device": "meta"}
+    sal._add("mlp.experts", torch.ones(6, 2, dtype=torch.float64, **meta), torch.zeros(6, 2, dtype=torch.int64, **meta),
+             torch.zeros(6, 2, dtype=torch.int64, **meta), 2, 4)
+    assert added == ["cpu", "cpu"]
+    assert sal.sums["mlp.experts"][0].device.type == "cpu" and tuple(sal.counts["mlp.experts"][0].shape) == (2, 4)
+
+
+def test_reconstruct_fits_under_deterministic_attention(tiny_model: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """--reconstruct on CUDA: the fit's forward and backward run attention by the math kernel (the fused
+    kernels' backward adds by atomics: other fitted bytes on every run); the CPU's kernels stay as they are."""
+    import contextlib
+
+    from wanda_stream.methods import reconstruct
+    from wanda_stream.run import prune
+
+    cuda = torch.backends.cuda
+    with reconstruct.fit_attention(torch.device("cuda", 1)):
+        assert cuda.math_sdp_enabled() and not (cuda.flash_sdp_enabled() or cuda.mem_efficient_sdp_enabled()
+                                                or cuda.cudnn_sdp_enabled())
+    assert cuda.flash_sdp_enabled() and cuda.mem_efficient_sdp_enabled()  # restored after the fit
+    with reconstruct.fit_attention(torch.device("cpu")):
+        assert cuda.flash_sdp_enabled() and cuda.mem_efficient_sdp_enabled()
+    inside: list[torch.device] = []  # the device of the fit_attention context entered, while in it
+    fits: list[torch.device] = []
+
+    @contextlib.contextmanager
+    def recorded(device: torch.device) -> Iterator[None]:
+        inside.append(device)
+        try:
+            yield
+        finally:
+            inside.pop()
+
+    def fit(*args: Any, **kwargs: Any) -> Any:
+        assert inside, "fit_block ran outside fit_attention"
+        fits.append(inside[-1])
+        return real_fit(*args, **kwargs)
+
+    real_fit = prune.fit_block
+    monkeypatch.setattr(prune, "fit_attention", recorded)
+    monkeypatch.setattr(prune, "fit_block", fit)
+    assert main(["prune", str(tiny_model), str(tmp_path / "out"), "--calib", "pydoc", "--nsamples", "2", "--seqlen",
+                 "32", "--device", "cpu", "--batch-size", "1", "--reconstruct", "--reconstruct-epochs", "1",
+                 "--quiet"]) == 0
+    assert fits and {d.type for d in fits} == {"cpu"}  # every block's fit, under the run's device

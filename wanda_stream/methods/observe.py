@@ -109,13 +109,18 @@ class BlockObserver:
         return BlockStats(self.obs, self._experts.token_counts())
 
 
-def reduce_stats(world: World, stats: BlockStats) -> BlockStats:
-    """The block's statistics over every rank's share, the same on every rank.
+def reduce_stats(world: World, stats: BlockStats, device: torch.device | None = None) -> BlockStats:
+    """The block's statistics over every rank's share, the same on every rank, on `device` (the compute device;
+    by default that of the first observation).
 
     Sums of squares add every window's own sum in window order (ranks hold contiguous shares), so
     they equal the single-process statistics bit for bit, whatever the micro-batch size. Gram
     matrices are summed over the ranks in float64; their float32 totals then differ from a single
     process's by rounding only.
+
+    A rank may hold no observation at all (a group of streamed experts that none of its tokens reached):
+    it still takes part in every sum, and its totals must land on the compute device like the others' (a
+    CPU Gram matrix in a NCCL sum, or a CPU statistic beside a CUDA weight, fails), so callers pass it.
     """
     if world.size == 1:
         return stats
@@ -133,7 +138,8 @@ def reduce_stats(world: World, stats: BlockStats) -> BlockStats:
     names = sorted({n for part in shared for n in part["kinds"]})
     sq = [n for n in names if next(p["kinds"][n] for p in shared if n in p["kinds"]) == Stat.SQ_SUM.value]
     window_sums = world.gather({n: [t.cpu() for t in leaders[n].window_sums] for n in sq if n in leaders})
-    device = next(iter(stats.obs.values())).stat.device if stats.obs else torch.device("cpu")
+    if device is None:
+        device = next(iter(stats.obs.values())).stat.device if stats.obs else torch.device("cpu")
     merged: dict[str, Observation] = {}
     for n in names:
         width = next(p["widths"][n] for p in shared if n in p["widths"])
@@ -274,12 +280,13 @@ class ExpertSaliency:
 
     def _add(self, name: str, norms: torch.Tensor, routed: torch.Tensor, window: torch.Tensor, b: int,
              n_exp: int) -> None:
-        slot = (window * n_exp + routed).flatten()
-        sums = torch.zeros(b * n_exp, dtype=torch.float64, device=norms.device).index_add_(0, slot, norms.flatten())
-        counts = torch.zeros(b * n_exp, dtype=torch.int64, device=norms.device).index_add_(
-            0, slot, torch.ones_like(slot))
-        self.sums[name].append(sums.view(b, n_exp).cpu())
-        self.counts[name].append(counts.view(b, n_exp).cpu())
+        # Summed on the host: a float index_add_ on CUDA adds a slot's many tokens by atomics in no fixed
+        # order, so the sums (and a near tie in REAP's choice) would change from run to run and on a resume.
+        slot = (window * n_exp + routed).flatten().cpu()
+        sums = torch.zeros(b * n_exp, dtype=torch.float64).index_add_(0, slot, norms.flatten().cpu())
+        counts = torch.zeros(b * n_exp, dtype=torch.int64).index_add_(0, slot, torch.ones_like(slot))
+        self.sums[name].append(sums.view(b, n_exp))
+        self.counts[name].append(counts.view(b, n_exp))
 
     def results(self, world: World) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Per experts module, (summed contribution norms, routed token counts) over every rank's windows,

@@ -94,8 +94,9 @@ def experts_to_drop(saliency: torch.Tensor, n_drop: int, groups: int = 1) -> lis
 
 
 def channel_scores(sq_sum: torch.Tensor, w_out: torch.Tensor) -> torch.Tensor:
-    """Wanda-sp's score of each input channel j of `w_out` [out, in]: ||a_j||_2 * ||W_out[:, j]||_2 (float64)."""
-    return torch.sqrt(sq_sum.double()) * torch.linalg.vector_norm(w_out.double(), dim=0)
+    """Wanda-sp's score of each input channel j of `w_out` [out, in]: ||a_j||_2 * ||W_out[:, j]||_2 (float64),
+    on the device of `sq_sum` (the statistics: the compute device; `w_out` is the stored, host tensor)."""
+    return torch.sqrt(sq_sum.double()) * torch.linalg.vector_norm(w_out.to(sq_sum.device).double(), dim=0)
 
 
 def kept(width: int, removed: list[int]) -> torch.Tensor:
@@ -179,18 +180,18 @@ def fit_consumer(w: torch.Tensor, stats: InputStats, keep: torch.Tensor, refit: 
     (or W[:, K] as it is), with both layer errors.
 
     `stats.gram` is consumed: symmetrized in place, taken out of `stats` and freed once its kept block is
-    copied, so that it is not alive beside the solve.
+    copied, so that it is not alive beside the solve. The work and the returned weight are on the Gram
+    matrix's device (the compute device), whatever the device of `w` (the stored tensor, on the host).
     Inputs no token touched (G_jj = 0) get G_jj = 1, as SparseGPT treats them; the dampening is raised
     tenfold while G[K, K] does not factor. float32 with a few weight-sized buffers, the Gram matrix and
     its kept block (a 7B MLP: 0.5 GB + 0.3 GB): the errors come from traces, never from X.
     """
     assert stats.gram is not None
     g, stats.gram = kernel.symmetrize(stats.gram), None
-    diag = torch.arange(g.shape[0], device=g.device)
     dead = torch.diagonal(g) == 0
-    g[diag[dead], diag[dead]] = 1.0
+    torch.diagonal(g).masked_fill_(dead, 1.0)  # in place, through the view; no index list (a host sync on a GPU)
     k = keep.to(g.device)
-    wf = w.float()
+    wf = w.to(device=g.device, dtype=torch.float32)  # the stored weight is on the host, the Gram matrix on the GPU
     wg = wf @ g  # [out, in]
     dense = float(torch.sum(wg * wf, dtype=torch.float64))
     rhs = wg[:, k]

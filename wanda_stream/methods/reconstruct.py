@@ -15,11 +15,13 @@ Deterministic by construction: the windows of every step are a fixed function of
 the step size (no shuffling, nothing random); each window's gradient is its own backward pass, and a
 step's gradient is the sum of its windows' gradients in window order, however the windows are spread
 over ranks (`gather` returns every rank's list; they are merged by window index before the sum). So a
-run gives the same bytes on rerun, after a resume, and on any number of ranks.
+run gives the same bytes on rerun, after a resume, and on any number of ranks. On CUDA that needs one
+more thing (`fit_attention`): attention's backward by the math kernel, not the fused ones.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -27,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from wanda_stream.errors import InputError
 
@@ -97,6 +100,17 @@ class FitRecord:
         return {"epoch_mse": self.epoch_mse, "steps": self.steps, "seconds": round(self.seconds, 3)}
 
 
+def fit_attention(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """The context a fit on `device` runs in: on CUDA, scaled-dot-product attention by its math kernel only.
+
+    The fused kernels' backward passes are not deterministic on CUDA (the memory-efficient one, which float32
+    inputs get, splits the keys and adds their gradients by atomics; cuDNN's likewise), so the same windows
+    would give other gradients, and other fitted bytes, on every run and resume. The math kernel is plain
+    matrix products. Elsewhere (the CPU) nothing changes: its kernels are deterministic already.
+    """
+    return sdpa_kernel([SDPBackend.MATH]) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def fit_block(
     forward: Callable[[torch.Tensor], torch.Tensor],
     weights: Sequence[torch.Tensor],
@@ -117,7 +131,8 @@ def fit_block(
     holds, `fetch(j)` window j's (input, target). Each step's loss is the mean squared error over its
     windows' output elements; its gradient the sum, in window order, of every window's own gradient,
     the windows of other ranks coming through `gather` (every rank's list of parts, in rank order).
-    The learning rate decays from `opts.lr` along a cosine over the block's steps.
+    The learning rate decays from `opts.lr` along a cosine over the block's steps. On CUDA, call it under
+    `fit_attention`.
     """
     t0 = time.perf_counter()
     steps = step_windows(n_windows, opts.batch)

@@ -48,7 +48,7 @@ def _consume(out: dict[str, torch.Tensor], key: str, keep: torch.Tensor, obs: pl
     record.update(layer_error=fit.error, layer_error_no_refit=fit.error_as_is)
     if fit.dampening is not None:
         record["refit_dampening"] = fit.dampening
-    out[key] = fit.weight.to(w.dtype)
+    out[key] = fit.weight.to(device=w.device, dtype=w.dtype)  # computed on the Gram matrix's device
 
 
 def _rounded(scores: torch.Tensor, idx: list[int]) -> list[float]:
@@ -62,7 +62,8 @@ def shrink_ffn(ffn: Ffn, spec: ShrinkSpec, stored: dict[str, torch.Tensor], keys
     out = dict(stored)
     w_key, _ = keys(ffn.consumer)
     width = stored[w_key].shape[1]
-    scores = plans.channel_scores(obs.sq_sum, stored[w_key])
+    # On the statistics' device, then on the host: the plan and its record index the scores element by element.
+    scores = plans.channel_scores(obs.sq_sum, stored[w_key]).cpu()
     removed = plans.lowest(scores, ffn_drop(spec, width))
     keep = plans.kept(width, removed)
     rows = torch.cat([keep + part * width for part in range(ffn.parts)])
@@ -83,7 +84,7 @@ def shrink_heads(att: Attention, spec: ShrinkSpec, shape: Shape, stored: dict[st
     out = dict(stored)
     o_key, _ = keys(att.o)
     hd = shape.head_dim
-    scores = plans.head_scores(obs.sq_sum, stored[o_key], shape.n_heads)
+    scores = plans.head_scores(obs.sq_sum, stored[o_key], shape.n_heads).cpu()  # see shrink_ffn
     plan = plans.plan_heads(scores, shape.n_kv, head_drop(spec, shape.n_heads))
     keep_q = plans.kept(shape.n_heads * hd, plans.head_rows(plan.q_removed, hd))
     keep_kv = plans.kept(shape.n_kv * hd, plans.head_rows(plan.kv_removed, hd))

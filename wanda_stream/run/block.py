@@ -51,7 +51,7 @@ def observe_all(
         finished = st.run_block(i, layer, src, batch, dst=dst, stop=stop, on_output=on_output)
     if not finished:
         return None
-    got = [reduce_stats(world, o.results()) for o in observers]
+    got = [reduce_stats(world, o.results(), st.device) for o in observers]
     for stats in got:
         check_finite(stats, i, st.dtype)
     return got

@@ -36,7 +36,7 @@ from wanda_stream.run.config import RunConfig
 from wanda_stream.run.dist import World, assign_by_cost
 from wanda_stream.methods.fidelity import OutputError
 from wanda_stream.methods.reconstruct import PAPERS as RECONSTRUCT_PAPERS
-from wanda_stream.methods.reconstruct import fit_block
+from wanda_stream.methods.reconstruct import fit_attention, fit_block
 from wanda_stream.errors import InputError, Interrupted
 from wanda_stream.run.card import CardFacts, render_card
 from wanda_stream.eval.loglik import hidden_streams
@@ -755,8 +755,9 @@ class PruneRun:
             return self.midblock_stop is not None and self.midblock_stop.requested
 
         try:
-            done = fit_block(forward, weights, removed, self.calib_total, range(start, start + shape[0]), fetch,
-                             opts, gather if self.world.size > 1 else (lambda parts: [parts]), stopping)
+            with fit_attention(self.st.device):  # CUDA's fused attention backward is not deterministic
+                done = fit_block(forward, weights, removed, self.calib_total, range(start, start + shape[0]),
+                                 fetch, opts, gather if self.world.size > 1 else (lambda parts: [parts]), stopping)
         finally:
             for n, m in linears.items():
                 if wide[n] is not None:

@@ -334,7 +334,7 @@ def _observe_group(run: "PruneRun", i: int, plan: Streamed, group: list[int], na
                     observer.close_batch()
     if observer is None:
         return None
-    stats = reduce_stats(run.world, observer.results(check=False))
+    stats = reduce_stats(run.world, observer.results(check=False), run.st.device)
     check_finite(stats, i, run.st.dtype)
     return stats
 
