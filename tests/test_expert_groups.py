@@ -2,13 +2,17 @@
 
 The streamed run against the whole-block run (the same tensors, the same evaluation) and against the
 independent REAP reference; what it reads at once; kills, stops and resumes; the refusals; the shard
-feed and the in-order shard writer."""
+feed and the in-order shard writer; the per-token buffers in scratch files when the activation budget
+has no room for them (the same bytes, kills, the preflight)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import threading
+from collections import namedtuple
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,15 +23,19 @@ from tests.helpers import checkpoint_files, load_state_dict, run_cli
 from tests.reference_experts import reference_reap
 from tests.test_experts_drop import COUNT, GROUPS, MAKERS, moe_model, windows  # noqa: F401 (fixtures)
 from tests.test_families import CALIB_ARGS
+from wanda_stream import commands
 from wanda_stream.cli import main
-from wanda_stream.errors import Interrupted
+from wanda_stream.errors import InputError, Interrupted
 from wanda_stream.model.stream import Streamer
+from wanda_stream.run import resources
 from wanda_stream.run.expert_groups import ShardFeed
 from wanda_stream.storage import state as state_mod
 from wanda_stream.storage.checkpoint import write_shard
+from wanda_stream.storage.spill import BatchFile
 
 REPORT = "wanda_stream.json"
 EVAL = ["--eval-data", "pydoc", "--eval-windows", "4"]
+SPILL = ["--max-activation-memory", "1KB"]  # no room in memory: a streamed block's buffers go to scratch files
 
 
 def _prune(src: Path, out: Path, *extra: str) -> dict[str, Any]:
@@ -271,3 +279,164 @@ def test_streamed_dense_pass_equals_whole_blocks(family: str, flags: list[str], 
                 assert s[name] == pytest.approx(w[name], rel=1e-6, abs=1e-9), name
         if key == "structure":
             assert s["dropped_blocks"] == w["dropped_blocks"]
+
+
+# ---- a streamed block's per-token buffers in scratch files --------------------------------------------------
+def _outputs(out: Path) -> dict[str, str]:
+    """The output's files by hash, but the model card (its command line names the flags that differ)."""
+    return {k: v for k, v in checkpoint_files(out).items() if k != "README.md"}
+
+
+def _computed(report: dict[str, Any]) -> dict[str, Any]:
+    """What a run computed, from its report: blocks without timings or the buffers' placement, evaluation,
+    profile, structure, sparsity."""
+    blocks = []
+    for b in report["blocks"]:
+        b = {k: v for k, v in b.items() if k not in ("seconds", "timing")}
+        if "streamed_experts" in b:
+            b["streamed_experts"] = {k: v for k, v in b["streamed_experts"].items()
+                                     if k not in ("expert_read_wait_s", "token_buffers")}
+        blocks.append(b)
+    keys = ("eval", "sparsity_profile", "structure", "total_sparsity", "parameters")
+    return {"blocks": blocks, **{k: report[k] for k in keys if k in report}}
+
+
+def _buffers(report: dict[str, Any]) -> set[str]:
+    return {b["streamed_experts"]["token_buffers"] for b in report["blocks"] if "streamed_experts" in b}
+
+
+@pytest.mark.parametrize("family,flags", [
+    ("deepseek_v3", ["--drop-experts", "0.25", "--sparsity", "0.5", "--method", "sparsegpt", *EVAL]),
+    ("qwen2_moe", ["--pattern", "2:4", *EVAL]),
+    ("mixtral", ["--drop-experts", "0.25", "--sparsity", "0.5", "--method", "ria"]),
+    ("qwen3_next", ["--sparsity", "0.5"]),
+    ("deepseek_v3", ["--sparsity-profile", "owl", "--sparsity", "0.6"]),
+    ("qwen2_moe", ["--drop-blocks", "1", "--block-score", "angular", "--drop-experts", "0.25",
+                   "--sparsity-profile", "owl", "--sparsity", "0.5"]),
+])
+def test_spilled_buffers_give_the_same_bytes(family: str, flags: list[str], moe_model: Callable[[str], Path],
+                                             tmp_path: Path) -> None:
+    """A budget without room for a streamed block's per-token buffers puts them in scratch files: the same
+    output bytes and the same report values (errors, perplexity, REAP's and OWL's scores, the records) as the
+    run that holds them in memory, and no scratch left in a kept work dir. The hidden states stay on disk in
+    both runs, so the buffers are all that differs."""
+    src = moe_model(family)
+    held = _prune(src, tmp_path / "held", *flags, "--expert-group", "3", "--states-on-disk")
+    work = tmp_path / "work"
+    spilled = _prune(src, tmp_path / "spilled", *flags, "--expert-group", "3", "--states-on-disk", *SPILL,
+                     "--work-dir", str(work), "--keep-work-dir")
+    assert _buffers(held) == {"host"} and _buffers(spilled) == {"disk"}
+    assert _outputs(tmp_path / "spilled") == _outputs(tmp_path / "held")
+    assert _computed(spilled) == _computed(held)
+    assert work.is_dir() and not list(work.glob("spill-*"))
+
+
+def test_spilled_kills_and_stops_resume_identical(moe_model: Callable[[str], Path], tmp_path: Path) -> None:
+    """Killed while a spilled block rewrites its scratch (while REAP scores the groups, and while the pruned
+    groups run), between groups, while the block's outputs are written from the scratch and after the block:
+    the kill leaves scratch behind, the resume discards it and restarts the block, and the run ends with the
+    bytes of the run that held its buffers in memory and no scratch. A clean stop deletes its scratch."""
+    src = moe_model("deepseek_v3")
+    flags = ["--drop-experts", "0.25", "--sparsity", "0.5", "--expert-group", "2", *EVAL]
+    one = tmp_path / "one"
+    _prune(src, one, *flags)
+    killed, work = tmp_path / "killed", tmp_path / "work"
+    args = ["prune", str(src), str(killed), *CALIB_ARGS, *flags, *SPILL, "--work-dir", str(work), "--keep-work-dir"]
+    for point in ("spill_write:3", "spill_write:14", "expert_group:2", "hidden_write:3", "block_done:1"):
+        r = run_cli(*args, "--resume", env={state_mod.KILL_ENV: point})
+        assert r.returncode == -signal.SIGKILL, (point, r.returncode, r.stderr[-2000:])
+        if point.startswith("spill_write"):
+            assert list(work.glob("spill-*")), point
+    assert main([*args, "--resume"]) == 0
+    assert _outputs(killed) == _outputs(one)
+    assert _buffers(json.loads((killed / REPORT).read_text())) == {"disk"}
+    assert not list(work.glob("spill-*"))
+    stopped, work = tmp_path / "stopped", tmp_path / "work2"
+    args = ["prune", str(src), str(stopped), *CALIB_ARGS, *flags, *SPILL, "--work-dir", str(work), "--keep-work-dir"]
+    r = run_cli(*args, env={state_mod.KILL_ENV: "spill_write:5:TERM"})
+    assert r.returncode == 75, r.stderr[-2000:]
+    assert not list(work.glob("spill-*"))
+    assert main([*args, "--resume"]) == 0
+    assert _outputs(stopped) == _outputs(one)
+
+
+def test_preflight_counts_buffers_that_do_not_fit_memory_on_disk(moe_model: Callable[[str], Path], tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    """RAM that holds the run but not a streamed block's per-token buffers beside it, an eighth of which (the
+    activation budget) does not hold them: the preflight counts them on the work dir's disk, not in RAM, and
+    the run spills them and writes the bytes of one that held them. With disk for all but them it refuses in
+    one line (exit 2) and creates nothing; with memory for them that disk is enough."""
+    src = moe_model("deepseek_v3")
+    seen: list[tuple[Any, ...]] = []
+    check = commands.check_resources
+    monkeypatch.setattr(commands, "check_resources", lambda *a, **k: (seen.append(a), check(*a, **k))[1])
+    held = _prune(src, tmp_path / "held", "--expert-group", "3")
+    cfg, sk, total, blocks, _, _, streamed = seen[-1]
+    assert streamed and _buffers(held) == {"host"}
+    hidden, el = sk.hidden_size(), 4
+    base = resources.host_ram_needed(max(resources.block_host_bytes(b, "cpu", el) for b in blocks), cfg.batch_size,
+                                     cfg.seqlen, hidden, el, 1)
+    buffers = resources.streamed_buffers_bytes(2 * cfg.nsamples * cfg.seqlen, hidden, cfg.dtype)
+    vm = namedtuple("vm", "available total")
+    monkeypatch.setattr(commands.psutil, "virtual_memory", lambda: vm(base + buffers - 1, 10**12))
+    assert commands.streamed_buffers(cfg, sk, 0, 1) == (buffers, "disk")  # counted in RAM, it would not fit
+    spilled = _prune(src, tmp_path / "spilled", "--expert-group", "3")
+    assert _buffers(spilled) == {"disk"}
+    assert _outputs(tmp_path / "spilled") == _outputs(tmp_path / "held")
+
+    out = tmp_path / "refused"
+    fresh = dataclasses.replace(cfg, output_dir=str(out), work_dir=str(out / ".wanda-stream"))
+    room = sum(n for _, n, _ in commands.disk_needs(fresh, sk, total, 0)) + buffers // 2
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(commands.shutil, "disk_usage", lambda path: usage(10 * room, 9 * room, room))
+    capsys.readouterr()
+    assert main(["prune", str(src), str(out), *CALIB_ARGS, "--expert-group", "3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs about" in err[0] and "free for" in err[0], err
+    assert not out.exists()
+    # Where the work dir's file system is the one short of room, the line names the buffers.
+    with pytest.raises(InputError, match=r"hidden states and a streamed block's per-token buffers"):
+        commands.check_disk(commands.disk_needs(fresh, sk, total, 0, 4 * room)[1:])
+    monkeypatch.setattr(commands.psutil, "virtual_memory", lambda: vm(10**12, 10**12))
+    commands.check_resources(fresh, sk, total, blocks, 0, 1, streamed=True)
+
+
+# ---- the parts ---------------------------------------------------------------------------------------------
+def test_buffers_go_where_the_budget_leaves_room() -> None:
+    """Beside the micro-batch's activations and the hidden states kept in the same memory, device first."""
+    place = resources.buffers_placement
+    cpu = {"host": 1000}
+    assert place(300, 100, cpu, "host", 600) == "host" and place(301, 100, cpu, "host", 600) == "disk"
+    assert place(900, 100, cpu, "disk", 600) == "host"  # states on disk take nothing
+    cuda = {"device": 1000, "host": 500}
+    assert place(300, 100, cuda, "device", 600) == "device"
+    assert place(301, 100, cuda, "device", 600) == "host"  # the activations stay on the device
+    assert place(301, 100, cuda, "host", 300) == "disk" and place(200, 100, cuda, "host", 300) == "device"
+
+
+@pytest.mark.parametrize("threads", [False, True])
+def test_batch_file_round_trip_and_rewrite(tmp_path: Path, threads: bool) -> None:
+    pool = ThreadPoolExecutor(1) if threads else None
+    try:
+        f = BatchFile(tmp_path / "spill-calib-00001.bin", pool)
+        made = [[torch.randn(3, 4), torch.arange(6).view(3, 2), torch.randn(3, 2).to(torch.bfloat16)]
+                for _ in range(3)]
+        for rec in made:
+            f.append(rec)
+        assert len(f) == 3
+        f.rewrite(1, 2, torch.ones(3, 2, dtype=torch.bfloat16))
+        made[1][2] = torch.ones(3, 2, dtype=torch.bfloat16)
+        for got, rec in zip(f.records(range(1, 3)), made):
+            assert [t.dtype for t in got] == [torch.int64, torch.bfloat16]
+            assert all(torch.equal(a, b) for a, b in zip(got, rec[1:]))
+        assert torch.equal(f.read(2, range(0, 1))[0], made[2][0])
+        with pytest.raises(ValueError):
+            f.rewrite(0, 0, torch.zeros(4, 3))
+        first = next(iter(f.records(range(3))))  # left early: the read ahead is waited for
+        assert torch.equal(first[0], made[0][0])
+        f.delete()
+        assert not list(tmp_path.iterdir())
+    finally:
+        if pool is not None:
+            pool.shutdown()

@@ -33,7 +33,8 @@ from wanda_stream.storage.checkpoint import atomic_write_json
 from wanda_stream.methods.profiles import Owl
 from wanda_stream.run.report import PEAK_KEYS, Progress
 from wanda_stream.run.resources import (
-    auto_batch, check_disk, check_seqlen, hidden_states_bytes, human_bytes, parse_size,
+    BUFFERS_ON_DISK, activation_budgets, auto_batch, buffers_placement, check_disk, check_seqlen, hidden_states_bytes,
+    human_bytes, parse_size, place, resident_states_bytes, streamed_buffers_bytes, window_bytes,
 )
 from wanda_stream.storage.state import (
     REPORT_NAME, RUN_FILE, RunLock, StopFlag, WorkDir, checkpoint_fingerprint, resume_command,
@@ -288,8 +289,10 @@ def _saved_config(work_dir: Path, output_dir: Path) -> RunConfig | None:
         return None
 
 
-def disk_needs(cfg: RunConfig, sk: Any, total_bytes: int, eval_windows: int) -> list[tuple[Path, int, str]]:
-    """What the run still writes: the pruned checkpoint (less the shards already there) and its hidden states."""
+def disk_needs(cfg: RunConfig, sk: Any, total_bytes: int, eval_windows: int, spilled: int = 0
+               ) -> list[tuple[Path, int, str]]:
+    """What the run still writes: the pruned checkpoint (less the shards already there) and its hidden states,
+    with `spilled` bytes of a streamed block's per-token buffers beside them."""
     hidden = sk.hidden_size()
     states = 0
     if cfg.needs_calibration:
@@ -298,8 +301,9 @@ def disk_needs(cfg: RunConfig, sk: Any, total_bytes: int, eval_windows: int) -> 
         states += hidden_states_bytes(eval_windows, cfg.eval_seqlen or cfg.seqlen, hidden, cfg.dtype)
     out = Path(cfg.output_dir)
     existing = sum((out / n).stat().st_size for n in shard_names(sk.n_layers - cfg.drop_blocks) if (out / n).is_file())
-    return [(out, max(total_bytes - existing, 0), "the pruned checkpoint"),
-            (Path(cfg.work_dir), states, "hidden states")]
+    what = f"hidden states and {BUFFERS_ON_DISK}" if spilled else "hidden states"
+    work = (Path(cfg.work_dir), states + spilled, what)
+    return [(out, max(total_bytes - existing, 0), "the pruned checkpoint"), work]
 
 
 def check_resources(cfg: RunConfig, sk: Any, total_bytes: int, block_tensor_bytes: list[list[int]],
@@ -307,18 +311,16 @@ def check_resources(cfg: RunConfig, sk: Any, total_bytes: int, block_tensor_byte
     """Refuse early, with numbers, when disk or memory cannot hold what the run needs (every rank of this
     node holds its own blocks, pinned on CUDA; the hidden states are shared out, so all ranks together
     need what one would). `block_tensor_bytes`: every block's tensor sizes held at once; `streamed`: some
-    block streams its experts."""
+    block streams its experts, whose per-token buffers count in RAM when the activation budget keeps them in
+    host memory, on the work dir's disk when it leaves them no room (as the run then does)."""
     el = torch.empty(0, dtype=cfg.dtype).element_size()
     hidden = sk.hidden_size()
-    check_disk(disk_needs(cfg, sk, total_bytes, eval_windows))
     block = max((resources.block_host_bytes(b, cfg.device, el) for b in block_tensor_bytes), default=0)
     need_ram = resources.host_ram_needed(block, cfg.batch_size, cfg.seqlen, hidden, el, ranks_per_node)
-    if streamed and cfg.device == "cpu":
-        # A block streaming its experts keeps, per stream, the experts' inputs, the rest of the block's outputs
-        # and the experts' sums of every token (twice for the calibration: dense and pruned).
-        tokens = 2 * cfg.nsamples * cfg.seqlen if cfg.needs_calibration else 0
-        tokens += eval_windows * (cfg.eval_seqlen or cfg.seqlen) if cfg.eval_data else 0
-        need_ram += 3 * tokens * hidden * el
+    buffers, where = streamed_buffers(cfg, sk, eval_windows, ranks_per_node) if streamed else (0, "disk")
+    if where == "host":
+        need_ram += ranks_per_node * buffers
+    check_disk(disk_needs(cfg, sk, total_bytes, eval_windows, cfg.world_size * buffers if where == "disk" else 0))
     avail = psutil.virtual_memory().available
     if need_ram > avail:
         pinned = " (pinned for the GPU, each tensor rounded up to a power of two)" if cfg.device != "cpu" else ""
@@ -327,6 +329,24 @@ def check_resources(cfg: RunConfig, sk: Any, total_bytes: int, block_tensor_byte
             f"{human_bytes(avail)} is available; lower --batch-size or --max-activation-memory, run fewer "
             "ranks per node, or use a bigger machine"
         )
+
+
+def streamed_buffers(cfg: RunConfig, sk: Any, eval_windows: int, ranks_per_node: int) -> tuple[int, str]:
+    """A streamed block's per-token buffers on one rank (its share of the windows), in bytes, and where the
+    activation budget puts them beside the hidden states: the run's own choice (PruneRun._place_states and
+    _place_buffers), made before it starts."""
+    streams = [("calib", cfg.nsamples, cfg.seqlen)] if cfg.needs_calibration else []
+    streams += [("eval", eval_windows, cfg.eval_seqlen or cfg.seqlen)] if cfg.eval_data else []
+    shares = [(name, -(-n // cfg.world_size), seqlen) for name, n, seqlen in streams]
+    tokens = sum(n * seqlen * (2 if name == "calib" else 1) for name, n, seqlen in shares)
+    hidden = sk.hidden_size()
+    buffers = streamed_buffers_bytes(tokens, hidden, cfg.dtype)
+    seqlen = max((s for _, _, s in shares), default=cfg.seqlen)
+    activations = cfg.batch_size * window_bytes(sk.model.config, seqlen, cfg.dtype)
+    budgets = activation_budgets(cfg.device, cfg.activation_budget, ranks_per_node)
+    resident = resident_states_bytes([(n, s) for _, n, s in shares], hidden, cfg.dtype)
+    states = "disk" if cfg.states_on_disk or not shares else place(resident, activations, budgets)
+    return buffers, buffers_placement(buffers, activations, budgets, states, resident)
 
 
 def cmd_prune(args: argparse.Namespace) -> int:

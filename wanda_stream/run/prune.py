@@ -47,7 +47,8 @@ from wanda_stream.storage.outputs import CARD_NAME, input_card, shard_count, sha
 from wanda_stream.methods.profiles import OWL_PAPER, outlier_ratio, owl_sparsities
 from wanda_stream.run.report import Progress, io_bytes, peak_figures, reset_peaks, versions
 from wanda_stream.run.resources import (
-    check_disk, hidden_states_bytes, resident_states_bytes, states_placement, window_bytes,
+    BUFFERS_ON_DISK, activation_budgets, buffers_placement, check_disk, hidden_states_bytes, resident_states_bytes,
+    states_placement, streamed_buffers_bytes, window_bytes,
 )
 from wanda_stream.storage.state import (
     REPORT_NAME, RunState, StopFlag, WorkDir, killpoint, profile_blocks_done, resume_command,
@@ -122,6 +123,8 @@ class PruneRun:
         self._files: dict[tuple[str, int], HiddenFile] = {}
         self.placement = "disk"
         self.resident_bytes = 0
+        # Where a block streaming its experts keeps its per-token buffers, and their bytes (see _place_buffers).
+        self.buffers, self.buffers_bytes = "disk", 0
         self.sweep_runs = 1  # runs of a sweep in this process, which share the memory for hidden states
         # MoE blocks too large to hold, whose routed experts go a group at a time (run/streamed_block.py).
         self.streamed = plan_streaming(self.ckpt, self.sk, self.structure.experts, cfg.expert_group,
@@ -181,6 +184,19 @@ class PruneRun:
         self.resident_bytes = resident if self.placement != "disk" else 0
         on = {"device": self.st.device, "host": torch.device("cpu")}.get(self.placement)
         self.st.keep_states(on, defer=self.world.size == 1)
+        if self.streamed:
+            self._place_buffers(streams, activations)
+
+    def _place_buffers(self, streams: dict[str, torch.Tensor], activations: int) -> None:
+        """Where a block streaming its experts keeps its per-token buffers: in memory when what its passes
+        keep at most (every calibration token twice, dense and pruned, every other stream's once) fits the
+        activation budget beside the hidden states kept in memory (all runs' of a sweep, whose blocks run
+        one at a time), else in scratch files (storage/spill.py). Either way the block computes the same bytes."""
+        tokens = sum(t.numel() * (2 if name == "calib" else 1) for name, t in streams.items())
+        self.buffers_bytes = streamed_buffers_bytes(tokens, self.st.hidden, self.cfg.dtype)
+        budgets = activation_budgets(str(self.st.device), self.cfg.activation_budget, self.world.local_size)
+        self.buffers = buffers_placement(self.buffers_bytes, activations, budgets, self.placement,
+                                         self.sweep_runs * self.resident_bytes)
 
     def my_streams(self, toks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The token windows this rank carries: a contiguous share of the calibration windows and of the
@@ -551,8 +567,12 @@ class PruneRun:
             dense = HiddenFile(self.work.hidden_file("dense", 0), *toks["calib"].shape, self.st.hidden, self.cfg.dtype)
             states += 2 * dense.nbytes
         # The windows are saved by now (lm-eval's can take long to build): the fix is to resume, not restart.
-        check_disk([(self.out, self.ckpt.total_bytes(), "the pruned checkpoint"),
-                    (self.work.path, states, "hidden states (calibration, evaluation and lm-eval windows)")],
+        what = "hidden states (calibration, evaluation and lm-eval windows)"
+        if self.buffers == "disk" and self.streamed:
+            # One rank's share of the windows: every rank's scratch, in a work dir they may share.
+            states += self.world.size * self.buffers_bytes
+            what += f" and {BUFFERS_ON_DISK}"
+        check_disk([(self.out, self.ckpt.total_bytes(), "the pruned checkpoint"), (self.work.path, states, what)],
                    f"free space, then resume with: {resume_command(self.cfg)}")
 
     def _start(self, streams: dict[str, torch.Tensor], state: RunState) -> None:

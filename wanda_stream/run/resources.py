@@ -60,24 +60,64 @@ def resident_states_bytes(streams: list[tuple[int, int]], hidden: int, dtype: to
     return 2 * sum(n * seqlen * hidden * el for n, seqlen in streams)
 
 
+def activation_budgets(device: str, budget: int | None = None, ranks_per_node: int = 1, runs: int = 1
+                       ) -> dict[str, int]:
+    """The activation budget of each memory a run may keep activations in: "host" (RAM, page-locked on
+    CUDA hosts) and, on CUDA, "device" (GPU memory).
+
+    `budget` bytes (--max-activation-memory) for each when given, else a quarter of the free GPU memory
+    for the device and an eighth of the available RAM (shared by the node's ranks) for the host. The
+    `runs` of a sweep, which keep their states side by side in one process, share either budget.
+    """
+    host = budget if budget is not None else psutil.virtual_memory().available // 8 // ranks_per_node
+    out = {"host": host // runs}
+    if device.startswith("cuda"):
+        gpu = budget if budget is not None else torch.cuda.mem_get_info(torch.device(device))[0] // 4
+        out["device"] = gpu // runs
+    return out
+
+
+def place(need: int, activations: int, budgets: dict[str, int], taken: dict[str, int] | None = None) -> str:
+    """Where `need` bytes of activations go under `budgets` (see activation_budgets): "device" when there is
+    one and they fit it beside what the micro-batch's activations (`activations` bytes) take there, else
+    "host" when they fit its budget (beside the activations too on a CPU run, where those live), else
+    "disk". `taken`: bytes of each memory's budget already given to something else."""
+    taken = taken or {}
+    if "device" in budgets and need + activations + taken.get("device", 0) <= budgets["device"]:
+        return "device"
+    on_host = need + taken.get("host", 0) + (0 if "device" in budgets else activations)
+    return "host" if on_host <= budgets["host"] else "disk"
+
+
 def states_placement(resident: int, activations: int, device: str, budget: int | None = None,
                      ranks_per_node: int = 1, runs: int = 1) -> str:
     """Where a run keeps its hidden states between blocks: "device" (CUDA memory), "host" (RAM,
     page-locked on CUDA hosts) or "disk" (read back from their files every block).
 
-    The activation budget's rules: `budget` bytes (--max-activation-memory) when given, else a
-    quarter of the free GPU memory for the device and an eighth of the available RAM (shared by
-    the node's ranks) for the host. The states go where they fit beside what the micro-batch's
-    activations (`activations` bytes) take on that memory, the device first. The `runs` of a sweep,
-    which keep their states side by side in one process, share either budget.
+    The activation budget's rules (`activation_budgets`, `place`): the states go where they fit beside
+    what the micro-batch's activations (`activations` bytes) take on that memory, the device first.
     """
-    host = (budget if budget is not None else psutil.virtual_memory().available // 8 // ranks_per_node) // runs
-    if device.startswith("cuda"):
-        gpu = (budget if budget is not None else torch.cuda.mem_get_info(torch.device(device))[0] // 4) // runs
-        if resident + activations <= gpu:
-            return "device"
-        return "host" if resident <= host else "disk"
-    return "host" if resident + activations <= host else "disk"
+    return place(resident, activations, activation_budgets(device, budget, ranks_per_node, runs))
+
+
+# What the disk checks call a streamed block's per-token buffers when they go to the work dir.
+BUFFERS_ON_DISK = "a streamed block's per-token buffers (over what the activation budget leaves them in memory)"
+
+
+def buffers_placement(buffers: int, activations: int, budgets: dict[str, int], states: str, resident: int) -> str:
+    """Where a block streaming its experts keeps its per-token buffers (`buffers` bytes, see
+    streamed_buffers_bytes): in memory where they fit the activation budget beside the micro-batch's
+    activations and the hidden states kept there (`resident` bytes in `states`), else "disk" (scratch
+    files in the work dir, storage/spill.py)."""
+    return place(buffers, activations, budgets, {states: resident} if states != "disk" else None)
+
+
+def streamed_buffers_bytes(tokens: int, hidden: int, dtype: torch.dtype) -> int:
+    """Bytes a block streaming its experts keeps for `tokens` tokens of its passes through the core (a
+    calibration token counts twice when observed: the dense and the pruned pass): the experts' inputs, the
+    core's outputs and the experts' sums, `hidden` values each in `dtype`. The routing's top-k index and
+    weights, a few dozen bytes a token against several KiB, are left out."""
+    return 3 * tokens * hidden * torch.empty(0, dtype=dtype).element_size()
 
 
 def check_seqlen(config: PretrainedConfig, seqlen: int, flag: str) -> None:

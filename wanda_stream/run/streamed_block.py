@@ -5,6 +5,15 @@ choice, records and next-block inputs, with the block's shard written while its 
 instead of after; `profile_streamed` is its counterpart in the pass over the dense model (OWL,
 --drop-blocks). Supported: every method's masks, --drop-experts, the evaluation streams and the block's
 output error; the rest is refused before any work (`refusal`).
+
+Each pass through the block's core (the dense and the pruned calibration pass, every evaluation stream)
+keeps per token the experts' inputs, the core's output and the experts' sums: 3 x tokens x hidden values
+(45 GB in float32 for DeepSeek-V3 with 128 x 2048 calibration tokens). They stay in memory when they fit
+the activation budget beside the hidden states (PruneRun._place_buffers), else they go to scratch files in
+the work dir (storage/spill.py), deleted when the block ends: then each group of experts reads every
+pass's inputs and sums back, a micro-batch at a time in order, and writes the sums back, so a block with G
+groups reads its buffers about G times and writes the sums G times (2 x G x tokens x hidden values of
+reads per pass); the block's outputs are the same bytes either way.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ from wanda_stream.model.skeleton import Skeleton, release
 from wanda_stream.run.block import Watch, linear_modules, observe_all, prune_matrices
 from wanda_stream.run.expert_groups import Routes, Routing, ShardFeed, Streamed, contribution, holding
 from wanda_stream.storage.activations import HiddenFile
+from wanda_stream.storage.spill import BatchFile
 from wanda_stream.storage.state import killpoint
 
 if TYPE_CHECKING:
@@ -50,7 +60,14 @@ def prune_streamed(run: "PruneRun", i: int, core: dict[str, torch.Tensor], strea
                    sparsity: float) -> StreamedResult | None:
     """Block i, its core tensors `core` read: observed, its experts scored (REAP), pruned group by group and
     written, and run to make every stream's next inputs. Returns the shard write's future (rank 0's; None
-    on the others), the records, the plan's record, the output error (None without calibration) and no fit; None when stopped midway."""
+    on the others), the records, the plan's record, the output error (None without calibration) and no fit;
+    None when stopped midway. The passes' buffers are freed, their scratch files deleted, when it returns."""
+    with contextlib.ExitStack() as scratch:
+        return _prune_streamed(run, i, core, streams, sparsity, scratch)
+
+
+def _prune_streamed(run: "PruneRun", i: int, core: dict[str, torch.Tensor], streams: dict[str, torch.Tensor],
+                    sparsity: float, scratch: contextlib.ExitStack) -> StreamedResult | None:
     plan: Streamed = run.streamed[i]
     st = run.st
     layer = st.load_block(i, core, exclude=(plan.holder,))
@@ -59,7 +76,7 @@ def prune_streamed(run: "PruneRun", i: int, core: dict[str, torch.Tensor], strea
     core_stats: BlockStats | None = None
     if run.observes:
         watches: list[Watch] = [(run.method.stat, linears, False)] if run.cfg.masks_observe else []
-        core_pass = _dense_core(run, i, layer, watches, run.hidden("calib", i, *streams["calib"].shape))
+        core_pass = _dense_core(run, i, layer, watches, run.hidden("calib", i, *streams["calib"].shape), scratch)
         if core_pass is None:
             return None
         dense, got = core_pass
@@ -82,7 +99,7 @@ def prune_streamed(run: "PruneRun", i: int, core: dict[str, torch.Tensor], strea
     records = prune_matrices(run.method, sparsity, run.cfg.nm, st.device, core, keys, core_stats, run.world)
     del core_stats
     pruned = st.load_block(i, core, narrow=narrow, exclude=(plan.holder,))
-    passes = _pruned_core(run, i, pruned, streams)
+    passes = _pruned_core(run, i, pruned, streams, scratch)
     if passes is None:
         return None
     # Rank 0 writes the shard; the other ranks' tensors (the same bits) are dropped as they are done.
@@ -100,7 +117,8 @@ def prune_streamed(run: "PruneRun", i: int, core: dict[str, torch.Tensor], strea
         feed.stop()
         raise
     run.streamed_notes[i] = {"expert_group": plan.group, "groups": len(plan.groups(kept)),
-                             "expert_read_wait_s": round(t_read[0], 3), "groups_read": t_read[1]}
+                             "expert_read_wait_s": round(t_read[0], 3), "groups_read": t_read[1],
+                             "token_buffers": run.buffers}
     plan_record = {"experts": {plan.holder: record}} if record else {}
     return future, records, plan_record, error, None
 
@@ -113,11 +131,17 @@ def profile_streamed(run: "PruneRun", i: int, core: dict[str, torch.Tensor], cal
 
     OWL's threshold is m times the mean score of the whole block, known only once every expert is seen,
     so with OWL the experts are read a second time to count the scores above it."""
+    with contextlib.ExitStack() as scratch:
+        return _profile_streamed(run, i, core, calib, probe, scratch)
+
+
+def _profile_streamed(run: "PruneRun", i: int, core: dict[str, torch.Tensor], calib: torch.Tensor,
+                      probe: DepthProbe | None, scratch: contextlib.ExitStack) -> dict[str, float] | None:
     plan, st, owl = run.streamed[i], run.st, run.owl
     layer = st.load_block(i, core, exclude=(plan.holder,))
     linears = linear_modules(layer)
     src = run._dense_state(i, calib)
-    core_pass = _dense_core(run, i, layer, [(Stat.SQ_SUM, linears, False)] if owl is not None else [], src)
+    core_pass = _dense_core(run, i, layer, [(Stat.SQ_SUM, linears, False)] if owl is not None else [], src, scratch)
     if core_pass is None:
         return None
     dense, got = core_pass
@@ -175,45 +199,101 @@ def _write_dense_states(run: "PruneRun", i: int, calib: torch.Tensor, src: Hidde
 
 
 class _Pass:
-    """One stream's pass through a block's core: per micro-batch the experts module's routing and the core's
-    output, and the routed experts' summed contributions (added group by group)."""
+    """One stream's pass through a block's core: per micro-batch the experts module's routing, the core's
+    output and the routed experts' summed contributions (added group by group). Held in memory on `on`
+    (the compute device; host memory for a CUDA run whose budget puts them there) or, with `spill`, in
+    that scratch file, read back a micro-batch at a time and the sums written back behind each."""
 
-    def __init__(self, routes: list[Routes], outputs: list[torch.Tensor]) -> None:
-        self.routes = routes
-        self.outputs = outputs
-        self.sums = [torch.zeros_like(r.x) for r in routes]
+    X, INDEX, WEIGHT, SUMS, OUTPUT = range(5)  # a micro-batch's tensors, in this order (a record of `spill`)
 
-    def block_outputs(self) -> list[torch.Tensor]:
+    def __init__(self, device: torch.device, on: torch.device, spill: BatchFile | None) -> None:
+        self.device = device
+        self.on = on
+        self.spill = spill
+        self.held: list[list[torch.Tensor]] = []
+        self.shapes: list[torch.Size] = []  # the core's output shape per micro-batch
+
+    def record(self, calls: list[Routes], out: torch.Tensor) -> None:
+        """A micro-batch's call of the experts module (taken from `calls`, what Routing recorded) and the
+        core's output `out`; the experts' sums start at zero."""
+        (r,) = calls  # the block calls its experts module once per forward
+        calls.clear()
+        parts = [r.x, r.index, r.weight, torch.zeros_like(r.x), out]
+        self.shapes.append(out.shape)
+        if self.spill is not None:
+            self.spill.append(parts)
+        else:
+            self.held.append([t.to(self.on) for t in parts])
+
+    def batches(self, with_sums: bool) -> Iterator[tuple[int, Routes, torch.Tensor | None]]:
+        """Per micro-batch in order: its index, its routing and, `with_sums`, the experts' sums, which the
+        caller adds to in place before it asks for the next micro-batch (they are kept then)."""
+        for mb, t in enumerate(self._records(range(self.SUMS + 1 if with_sums else self.SUMS))):
+            sums = t[self.SUMS] if with_sums else None
+            yield mb, Routes(t[self.X], t[self.INDEX], t[self.WEIGHT]), sums
+            if sums is not None:
+                self._keep_sums(mb, sums)
+
+    def block_outputs(self) -> Iterator[torch.Tensor]:
         """The block's outputs per micro-batch: the core's plus the routed experts'."""
-        return [z + s.view(z.shape) for z, s in zip(self.outputs, self.sums)]
+        for s, z in self._records(range(self.SUMS, self.OUTPUT + 1)):
+            yield z + s.view(z.shape)
+
+    def delete(self) -> None:
+        """Free the buffers (delete the scratch file)."""
+        self.held.clear()
+        if self.spill is not None:
+            self.spill.delete()
+
+    def _records(self, parts: range) -> Iterator[list[torch.Tensor]]:
+        """Each micro-batch's tensors `parts`, on the compute device (the very tensors held there)."""
+        got = self.spill.records(parts) if self.spill is not None else ([rec[k] for k in parts] for rec in self.held)
+        for tensors in got:
+            yield [t.to(self.device, non_blocking=True) for t in tensors]
+
+    def _keep_sums(self, mb: int, sums: torch.Tensor) -> None:
+        if self.spill is not None:
+            self.spill.rewrite(mb, self.SUMS, sums)
+        elif sums is not self.held[mb][self.SUMS]:  # held on the host: the caller summed into a device copy
+            self.held[mb][self.SUMS].copy_(sums)
 
 
-def _dense_core(run: "PruneRun", i: int, layer: nn.Module, watches: list[Watch], src: HiddenFile
-                ) -> tuple[_Pass, list[BlockStats]] | None:
+def _new_pass(run: "PruneRun", i: int, name: str, scratch: contextlib.ExitStack) -> _Pass:
+    """An empty pass `name` (a stream's, or 'dense') through block i's core, its buffers where the run's
+    activation budget puts them; deleted when `scratch` closes."""
+    st = run.st
+    spill = (BatchFile(run.work.spill_file(name, i, run.world.suffix), st.mover.reader, pin=st.device.type == "cuda")
+             if run.buffers == "disk" else None)
+    p = _Pass(st.device, st.device if run.buffers == "device" else torch.device("cpu"), spill)
+    scratch.callback(p.delete)
+    return p
+
+
+def _dense_core(run: "PruneRun", i: int, layer: nn.Module, watches: list[Watch], src: HiddenFile,
+                scratch: contextlib.ExitStack) -> tuple[_Pass, list[BlockStats]] | None:
     """The dense core over the states `src`: the statistics `watches` ask of its linears, and its routing."""
     routing = Routing(layer.get_submodule(run.streamed[i].holder))
-    outputs: list[torch.Tensor] = []
-    with routing.recording() as routes:
+    dense = _new_pass(run, i, "dense", scratch)
+    with routing.recording() as calls:
         got = observe_all(run.st, i, layer, watches, src, run.cfg.batch_size, run.midblock_stop, world=run.world,
-                          on_output=lambda s, c, out: outputs.append(out))
-    return None if got is None else (_Pass(routes, outputs), got)
+                          on_output=lambda s, c, out: dense.record(calls, out))
+    return None if got is None else (dense, got)
 
 
-def _pruned_core(run: "PruneRun", i: int, layer: nn.Module, streams: dict[str, torch.Tensor]
-                 ) -> dict[str, _Pass] | None:
+def _pruned_core(run: "PruneRun", i: int, layer: nn.Module, streams: dict[str, torch.Tensor],
+                 scratch: contextlib.ExitStack) -> dict[str, _Pass] | None:
     """The pruned core over every stream's states (the calibration's when observed)."""
     routing = Routing(layer.get_submodule(run.streamed[i].holder))
     passes: dict[str, _Pass] = {}
     for name, t in streams.items():
         if name == "calib" and not run.observes:
             continue
-        outputs: list[torch.Tensor] = []
-        with routing.recording() as routes:
+        p = passes[name] = _new_pass(run, i, name, scratch)
+        with routing.recording() as calls:
             ok = run.st.run_block(i, layer, run.hidden(name, i, *t.shape), run.cfg.batch_size,
-                                  stop=run.midblock_stop, on_output=lambda s, c, out: outputs.append(out))
+                                  stop=run.midblock_stop, on_output=lambda s, c, out: p.record(calls, out))
         if not ok:
             return None
-        passes[name] = _Pass(routes, outputs)
     return passes
 
 
@@ -247,10 +327,10 @@ def _score(run: "PruneRun", i: int, plan: Streamed, dense: _Pass, t_read: list[f
     """REAP over every expert, group by group, on the dense routing (their contributions summed into the
     dense outputs on the way): the kept experts and the plan's record; None when stopped."""
     n = plan.n_experts
-    windows = sum(z.shape[0] for z in dense.outputs)
+    windows = sum(z[0] for z in dense.shapes)
     first = [0]  # each micro-batch's first window
-    for z in dense.outputs[:-1]:
-        first.append(first[-1] + z.shape[0])
+    for z in dense.shapes[:-1]:
+        first.append(first[-1] + z[0])
     sums = torch.zeros(windows, n, dtype=torch.float64)
     counts = torch.zeros(windows, n, dtype=torch.int64)
     mod = run.sk.layers[i].get_submodule(plan.holder)
@@ -259,11 +339,10 @@ def _score(run: "PruneRun", i: int, plan: Streamed, dense: _Pass, t_read: list[f
             return None
         params = _group_params(run, run.sk, i, plan.holder, stored)
         with holding(mod, params, len(group)), experts.eager(run.sk.model), torch.no_grad():
-            for mb, e, y, token in _contributions(mod, dense, group):
+            for mb, e, y, token in _contributions(mod, dense, group, add=True):
                 if y is None:
                     continue
-                dense.sums[mb].index_add_(0, token, y)
-                window = (token // dense.outputs[mb].shape[1] + first[mb]).cpu()
+                window = (token // dense.shapes[mb][1] + first[mb]).cpu()
                 sums[:, e].index_add_(0, window, torch.linalg.vector_norm(y.double(), dim=-1).cpu())
                 counts[:, e].index_add_(0, window, torch.ones_like(window))
         del params
@@ -327,9 +406,7 @@ def _observe_group(run: "PruneRun", i: int, plan: Streamed, group: list[int], na
         observer = (BlockObserver(run.sk.model, run.sk.layers[i], {}, kind, run.st.device,
                                   keep_windows=run.world.size > 1, expert_index=names) if kind is not None else None)
         with observer if observer is not None else contextlib.nullcontext():
-            for mb, e, y, token in _contributions(mod, dense, group):
-                if y is not None and sum_dense:
-                    dense.sums[mb].index_add_(0, token, y)
+            for mb, e, y, token in _contributions(mod, dense, group, add=sum_dense):
                 if observer is not None and e == group[-1]:  # the micro-batch's last expert: it ends
                     observer.close_batch()
     if observer is None:
@@ -339,22 +416,28 @@ def _observe_group(run: "PruneRun", i: int, plan: Streamed, group: list[int], na
     return stats
 
 
-def _contributions(mod: nn.Module, p: _Pass, group: list[int]
+def _contributions(mod: nn.Module, p: _Pass, group: list[int], add: bool
                    ) -> Iterator[tuple[int, int, torch.Tensor | None, torch.Tensor | None]]:
     """Per micro-batch of pass `p` and expert e of `group` (held at local indices 0..): (micro-batch, e, its
     weighted outputs, their token rows), (mb, e, None, None) for an expert without a token; in expert order
-    within a micro-batch, as the whole block's experts loop adds them."""
-    for mb, r in enumerate(p.routes):
+    within a micro-batch, as the whole block's experts loop adds them, which it does into the pass's sums
+    with `add`."""
+    for mb, r, sums in p.batches(with_sums=add):
         for local, e in enumerate(group):
             got = contribution(mod, r, e, local)
-            yield (mb, e, *got) if got is not None else (mb, e, None, None)
+            if got is None:
+                yield mb, e, None, None
+                continue
+            y, token = got
+            if sums is not None:
+                sums.index_add_(0, token, y)
+            yield mb, e, y, token
 
 
 def _add_contributions(mod: nn.Module, p: _Pass, group: list[int]) -> None:
     """The group's contributions on pass `p`'s routing, summed into its sums."""
-    for mb, _, y, token in _contributions(mod, p, group):
-        if y is not None:
-            p.sums[mb].index_add_(0, token, y)
+    for _ in _contributions(mod, p, group, add=True):
+        pass  # the sums are what the loop is for
 
 
 def _write_states(run: "PruneRun", i: int, streams: dict[str, torch.Tensor], passes: dict[str, _Pass],
@@ -362,13 +445,13 @@ def _write_states(run: "PruneRun", i: int, streams: dict[str, torch.Tensor], pas
     """Every stream's block outputs into block i+1's states; the calibration outputs' relative error against
     the dense block's (None without calibration)."""
     error = OutputError()
-    wanted = dense.block_outputs() if dense is not None else None
+    wanted = dense.block_outputs() if dense is not None else None  # read along with the calibration pass's
     for name, p in passes.items():
         last_calib = name == "calib" and i == run.n - 1  # feeds no block: computed for the error only
         writer = None if last_calib else run.st.writer(run.hidden(name, i + 1, *streams[name].shape))
-        for mb, out in enumerate(p.block_outputs()):
+        for out in p.block_outputs():
             if name == "calib" and wanted is not None:
-                error.add(out, wanted[mb])
+                error.add(out, next(wanted))
             if writer is not None:
                 writer.write(out)
                 killpoint("hidden_write")

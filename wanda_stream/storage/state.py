@@ -5,6 +5,7 @@ Files (every change is a temp file, fsync and rename, so a crash leaves the old 
   state.json  next block to do, per-block records, and the stage ('profile' for OWL's pass, 'blocks', 'done')
   tokens.safetensors, calib_*.bin / eval_*.bin / owl_*.bin   token windows and hidden states
   dense_*.bin  block i's dense outputs on the calibration inputs (dense_i, while block i is pruned)
+  spill-*.bin  scratch of a block streaming its experts whose per-token buffers do not fit memory (storage/spill.py)
   lock        flock'ed by the process working on the run (the kernel drops it when that process dies)
 """
 
@@ -40,7 +41,8 @@ KILL_ENV = "WANDA_STREAM_KILL_AT"
 
 # Everything a run writes in its work dir (temporaries included, as a kill may leave them).
 _OWN_NAME = re.compile(
-    r"lock|(run\.json|state\.json|rank\d+\.json|tokens\.safetensors|(calib|eval|owl|dense|tasks_\d{5})_\d{5}(\.r\d+)?\.bin)(\.tmp|\.partial)?")
+    r"lock|(run\.json|state\.json|rank\d+\.json|tokens\.safetensors|(calib|eval|owl|dense|tasks_\d{5})_\d{5}(\.r\d+)?\.bin"
+    r"|spill-(calib|eval|dense|tasks_\d{5})-\d{5}(\.r\d+)?\.bin)(\.tmp|\.partial)?")
 _RANK_HIDDEN = re.compile(r"\.r\d+\.bin")  # a rank's own hidden-state file of a run on several ranks
 _kill_counts: dict[str, int] = {}
 
@@ -108,6 +110,11 @@ class WorkDir:
     def hidden_file(self, stream: str, block: int, rank_suffix: str = "") -> Path:
         """Stream `stream`'s hidden states entering `block` (with `rank_suffix`: one rank's share of them)."""
         return self.path / f"{stream}_{block:05d}{rank_suffix}.bin"
+
+    def spill_file(self, name: str, block: int, rank_suffix: str = "") -> Path:
+        """Scratch of block `block`'s pass `name` (a stream's, or 'dense'), while the block runs. Dashes, not
+        underscores: `block_inputs` must never take it for a stream's states."""
+        return self.path / f"spill-{name}-{block:05d}{rank_suffix}.bin"
 
     def block_inputs(self, block: int, rank_suffix: str = "") -> list[Path]:
         """Every stream's hidden-state file entering `block` (of the rank with `rank_suffix`)."""
