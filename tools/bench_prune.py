@@ -92,6 +92,13 @@ def rss_bytes(pid: int) -> int:
     return 0
 
 
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass  # nothing left of the group
+
+
 def measure(cmd: list[str], log: Path, mem_limit: int, env: dict[str, str] | None = None,
             timeout: float = 0) -> dict[str, Any]:
     """Run `cmd` and return its status, wall time, peak RSS and I/O counters.
@@ -106,7 +113,7 @@ def measure(cmd: list[str], log: Path, mem_limit: int, env: dict[str, str] | Non
     killed_at, timed_out = 0, False
     with open(log, "w") as out:
         t0 = time.monotonic()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         last_io: dict[str, int] | None = None
         while True:
             info = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
@@ -118,12 +125,13 @@ def measure(cmd: list[str], log: Path, mem_limit: int, env: dict[str, str] | Non
             if not killed_at and ((mem_limit and rss > mem_limit)
                                   or psutil.virtual_memory().available < MIN_AVAILABLE):
                 killed_at = rss
-                proc.send_signal(signal.SIGKILL)
+                _kill_group(proc.pid)
             if timeout and not timed_out and time.monotonic() - t0 > timeout:
                 timed_out = True
-                proc.send_signal(signal.SIGKILL)
+                _kill_group(proc.pid)
             time.sleep(0.1)
         wall = time.monotonic() - t0
+        _kill_group(proc.pid)  # the child is a zombie until wait4: its group id still names its strays
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
     tail = log.read_text(errors="replace")[-4000:]
