@@ -42,9 +42,11 @@ from wanda_stream.storage.state import (
 
 if TYPE_CHECKING:
     from wanda_stream.run.prune import PruneRun
+    from wanda_stream.run.sweep import Entry
 
 
-def build_prune_config(args: argparse.Namespace, world_size: int = 1) -> tuple[RunConfig, Any]:
+def build_prune_config(args: argparse.Namespace, world_size: int = 1
+                       ) -> tuple[RunConfig, tuple[dict[str, Any], Skeleton, Checkpoint]]:
     """Validate the prune arguments against the checkpoint; returns the config and (fingerprint, skeleton, checkpoint)."""
     from wanda_stream.model.stream import checkpoint_dtype, open_model
 
@@ -289,7 +291,7 @@ def _saved_config(work_dir: Path, output_dir: Path) -> RunConfig | None:
         return None
 
 
-def disk_needs(cfg: RunConfig, sk: Any, total_bytes: int, eval_windows: int, spilled: int = 0
+def disk_needs(cfg: RunConfig, sk: Skeleton, total_bytes: int, eval_windows: int, spilled: int = 0
                ) -> list[tuple[Path, int, str]]:
     """What the run still writes: the pruned checkpoint (less the shards already there) and its hidden states,
     with `spilled` bytes of a streamed block's per-token buffers beside them."""
@@ -306,7 +308,7 @@ def disk_needs(cfg: RunConfig, sk: Any, total_bytes: int, eval_windows: int, spi
     return [(out, max(total_bytes - existing, 0), "the pruned checkpoint"), work]
 
 
-def check_resources(cfg: RunConfig, sk: Any, total_bytes: int, block_tensor_bytes: list[list[int]],
+def check_resources(cfg: RunConfig, sk: Skeleton, total_bytes: int, block_tensor_bytes: list[list[int]],
                     eval_windows: int, ranks_per_node: int = 1, streamed: bool = False) -> None:
     """Refuse early, with numbers, when disk or memory cannot hold what the run needs (every rank of this
     node holds its own blocks, pinned on CUDA; the hidden states are shared out, so all ranks together
@@ -331,7 +333,7 @@ def check_resources(cfg: RunConfig, sk: Any, total_bytes: int, block_tensor_byte
         )
 
 
-def streamed_buffers(cfg: RunConfig, sk: Any, eval_windows: int, ranks_per_node: int) -> tuple[int, str]:
+def streamed_buffers(cfg: RunConfig, sk: Skeleton, eval_windows: int, ranks_per_node: int) -> tuple[int, str]:
     """A streamed block's per-token buffers on one rank (its share of the windows), in bytes, and where the
     activation budget puts them beside the hidden states: the run's own choice (PruneRun._place_states and
     _place_buffers), made before it starts."""
@@ -463,7 +465,7 @@ def _sweep_summary(args: argparse.Namespace, subs: list[argparse.Namespace], rep
         print(sweep_table(rows))
 
 
-def _entry_args(args: argparse.Namespace, entry: Any) -> argparse.Namespace:
+def _entry_args(args: argparse.Namespace, entry: "Entry") -> argparse.Namespace:
     """The arguments of one sweep configuration: its single `prune` command line (`entry_argv`), parsed
     as that command would be."""
     from wanda_stream.cli import build_parser
@@ -528,7 +530,7 @@ def _will_write(args: argparse.Namespace, cfg: RunConfig) -> bool:
     return args.overwrite or not (args.resume and output_is_finished(cfg))
 
 
-def _held_blocks(cfg: RunConfig, sk: Any, ckpt: Any) -> tuple[list[list[int]], bool]:
+def _held_blocks(cfg: RunConfig, sk: Skeleton, ckpt: Checkpoint) -> tuple[list[list[int]], bool]:
     """Every block's stored tensor sizes held at once (a block streaming its experts holds a part), and
     whether any block streams."""
     from wanda_stream.model.shrink import structure_of
