@@ -497,9 +497,9 @@ def _run_sweep(args: argparse.Namespace, stop: StopFlag,
     from wanda_stream.run.sweep import blocks_read, run_lockstep
 
     resume = shlex.join(["wanda-stream", *args.argv, *([] if args.resume else ["--resume"])])
+    saved = f"the sweep's state is saved in each configuration's work dir. Resume with: {resume}"
     reports, runs = _run_prunes([(sub, cfg, f"prune {sub.sweep_name}") for sub, _, cfg in opened], stop, world,
-                                f"the sweep's state is saved in each configuration's work dir. Resume with: {resume}",
-                                run_lockstep)
+                                saved, run_lockstep)
     return reports, blocks_read(runs)
 
 
@@ -568,8 +568,8 @@ def card_facts(hub_id: str | None, model_dir: Path, command: str) -> CardFacts:
 
 
 def _run_locked(args: argparse.Namespace, stop: StopFlag, cfg: RunConfig, world: World) -> int:
-    _run_prunes([(args, cfg, "prune")], stop, world,
-                f"state saved in {cfg.work_dir}. Resume with: {resume_command(cfg)}", lambda runs: [runs[0].run()])
+    saved = f"state saved in {cfg.work_dir}. Resume with: {resume_command(cfg)}"
+    _run_prunes([(args, cfg, "prune")], stop, world, saved, lambda runs: [runs[0].run()])
     return 0
 
 
