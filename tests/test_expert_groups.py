@@ -412,7 +412,7 @@ def test_buffers_go_where_the_budget_leaves_room() -> None:
     cuda = {"device": 1000, "host": 500}
     assert place(300, 100, cuda, "device", 600) == "device"
     assert place(301, 100, cuda, "device", 600) == "host"  # the activations stay on the device
-    assert place(301, 100, cuda, "host", 300) == "disk" and place(200, 100, cuda, "host", 300) == "device"
+    assert place(901, 100, cuda, "host", 300) == "disk" and place(200, 100, cuda, "host", 300) == "device"
 
 
 @pytest.mark.parametrize("threads", [False, True])
