@@ -108,16 +108,25 @@ def _read_header(path: Path) -> tuple[dict, int]:
     return header, 8 + n
 
 
+def pread_into(fd: int, offset: int, view: memoryview) -> int:
+    """Fill `view` from byte `offset` of the open file `fd` (positioned reads); the bytes read, fewer than
+    `len(view)` only where the file ends first."""
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got <= 0:
+            break
+        done += got
+    return done
+
+
 def read_exact(path: Path, offset: int, view: memoryview) -> None:
     """Fill `view` with the bytes of `path` from `offset` (positioned reads; no mapping is kept)."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        done = 0
-        while done < len(view):
-            got = os.preadv(fd, [view[done:]], offset + done)
-            if got <= 0:
-                raise InputError(f"{path}: ended at byte {offset + done} while reading; re-download or re-copy it")
-            done += got
+        done = pread_into(fd, offset, view)
+        if done < len(view):
+            raise InputError(f"{path}: ended at byte {offset + done} while reading; re-download or re-copy it")
     finally:
         os.close(fd)
 

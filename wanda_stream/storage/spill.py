@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from wanda_stream.storage.checkpoint import byte_view, tensor_bytes
+from wanda_stream.storage.checkpoint import byte_view, pread_into, tensor_bytes
 from wanda_stream.storage.state import killpoint
 
 Spec = tuple[tuple[int, ...], torch.dtype]
@@ -55,12 +55,9 @@ class BatchFile:
         for shape, dtype in specs[parts.start : parts.stop]:
             t = torch.empty(shape, dtype=dtype, pin_memory=self._pin)
             view = byte_view(t)
-            done = 0
-            while done < len(view):
-                got = os.preadv(self._fd, [view[done:]], offset + done)
-                if got <= 0:
-                    raise OSError(f"{self.path}: ended at byte {offset + done}; the scratch file was cut short")
-                done += got
+            done = pread_into(self._fd, offset, view)
+            if done < len(view):
+                raise OSError(f"{self.path}: ended at byte {offset + done}; the scratch file was cut short")
             offset += len(view)
             out.append(t)
         return out
