@@ -124,6 +124,40 @@ def test_mxfp4_checkpoint_presents_fused_float_experts(tmp_path: Path) -> None:
     assert torch.equal(ckpt.get("e.gate_up_proj_bias"), bias)
 
 
+def test_dequantized_tensors_are_pinned_when_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """get(pin=True) on a quantized key (FP8, MXFP4, and a plain tensor cast to the presented dtype): the
+    result is asked of the allocator in pinned memory (the stored parts, read then dropped, are not), and its
+    values are those of the pageable read. Checked on any host by recording what torch.empty is asked for."""
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a.weight": (torch.randn(4, 6, generator=g) * 10).to(torch.float8_e4m3fn),
+               "a.weight_scale_inv": torch.rand(2, 3, generator=g) + 0.5,
+               "e.gate_up_proj_blocks": torch.randint(0, 256, (2, 6, 2, 16), generator=g, dtype=torch.uint8),
+               "e.gate_up_proj_scales": torch.randint(120, 130, (2, 6, 2), generator=g, dtype=torch.uint8),
+               "n.weight": torch.randn(6, generator=g), "z.weight": torch.empty(0, 6)}
+    (tmp_path / "fp8").mkdir()
+    (tmp_path / "mx").mkdir()
+    fp8 = Checkpoint(_model_dir(tmp_path / "fp8", {k: v for k, v in tensors.items() if not k.startswith("e.")},
+                                FP8_QC), torch.bfloat16)
+    mx = Checkpoint(_model_dir(tmp_path / "mx", {k: v for k, v in tensors.items() if k.startswith("e.")},
+                               {"quant_method": "mxfp4"}), torch.bfloat16)
+    want = {k: fp8.get(k) for k in ("a.weight", "n.weight", "z.weight")} | {"e.gate_up_proj": mx.get("e.gate_up_proj")}
+    asked: list[tuple[tuple[int, ...], bool]] = []
+    real_empty = torch.empty
+
+    def empty(shape: object, dtype: torch.dtype | None = None, pin_memory: bool = False, **kw: object) -> torch.Tensor:
+        if isinstance(shape, (tuple, list, torch.Size)):
+            asked.append((tuple(shape), pin_memory))
+        return real_empty(shape, dtype=dtype, **kw)
+
+    monkeypatch.setattr(torch, "empty", empty)
+    for key, expected in want.items():
+        asked.clear()
+        got = (mx if key.startswith("e.") else fp8).get(key, pin=True)
+        assert got.dtype == torch.bfloat16 and torch.equal(got, expected), key
+        assert asked[-1] == (tuple(expected.shape), expected.numel() > 0), (key, asked)
+        assert not any(pin for _, pin in asked[:-1]), (key, asked)
+
+
 def _dequantized_copy(fp8: Path, out: Path) -> Path:
     """The FP8 checkpoint dequantized in memory, independently of the reader (float32), saved as float."""
     state = load_state_dict(fp8)

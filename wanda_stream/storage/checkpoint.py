@@ -229,8 +229,8 @@ class Checkpoint:
             raise InputError(f"{self.root}: tensor '{key}' is missing from the checkpoint")
         if src.kind == "plain" and src.dtype == self.stored[key].dtype:
             return self.get_stored(key, pin)
-        # Dequantized on the CPU, into a fresh tensor: a pinned read of the parts would not pin the result.
-        return quant.materialize_source(src, [self.get_stored(k) for k in src.keys], self.quantization_config)
+        # Dequantized (or cast) on the CPU from pageable reads of the parts; the result is what gets pinned.
+        return quant.materialize_source(src, [self.get_stored(k) for k in src.keys], self.quantization_config, pin)
 
     def get_stored(self, key: str, pin: bool = False) -> torch.Tensor:
         """Read one stored tensor as the shard holds it (see `get` for `pin`)."""

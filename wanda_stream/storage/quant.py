@@ -158,16 +158,23 @@ def _check_mxfp4(key: str, b: Stored, s: Stored, where: str) -> tuple[int, ...]:
     return (*lead, groups * MX_GROUP, rows)
 
 
-def materialize_source(src: Source, parts: Sequence[torch.Tensor], qc: Mapping[str, object] | None) -> torch.Tensor:
-    """The float tensor `src` describes, from its stored tensors `parts` (read in `src.keys` order)."""
+def materialize_source(src: Source, parts: Sequence[torch.Tensor], qc: Mapping[str, object] | None,
+                       pin: bool = False) -> torch.Tensor:
+    """The float tensor `src` describes, from its stored tensors `parts` (read in `src.keys` order).
+
+    `pin`: the result in page-locked memory (CUDA hosts), so that a dequantized block goes to the card as
+    fast, and as asynchronously, as a plain one; the final cast writes into it, so no extra copy is made.
+    """
     if src.kind == "plain":
-        t = parts[0]
-        return t if t.dtype == src.dtype else t.to(src.dtype)
-    if src.kind == "fp8":
+        w = parts[0]
+    elif src.kind == "fp8":
         w = dequant_fp8_block(parts[0], parts[1], _fp8_block(qc, ""))
     else:
         w = dequant_mxfp4(parts[0], parts[1])
-    return w.to(src.dtype)
+    if not pin:
+        return w if w.dtype == src.dtype else w.to(src.dtype)
+    # An empty tensor has no memory to pin (the pinned allocator returns none for 0 bytes).
+    return torch.empty(w.shape, dtype=src.dtype, pin_memory=w.numel() > 0).copy_(w)
 
 
 def output_config(config: dict, dequantized: bool, save_dtype: torch.dtype | None) -> dict:
