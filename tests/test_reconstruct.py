@@ -79,7 +79,8 @@ def test_fit_of_a_masked_linear_map_holds_the_mask_and_lowers_the_error() -> Non
 
 
 def test_fit_sums_the_ranks_parts_in_window_order() -> None:
-    """fit_block on two disjoint shares, each gathering the other's parts, applies the single-process update."""
+    """fit_block on one of two disjoint shares, the other's parts coming through the exchange, applies the
+    single-process update, and the exchange is asked for every window of each step in window order."""
     torch.manual_seed(1)
     dense = torch.randn(4, 6)
     xs = [torch.randn(1, 3, 6) for _ in range(4)]
@@ -92,16 +93,18 @@ def test_fit_sums_the_ranks_parts_in_window_order() -> None:
 
     single = weight()
     fit_block(lambda x: x @ single.T, [single], [mask], 4, range(4), lambda j: (xs[j], ys[j]), opts)
-    # Rank 0 holds windows 0-1; its gather computes rank 1's parts (windows 2-3) with the same weights.
+    # Rank 0 holds windows 0-1; its exchange computes rank 1's parts (windows 2-3) with the same weights.
     from wanda_stream.methods import reconstruct as r
 
     w = weight()
+    asked: list[tuple[int, bool]] = []
 
-    def gather(parts: list[Any]) -> list[list[Any]]:
-        theirs = [r._window_grad(j, lambda x: x @ w.T, [w], xs[j], ys[j], 4) for j in (2, 3)]  # noqa: SLF001
-        return [parts, theirs]
-    fit_block(lambda x: x @ w.T, [w], [mask], 4, range(0, 2), lambda j: (xs[j], ys[j]), opts, gather)
+    def exchange(j: int, part: Any) -> Any:
+        asked.append((j, part is not None))
+        return part if part is not None else r._window_grad(j, lambda x: x @ w.T, [w], xs[j], ys[j], 4)  # noqa: SLF001
+    fit_block(lambda x: x @ w.T, [w], [mask], 4, range(0, 2), lambda j: (xs[j], ys[j]), opts, exchange)
     assert torch.equal(w.detach(), single.detach())
+    assert asked == [(0, True), (1, True), (2, False), (3, False)] * 3
 
 
 # ---- against an in-memory implementation -------------------------------------------------------------

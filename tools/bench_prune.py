@@ -4,6 +4,7 @@
     python tools/bench_prune.py MODEL_DIR --runs streamer,streamer-no-prefetch,in-memory --json out.json
     python tools/bench_prune.py MODEL_DIR --runs streamer --method sparsegpt --nproc 2 --threads 1
     python tools/bench_prune.py MODEL_DIR --runs streamer,streamer-states-on-disk
+    python tools/bench_prune.py MODEL_DIR --runs streamer --nproc 2 --flags '--reconstruct --reconstruct-batch 4'
 
 Every run is its own process: `streamer` is `wanda-stream prune`, `streamer-no-prefetch` the same
 with --no-prefetch (block reads and shard writes in series with the compute), `streamer-states-on-disk`
@@ -264,7 +265,7 @@ def command(kind: str, a: argparse.Namespace, out: Path) -> list[str]:
            "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen), *sparsity, *shlex.split(a.structure),
            "--method", a.method, "--sparsity-profile", a.sparsity_profile,
            "--seed", str(a.seed), "--device", a.device, "--compute-dtype", a.compute_dtype_resolved,
-           "--batch-size", str(a.batch_size_resolved), "--quiet", "--overwrite"]
+           "--batch-size", str(a.batch_size_resolved), *shlex.split(a.flags), "--quiet", "--overwrite"]
     if kind == "streamer-no-prefetch":
         cmd.append("--no-prefetch")
     if kind == "streamer-states-on-disk":
@@ -275,7 +276,8 @@ def command(kind: str, a: argparse.Namespace, out: Path) -> list[str]:
 def _what(a: argparse.Namespace) -> str:
     """The pruning asked for, in words: structure, and masks unless structured pruning alone."""
     masks = "" if a.structure and a.sparsity is None else f"{a.sparsity or 0.5:.0%} {a.method} ({a.sparsity_profile})"
-    return ", ".join(p for p in (f"structure `{a.structure}`" if a.structure else "", masks) if p)
+    return ", ".join(p for p in (f"structure `{a.structure}`" if a.structure else "", masks,
+                                 f"flags `{a.flags}`" if a.flags else "") if p)
 
 
 def free_port() -> int:
@@ -367,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seqlen", type=int, default=128)
     p.add_argument("--sparsity", type=float, default=None, help="default 0.5 (none with --structure)")
     p.add_argument("--structure", default="", help="the streamer's structured-pruning flags, e.g. '--drop-ffn 0.25'")
+    p.add_argument("--flags", default="", help="more of the streamer's prune flags, e.g. "
+                   "'--reconstruct --reconstruct-batch 4' (the in-memory run ignores them)")
     p.add_argument("--method", default="wanda", help="the streamer's --method (the in-memory run is always wanda)")
     p.add_argument("--sparsity-profile", default="uniform", help="the streamer's --sparsity-profile")
     p.add_argument("--nproc", type=int, default=1,

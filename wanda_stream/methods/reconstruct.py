@@ -9,13 +9,14 @@ through the block's non-linearities (what a layer-wise objective cannot see).
 
 This module is the pure loop: a block forward, the trainable float32 weights with their masks, and a
 window fetch in, the fitted weights (in place) and a record out. No files, no ranks, no model names:
-`wanda_stream.run.prune` wires it to the hidden-state streams and the ranks' gather.
+`wanda_stream.run.prune` wires it to the hidden-state streams and the ranks' exchange.
 
 Deterministic by construction: the windows of every step are a fixed function of the window count and
 the step size (no shuffling, nothing random); each window's gradient is its own backward pass, and a
 step's gradient is the sum of its windows' gradients in window order, however the windows are spread
-over ranks (`gather` returns every rank's list; they are merged by window index before the sum). So a
-run gives the same bytes on rerun, after a resume, and on any number of ranks. On CUDA that needs one
+over ranks (each rank computes the windows it holds, then `exchange` hands every window's part to every
+rank, one window after another in window order, and each rank adds them up as it goes). So a run gives
+the same bytes on rerun, after a resume, and on any number of ranks. On CUDA that needs one
 more thing (`fit_attention`): attention's backward by the math kernel, not the fused ones.
 """
 
@@ -39,8 +40,16 @@ PAPERS = ("Xu et al., ICLR 2024, BESA: Pruning Large Language Models with Blockw
 
 # One window's (input, dense target), each [1, seqlen, hidden], on the compute device.
 Window = tuple[torch.Tensor, torch.Tensor]
-# One rank's share of a step: (window index, its loss, its gradient per trainable weight).
+# One window's share of a step: (window index, its loss, its gradient per trainable weight).
 Part = tuple[int, float, list[torch.Tensor]]
+# Window j's part on every rank: given by the rank that holds it (its own part), received by the others (None).
+Exchange = Callable[[int, Part | None], Part]
+
+
+def held_here(j: int, part: Part | None) -> Part:
+    """The exchange of a single process, which holds every window."""
+    assert part is not None, f"window {j} is held by no process"
+    return part
 
 
 @dataclass(frozen=True)
@@ -119,7 +128,7 @@ def fit_block(
     held: range,
     fetch: Callable[[int], Window],
     opts: Reconstruct,
-    gather: Callable[[list[Part]], list[list[Part]]] = lambda parts: [parts],
+    exchange: Exchange = held_here,
     stop: Callable[[], bool] = lambda: False,
 ) -> FitRecord | None:
     """Fit `weights` (float32 leaf tensors the block `forward` reads) in place with Adam, so that
@@ -130,7 +139,8 @@ def fit_block(
     so no rounding can revive one). `held` is the range of window indices (of `n_windows`) this process
     holds, `fetch(j)` window j's (input, target). Each step's loss is the mean squared error over its
     windows' output elements; its gradient the sum, in window order, of every window's own gradient,
-    the windows of other ranks coming through `gather` (every rank's list of parts, in rank order).
+    the windows of other ranks coming through `exchange` (called for every window of the step, in window
+    order, on every rank: with this process's part where it holds the window, else None).
     The learning rate decays from `opts.lr` along a cosine over the block's steps. On CUDA, call it under
     `fit_attention`.
     """
@@ -145,9 +155,8 @@ def fit_block(
         for windows in steps:
             if stop():
                 return None
-            own = [_window_grad(j, forward, weights, *fetch(j), len(windows)) for j in windows if j in held]
-            parts = sorted((p for rank in gather(own) for p in rank), key=lambda p: p[0])
-            grads = _sum_in_order([p[2] for p in parts], weights)
+            own = {j: _window_grad(j, forward, weights, *fetch(j), len(windows)) for j in windows if j in held}
+            losses, grads = _sum_in_order(windows, own, exchange, weights)
             for g, mask in zip(grads, removed):
                 if mask is not None:
                     g.masked_fill_(mask, 0)
@@ -162,8 +171,8 @@ def fit_block(
                     if mask is not None:
                         w.masked_fill_(mask, 0)
             step += 1
-            mse += sum(p[1] for p in parts)  # in window order: the same figure on any number of ranks
-            del own, parts, grads
+            mse += sum(losses)  # in window order: the same figure on any number of ranks
+            del own, grads
         epoch_mse.append(mse / len(steps))
     return FitRecord(epoch_mse, step, time.perf_counter() - t0)
 
@@ -180,12 +189,22 @@ def _window_grad(j: int, forward: Callable[[torch.Tensor], torch.Tensor], weight
     return j, float(loss.detach()), [g.detach() for g in grads]
 
 
-def _sum_in_order(grads: list[list[torch.Tensor]], like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """The sum of every window's gradients, added one window after another (zeros for an empty step)."""
-    if not grads:
-        return [torch.zeros_like(w) for w in like]
-    out = [g.to(w.device).clone() for g, w in zip(grads[0], like)]
-    for part in grads[1:]:
-        for acc, g in zip(out, part):
-            acc.add_(g.to(acc.device))
-    return out
+def _sum_in_order(windows: list[int], own: dict[int, Part], exchange: Exchange, like: Sequence[torch.Tensor]
+                  ) -> tuple[list[float], list[torch.Tensor]]:
+    """Every window's loss, and the sum of their gradients added one window after another in window order.
+
+    One window's part is alive at a time besides the sum and this process's own parts, so ranks never hold
+    a whole step's gradients; and the additions are the same, in the same order, on any number of ranks.
+    """
+    losses: list[float] = []
+    out: list[torch.Tensor] = []
+    for j in windows:
+        _, loss, grads = exchange(j, own.pop(j, None))
+        losses.append(loss)
+        if not out:
+            out = [g.to(w.device).clone() for g, w in zip(grads, like)]
+        else:
+            for acc, g in zip(out, grads):
+                acc.add_(g.to(acc.device))
+        del grads
+    return losses, out

@@ -36,7 +36,7 @@ from wanda_stream.run.config import RunConfig
 from wanda_stream.run.dist import World, assign_by_cost
 from wanda_stream.methods.fidelity import OutputError
 from wanda_stream.methods.reconstruct import PAPERS as RECONSTRUCT_PAPERS
-from wanda_stream.methods.reconstruct import fit_attention, fit_block
+from wanda_stream.methods.reconstruct import Exchange, Part, fit_attention, fit_block, held_here
 from wanda_stream.errors import InputError, Interrupted
 from wanda_stream.run.card import CardFacts, render_card
 from wanda_stream.eval.loglik import hidden_streams
@@ -766,18 +766,15 @@ class PruneRun:
             return (src.read(j - start, 1).to(self.st.device, torch.float32),
                     dense.read(j - start, 1).to(self.st.device, torch.float32))
 
-        def gather(parts: list[Any]) -> list[list[Any]]:
-            # Gradients travel on the CPU through the agreement group; merged by window index by the kernel.
-            return self.world.gather([(j, loss, [g.cpu() for g in grads]) for j, loss, grads in parts])
-
         def stopping() -> bool:
             killpoint("reconstruct_step")  # before every optimiser step
             return self.midblock_stop is not None and self.midblock_stop.requested
 
         try:
             with fit_attention(self.st.device):  # CUDA's fused attention backward is not deterministic
-                done = fit_block(forward, weights, removed, self.calib_total, range(start, start + shape[0]),
-                                 fetch, opts, gather if self.world.size > 1 else (lambda parts: [parts]), stopping)
+                held = range(start, start + shape[0])
+                done = fit_block(forward, weights, removed, self.calib_total, held, fetch, opts,
+                                 self._exchange(held, weights), stopping)
         finally:
             for n, m in linears.items():
                 if wide[n] is not None:
@@ -794,6 +791,31 @@ class PruneRun:
         del weights, removed
         release(layer)
         return self.st.load_block(i, out, narrow=self.spec.widths), record, unfitted
+
+    def _exchange(self, held: range, like: list[torch.Tensor]) -> Exchange:
+        """How the fit's ranks share a window's part: its owner broadcasts (loss, gradients) as one float32
+        buffer on the data group (NCCL on GPUs: the gradients stay on the cards), one window at a time.
+
+        Not the agreement group's pickled gathers: those copied every window's whole-block gradients through
+        the host to every rank on every step (about 0.8 GB per window for a 7B block).
+        """
+        if self.world.size == 1:
+            return held_here
+        shares = self.world.gather((held.start, held.stop))
+        sizes = [w.numel() for w in like]
+
+        def exchange(j: int, part: Part | None) -> Part:
+            owner = next(r for r, (lo, hi) in enumerate(shares) if lo <= j < hi)
+            if part is None:
+                flat = torch.empty(1 + sum(sizes), dtype=torch.float32, device=like[0].device)
+            else:
+                loss = torch.tensor([part[1]], dtype=torch.float32, device=like[0].device)
+                flat = torch.cat([loss, *(g.reshape(-1).to(loss.device) for g in part[2])])
+            self.world.broadcast_(flat, owner)
+            grads = [g.view_as(w) for g, w in zip(flat[1:].split(sizes), like)]
+            return j, float(flat[0]), grads
+
+        return exchange
 
     def _drop_experts(self, i: int, stored: dict[str, torch.Tensor], stats: BlockStats | None,
                       saliency: ExpertSaliency) -> tuple[dict[str, torch.Tensor], BlockStats | None, dict[str, Any]]:
