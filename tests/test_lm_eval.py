@@ -182,12 +182,23 @@ def test_eval_tasks_json_is_lm_eval_results(tiny_model: Path, tmp_path: Path,
 
 
 def test_lm_eval_command_with_wanda_stream_model(tiny_model: Path, tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch,
+                                                 monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     """lm-eval's own command line (`wanda-stream-lm-eval`, the console script) with the model registered."""
     import functools
+    import logging
 
     import lm_eval.tasks
+    import lm_eval.utils
+
+    # lm-eval's command line gives its logger a handler on the stderr of this moment, which pytest closes
+    # after this test: every later lm-eval log line in this process printed a "Logging error" stack. Its
+    # logging is put back as it was (the handler, the level, the flag that makes it add one only once).
+    log = logging.getLogger("lm_eval")
+    monkeypatch.setattr(log, "handlers", list(log.handlers))
+    monkeypatch.setattr(log, "propagate", log.propagate)
+    monkeypatch.setattr(lm_eval.utils, "_LOGGING_CONFIGURED", lm_eval.utils._LOGGING_CONFIGURED)  # noqa: SLF001
+    request.addfinalizer(functools.partial(log.setLevel, log.level))
 
     from wanda_stream.eval import lm_eval_backend
 
@@ -287,7 +298,9 @@ def test_prune_eval_tasks_equal_eval_of_the_output(tiny_model: Path, tmp_path: P
     monkeypatch.setenv(state_mod.KILL_ENV, "block_done:1:TERM")
     assert _prune_with_tasks(tiny_model, out, task_dir) == 75
     monkeypatch.delenv(state_mod.KILL_ENV)
-    resume = capsys.readouterr().err.split("Resume with: ")[1].split()
+    err = capsys.readouterr().err
+    assert "Logging error" not in err  # no handler of an earlier test's closed stderr (see the lm-eval CLI test)
+    resume = err.split("Resume with: ")[1].split()
     assert resume[resume.index("--eval-tasks") + 1] == "toy_mc" and "--eval-include-path" in resume
     assert _prune_with_tasks(tiny_model, out, task_dir, "--resume") == 0
     inside = json.loads((out / "wanda_stream.json").read_text())["eval_tasks"]["results"]["toy_mc"]
