@@ -380,7 +380,8 @@ def test_preflight_counts_buffers_that_do_not_fit_memory_on_disk(moe_model: Call
     buffers = resources.streamed_buffers_bytes(2 * cfg.nsamples * cfg.seqlen, hidden, cfg.dtype)
     vm = namedtuple("vm", "available total")
     monkeypatch.setattr(commands.psutil, "virtual_memory", lambda: vm(base + buffers - 1, 10**12))
-    assert commands.streamed_buffers(cfg, sk, 0, 1) == (buffers, "disk")  # counted in RAM, it would not fit
+    plan = commands.preflight_plans(cfg, sk, 0, 1, streamed=True)[0]
+    assert (plan.buffers_bytes, plan.buffers) == (buffers, "disk")  # counted in RAM, it would not fit
     spilled = _prune(src, tmp_path / "spilled", "--expert-group", "3")
     assert _buffers(spilled) == {"disk"}
     assert _outputs(tmp_path / "spilled") == _outputs(tmp_path / "held")
@@ -405,16 +406,44 @@ def test_preflight_counts_buffers_that_do_not_fit_memory_on_disk(moe_model: Call
 # ---- the parts ---------------------------------------------------------------------------------------------
 def test_buffers_go_where_the_budget_leaves_room() -> None:
     """Beside the micro-batch's activations and the hidden states kept in the same memory, device first."""
-    place = resources.buffers_placement
+    place = resources.place
     cpu = {"host": 1000}
-    assert place(300, 100, cpu, "host", 600) == "host" and place(301, 100, cpu, "host", 600) == "disk"
-    assert place(900, 100, cpu, "disk", 600) == "host"  # states on disk take nothing
+    assert place(300, 100, cpu, {"host": 600}) == "host" and place(301, 100, cpu, {"host": 600}) == "disk"
+    assert place(900, 100, cpu) == "host"  # states on disk take nothing
     cuda = {"device": 1000, "host": 500}
-    assert place(300, 100, cuda, "device", 600) == "device"
-    assert place(301, 100, cuda, "device", 600) == "host"  # the activations stay on the device
-    assert place(200, 100, cuda, "host", 300) == "device" and place(901, 100, cuda, "host", 300) == "disk"
-    assert place(200, 900, cuda, "host", 300) == "host"  # no room on the device beside its activations
-    assert place(201, 900, cuda, "host", 300) == "disk"  # the states kept in RAM take its room
+    assert place(300, 100, cuda, {"device": 600}) == "device"
+    assert place(301, 100, cuda, {"device": 600}) == "host"  # the activations stay on the device
+    assert place(200, 100, cuda, {"host": 300}) == "device" and place(901, 100, cuda, {"host": 300}) == "disk"
+    assert place(200, 900, cuda, {"host": 300}) == "host"  # no room on the device beside its activations
+    assert place(201, 900, cuda, {"host": 300}) == "disk"  # the states kept in RAM take its room
+
+
+def test_the_plan_puts_buffers_beside_every_runs_states() -> None:
+    """resources.memory_plan for a streamed block: its buffers (calibration tokens twice, others once) go
+    where the budget leaves them room beside the activations and the states of all a sweep's runs."""
+    from tests.helpers import tiny_llama_config
+
+    config, f32, Plan = tiny_llama_config(), torch.float32, resources.MemoryPlan
+    streams = [("calib", 8, 32)]
+    states = resources.resident_states_bytes([(8, 32)], 64, f32)
+    acts = resources.window_bytes(config, 32, f32)  # micro-batches of 1 window
+    buffers = resources.streamed_buffers_bytes(2 * 8 * 32, 64, f32)
+
+    def plan(budget: int, streams: list[tuple[str, int, int]] = streams, **kw: Any) -> resources.MemoryPlan:
+        return resources.memory_plan(streams, 64, f32, config=config, batch_size=1, seqlen=32,
+                                     budgets={"host": budget}, streamed=True, **kw)
+
+    assert plan(states + acts + buffers) == Plan("host", states, "host", buffers)
+    assert plan(states + acts + buffers - 1) == Plan("host", states, "disk", buffers)
+    assert plan(acts + buffers, states_on_disk=True) == Plan("disk", 0, "host", buffers)
+    assert plan(acts + buffers - 1, states_on_disk=True) == Plan("disk", 0, "disk", buffers)
+    # Two runs: each run's states fit its half, and the buffers go beside both runs' states.
+    assert plan(2 * states + acts + buffers, runs=2) == Plan("host", states, "host", buffers)
+    assert plan(2 * states + acts + buffers - 1, runs=2) == Plan("host", states, "disk", buffers)
+    assert plan(10**9, [("calib", 8, 32), ("eval", 4, 16)]).buffers_bytes == resources.streamed_buffers_bytes(
+        2 * 8 * 32 + 4 * 16, 64, f32)
+    assert resources.memory_plan(streams, 64, f32, config=config, batch_size=1, seqlen=32, budgets={"host": 10**9}
+                                 ) == Plan("host", states)  # no block streams: no buffers
 
 
 @pytest.mark.parametrize("threads", [False, True])

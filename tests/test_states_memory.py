@@ -6,6 +6,7 @@ The CUDA placements (device memory; page-locked host memory) run only where CUDA
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.helpers import checkpoint_files, run_cli, write_tiny_model
+from tests.helpers import checkpoint_files, run_cli, tiny_llama_config, write_tiny_model
 from tests.test_resume import REPORT, prune_args, report_core
 from wanda_stream.run import prune as prune_mod
 from wanda_stream.run import resources
@@ -106,23 +107,108 @@ def test_abort_keeps_nothing(tmp_path: Path) -> None:
 
 
 # ---- where the states go ----------------------------------------------------------------------
-def test_placement_follows_the_activation_budget(monkeypatch: pytest.MonkeyPatch) -> None:
-    place = resources.states_placement
-    assert place(100, 50, "cpu", budget=150) == "host"
-    assert place(101, 50, "cpu", budget=150) == "disk"
+def test_activation_budgets_default_to_a_share_of_free_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert resources.activation_budgets("cpu", 150) == {"host": 150}
+    assert resources.activation_budgets("cuda:0", 150) == {"host": 150, "device": 150}
     # Without a budget: an eighth of the available RAM, shared by the node's ranks.
     monkeypatch.setattr(resources.psutil, "virtual_memory", lambda: type("VM", (), {"available": 8000})())
-    assert place(900, 100, "cpu") == "host" and place(901, 100, "cpu") == "disk"
-    assert place(400, 100, "cpu", ranks_per_node=2) == "host" and place(401, 100, "cpu", ranks_per_node=2) == "disk"
-    # CUDA: a quarter of the free device memory holds states and activations; else the host, pinned.
+    assert resources.activation_budgets("cpu") == {"host": 1000}
+    assert resources.activation_budgets("cpu", ranks_per_node=2) == {"host": 500}
+    # CUDA: a quarter of the free device memory as well.
     monkeypatch.setattr(resources.torch.cuda, "mem_get_info", lambda device=None: (4000, 8000))
-    assert place(900, 100, "cuda:0") == "device"
-    assert place(950, 100, "cuda:0") == "host"  # 1050 > 1000 on the device, 950 <= 1000 on the host
-    assert place(1001, 0, "cuda:0") == "disk"
+    assert resources.activation_budgets("cuda:0") == {"host": 1000, "device": 1000}
+
+
+CONFIG = tiny_llama_config()
+STREAMS = [("calib", 4, 32), ("eval", 2, 16)]
+RESIDENT = resources.resident_states_bytes([(4, 32), (2, 16)], 64, torch.float32)
+ACTIVATIONS = 2 * resources.window_bytes(CONFIG, 32, torch.float32)  # a micro-batch of the longest windows
+
+
+def _plan(streams: list[tuple[str, int, int]], budgets: dict[str, int], **kw: Any) -> resources.MemoryPlan:
+    return resources.memory_plan(streams, 64, torch.float32, config=CONFIG, batch_size=2, seqlen=32,
+                                 budgets=budgets, **kw)
+
+
+def test_states_go_where_the_budget_holds_them_beside_the_activations() -> None:
+    Plan = resources.MemoryPlan
+    assert _plan(STREAMS, {"host": RESIDENT + ACTIVATIONS}) == Plan("host", RESIDENT)
+    assert _plan(STREAMS, {"host": RESIDENT + ACTIVATIONS - 1}) == Plan("disk", 0)
+    # CUDA: the device first, beside the activations; else the host, where the activations are not.
+    assert _plan(STREAMS, {"device": RESIDENT + ACTIVATIONS, "host": 0}) == Plan("device", RESIDENT)
+    assert _plan(STREAMS, {"device": RESIDENT + ACTIVATIONS - 1, "host": RESIDENT}) == Plan("host", RESIDENT)
+    assert _plan(STREAMS, {"device": RESIDENT + ACTIVATIONS - 1, "host": RESIDENT - 1}) == Plan("disk", 0)
+    # A sweep's runs keep their states side by side: each gets its share of the budget.
+    assert _plan(STREAMS, {"host": 2 * (RESIDENT + ACTIVATIONS)}, runs=2) == Plan("host", RESIDENT)
+    assert _plan(STREAMS, {"host": 2 * (RESIDENT + ACTIVATIONS) - 1}, runs=2) == Plan("disk", 0)
+    assert _plan(STREAMS, {"host": 10**9}, states_on_disk=True) == Plan("disk", 0)
+    assert _plan([], {"host": 10**9}) == Plan("disk", 0)  # nothing to keep
+
+
+def test_a_calibration_stream_not_run_keeps_nothing() -> None:
+    """Without calibration the calib stream takes no memory and sets no window length."""
+    eval_only = resources.resident_states_bytes([(2, 16)], 64, torch.float32)
+    short = 2 * resources.window_bytes(CONFIG, 16, torch.float32)
+    assert _plan(STREAMS, {"host": eval_only + short}, calibration=False) == resources.MemoryPlan("host", eval_only)
+    assert _plan(STREAMS, {"host": eval_only + short - 1}, calibration=False).states == "disk"
 
 
 def test_resident_bytes_count_two_sets_per_stream() -> None:
     assert resources.resident_states_bytes([(4, 32), (2, 16)], 64, torch.float32) == 2 * (4 * 32 + 2 * 16) * 64 * 4
+
+
+def _rank_plans(model: Path, out: Path, runs: int, *extra: str, budget: int | None = None
+                ) -> tuple[list[resources.MemoryPlan], list[resources.MemoryPlan]]:
+    """The preflight's plans of 2 ranks (from the config) and the plans their runs make from the windows
+    each holds (PruneRun.my_streams, PruneRun.plan_memory), for `runs` runs of a sweep and a block
+    streaming its experts; no rank is launched."""
+    from types import SimpleNamespace
+
+    from wanda_stream import commands
+    from wanda_stream.cli import build_parser
+    from wanda_stream.run.dist import World
+    from wanda_stream.run.prune import PruneRun
+
+    cfg, (_, sk, _) = commands.build_prune_config(build_parser().parse_args(prune_args(model, out, *extra)), 2)
+    cfg = dataclasses.replace(cfg, activation_budget=budget)
+    toks = {"calib": torch.zeros(cfg.nsamples, cfg.seqlen, dtype=torch.long),
+            "eval": torch.zeros(cfg.eval_windows, cfg.eval_seqlen or cfg.seqlen, dtype=torch.long)}
+    ran: list[resources.MemoryPlan] = []
+    for rank in range(2):
+        run = SimpleNamespace(cfg=cfg, sk=sk, world=World(rank, 2, rank, 2), sweep_runs=runs, streamed={1: "plan"},
+                              st=SimpleNamespace(hidden=sk.hidden_size(), device=torch.device("cpu")))
+        ran.append(PruneRun.plan_memory(run, PruneRun.my_streams(run, toks)))
+    return commands.preflight_plans(cfg, sk, cfg.eval_windows, 2, runs, streamed=True), ran
+
+
+def test_the_preflight_plans_what_each_rank_of_a_sweep_plans(model: Path, tmp_path: Path) -> None:
+    """5 calibration windows in micro-batches of 2 make 2 and 3 windows on 2 ranks (not 3 each), beside 2 of
+    the 4 evaluation windows each, under a budget that holds one run's states beside the activations but
+    not two runs' of a sweep: the preflight plans what each rank's run plans."""
+    hidden, el = 64, 4
+    per_window = 2 * 32 * hidden * el  # two sets of a window's float32 states
+    activations = 2 * resources.window_bytes(tiny_llama_config(), 32, torch.float32)
+    extra = ("--nsamples", "5", "--eval-windows", "4")
+    plans: dict[int, list[resources.MemoryPlan]] = {}
+    for runs in (1, 2):
+        preflight, ran = _rank_plans(model, tmp_path / "out", runs, *extra, budget=5 * per_window + activations)
+        assert preflight == ran, runs
+        plans[runs] = preflight
+    tokens = [2 * 2 * 32 + 2 * 32, 2 * 3 * 32 + 2 * 32]  # calibration tokens twice (dense and pruned passes)
+    assert [p.buffers_bytes for p in plans[1]] == [3 * t * hidden * el for t in tokens]
+    assert [(p.states, p.resident_bytes) for p in plans[1]] == [("host", 4 * per_window), ("host", 5 * per_window)]
+    assert [p.states for p in plans[2]] == ["disk", "disk"]
+
+
+def test_the_preflight_leaves_out_a_share_a_rank_does_not_get(model: Path, tmp_path: Path) -> None:
+    """2 evaluation windows of 64 tokens make one micro-batch, the second rank's: the first holds none, so
+    its plan has neither their bytes nor their length's activations, in the preflight as in the run."""
+    extra = ("--eval-windows", "2", "--eval-seqlen", "64")
+    first = 2 * 2 * 32 * 64 * 4  # its 2 calibration windows' states
+    budget = first + 2 * resources.window_bytes(tiny_llama_config(), 32, torch.float32)  # beside 32-token windows
+    preflight, ran = _rank_plans(model, tmp_path / "out", 1, *extra, budget=budget)
+    assert preflight == ran
+    assert [(p.states, p.resident_bytes) for p in ran] == [("host", first), ("disk", 0)]
 
 
 # ---- whole runs -----------------------------------------------------------------------------------
@@ -221,7 +307,10 @@ def test_cuda_placements_give_the_same_bytes(model: Path, tmp_path: Path, placem
     args = ["--device", "cuda"]
     ref = tmp_path / "ref"
     assert main(prune_args(model, ref, *args, "--states-on-disk", "--quiet")) == 0
-    monkeypatch.setattr(prune_mod, "states_placement", lambda *a, **k: placement)
+    # Budgets that leave the states room only in the memory asked for (in none for disk).
+    budgets = {"device": {"device": 10**9, "host": 0}, "host": {"device": 0, "host": 10**9},
+               "disk": {"device": 0, "host": 0}}[placement]
+    monkeypatch.setattr(prune_mod, "activation_budgets", lambda *a, **k: budgets)
     out = tmp_path / "out"
     assert main(prune_args(model, out, *args, "--quiet")) == 0
     assert json.loads((out / REPORT).read_text())["hidden_states"]["placement"] == placement

@@ -11,8 +11,10 @@ import pytest
 
 from tests.helpers import run_cli, write_tiny_model
 from tests.test_resume import ARGS, assert_same_result
+from wanda_stream import commands
 from wanda_stream.cli import main
 from wanda_stream.model.stream import Streamer
+from wanda_stream.run.prune import PruneRun
 from wanda_stream.run.sweep import Entry, entry_argv, parse_sweep
 from wanda_stream.storage import state as state_mod
 
@@ -77,6 +79,21 @@ def test_sweep_equals_single_runs_and_reads_each_block_once(model: Path, singles
     # The card's command is the single run's: the sweep's flags, the entry's last.
     card = (out / "mag60" / "README.md").read_text()
     assert "--method magnitude --sparsity 0.6" in card and "--sweep" not in card
+
+
+def test_the_preflight_plans_for_the_runs_the_sweep_runs_side_by_side(model: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A resumed sweep one of whose configurations is finished runs the other two side by side: the preflight
+    checks each for those 2 runs sharing the memory, the count each run's memory plan is made for."""
+    out = tmp_path / "sweep"
+    assert main(["prune", str(model), str(out), *ARGS, "--sweep", "mag60=magnitude:0.6", "--quiet"]) == 0
+    checked: list[int] = []
+    planned: list[int] = []
+    check, plan = commands.check_resources, PruneRun.plan_memory
+    monkeypatch.setattr(commands, "check_resources", lambda *a, **k: (checked.append(k["runs"]), check(*a, **k))[1])
+    monkeypatch.setattr(PruneRun, "plan_memory", lambda run, s: (planned.append(run.sweep_runs), plan(run, s))[1])
+    assert main(["prune", str(model), str(out), *ARGS, "--sweep", SWEEP, "--resume", "--quiet"]) == 0
+    assert checked == [2, 2] and planned == [2, 2]
 
 
 def test_plan_file_with_owl_reads_the_dense_pass_once_more(model: Path, tmp_path: Path,

@@ -23,7 +23,7 @@ from wanda_stream.model import shrink
 from wanda_stream.run.card import CardFacts, base_model_id, card_command
 from wanda_stream.storage.checkpoint import Checkpoint
 from wanda_stream.run.config import RunConfig, parse_pattern, resolve_compute_dtype, resolve_device
-from wanda_stream.run.dist import World
+from wanda_stream.run.dist import World, window_share
 from wanda_stream.errors import InputError, Interrupted
 from wanda_stream.methods import build as build_method
 from wanda_stream.methods import dataclass_flags, option_flags
@@ -33,8 +33,8 @@ from wanda_stream.storage.checkpoint import atomic_write_json
 from wanda_stream.methods.profiles import Owl
 from wanda_stream.run.report import PEAK_KEYS, Progress
 from wanda_stream.run.resources import (
-    BUFFERS_ON_DISK, activation_budgets, auto_batch, buffers_placement, check_disk, check_seqlen, hidden_states_bytes,
-    human_bytes, parse_size, place, resident_states_bytes, streamed_buffers_bytes, window_bytes,
+    BUFFERS_ON_DISK, MemoryPlan, activation_budgets, auto_batch, check_disk, check_seqlen, hidden_states_bytes,
+    human_bytes, memory_plan, parse_size,
 )
 from wanda_stream.storage.state import (
     REPORT_NAME, RUN_FILE, RunLock, StopFlag, WorkDir, checkpoint_fingerprint, resume_command,
@@ -309,20 +309,24 @@ def disk_needs(cfg: RunConfig, sk: Skeleton, total_bytes: int, eval_windows: int
 
 
 def check_resources(cfg: RunConfig, sk: Skeleton, total_bytes: int, block_tensor_bytes: list[list[int]],
-                    eval_windows: int, ranks_per_node: int = 1, streamed: bool = False) -> None:
+                    eval_windows: int, ranks_per_node: int = 1, streamed: bool = False, runs: int = 1) -> None:
     """Refuse early, with numbers, when disk or memory cannot hold what the run needs (every rank of this
     node holds its own blocks, pinned on CUDA; the hidden states are shared out, so all ranks together
     need what one would). `block_tensor_bytes`: every block's tensor sizes held at once; `streamed`: some
     block streams its experts, whose per-token buffers count in RAM when the activation budget keeps them in
-    host memory, on the work dir's disk when it leaves them no room (as the run then does)."""
+    host memory, on the work dir's disk when it leaves them no room (as the run then does); `runs`: the
+    configurations of a sweep that run side by side in this process (see preflight_plans)."""
     el = torch.empty(0, dtype=cfg.dtype).element_size()
     hidden = sk.hidden_size()
     block = max((resources.block_host_bytes(b, cfg.device, el) for b in block_tensor_bytes), default=0)
     need_ram = resources.host_ram_needed(block, cfg.batch_size, cfg.seqlen, hidden, el, ranks_per_node)
-    buffers, where = streamed_buffers(cfg, sk, eval_windows, ranks_per_node) if streamed else (0, "disk")
-    if where == "host":
-        need_ram += ranks_per_node * buffers
-    check_disk(disk_needs(cfg, sk, total_bytes, eval_windows, cfg.world_size * buffers if where == "disk" else 0))
+    # The rank with the most tokens sizes every rank's buffers: which ranks share this node is not known here.
+    plan = max(preflight_plans(cfg, sk, eval_windows, ranks_per_node, runs, streamed=True),
+               key=lambda p: p.buffers_bytes) if streamed else MemoryPlan()
+    if plan.buffers == "host":
+        need_ram += ranks_per_node * plan.buffers_bytes
+    spilled = cfg.world_size * plan.buffers_bytes if plan.buffers == "disk" else 0
+    check_disk(disk_needs(cfg, sk, total_bytes, eval_windows, spilled))
     avail = psutil.virtual_memory().available
     if need_ram > avail:
         pinned = " (pinned for the GPU, each tensor rounded up to a power of two)" if cfg.device != "cpu" else ""
@@ -333,22 +337,27 @@ def check_resources(cfg: RunConfig, sk: Skeleton, total_bytes: int, block_tensor
         )
 
 
-def streamed_buffers(cfg: RunConfig, sk: Skeleton, eval_windows: int, ranks_per_node: int) -> tuple[int, str]:
-    """A streamed block's per-token buffers on one rank (its share of the windows), in bytes, and where the
-    activation budget puts them beside the hidden states: the run's own choice (PruneRun._place_states and
-    _place_buffers), made before it starts."""
+def preflight_plans(cfg: RunConfig, sk: Skeleton, eval_windows: int, ranks_per_node: int = 1, runs: int = 1,
+                    streamed: bool = False) -> list[MemoryPlan]:
+    """Every rank's memory plan (resources.memory_plan), made before the run starts: from the config's window
+    counts shared out as the ranks will share them (whole micro-batches, dist.window_share), for `runs`
+    configurations of a sweep side by side. `eval_windows`: the evaluation windows asked for (0 when not
+    capped: their number is known once the text is read); lm-eval's requests, built in the run, are not counted."""
     streams = [("calib", cfg.nsamples, cfg.seqlen)] if cfg.needs_calibration else []
     streams += [("eval", eval_windows, cfg.eval_seqlen or cfg.seqlen)] if cfg.eval_data else []
-    shares = [(name, -(-n // cfg.world_size), seqlen) for name, n, seqlen in streams]
-    tokens = sum(n * seqlen * (2 if name == "calib" else 1) for name, n, seqlen in shares)
-    hidden = sk.hidden_size()
-    buffers = streamed_buffers_bytes(tokens, hidden, cfg.dtype)
-    seqlen = max((s for _, _, s in shares), default=cfg.seqlen)
-    activations = cfg.batch_size * window_bytes(sk.model.config, seqlen, cfg.dtype)
     budgets = activation_budgets(cfg.device, cfg.activation_budget, ranks_per_node)
-    resident = resident_states_bytes([(n, s) for _, n, s in shares], hidden, cfg.dtype)
-    states = "disk" if cfg.states_on_disk or not shares else place(resident, activations, budgets)
-    return buffers, buffers_placement(buffers, activations, budgets, states, resident)
+    plans: list[MemoryPlan] = []
+    for rank in range(cfg.world_size):
+        shares = [(name, window_share(n, cfg.batch_size, rank, cfg.world_size)[1], seqlen)
+                  for name, n, seqlen in streams]
+        # A rank without a micro-batch of a stream holds none of it (PruneRun.my_streams); an uncapped
+        # evaluation stream, of windows not yet counted, is kept with none, its length sizing the activations.
+        shares = [(name, n, s) for name, n, s in shares if n or (name == "eval" and not eval_windows)]
+        plans.append(memory_plan(shares, sk.hidden_size(), cfg.dtype, config=sk.model.config,
+                                 batch_size=cfg.batch_size, seqlen=cfg.seqlen, budgets=budgets, runs=runs,
+                                 states_on_disk=cfg.states_on_disk, calibration=cfg.needs_calibration,
+                                 streamed=streamed))
+    return plans
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
@@ -397,9 +406,10 @@ def _resolve_model(args: argparse.Namespace, world: World) -> None:
     args.hub_id = resolve_model_arg(args)
 
 
-def _open_run(args: argparse.Namespace, world: World) -> tuple[RunLock | None, RunConfig | None]:
+def _open_run(args: argparse.Namespace, world: World, runs: int = 1) -> tuple[RunLock | None, RunConfig | None]:
     """The run's lock (rank 0's; None elsewhere, or when there is nothing to do) and its config, which
-    rank 0 decides for every rank (its automatic micro-batch); None when the run is already complete."""
+    rank 0 decides for every rank (its automatic micro-batch); None when the run is already complete.
+    `runs`: the configurations of a sweep that will run beside it in this process."""
     held: list[RunLock] = []
 
     def lock_and_prepare() -> RunConfig | None:
@@ -407,7 +417,7 @@ def _open_run(args: argparse.Namespace, world: World) -> tuple[RunLock | None, R
         # on one output, one wins and the others are refused with the lock message.
         lock = _lock(args)
         try:
-            cfg = _prepare_locked(args, world)
+            cfg = _prepare_locked(args, world, runs)
         except BaseException:
             lock.release_unused()
             raise
@@ -429,11 +439,11 @@ def _sweep(args: argparse.Namespace, stop: StopFlag, world: World) -> int:
         raise InputError("--work-dir: not with --sweep (each configuration keeps its work dir in "
                          "OUTPUT_DIR/NAME/.wanda-stream); leave it out")
     subs = [_entry_args(args, e) for e in parse_sweep(args.sweep)]
-    world.on_main(lambda: _check_sweep_disk(subs, world), setup=True)  # a refusal ends every rank
+    runs = world.on_main(lambda: _check_sweep_disk(subs, world), setup=True)  # a refusal ends every rank
     opened: list[tuple[argparse.Namespace, RunLock | None, RunConfig]] = []
     try:
         for sub in subs:
-            lock, cfg = _open_run(sub, world)
+            lock, cfg = _open_run(sub, world, runs)
             if cfg is None:
                 _say(args, f"{sub.output_dir.resolve()}: already complete", world)
             else:
@@ -478,17 +488,21 @@ def _entry_args(args: argparse.Namespace, entry: "Entry") -> argparse.Namespace:
     return sub
 
 
-def _check_sweep_disk(subs: list[argparse.Namespace], world: World) -> None:
-    """Refuse a sweep whose configurations together cannot fit on the disk, before any is created."""
+def _check_sweep_disk(subs: list[argparse.Namespace], world: World) -> int:
+    """Refuse a sweep whose configurations together cannot fit on the disk, before any is created; returns
+    how many will run (those not finished already), whose hidden states then share this process's memory."""
     needs: list[tuple[Path, int, str]] = []
+    runs = 0
     for sub in subs:
         if _done_without_input(sub):
             continue
         cfg, (_, sk, ckpt) = build_prune_config(sub, world.size)
         if _will_write(sub, cfg):
+            runs += 1
             needs += [(p, n, f"{what} of the sweep's {len(subs)} configurations")
                       for p, n, what in disk_needs(cfg, sk, ckpt.total_bytes(), cfg.eval_windows or 0)]
     check_disk(needs)
+    return max(runs, 1)  # never 0: one judged finished here that runs after all runs alone
 
 
 def _run_sweep(args: argparse.Namespace, stop: StopFlag,
@@ -542,8 +556,9 @@ def _held_blocks(cfg: RunConfig, sk: Skeleton, ckpt: Checkpoint) -> tuple[list[l
     return [held_tensor_bytes(ckpt, sk, i, streamed.get(i)) for i in range(sk.n_layers)], bool(streamed)
 
 
-def _prepare_locked(args: argparse.Namespace, world: World) -> RunConfig | None:
-    """Validate, check resources and create or reopen the run; None when it is already finished."""
+def _prepare_locked(args: argparse.Namespace, world: World, runs: int = 1) -> RunConfig | None:
+    """Validate, check resources (for `runs` configurations of a sweep side by side) and create or reopen
+    the run; None when it is already finished."""
     from wanda_stream.run.prune import prepare
 
     if _done_without_input(args):
@@ -552,7 +567,8 @@ def _prepare_locked(args: argparse.Namespace, world: World) -> RunConfig | None:
     if _will_write(args, cfg):
         # Before prepare() creates the run: a refusal here leaves nothing behind to --resume or --overwrite.
         blocks, streamed = _held_blocks(cfg, sk, ckpt)
-        check_resources(cfg, sk, ckpt.total_bytes(), blocks, cfg.eval_windows or 0, world.local_size, streamed)
+        check_resources(cfg, sk, ckpt.total_bytes(), blocks, cfg.eval_windows or 0, world.local_size, streamed,
+                        runs=runs)
     card = card_facts(args.hub_id, Path(cfg.model_dir), card_command(args.argv))
     own = own_files(Path(cfg.model_dir), sk.n_layers - cfg.drop_blocks)
     if not prepare(cfg, fp, args.resume, args.overwrite, own, card):

@@ -49,6 +49,15 @@ class PeerLost(Interrupted):
     """Another rank stopped answering (it died, or was killed): this rank stops too."""
 
 
+def window_share(n: int, batch: int, rank: int, size: int) -> tuple[int, int]:
+    """(first window, count) of rank `rank`'s contiguous share, of `size` ranks, of `n` windows in whole
+    micro-batches of `batch` (see World.share); the count is 0 for a rank left without a micro-batch. Also
+    what the preflight sizes each rank's hidden states by, before any rank starts."""
+    batches = -(-n // batch)
+    lo, hi = batches * rank // size, batches * (rank + 1) // size
+    return lo * batch, min(hi * batch, n) - lo * batch
+
+
 @dataclass(frozen=True)
 class World:
     """This process's place among the ranks of one run."""
@@ -113,8 +122,7 @@ class World:
         if batches < self.size and not allow_empty:
             raise InputError(f"{n} calibration windows in micro-batches of {batch} make {batches} micro-batches, "
                              f"fewer than the {self.size} ranks; raise --nsamples or lower --batch-size")
-        lo, hi = batches * self.rank // self.size, batches * (self.rank + 1) // self.size
-        return lo * batch, min(hi * batch, n) - lo * batch
+        return window_share(n, batch, self.rank, self.size)
 
     # ---- agreements ---------------------------------------------------------------------
     def any(self, flag: bool) -> bool:

@@ -47,8 +47,7 @@ from wanda_stream.storage.outputs import CARD_NAME, input_card, shard_count, sha
 from wanda_stream.methods.profiles import OWL_PAPER, outlier_ratio, owl_sparsities
 from wanda_stream.run.report import Progress, io_bytes, peak_figures, reset_peaks, versions
 from wanda_stream.run.resources import (
-    BUFFERS_ON_DISK, activation_budgets, buffers_placement, check_disk, hidden_states_bytes, resident_states_bytes,
-    states_placement, streamed_buffers_bytes, window_bytes,
+    BUFFERS_ON_DISK, MemoryPlan, activation_budgets, check_disk, hidden_states_bytes, memory_plan,
 )
 from wanda_stream.storage.state import (
     REPORT_NAME, RunState, StopFlag, WorkDir, killpoint, profile_blocks_done, resume_command,
@@ -121,10 +120,8 @@ class PruneRun:
         # The hidden-state files of this process, by (stream, block): one object per file, so that the
         # memory holding its windows, and its write still in flight, are found again by whoever reads it.
         self._files: dict[tuple[str, int], HiddenFile] = {}
-        self.placement = "disk"
-        self.resident_bytes = 0
-        # Where a block streaming its experts keeps its per-token buffers, and their bytes (see _place_buffers).
-        self.buffers, self.buffers_bytes = "disk", 0
+        # Where the hidden states and a streamed block's per-token buffers live (see _place_states).
+        self.memory = MemoryPlan()
         self.sweep_runs = 1  # runs of a sweep in this process, which share the memory for hidden states
         # MoE blocks too large to hold, whose routed experts go a group at a time (run/streamed_block.py).
         self.streamed = plan_streaming(self.ckpt, self.sk, self.structure.experts, cfg.expert_group,
@@ -166,37 +163,28 @@ class PruneRun:
         for key in [k for k in self._files if k[1] == i]:
             del self._files[key]
 
+    def plan_memory(self, streams: dict[str, torch.Tensor]) -> MemoryPlan:
+        """Where this rank keeps the hidden states of `streams` (its share, see my_streams) and a streamed
+        block's per-token buffers: resources.memory_plan over the windows it holds, beside the states of
+        every run of a sweep (which share this process's memory)."""
+        budgets = activation_budgets(str(self.st.device), self.cfg.activation_budget, self.world.local_size)
+        return memory_plan([(name, *t.shape) for name, t in streams.items()], self.st.hidden, self.cfg.dtype,
+                           config=self.sk.model.config, batch_size=self.cfg.batch_size, seqlen=self.cfg.seqlen,
+                           budgets=budgets, runs=self.sweep_runs, states_on_disk=self.cfg.states_on_disk,
+                           calibration=self.cfg.needs_calibration, streamed=bool(self.streamed))
+
     def _place_states(self, streams: dict[str, torch.Tensor]) -> None:
-        """Keep the hidden states in memory between blocks when they fit the activation budget.
+        """Keep the hidden states in memory between blocks when they fit the activation budget (plan_memory),
+        and a streamed block's per-token buffers too where they fit beside them, else in scratch files.
 
         Single-process runs also leave each file's fsync to the writer thread, waited for only before
         the state that names the file is saved. Under torchrun the files are durable when a block's
         run over them returns, as on disk: rank 0 saves the state after collectives that only order
         the other ranks' work up to that point.
         """
-        shapes = [tuple(t.shape) for name, t in streams.items() if name != "calib" or self.cfg.needs_calibration]
-        resident = resident_states_bytes(shapes, self.st.hidden, self.cfg.dtype)
-        seqlen = max((s for _, s in shapes), default=self.cfg.seqlen)
-        activations = self.cfg.batch_size * window_bytes(self.sk.model.config, seqlen, self.cfg.dtype)
-        self.placement = "disk" if self.cfg.states_on_disk or not shapes else states_placement(
-            resident, activations, str(self.st.device), self.cfg.activation_budget, self.world.local_size,
-            self.sweep_runs)
-        self.resident_bytes = resident if self.placement != "disk" else 0
-        on = {"device": self.st.device, "host": torch.device("cpu")}.get(self.placement)
+        self.memory = self.plan_memory(streams)
+        on = {"device": self.st.device, "host": torch.device("cpu")}.get(self.memory.states)
         self.st.keep_states(on, defer=self.world.size == 1)
-        if self.streamed:
-            self._place_buffers(streams, activations)
-
-    def _place_buffers(self, streams: dict[str, torch.Tensor], activations: int) -> None:
-        """Where a block streaming its experts keeps its per-token buffers: in memory when what its passes
-        keep at most (every calibration token twice, dense and pruned, every other stream's once) fits the
-        activation budget beside the hidden states kept in memory (all runs' of a sweep, whose blocks run
-        one at a time), else in scratch files (storage/spill.py). Either way the block computes the same bytes."""
-        tokens = sum(t.numel() * (2 if name == "calib" else 1) for name, t in streams.items())
-        self.buffers_bytes = streamed_buffers_bytes(tokens, self.st.hidden, self.cfg.dtype)
-        budgets = activation_budgets(str(self.st.device), self.cfg.activation_budget, self.world.local_size)
-        self.buffers = buffers_placement(self.buffers_bytes, activations, budgets, self.placement,
-                                         self.sweep_runs * self.resident_bytes)
 
     def my_streams(self, toks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The token windows this rank carries: a contiguous share of the calibration windows and of the
@@ -568,9 +556,9 @@ class PruneRun:
             states += 2 * dense.nbytes
         # The windows are saved by now (lm-eval's can take long to build): the fix is to resume, not restart.
         what = "hidden states (calibration, evaluation and lm-eval windows)"
-        if self.buffers == "disk" and self.streamed:
+        if self.memory.buffers == "disk" and self.streamed:
             # One rank's share of the windows: every rank's scratch, in a work dir they may share.
-            states += self.world.size * self.buffers_bytes
+            states += self.world.size * self.memory.buffers_bytes
             what += f" and {BUFFERS_ON_DISK}"
         check_disk([(self.out, self.ckpt.total_bytes(), "the pruned checkpoint"), (self.work.path, states, what)],
                    f"free space, then resume with: {resume_command(self.cfg)}")
@@ -952,7 +940,7 @@ class PruneRun:
             "config": self.cfg.to_json(), "config_fingerprint": self.cfg.fingerprint(),
             "model_fingerprint": self.ckpt.fingerprint(), "versions": versions(),
             "blocks": state.blocks, "io": io_bytes(),
-            "hidden_states": {"placement": self.placement, "resident_bytes": self.resident_bytes},
+            "hidden_states": {"placement": self.memory.states, "resident_bytes": self.memory.resident_bytes},
             "seconds_this_process": round(time.monotonic() - self.t0, 3),
             "block_loop_seconds_this_process": round(self.loop_seconds, 3),
         }

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -60,20 +62,16 @@ def resident_states_bytes(streams: list[tuple[int, int]], hidden: int, dtype: to
     return 2 * sum(n * seqlen * hidden * el for n, seqlen in streams)
 
 
-def activation_budgets(device: str, budget: int | None = None, ranks_per_node: int = 1, runs: int = 1
-                       ) -> dict[str, int]:
+def activation_budgets(device: str, budget: int | None = None, ranks_per_node: int = 1) -> dict[str, int]:
     """The activation budget of each memory a run may keep activations in: "host" (RAM, page-locked on
     CUDA hosts) and, on CUDA, "device" (GPU memory).
 
     `budget` bytes (--max-activation-memory) for each when given, else a quarter of the free GPU memory
-    for the device and an eighth of the available RAM (shared by the node's ranks) for the host. The
-    `runs` of a sweep, which keep their states side by side in one process, share either budget.
+    for the device and an eighth of the available RAM (shared by the node's ranks) for the host.
     """
-    host = budget if budget is not None else psutil.virtual_memory().available // 8 // ranks_per_node
-    out = {"host": host // runs}
+    out = {"host": budget if budget is not None else psutil.virtual_memory().available // 8 // ranks_per_node}
     if device.startswith("cuda"):
-        gpu = budget if budget is not None else torch.cuda.mem_get_info(torch.device(device))[0] // 4
-        out["device"] = gpu // runs
+        out["device"] = budget if budget is not None else torch.cuda.mem_get_info(torch.device(device))[0] // 4
     return out
 
 
@@ -89,27 +87,53 @@ def place(need: int, activations: int, budgets: dict[str, int], taken: dict[str,
     return "host" if on_host <= budgets["host"] else "disk"
 
 
-def states_placement(resident: int, activations: int, device: str, budget: int | None = None,
-                     ranks_per_node: int = 1, runs: int = 1) -> str:
-    """Where a run keeps its hidden states between blocks: "device" (CUDA memory), "host" (RAM,
-    page-locked on CUDA hosts) or "disk" (read back from their files every block).
-
-    The activation budget's rules (`activation_budgets`, `place`): the states go where they fit beside
-    what the micro-batch's activations (`activations` bytes) take on that memory, the device first.
-    """
-    return place(resident, activations, activation_budgets(device, budget, ranks_per_node, runs))
-
-
 # What the disk checks call a streamed block's per-token buffers when they go to the work dir.
 BUFFERS_ON_DISK = "a streamed block's per-token buffers (over what the activation budget leaves them in memory)"
 
 
-def buffers_placement(buffers: int, activations: int, budgets: dict[str, int], states: str, resident: int) -> str:
-    """Where a block streaming its experts keeps its per-token buffers (`buffers` bytes, see
-    streamed_buffers_bytes): in memory where they fit the activation budget beside the micro-batch's
-    activations and the hidden states kept there (`resident` bytes in `states`), else "disk" (scratch
-    files in the work dir, storage/spill.py)."""
-    return place(buffers, activations, budgets, {states: resident} if states != "disk" else None)
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Where one rank keeps its activations between blocks (see memory_plan).
+
+    `states`: the hidden states' place, "device" (CUDA memory), "host" (RAM, page-locked on CUDA hosts) or
+    "disk" (read back from their files every block); `resident_bytes`: what they take there (0 on disk).
+    `buffers`: where a block streaming its experts keeps its per-token buffers, "device", "host" or "disk"
+    (scratch files in the work dir, storage/spill.py); `buffers_bytes`: their size (0 when no block streams).
+    """
+
+    states: str = "disk"
+    resident_bytes: int = 0
+    buffers: str = "disk"
+    buffers_bytes: int = 0
+
+
+def memory_plan(streams: Sequence[tuple[str, int, int]], hidden: int, dtype: torch.dtype, *,
+                config: PretrainedConfig, batch_size: int, seqlen: int, budgets: dict[str, int], runs: int = 1,
+                states_on_disk: bool = False, calibration: bool = True, streamed: bool = False) -> MemoryPlan:
+    """Where a rank keeps the hidden states of its `streams` (name, windows, seqlen: its share of each) and
+    a streamed block's per-token buffers, under `budgets` (activation_budgets). The run decides with it from
+    the windows it holds, the preflight from the config's (commands.check_resources): one rule for both.
+
+    The states go where they fit beside what the micro-batch's activations (`batch_size` windows of the
+    longest stream's length, `seqlen` when there is none) take on that memory, the device first; with
+    `states_on_disk`, or nothing to keep, on disk. The `runs` of a sweep keep their states side by side in
+    one process, so each run's states get a `runs`-th of a budget; their blocks run one at a time, so a
+    streamed block's buffers (every calibration token twice, dense and pruned, every other stream's once)
+    go where they fit beside all runs' states kept in that memory. `calibration`: whether the "calib"
+    stream runs through the blocks (RunConfig.needs_calibration); without it a "calib" stream counts for nothing.
+    """
+    kept = [(name, n, s) for name, n, s in streams if name != "calib" or calibration]
+    resident = resident_states_bytes([(n, s) for _, n, s in kept], hidden, dtype)
+    activations = batch_size * window_bytes(config, max((s for _, _, s in kept), default=seqlen), dtype)
+    per_run = {memory: b // runs for memory, b in budgets.items()}
+    states = "disk" if states_on_disk or not kept else place(resident, activations, per_run)
+    resident = resident if states != "disk" else 0
+    if not streamed:
+        return MemoryPlan(states, resident)
+    tokens = sum(n * s * (2 if name == "calib" else 1) for name, n, s in kept)
+    buffers = streamed_buffers_bytes(tokens, hidden, dtype)
+    where = place(buffers, activations, budgets, {states: runs * resident} if states != "disk" else None)
+    return MemoryPlan(states, resident, where, buffers)
 
 
 def streamed_buffers_bytes(tokens: int, hidden: int, dtype: torch.dtype) -> int:

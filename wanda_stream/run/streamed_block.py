@@ -9,7 +9,7 @@ output error; the rest is refused before any work (`refusal`).
 Each pass through the block's core (the dense and the pruned calibration pass, every evaluation stream)
 keeps per token the experts' inputs, the core's output and the experts' sums: 3 x tokens x hidden values
 (45 GB in float32 for DeepSeek-V3 with 128 x 2048 calibration tokens). They stay in memory when they fit
-the activation budget beside the hidden states (PruneRun._place_buffers), else they go to scratch files in
+the activation budget beside the hidden states (resources.memory_plan), else they go to scratch files in
 the work dir (storage/spill.py), deleted when the block ends: then each group of experts reads every
 pass's inputs and sums back, a micro-batch at a time in order, and writes the sums back, so a block with G
 groups reads its buffers about G times and writes the sums G times (2 x G x tokens x hidden values of
@@ -118,7 +118,7 @@ def _prune_streamed(run: "PruneRun", i: int, core: dict[str, torch.Tensor], stre
         raise
     run.streamed_notes[i] = {"expert_group": plan.group, "groups": len(plan.groups(kept)),
                              "expert_read_wait_s": round(t_read[0], 3), "groups_read": t_read[1],
-                             "token_buffers": run.buffers}
+                             "token_buffers": run.memory.buffers}
     plan_record = {"experts": {plan.holder: record}} if record else {}
     return future, records, plan_record, error, None
 
@@ -263,8 +263,8 @@ def _new_pass(run: "PruneRun", i: int, name: str, scratch: contextlib.ExitStack)
     activation budget puts them; deleted when `scratch` closes."""
     st = run.st
     spill = (BatchFile(run.work.spill_file(name, i, run.world.suffix), st.mover.reader, pin=st.device.type == "cuda")
-             if run.buffers == "disk" else None)
-    p = _Pass(st.device, st.device if run.buffers == "device" else torch.device("cpu"), spill)
+             if run.memory.buffers == "disk" else None)
+    p = _Pass(st.device, st.device if run.memory.buffers == "device" else torch.device("cpu"), spill)
     scratch.callback(p.delete)
     return p
 
