@@ -33,7 +33,7 @@ from wanda_stream.storage.checkpoint import (
     INDEX_NAME, atomic_write_bytes, atomic_write_json, fsync_dir, read_header, write_shard,
 )
 from wanda_stream.run.config import RunConfig
-from wanda_stream.run.dist import World, assign_by_cost
+from wanda_stream.run.dist import World, assign_by_cost, window_share
 from wanda_stream.methods.fidelity import OutputError
 from wanda_stream.methods.reconstruct import PAPERS as RECONSTRUCT_PAPERS
 from wanda_stream.methods.reconstruct import Exchange, Part, fit_attention, fit_block, held_here
@@ -762,7 +762,7 @@ class PruneRun:
             with fit_attention(self.st.device):  # CUDA's fused attention backward is not deterministic
                 held = range(start, start + shape[0])
                 done = fit_block(forward, weights, removed, self.calib_total, held, fetch, opts,
-                                 self._exchange(held, weights), stopping)
+                                 self._exchange(weights), stopping)
         finally:
             for n, m in linears.items():
                 if wide[n] is not None:
@@ -780,20 +780,23 @@ class PruneRun:
         release(layer)
         return self.st.load_block(i, out, narrow=self.spec.widths), record, unfitted
 
-    def _exchange(self, held: range, like: list[torch.Tensor]) -> Exchange:
+    def _exchange(self, like: list[torch.Tensor]) -> Exchange:
         """How the fit's ranks share a window's part: its owner broadcasts (loss, gradients) as one float32
         buffer on the data group (NCCL on GPUs: the gradients stay on the cards), one window at a time.
+        The owner of each calibration window is the rank whose share (dist.window_share, as my_streams
+        cut them) holds it.
 
         Not the agreement group's pickled gathers: those copied every window's whole-block gradients through
         the host to every rank on every step (about 0.8 GB per window for a 7B block).
         """
         if self.world.size == 1:
             return held_here
-        shares = self.world.gather((held.start, held.stop))
+        shares = [window_share(self.calib_total, self.cfg.batch_size, r, self.world.size)
+                  for r in range(self.world.size)]
         sizes = [w.numel() for w in like]
 
         def exchange(j: int, part: Part | None) -> Part:
-            owner = next(r for r, (lo, hi) in enumerate(shares) if lo <= j < hi)
+            owner = next(r for r, (lo, n) in enumerate(shares) if lo <= j < lo + n)
             if part is None:
                 flat = torch.empty(1 + sum(sizes), dtype=torch.float32, device=like[0].device)
             else:
