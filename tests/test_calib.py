@@ -52,6 +52,38 @@ def test_windows_only_from_long_documents(tok, tmp_path: Path) -> None:
         assert any(long_ids[j : j + 32] == row for j in range(len(long_ids) - 32))
 
 
+def _paper_sampler(ids: list[list[int]], nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """The Wanda paper's C4 loop on documents tokenized beforehand: draw until one is long enough."""
+    import random
+
+    rng, rows = random.Random(seed), []
+    for _ in range(nsamples):
+        while True:
+            i = rng.randint(0, len(ids) - 1)
+            if len(ids[i]) > seqlen:
+                break
+        j = rng.randint(0, len(ids[i]) - seqlen - 1)
+        rows.append(ids[i][j : j + seqlen])
+    return torch.tensor(rows)
+
+
+def test_only_drawn_documents_are_tokenized_and_the_windows_are_the_papers(tok) -> None:
+    """C4-like data (few documents longer than the window): the windows of the paper's loop over all
+    documents tokenized first, from tokenizing only the documents drawn."""
+    docs = [" ".join(f"w{d}x{k}" for k in range(200 if d % 25 == 0 else 5)) for d in range(400)]
+    seen: list[str] = []
+
+    def counting(text: str, **kw: Any) -> Any:
+        seen.append(text)
+        return tok(text, **kw)
+
+    w = calib.calibration_windows(docs, counting, 6, 64, 0, "x")
+    assert torch.equal(w.tokens, _paper_sampler([calib.tokenize(tok, d) for d in docs], 6, 64, 0))
+    assert len(seen) == len(set(seen)) < len(docs) // 2  # each drawn once, most never
+    with pytest.raises(InputError, match=r"no document has more than 64 tokens \(longest: \d+\)"):
+        calib.calibration_windows(docs[1:25], tok, 2, 64, 0, "x")  # none long: all tokenized, then refused
+
+
 def test_too_short_data_is_refused(tok, tmp_path: Path) -> None:
     path = tmp_path / "short.txt"
     path.write_text("only a few words")
@@ -131,7 +163,7 @@ def test_eval_windows_are_consecutive(tok) -> None:
 
 
 def test_a_stop_ends_tokenizing_between_documents(tok) -> None:
-    """SIGTERM while documents are tokenized (minutes for C4): Interrupted after the current one, not all."""
+    """SIGTERM while documents are tokenized (many seconds for C4): Interrupted after the current one, not all."""
     calls = []
 
     def tokenizer(text: str, **kw: Any) -> Any:

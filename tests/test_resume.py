@@ -301,7 +301,7 @@ def test_a_second_process_on_the_same_run_is_refused(model: Path, tmp_path: Path
 
 def test_stopped_while_tokenizing(model: Path, reference: tuple[Path, float], tmp_path: Path,
                                   capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    """SIGTERM while the text is tokenized (minutes for C4): exit 75 at once, nothing but run.json written."""
+    """SIGTERM while the text is tokenized (many seconds for C4): exit 75 at once, nothing but run.json written."""
     ref, _ = reference
     out = tmp_path / "out"
     work = out / ".wanda-stream"

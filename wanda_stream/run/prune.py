@@ -225,7 +225,7 @@ class PruneRun:
     def _make_tokens(self) -> None:
         """Calibration and evaluation windows, made once and saved so a resumed run uses the same.
 
-        Raises Interrupted on a stop request while the text is read or tokenized (minutes for C4);
+        Raises Interrupted on a stop request while the text is read or tokenized (C4 is streamed from the hub);
         the file is written only once complete, so a resumed run starts the windows over.
         """
         path = self.work.file("tokens.safetensors")
