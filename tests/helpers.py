@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import subprocess
@@ -24,10 +25,10 @@ def small_text() -> str:
     return "\n\n".join(topics[k] for k in sorted(topics))
 
 
-def build_tokenizer(out_dir: Path, vocab_size: int = 256) -> Any:
-    """A small byte-level BPE tokenizer trained on pydoc text, saved as a transformers tokenizer."""
+@functools.lru_cache(maxsize=None)
+def _trained_tokenizer(vocab_size: int) -> str:
+    """The BPE trained on pydoc text, serialized: training takes a second, and tests build many models."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -35,7 +36,16 @@ def build_tokenizer(out_dir: Path, vocab_size: int = 256) -> Any:
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<eos>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator([small_text()[:200_000]], trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+    return tok.to_str()
+
+
+def build_tokenizer(out_dir: Path, vocab_size: int = 256) -> Any:
+    """A small byte-level BPE tokenizer trained on pydoc text, saved as a transformers tokenizer."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    fast = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_trained_tokenizer(vocab_size)),
+                                   eos_token="<eos>")
     fast.save_pretrained(str(out_dir))
     return fast
 
