@@ -360,13 +360,15 @@ NEEDS_MODEL = {name for name, _ in STEPS} - {"cuda-tests", "features", "generate
 # ---- the table ------------------------------------------------------------------------------
 def machine(plan: Plan) -> str:
     import torch
+    import transformers
 
     if plan.device == "cuda" and torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
         card = f"{p.name} ({p.total_memory / GiB:.0f} GiB)"
     else:
         card = "no GPU (dry run on the CPU)"
-    return (f"{card}; {os.cpu_count()} CPUs, {_ram_gib():.0f} GiB RAM, {platform.node()}; torch {torch.__version__}; "
+    return (f"{card}; {os.cpu_count()} CPUs, {_ram_gib():.0f} GiB RAM, {platform.node()}; "
+            f"Python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}; "
             f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC; load {os.getloadavg()[0]:.1f}")
 
 
