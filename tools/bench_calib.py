@@ -5,10 +5,10 @@
 
 The paper's sampler draws a random document until one is longer than the window; wanda-stream
 tokenizes a document when it is first drawn (`calib.calibration_windows`). The other row tokenizes
-every document first and runs the same loop, as wanda-stream did before. Both must give the same
-windows (the table says so). `--synthetic-from FILE` builds a C4-like corpus offline: 20000
-documents of whole paragraphs of FILE, a geometric number of them each (mean 2.3), so that a few
-are longer than the window, as in C4.
+every document first, as wanda-stream did before, then draws the same windows (the table says so;
+tests/test_calib.py checks them against the paper's loop). `--synthetic-from FILE` builds a C4-like
+corpus offline: 20000 documents of whole paragraphs of FILE, a geometric number of them each
+(mean 2.3), so that a few are longer than the window, as in C4.
 """
 
 from __future__ import annotations
@@ -43,17 +43,10 @@ def synthetic_corpus(source: Path, docs: int, out: Path, seed: int = 0) -> Path:
 
 
 def tokenized_first(docs: list[str], tokenizer: object, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
-    """Every document tokenized, then the paper's loop."""
-    ids = [calib.tokenize(tokenizer, d) for d in docs]
-    rng, rows = random.Random(seed), []
-    for _ in range(nsamples):
-        while True:
-            i = rng.randint(0, len(ids) - 1)
-            if len(ids[i]) > seqlen:
-                break
-        j = rng.randint(0, len(ids[i]) - seqlen - 1)
-        rows.append(ids[i][j : j + seqlen])
-    return torch.tensor(rows)
+    """Every document tokenized, then the same sampler over the ids (the tokenizer it sees looks them up)."""
+    ids = {d: calib.tokenize(tokenizer, d) for d in docs}
+    return calib.calibration_windows(docs, lambda text, **kw: {"input_ids": ids[text]}, nsamples, seqlen, seed,
+                                     "tokenized first").tokens
 
 
 class Counting:
