@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -94,12 +96,26 @@ def test_tied_embeddings_stay_tied(tmp_path: Path) -> None:
     assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
 
 
-def test_prefetch_changes_no_byte_and_report_times_every_phase(tiny_model: Path, tmp_path: Path) -> None:
+def test_prefetch_changes_no_byte_and_report_times_every_phase(tiny_model: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """Prefetch on and off (blocks and hidden states, 3 micro-batches) write the same bytes.
 
     Each block records read, compute and write seconds and how long the loop waited on I/O; without
     prefetch the loop waits for the whole read and the whole write, and the phases fit in the loop time.
+    The loop is held up after each shard's submission, as a loaded host deschedules it while the writer
+    thread runs: the wait still covers the whole write.
     """
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    from wanda_stream.run import prune as prune_mod
+
+    class HeldUp(ThreadPoolExecutor):
+        def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+            future = super().submit(fn, *args, **kwargs)
+            time.sleep(0.05)
+            return future
+
+    monkeypatch.setattr(prune_mod, "ThreadPoolExecutor", HeldUp)
     outs = {}
     for prefetch in (True, False):
         out = outs[prefetch] = tmp_path / f"out-{prefetch}"

@@ -330,6 +330,7 @@ class PruneRun:
                              outlier_ratio=state.extra[PROFILE_STAGE]["outlier_ratios"][i])
             new_state = RunState(i + 1, "blocks", state.blocks + [entry], state.extra)
             self._finish_pending(pending, pending_state)
+            submitted = time.perf_counter()
             if self.world.main:
                 write = out if isinstance(out, Future) else self.writer.submit(self._write_block_shard, i, out)
                 pending, pending_state = write, new_state
@@ -339,8 +340,9 @@ class PruneRun:
             if not self.cfg.prefetch or i in self.streamed:
                 # --no-prefetch: read, compute and write strictly in turn, the baseline the overlap beats. A block
                 # streaming its experts wrote its shard while it computed: recorded as done now, not after the
-                # next block (minutes of DeepSeek-V3 work a kill would otherwise redo).
-                self._finish_pending(pending, pending_state)
+                # next block (minutes of DeepSeek-V3 work a kill would otherwise redo). Without prefetch the
+                # loop waits from the submission: the writer may be well into the shard before this line runs.
+                self._finish_pending(pending, pending_state, since=None if i in self.streamed else submitted)
                 pending = pending_state = None
             state = new_state
             self.progress.update(done_before + i + 1, block=i, bytes_written=io_bytes()["write_bytes"],
@@ -867,11 +869,12 @@ class PruneRun:
         write_shard(self.out / shard_name(0, self.total_shards), items, self.ckpt.get,
                     before_rename=lambda: killpoint("shard_write"))
 
-    def _finish_pending(self, fut: Future | None, state: RunState | None) -> None:
-        """Wait for the block shard in flight, then record the block as done (rank 0's job)."""
+    def _finish_pending(self, fut: Future | None, state: RunState | None, since: float | None = None) -> None:
+        """Wait for the block shard in flight, then record the block as done (rank 0's job); the wait is
+        counted from `since` (perf_counter seconds) when given, else from now."""
         if fut is None or state is None:
             return
-        t0 = time.perf_counter()
+        t0 = time.perf_counter() if since is None else since
         timing = fut.result()
         timing["write_wait_s"] = time.perf_counter() - t0
         # The hidden states the state resumes from, written behind the computation when kept in memory.
