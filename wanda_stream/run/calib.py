@@ -231,7 +231,7 @@ class _DocumentIds:
 
     The paper's sampler tokenizes a document only when it draws it. Tokenizing all of C4's 20000
     documents first took 45 s before the first block on a 2-core host, where the 128 windows of
-    2048 tokens drew 3928 of them in 10 s (tools/bench_calib.py, a C4-like corpus). The windows are the same either way: the draws
+    2048 tokens drew 3928 of them in 8-10 s (tools/bench_calib.py, a C4-like corpus). The windows are the same either way: the draws
     depend only on whether each drawn document is longer than the window. A stop request is
     honoured before each new document (a single document is never split: splitting would change
     the tokens at the seams).
