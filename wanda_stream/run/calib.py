@@ -231,10 +231,10 @@ class _DocumentIds:
 
     The paper's sampler tokenizes a document only when it draws it. Tokenizing all of C4's 20000
     documents first took 45 s before the first block on a 2-core host, where the 128 windows of
-    2048 tokens drew 3928 of them in 8-10 s (tools/bench_calib.py, a C4-like corpus). The windows are the same either way: the draws
-    depend only on whether each drawn document is longer than the window. A stop request is
-    honoured before each new document (a single document is never split: splitting would change
-    the tokens at the seams).
+    2048 tokens drew 3928 of them in 8-10 s (tools/bench_calib.py, a C4-like corpus). The windows
+    are the same either way: the draws depend only on whether each drawn document is longer than
+    the window. A stop request is honoured before each new document (a single document is never
+    split: splitting would change the tokens at the seams).
     """
 
     def __init__(self, texts: list[str], packed: list[int] | None, tokenizer: Any, stop: StopFlag | None,
@@ -242,17 +242,19 @@ class _DocumentIds:
         self.texts, self.tokenizer, self.stop, self.what = texts, tokenizer, stop, what
         self.ids: dict[int, list[int]] = {} if packed is None else {len(texts): packed}
         self.count = len(texts) + (packed is not None)
+        self.longest_seen = len(packed) if packed is not None else 0
 
     def __getitem__(self, i: int) -> list[int]:
         if i not in self.ids:
             _check_stop(self.stop, f"tokenizing the {self.what} data")
             self.ids[i] = tokenize(self.tokenizer, self.texts[i])
+            self.longest_seen = max(self.longest_seen, len(self.ids[i]))
             killpoint("tokenize")
         return self.ids[i]
 
     def longest(self) -> int | None:
         """The longest document's length in tokens, once every document is tokenized (else None)."""
-        return max((len(t) for t in self.ids.values()), default=0) if len(self.ids) == self.count else None
+        return self.longest_seen if len(self.ids) == self.count else None
 
 
 def _chat_ids(conversations: list[Conversation], tokenizer: Any, where: str) -> list[int]:
@@ -323,9 +325,10 @@ def calibration_windows(docs: list[Document], tokenizer: Any, nsamples: int, seq
 def _draw_long(ids: _DocumentIds, rng: random.Random, seqlen: int, spec: str) -> int:
     """Random documents until one is longer than `seqlen` (the paper's loop); InputError when none is."""
     while True:
-        i = rng.randint(0, ids.count - 1) if ids.count else -1
-        if i >= 0 and len(ids[i]) > seqlen:
-            return i
+        if ids.count:
+            i = rng.randint(0, ids.count - 1)
+            if len(ids[i]) > seqlen:
+                return i
         longest = ids.longest()
         if longest is not None and longest <= seqlen:
             raise InputError(
