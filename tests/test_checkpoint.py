@@ -86,3 +86,21 @@ def test_empty_tensors_are_never_pinned(tmp_path: Path, monkeypatch: pytest.Monk
     for key in ckpt.keys():
         ckpt.get(key, pin=True)
     assert asked.pop((0, 4)) is False and all(asked.values()) and len(asked) == 5
+
+
+def test_rows_of_the_first_dimension_are_read_alone(tmp_path: Path) -> None:
+    """get(rows=(start, stop)) reads those rows of the first dimension (a group of fused experts) and nothing
+    else: equal to the loader's tensor sliced, for every dtype and for an empty range; a range past the end
+    is refused."""
+    model, tensors = _write(tmp_path)
+    ckpt = Checkpoint(model)
+    reference = load_file(str(model / "model.safetensors"))
+    for key, expected in reference.items():
+        if expected.dim() == 0:
+            continue
+        n = expected.shape[0]
+        for rows in ((0, n), (n // 2, n), (min(1, n), min(1, n))):
+            got = ckpt.get(key, rows=rows)
+            assert got.dtype == expected.dtype and torch.equal(got, expected[rows[0]:rows[1]]), (key, rows)
+    with pytest.raises(ValueError, match="rows 2:8 of 7"):
+        ckpt.get("a.weight", rows=(2, 8))

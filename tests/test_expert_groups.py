@@ -2,7 +2,7 @@
 
 The streamed run against the whole-block run (the same tensors, the same evaluation) and against the
 independent REAP reference; what it reads at once; kills, stops and resumes; the refusals; the shard
-feed and the in-order shard writer; the per-token buffers in scratch files when the activation budget
+feed and the shard writer that takes pieces in any order; the per-token buffers in scratch files when the activation budget
 has no room for them (the same bytes, kills, the preflight)."""
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from wanda_stream.model.stream import Streamer
 from wanda_stream.run import resources
 from wanda_stream.run.expert_groups import ShardFeed
 from wanda_stream.storage import state as state_mod
-from wanda_stream.storage.checkpoint import write_shard
+from wanda_stream.storage.checkpoint import write_shard_pieces
 from wanda_stream.storage.spill import BatchFile
 
 REPORT = "wanda_stream.json"
@@ -57,6 +57,8 @@ def _same_tensors(a: Path, b: Path) -> None:
     ("mixtral", ["--drop-experts", "0.25", "--sparsity", "0.5", "--method", "ria"]),
     ("glm4_moe", ["--sparsity", "0.6", "--method", "magnitude"]),
     ("qwen3_next", ["--sparsity", "0.5"]),
+    ("gpt_oss", ["--sparsity", "0.5", "--method", "sparsegpt"]),
+    ("gpt_oss", ["--drop-experts", "0.25", "--sparsity", "0.5"]),
 ])
 def test_streamed_equals_whole_blocks(family: str, flags: list[str], moe_model: Callable[[str], Path],
                                       tmp_path: Path) -> None:
@@ -110,18 +112,19 @@ def test_streamed_block_reads_one_group_at_a_time(moe_model: Callable[[str], Pat
     src = moe_model("deepseek_v3")
     reads: list[list[str]] = []
     blocks: list[list[str]] = []
-    read_keys, read_block = Streamer.read_keys, Streamer._read_block
+    read_parts, read_block = Streamer.read_parts, Streamer._read_block
 
-    def spy_read(self: Streamer, keys: list[str]) -> Any:
-        reads.append(list(keys))
-        return read_keys(self, keys)
+    def spy_read(self: Streamer, parts: list[tuple[str, Any]]) -> Any:
+        assert all(rows is None for _, rows in parts)  # per-expert tensors: each read whole
+        reads.append([k for k, _ in parts])
+        return read_parts(self, parts)
 
     def spy_block(self: Streamer, i: int) -> Any:
         got = read_block(self, i)
         blocks.append(list(got[0]))
         return got
 
-    monkeypatch.setattr(Streamer, "read_keys", spy_read)
+    monkeypatch.setattr(Streamer, "read_parts", spy_read)
     monkeypatch.setattr(Streamer, "_read_block", spy_block)
     _prune(src, tmp_path / "out", "--sparsity", "0.5", "--expert-group", "3")
     # 8 experts of 3 parts (gate, up, down) in groups of 3, 3, 2: every expert read once.
@@ -155,7 +158,6 @@ def test_streamed_kills_and_stops_resume_identical(moe_model: Callable[[str], Pa
     ("deepseek_v3", ["--reconstruct"], "--reconstruct"),
     ("qwen2_moe", ["--drop-heads", "0.5"], "--drop-heads"),
     ("qwen2_moe", ["--drop-ffn", "0.25"], "--drop-ffn"),
-    ("gpt_oss", [], "fused on disk"),
     ("llama4_text", [], "cannot run its experts a group at a time"),
 ])
 def test_streamed_refusals(family: str, extra: list[str], needle: str, moe_model: Callable[[str], Path],
@@ -192,7 +194,10 @@ def test_shard_feed_hands_over_in_order_and_bounds_what_waits() -> None:
     t.start()
     blocked.wait()
     assert not done.wait(0.2)
-    assert feed.take("a") is a and feed.take("b") is b and feed.take("c") is c
+    pieces = feed.pieces()
+    got = [next(pieces) for _ in range(3)]
+    assert [(k, first) for k, first, _ in got] == [("a", 0), ("b", 0), ("c", 0)]
+    assert all(t is want for (_, _, t), want in zip(got, (a, b, c)))
     t.join(5)
     assert done.is_set()
 
@@ -201,31 +206,31 @@ def test_shard_feed_stop_and_failure() -> None:
     feed = ShardFeed(limit=1 << 20)
     feed.stop()
     with pytest.raises(Interrupted):
-        feed.take("x")
+        next(feed.pieces())
     feed = ShardFeed(limit=1 << 20)
     feed.fail(OSError(28, "No space left on device"))
     with pytest.raises(OSError):
         feed.put("x", torch.zeros(1))
 
 
-def test_write_shard_in_order_loads(tmp_path: Path) -> None:
+def test_write_shard_pieces_in_any_order_loads(tmp_path: Path) -> None:
+    """Rows of a tensor written as they come, interleaved with other tensors: the file loads, every tensor as
+    given; a row given twice is refused, and the file is not renamed into place."""
     from safetensors import safe_open
 
-    tensors = {"z": torch.arange(3.0), "a": torch.arange(4, dtype=torch.int64), "m": torch.ones(2, 2)}
-    order = ["z", "a", "m"]
-    asked: list[str] = []
-
-    def produce(k: str) -> torch.Tensor:
-        asked.append(k)
-        return tensors[k]
-
-    write_shard(tmp_path / "s.safetensors", [(k, tensors[k].dtype, tuple(tensors[k].shape)) for k in order],
-                produce, in_order=True)
-    assert asked == order
+    tensors = {"z": torch.arange(12.0).reshape(4, 3), "a": torch.arange(4, dtype=torch.int64),
+               "m": torch.ones(2, 2), "s": torch.tensor(7.0), "e": torch.zeros(0, 3)}
+    items = [(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()]
+    pieces = [("z", 2, tensors["z"][2:]), ("a", 0, tensors["a"]), ("m", 1, tensors["m"][1:]), ("s", 0, tensors["s"]),
+              ("z", 0, tensors["z"][:2]), ("e", 0, tensors["e"]), ("m", 0, tensors["m"][:1])]
+    write_shard_pieces(tmp_path / "s.safetensors", items, iter(pieces))
     with safe_open(str(tmp_path / "s.safetensors"), "pt") as f:
         assert sorted(f.keys()) == sorted(tensors)
         for k, t in tensors.items():
-            assert torch.equal(f.get_tensor(k), t)
+            assert torch.equal(f.get_tensor(k), t), k
+    with pytest.raises(RuntimeError, match="does not fit"):
+        write_shard_pieces(tmp_path / "t.safetensors", items, iter([("z", 0, tensors["z"]), ("z", 3, tensors["z"][3:])]))
+    assert not (tmp_path / "t.safetensors").exists()
 
 
 def test_streamed_two_ranks_equal_one_process(moe_model: Callable[[str], Path], tmp_path: Path) -> None:

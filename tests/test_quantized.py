@@ -122,6 +122,9 @@ def test_mxfp4_checkpoint_presents_fused_float_experts(tmp_path: Path) -> None:
         nib = byte & 0xF if k % 2 == 0 else byte >> 4
         assert got[e, k, o].item() == lut[nib] * 2.0 ** (int(scales[e, o, k // 32]) - 127)
     assert torch.equal(ckpt.get("e.gate_up_proj_bias"), bias)
+    # An expert's rows alone (a group of streamed experts): its values and scales read and dequantized alone.
+    assert torch.equal(ckpt.get("e.gate_up_proj", rows=(1, 2)), got[1:2])
+    assert torch.equal(ckpt.get("e.gate_up_proj_bias", rows=(0, 1)), bias[:1])
 
 
 def test_dequantized_tensors_are_pinned_when_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -285,6 +288,12 @@ def test_mxfp4_gpt_oss_pruned_equals_dequantized_reference(family_model: Callabl
     assert set(got) == set(ref)
     for key, t in got.items():
         assert torch.equal(t, ref[key]), key
+    # Its experts streamed 3 at a time (rows 0-2, then 3, of the MXFP4 parts read alone): the same tensors.
+    grouped = tmp_path / "grouped"
+    assert main(["prune", str(mx), str(grouped), *CALIB_ARGS, "--save-dtype", "float32", "--expert-group", "3"]) == 0
+    assert any(b.get("streamed_experts") for b in json.loads((grouped / "wanda_stream.json").read_text())["blocks"])
+    again = load_state_dict(grouped)
+    assert set(again) == set(written) and all(torch.equal(again[k], written[k]) for k in written)
 
 
 def run_cli_tool(script: str, *args: str) -> subprocess.CompletedProcess:

@@ -164,18 +164,23 @@ class Matrix:
 
     `stat` is the name its statistics are kept under: a dense linear's module name, or `param[e]` (the
     fused parameter relative to the block and the expert index), as `ExpertStats` records them.
-    `transposed`: the stored slice is [in, out] (gpt-oss's and Llama 4's fused experts).
+    `transposed`: the stored slice is [in, out] (gpt-oss's and Llama 4's fused experts). `label`: the expert's
+    index in the block when the stored tensor holds only some experts' rows (a group read alone), else None
+    (`expert` is then both the row and the index).
     """
 
     key: str
     stat: str
     expert: int | None = None
     transposed: bool = False
+    label: int | None = None
 
     @property
     def name(self) -> str:
         """The matrix's name in reports: the key, with the expert index for a slice of a fused tensor."""
-        return self.key if self.expert is None else f"{self.key}[{self.expert}]"
+        if self.expert is None:
+            return self.key
+        return f"{self.key}[{self.expert if self.label is None else self.label}]"
 
     def view(self, stored: torch.Tensor) -> torch.Tensor:
         """The [out, in] matrix inside the stored tensor (a view: writing it writes the tensor)."""
@@ -193,9 +198,10 @@ def _transposed(model: nn.Module, layer: nn.Module, rel: str) -> bool:
     return model.config.model_type in EXPERTS_IN_OUT
 
 
-def stored_fused(sk: Any, key: str) -> list[Matrix] | None:
+def stored_fused(sk: Any, key: str, rows: Sequence[int] | None = None) -> list[Matrix] | None:
     """The per-expert matrices of `key` when it is a whole fused expert parameter stored 3D (gpt-oss,
-    Llama 4), else None. Read from names and the skeleton only."""
+    Llama 4), else None. Read from names and the skeleton only. `rows`: the experts (block indices) that the
+    stored tensor's rows hold, when it holds only a group of them."""
     slot = sk.layout.slots.get(key)
     i = sk.block_of(key)
     if slot is None or slot.expert is not None or i is None:
@@ -206,15 +212,18 @@ def stored_fused(sk: Any, key: str) -> list[Matrix] | None:
     if p is None:
         return None
     t = _transposed(sk.model, layer, rel)
-    return [Matrix(key, f"{rel}[{e}]", e, t) for e in range(p.shape[0])]
+    if rows is None:
+        return [Matrix(key, f"{rel}[{e}]", e, t) for e in range(p.shape[0])]
+    return [Matrix(key, f"{rel}[{e}]", r, t, label=e) for r, e in enumerate(rows)]
 
 
 def prunable_keys(sk: Any, i: int, layer: nn.Module, stored: dict[str, torch.Tensor],
-                  linears: dict[str, nn.Linear]) -> dict[str, Matrix]:
+                  linears: dict[str, nn.Linear], rows: Sequence[int] | None = None) -> dict[str, Matrix]:
     """Block i's matrices that get pruned, by report name.
 
     Dense linears; per-expert tensors of a checkpoint in the hub's per-expert layout (fused on load);
-    and every expert's slice of a fused 3D tensor stored as such.
+    and every expert's slice of a fused 3D tensor stored as such (`rows`: the experts its rows hold when
+    `stored` has only a group of them).
     """
     prefix = sk.block_prefix(i)
     fused = expert_params(layer)
@@ -223,7 +232,7 @@ def prunable_keys(sk: Any, i: int, layer: nn.Module, stored: dict[str, torch.Ten
         key = sk.layout.source_key(prefix + name + ".weight", {}) or prefix + name + ".weight"
         out[key] = Matrix(key, name)
     for key in sorted(stored):
-        whole = stored_fused(sk, key)
+        whole = stored_fused(sk, key, rows)
         if whole is not None:
             out.update((m.name, m) for m in whole)
             continue

@@ -102,14 +102,21 @@ class Streamer:
         apart = self.streamed.get(i, frozenset())
         return [k for k in self.ckpt.keys() if k.startswith(prefix) and k not in apart]
 
-    def read_keys(self, keys: list[str]) -> Future:
+    def read_parts(self, parts: list[tuple[str, tuple[int, int] | None]]) -> Future:
         """These tensors (CPU, presented dtype; a group of a streamed block's experts), read in the background
-        with prefetch, else now."""
+        with prefetch, else now: (key, None) whole, (key, (start, stop)) those rows of its first dimension;
+        several row ranges of one key come joined in the order given."""
         if self._reader is not None:
-            return self._reader.submit(lambda: {k: self.ckpt.get(k) for k in keys})
+            return self._reader.submit(self._read_parts, parts)
         done: Future = Future()
-        done.set_result({k: self.ckpt.get(k) for k in keys})
+        done.set_result(self._read_parts(parts))
         return done
+
+    def _read_parts(self, parts: list[tuple[str, tuple[int, int] | None]]) -> dict[str, torch.Tensor]:
+        got: dict[str, list[torch.Tensor]] = {}
+        for key, rows in parts:
+            got.setdefault(key, []).append(self.ckpt.get(key, rows=rows))
+        return {k: ts[0] if len(ts) == 1 else torch.cat(ts) for k, ts in got.items()}
 
     def _read_block(self, i: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         t0, c0 = time.perf_counter(), time.thread_time()

@@ -26,8 +26,9 @@ from __future__ import annotations
 import contextlib
 import inspect
 import threading
+from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import psutil
 import torch
@@ -37,7 +38,7 @@ from wanda_stream.errors import InputError, Interrupted
 from wanda_stream.model import experts
 from wanda_stream.model.families import Experts
 from wanda_stream.model.skeleton import Skeleton
-from wanda_stream.storage.checkpoint import Checkpoint
+from wanda_stream.storage.checkpoint import Checkpoint, TensorInfo
 
 GROUP_BYTES = 1 << 30  # compute-dtype bytes of the experts held at once under --expert-group auto
 STREAM_SHARE = 8  # auto: a block streams its experts when they take over 1/8 of the device's memory
@@ -45,24 +46,83 @@ STREAM_SHARE = 8  # auto: a block streams its experts when they take over 1/8 of
 
 @dataclass(frozen=True)
 class Streamed:
-    """A block whose routed experts are streamed: the experts module, its router, the experts' stored keys
-    (per expert, in key order) and how many are held at once."""
+    """A block whose routed experts are streamed: the experts module, its router, how many experts are held
+    at once, and where the experts are stored. In the hub's per-expert layout `keys` are each expert's
+    stored keys (in key order); experts stored fused (gpt-oss: every expert's rows of `gate_up_proj` in one
+    tensor) have `fused`, those tensors' keys, whose rows along the first dimension are the experts, and a
+    group is read and written as its rows."""
 
     holder: str
     router: str
     keys: tuple[tuple[str, ...], ...]
     group: int
+    fused: tuple[str, ...] = ()
+    count: int = 0  # the experts of a fused layout (its tensors' first dimension)
 
     @property
     def n_experts(self) -> int:
-        return len(self.keys)
+        return len(self.keys) if self.keys else self.count
 
     def all_keys(self) -> frozenset[str]:
-        return frozenset(k for ks in self.keys for k in ks)
+        """The stored keys of the experts: what a read of the block's core leaves out."""
+        return frozenset(k for ks in self.keys for k in ks) | frozenset(self.fused)
 
     def groups(self, experts_: list[int]) -> list[list[int]]:
         """`experts_` (ascending) in groups of `group`."""
         return [experts_[s : s + self.group] for s in range(0, len(experts_), self.group)]
+
+    def parts(self, group: list[int]) -> list[tuple[str, tuple[int, int] | None]]:
+        """What to read for the experts `group` (ascending): (key, None) for a whole stored tensor, (key, rows
+        [start, stop)) for each run of consecutive experts' rows of a fused one, in order."""
+        if not self.fused:
+            return [(k, None) for e in group for k in self.keys[e]]
+        runs: list[tuple[int, int]] = []
+        for e in group:
+            if runs and runs[-1][1] == e:
+                runs[-1] = (runs[-1][0], e + 1)
+            else:
+                runs.append((e, e + 1))
+        return [(k, run) for k in self.fused for run in runs]
+
+    def expert_of(self, m: experts.Matrix, group: list[int]) -> int:
+        """The expert of `group` that the matrix `m` of its stored tensors belongs to."""
+        if self.fused:
+            assert m.label is not None
+            return m.label
+        return next(e for e in group if m.key in self.keys[e])
+
+    def renamed(self, stored: dict[str, torch.Tensor], group: list[int], new: dict[int, int]
+                ) -> dict[str, torch.Tensor]:
+        """A group's stored tensors under the kept experts' new indices (the key names of those indices, as
+        `experts.keep_experts` renames): per-expert keys renamed; fused tensors' rows are already the kept
+        experts' in order."""
+        if self.fused:
+            return dict(stored)
+        return {self.keys[new[e]][p]: stored[k] for e in group for p, k in enumerate(self.keys[e])}
+
+    def pieces(self, out: dict[str, torch.Tensor], group: list[int], new: dict[int, int]
+               ) -> list[tuple[str, int, torch.Tensor]]:
+        """A renamed group's tensors as shard pieces (key, first row, rows), sorted by key: a fused tensor's
+        rows go where the group's first kept expert does."""
+        first = new[group[0]] if self.fused else 0
+        return [(k, first, out[k]) for k in sorted(out)]
+
+    def items(self, infos: dict[str, TensorInfo], kept: list[int]) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+        """The kept experts' tensors in the block's shard (under the new indices' names), from the
+        checkpoint's tensor infos."""
+        if self.fused:
+            return [(k, infos[k].dtype, (len(kept), *infos[k].shape[1:])) for k in self.fused]
+        return [(k, infos[src].dtype, tuple(infos[src].shape))
+                for j, e in enumerate(kept) for k, src in zip(self.keys[j], self.keys[e])]
+
+    def expert_bytes(self, infos: dict[str, TensorInfo], element_size: int | None = None) -> int:
+        """Bytes of one expert's tensors as presented (dequantized), or in `element_size` bytes a value."""
+        def size(info: TensorInfo) -> int:
+            return torch.Size(info.shape).numel() * (element_size or torch.empty(0, dtype=info.dtype).element_size())
+
+        if self.fused:
+            return sum(size(infos[k]) for k in self.fused) // max(self.count, 1)
+        return sum(size(infos[k]) for k in self.keys[0])
 
 
 def plan_streaming(ckpt: Checkpoint, sk: Skeleton, family: Experts | None, requested: int | None,
@@ -79,19 +139,22 @@ def plan_streaming(ckpt: Checkpoint, sk: Skeleton, family: Experts | None, reque
         if not holders:
             continue
         why = _not_streamable(sk, family, holders)
-        found = None if why or family is None else _expert_keys(sk, i, next(iter(holders)), family.router,
-                                                                  ckpt.keys())
-        if found is None or family is None:
+        if why or family is None:
             if requested is not None:
-                raise InputError(f"--expert-group {requested}: {why or 'the experts are stored fused on disk'}; "
-                                 "their groups cannot be read apart (use --expert-group 0)")
+                raise InputError(f"--expert-group {requested}: {why}; their groups cannot be read apart "
+                                 "(use --expert-group 0)")
             continue
-        holder, keys = found
-        per_expert = sum(torch.Size(ckpt.tensors[k].shape).numel() for k in keys[0]) * size
-        if requested is None and per_expert * len(keys) * STREAM_SHARE <= _device_memory(device):
+        plan = _stored_experts(ckpt, sk, i, next(iter(holders)), family.router)
+        if plan is None:
+            if requested is not None:
+                raise InputError(f"--expert-group {requested}: block {i}'s experts are stored in a layout whose "
+                                 "groups cannot be read apart (use --expert-group 0)")
+            continue
+        per_expert = plan.expert_bytes(ckpt.tensors, size)
+        if requested is None and per_expert * plan.n_experts * STREAM_SHARE <= _device_memory(device):
             continue
         group = requested or max(1, GROUP_BYTES // max(per_expert, 1))
-        out[i] = Streamed(holder, family.router, keys, min(group, len(keys)))
+        out[i] = replace(plan, group=min(group, plan.n_experts))
     return out
 
 
@@ -104,8 +167,10 @@ def held_tensor_bytes(ckpt: Checkpoint, sk: Skeleton, i: int, plan: Streamed | N
         return [ckpt.tensors[k].nbytes for k in keys]
     apart = plan.all_keys()
     core = [ckpt.tensors[k].nbytes for k in keys if k not in apart]
-    held = [ckpt.tensors[k].nbytes for ks in plan.keys[: 2 * plan.group] for k in ks]
-    return core + held
+    held = min(2 * plan.group, plan.n_experts)
+    if plan.fused:
+        return core + [ckpt.tensors[k].nbytes * held // plan.n_experts for k in plan.fused]
+    return core + [ckpt.tensors[k].nbytes for ks in plan.keys[:held] for k in ks]
 
 
 def _not_streamable(sk: Skeleton, family: Experts | None, holders: dict[str, int]) -> str:
@@ -116,19 +181,25 @@ def _not_streamable(sk: Skeleton, family: Experts | None, holders: dict[str, int
     return ""
 
 
-def _expert_keys(sk: Skeleton, i: int, holder: str, router: str, keys: list[str]
-                 ) -> tuple[str, tuple[tuple[str, ...], ...]] | None:
-    """The experts' stored keys per expert (every fused part's key of expert e), None when any tensor of the
-    experts module is stored with all experts in it (gpt-oss's fused layout)."""
+def _stored_experts(ckpt: Checkpoint, sk: Skeleton, i: int, holder: str, router: str) -> Streamed | None:
+    """Block i's experts module `holder` as stored: each expert's keys (the hub's per-expert layout), or the
+    fused tensors holding every expert along their first dimension (gpt-oss); None for a mix, or a tensor of
+    the experts module not indexed by the experts. The group is set by the caller."""
     prefix = sk.block_prefix(i)
-    tensors = experts.expert_tensors(sk, i, holder, router, [k for k in keys if k.startswith(prefix)])
+    tensors = experts.expert_tensors(sk, i, holder, router, [k for k in ckpt.keys() if k.startswith(prefix)])
     inside = f"{prefix}{holder}."
-    if not tensors.per_expert or any(sk.layout.slots[k].param.startswith(inside) for k in tensors.stacked):
+    fused = tuple(k for k in tensors.stacked if sk.layout.slots[k].param.startswith(inside))
+    if fused:
+        counts = {ckpt.tensors[k].shape[0] if ckpt.tensors[k].shape else 0 for k in fused}
+        if tensors.per_expert or len(counts) != 1 or not min(counts):
+            return None
+        return Streamed(holder, router, (), 1, fused, counts.pop())
+    if not tensors.per_expert:
         return None
     n = len(tensors.per_expert[0])
     if any(len(part) != n for part in tensors.per_expert):
         return None
-    return holder, tuple(tuple(part[e] for part in tensors.per_expert) for e in range(n))
+    return Streamed(holder, router, tuple(tuple(part[e] for part in tensors.per_expert) for e in range(n)), 1)
 
 
 def _device_memory(device: torch.device) -> int:
@@ -208,21 +279,23 @@ def contribution(mod: nn.Module, r: Routes, e: int, local: int) -> tuple[torch.T
 
 
 class ShardFeed:
-    """Tensors handed from the computing thread to the thread writing their shard, in the order written; at
-    most `limit` bytes wait at once (one more tensor always may), so the block is never held whole. A feed not
-    `enabled` (a rank that does not write) drops what it is handed."""
+    """Pieces of tensors handed from the computing thread to the thread writing their shard, in the order
+    handed; at most `limit` bytes wait at once (one more piece always may), so the block is never held whole.
+    A piece is (key, first row, rows), as `write_shard_pieces` takes them. A feed not `enabled` (a rank that
+    does not write) drops what it is handed."""
 
     def __init__(self, limit: int, enabled: bool = True) -> None:
         self.limit = limit
         self.enabled = enabled
-        self._items: dict[str, torch.Tensor] = {}
+        self._items: deque[tuple[str, int, torch.Tensor]] = deque()
         self._bytes = 0
         self._cv = threading.Condition()
         self._stopped = False
         self._error: BaseException | None = None
 
-    def put(self, key: str, t: torch.Tensor) -> None:
-        """Hand over `t` under `key`; waits while the writer is `limit` bytes behind; raises its error."""
+    def put(self, key: str, t: torch.Tensor, first: int = 0) -> None:
+        """Hand over `t`, rows `first`.. of tensor `key` (all of it by default); waits while the writer is
+        `limit` bytes behind; raises the writer's error."""
         if not self.enabled:
             return
         with self._cv:
@@ -230,21 +303,22 @@ class ShardFeed:
                 self._cv.wait()
             if self._error is not None:
                 raise self._error
-            self._items[key] = t
+            self._items.append((key, first, t))
             self._bytes += t.nbytes
             self._cv.notify_all()
 
-    def take(self, key: str) -> torch.Tensor:
-        """The tensor `key` once handed over (the writer's `produce`); Interrupted when the block stopped."""
-        with self._cv:
-            while key not in self._items:
-                if self._stopped:
-                    raise Interrupted("the block stopped before its shard was complete")
-                self._cv.wait()
-            t = self._items.pop(key)
-            self._bytes -= t.nbytes
-            self._cv.notify_all()
-            return t
+    def pieces(self) -> Iterator[tuple[str, int, torch.Tensor]]:
+        """The pieces as handed over (the writer's side); Interrupted when the block stopped."""
+        while True:
+            with self._cv:
+                while not self._items:
+                    if self._stopped:
+                        raise Interrupted("the block stopped before its shard was complete")
+                    self._cv.wait()
+                piece = self._items.popleft()
+                self._bytes -= piece[2].nbytes
+                self._cv.notify_all()
+            yield piece
 
     def stop(self) -> None:
         """The computing side gives up: the writer stops waiting (and leaves its partial file)."""

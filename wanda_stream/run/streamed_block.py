@@ -103,7 +103,8 @@ def _prune_streamed(run: "PruneRun", i: int, core: dict[str, torch.Tensor], stre
     if passes is None:
         return None
     # Rank 0 writes the shard; the other ranks' tensors (the same bits) are dropped as they are done.
-    feed = ShardFeed(2 * _stored_bytes(run, plan, min(plan.group, len(kept))), enabled=run.world.main)
+    feed = ShardFeed(2 * plan.expert_bytes(run.ckpt.tensors) * max(min(plan.group, len(kept)), 1),
+                     enabled=run.world.main)
     future = run.writer.submit(_write_shard, run, i, _shard_items(run, plan, core, kept), feed) if feed.enabled else None
     try:
         for k in sorted(core):
@@ -152,7 +153,8 @@ def _profile_streamed(run: "PruneRun", i: int, core: dict[str, torch.Tensor], ca
                  if m.stat in got[0].obs]
     release(layer)
     total, count = score_sums(pairs)
-    expert_sq: dict[str, torch.Tensor] = {}  # an expert matrix's key -> its inputs' sums of squares
+    expert_sq: dict[str, torch.Tensor] = {}  # an expert matrix's name -> its inputs' sums of squares
+    seen: set[int] = set()  # the experts some token reached
     t_read = [0.0, 0]
     every = list(range(plan.n_experts))
     for group, stored in _groups(run, plan, every, t_read):
@@ -160,20 +162,21 @@ def _profile_streamed(run: "PruneRun", i: int, core: dict[str, torch.Tensor], ca
             return None
         stats = _observe_group(run, i, plan, group, group, stored, dense, Stat.SQ_SUM if owl else None, True)
         if stats is not None:
-            found = [(m, stats.obs[m.stat].stat) for m in
-                     experts.prunable_keys(run.sk, i, run.sk.layers[i], stored, {}).values() if m.stat in stats.obs]
+            found = [(m, stats.obs[m.stat].stat) for m in _group_matrices(run.sk, i, plan, stored, group).values()
+                     if m.stat in stats.obs]
             t, n = score_sums((m.view(stored[m.key]).to(st.device), sq) for m, sq in found)
             total, count = total + t, count + n
-            expert_sq.update((m.key, sq) for m, sq in found)
+            expert_sq.update((m.name, sq) for m, sq in found)
+            seen.update(plan.expert_of(m, group) for m, _ in found)
     _write_dense_states(run, i, calib, src, dense, probe)
     record: dict[str, float] = {}
     if owl is not None:
         threshold = owl.m * total / max(count, 1)
         above = count_above(pairs, threshold)
-        chosen = sorted({e for e in every for k in plan.keys[e] if k in expert_sq})
-        for group, stored in _groups(run, plan, chosen, t_read):
-            above += count_above(((stored[k].to(st.device), expert_sq[k]) for e in group for k in plan.keys[e]
-                                  if k in expert_sq), threshold)
+        for group, stored in _groups(run, plan, sorted(seen), t_read):
+            above += count_above(((m.view(stored[m.key]).to(st.device), expert_sq[m.name])
+                                  for m in _group_matrices(run.sk, i, plan, stored, group).values()
+                                  if m.name in expert_sq), threshold)
         record["outlier_ratios"] = 100.0 * above / max(count, 1)
     if probe is not None:
         record.update(probe.results(run.world))
@@ -310,14 +313,14 @@ def _groups(run: "PruneRun", plan: Streamed, chosen: list[int], t_read: list[flo
             ) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
     """(experts, their stored tensors) per group of `chosen`, each group read behind the previous one's compute."""
     groups = plan.groups(chosen)
-    ahead = run.st.read_keys([k for e in groups[0] for k in plan.keys[e]]) if groups else None
+    ahead = run.st.read_parts(plan.parts(groups[0])) if groups else None
     for g, group in enumerate(groups):
         t0 = time.perf_counter()
         assert ahead is not None
         stored = ahead.result()
         t_read[0] += time.perf_counter() - t0
         t_read[1] += 1
-        ahead = run.st.read_keys([k for e in groups[g + 1] for k in plan.keys[e]]) if g + 1 < len(groups) else None
+        ahead = run.st.read_parts(plan.parts(groups[g + 1])) if g + 1 < len(groups) else None
         yield group, stored
         del stored
 
@@ -376,10 +379,9 @@ def _prune_groups(run: "PruneRun", i: int, plan: Streamed, kept: list[int], dens
         if dense is not None and (cfg.masks_observe or sum_dense):
             stats = _observe_group(run, i, plan, group, [new[e] for e in group], stored, dense,
                                    run.method.stat if cfg.masks_observe else None, sum_dense)
-        # Renamed to the kept experts' new indices (the key names of those indices), as keep_experts renames.
-        out = {plan.keys[new[e]][p]: stored[k] for e in group for p, k in enumerate(plan.keys[e])}
+        out = plan.renamed(stored, group, new)
         del stored
-        keys = experts.prunable_keys(psk, i, psk.layers[i], out, {}) if sparsity > 0 else {}
+        keys = _group_matrices(psk, i, plan, out, [new[e] for e in group]) if sparsity > 0 else {}
         records += prune_matrices(run.method, sparsity, cfg.nm, st.device, out, keys, stats, run.world)
         del stats
         if passes:
@@ -388,8 +390,11 @@ def _prune_groups(run: "PruneRun", i: int, plan: Streamed, kept: list[int], dens
                 for p in passes.values():
                     _add_contributions(pruned_mod, p, [new[e] for e in group])
             del params
-        for k in sorted(out):
-            feed.put(k, out.pop(k))
+        pieces = plan.pieces(out, group, new)
+        del out
+        while pieces:
+            k, first, t = pieces.pop(0)
+            feed.put(k, t, first)
         killpoint("expert_group")
     return True
 
@@ -462,29 +467,21 @@ def _write_states(run: "PruneRun", i: int, streams: dict[str, torch.Tensor], pas
 
 def _shard_items(run: "PruneRun", plan: Streamed, core: dict[str, torch.Tensor], kept: list[int]
                  ) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
-    """The block shard's tensors in the order they are produced: the core's sorted, then each kept expert's
-    (under its new index's names) group by group."""
-    items = [(k, core[k].dtype, tuple(core[k].shape)) for k in sorted(core)]
-    infos = run.ckpt.tensors
-    for group in plan.groups(kept):
-        names = {plan.keys[j][p]: plan.keys[e][p] for j, e in enumerate(kept) if e in group
-                 for p in range(len(plan.keys[e]))}
-        items += [(k, infos[src].dtype, tuple(infos[src].shape)) for k, src in sorted(names.items())]
-    return items
+    """The block shard's tensors: the core's and the kept experts' (under their new indices' names)."""
+    return [(k, t.dtype, tuple(t.shape)) for k, t in core.items()] + plan.items(run.ckpt.tensors, kept)
 
 
-def _stored_bytes(run: "PruneRun", plan: Streamed, experts_held: int) -> int:
-    """Bytes of `experts_held` experts' tensors as read (dequantized: the presented dtype, not the file's)."""
-    infos = run.ckpt.tensors
-    one = sum(torch.Size(infos[k].shape).numel() * torch.empty(0, dtype=infos[k].dtype).element_size()
-              for k in plan.keys[0])
-    return one * max(experts_held, 1)
+def _group_matrices(sk: Skeleton, i: int, plan: Streamed, stored: dict[str, torch.Tensor], names: list[int]
+                    ) -> dict[str, experts.Matrix]:
+    """The prunable matrices of a group's stored tensors, named by the experts' indices `names` (the rows of
+    a fused tensor hold those experts, in order)."""
+    return experts.prunable_keys(sk, i, sk.layers[i], stored, {}, rows=names if plan.fused else None)
 
 
 def _write_shard(run: "PruneRun", i: int, items: list[tuple[str, torch.dtype, tuple[int, ...]]], feed: ShardFeed
                  ) -> dict[str, float]:
     """The writer thread's part: block i's shard, its tensors taken from `feed` as they come."""
-    from wanda_stream.storage.checkpoint import write_shard
+    from wanda_stream.storage.checkpoint import write_shard_pieces
     from wanda_stream.storage.outputs import shard_name
 
     t0, c0 = time.perf_counter(), time.thread_time()
@@ -492,8 +489,9 @@ def _write_shard(run: "PruneRun", i: int, items: list[tuple[str, torch.dtype, tu
     back = shrink.renumber({k: k for k, _, _ in items}, run.sk.block_prefix(i), run.sk.block_prefix(j))  # new: old
     names = {old: new for new, old in back.items()}
     try:
-        write_shard(run.out / shard_name(j + 1, run.total_shards), [(names[k], d, s) for k, d, s in items],
-                    lambda k: feed.take(back[k]), before_rename=lambda: killpoint("shard_write"), in_order=True)
+        write_shard_pieces(run.out / shard_name(j + 1, run.total_shards), [(names[k], d, s) for k, d, s in items],
+                           ((names[k], first, t) for k, first, t in feed.pieces()),
+                           before_rename=lambda: killpoint("shard_write"))
     except BaseException as e:
         feed.fail(e)
         raise

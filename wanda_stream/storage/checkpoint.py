@@ -214,11 +214,12 @@ class Checkpoint:
     def keys(self) -> list[str]:
         return sorted(self.tensors)
 
-    def get(self, key: str, pin: bool = False) -> torch.Tensor:
+    def get(self, key: str, pin: bool = False, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """Read one tensor (a fresh CPU tensor, in its presented dtype) in full before returning.
 
         `pin`: read straight into page-locked memory (CUDA hosts), for fast, asynchronous copies to
-        the device without a second host copy.
+        the device without a second host copy. `rows`: only rows [start, stop) of the first dimension
+        (a group of experts of a tensor that stores them all), read alone.
 
         The bytes are copied into memory the process owns. A memory-mapped tensor (what safe_open
         returns) would defer the disk reads to the first touch: a prefetch thread would then read
@@ -228,15 +229,27 @@ class Checkpoint:
         if src is None:
             raise InputError(f"{self.root}: tensor '{key}' is missing from the checkpoint")
         if src.kind == "plain" and src.dtype == self.stored[key].dtype:
-            return self.get_stored(key, pin)
+            return self.get_stored(key, pin, rows)
+        if rows is not None and (src.kind == "fp8" or any(self.stored[k].shape[0] != src.shape[0] for k in src.keys)):
+            raise ValueError(f"'{key}': its stored parts are not indexed by its first dimension; read it whole")
         # Dequantized (or cast) on the CPU from pageable reads of the parts; the result is what gets pinned.
-        return quant.materialize_source(src, [self.get_stored(k) for k in src.keys], self.quantization_config, pin)
+        w = quant.dequantize(src, [self.get_stored(k, rows=rows) for k in src.keys], self.quantization_config)
+        if not pin:
+            return w if w.dtype == src.dtype else w.to(src.dtype)
+        return host_empty(w.shape, src.dtype, pin).copy_(w)  # the cast writes into the pinned memory
 
-    def get_stored(self, key: str, pin: bool = False) -> torch.Tensor:
-        """Read one stored tensor as the shard holds it (see `get` for `pin`)."""
+    def get_stored(self, key: str, pin: bool = False, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Read one stored tensor as the shard holds it (see `get` for `pin` and `rows`)."""
         info = self.stored[key]
         start = self.data_start[info.file] + self.headers[info.file][key]["data_offsets"][0]
-        out = torch.empty(info.shape, dtype=info.dtype, pin_memory=pin and info.nbytes > 0)  # 0 bytes: nothing to pin
+        shape = info.shape
+        if rows is not None:
+            first, stop = rows
+            if not 0 <= first <= stop <= shape[0]:
+                raise ValueError(f"'{key}': rows {first}:{stop} of {shape[0]}")
+            start += first * (info.nbytes // shape[0]) if first else 0  # an empty tensor has rows of 0 bytes
+            shape = (stop - first, *shape[1:])
+        out = host_empty(shape, info.dtype, pin)
         read_exact(self.root / info.file, start, byte_view(out))
         return out
 
@@ -263,6 +276,12 @@ def _quantization_config(path: Path) -> dict | None:
     except (OSError, ValueError, AttributeError):
         return None
     return qc if isinstance(qc, dict) else None
+
+
+def host_empty(shape: tuple[int, ...], dtype: torch.dtype, pin: bool) -> torch.Tensor:
+    """An uninitialized CPU tensor, page-locked with `pin` unless it holds no bytes (the pinned allocator
+    returns no memory for 0 bytes, so there is nothing to lock)."""
+    return torch.empty(shape, dtype=dtype, pin_memory=pin and math.prod(shape) > 0)
 
 
 def byte_view(t: torch.Tensor) -> memoryview:
@@ -324,6 +343,68 @@ def write_shard(
     os.replace(tmp, path)
     fsync_dir(path.parent)
     return size
+
+
+def write_shard_pieces(
+    path: Path,
+    items: list[tuple[str, torch.dtype, tuple[int, ...]]],
+    pieces: Iterable[tuple[str, int, torch.Tensor]],
+    before_rename: Callable[[], None] | None = None,
+) -> int:
+    """Stream tensors into a safetensors file atomically from pieces taken in any order.
+
+    A piece is (key, first row, rows of the tensor along its first dimension); a whole tensor is one piece
+    from row 0. Each piece is written in its place at once (positioned writes), so a streamed block whose
+    experts' rows of several fused tensors come group by group is written as it is computed and no tensor is
+    ever held whole. Pieces are taken until every row of every item is written; a row given twice, or a
+    piece that does not fit its item, is an error. The header lists the tensors sorted, as `write_shard`'s.
+    Returns the file size; the file is verified before it is renamed into place.
+    """
+    items = sorted(items)
+    head, sizes = build_header(items)
+    place: dict[str, tuple[int, torch.dtype, tuple[int, ...], int]] = {}  # key: offset, dtype, shape, row bytes
+    offset = len(head)
+    for (key, dtype, shape), n in zip(items, sizes):
+        rows = shape[0] if shape else 1
+        place[key] = (offset, dtype, shape, n // rows if rows else 0)
+        offset += n
+    todo = {key: set(range(shape[0] if shape else 1)) for key, _, shape in items}
+    left = sum(len(r) for r in todo.values())
+    tmp = path.with_name(path.name + ".partial")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        _pwrite_all(fd, memoryview(head), 0)
+        os.ftruncate(fd, offset)
+        it = iter(pieces)
+        while left:
+            key, first, t = next(it)
+            start, dtype, shape, row_bytes = place[key]
+            rows = range(first, first + (t.shape[0] if shape else 1))
+            if t.dtype != dtype or tuple(t.shape[1:] if shape else t.shape) != tuple(shape[1:]) \
+                    or not set(rows) <= todo[key]:
+                raise RuntimeError(f"piece {key}[{first}:] {t.dtype}{tuple(t.shape)} does not fit {dtype}{shape}")
+            _pwrite_all(fd, tensor_bytes(t), start + first * row_bytes)
+            todo[key] -= set(rows)
+            left -= len(rows)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    size = tmp.stat().st_size
+    header = read_header(tmp)
+    if size != offset or set(header) - {"__metadata__"} != set(place):
+        raise RuntimeError(f"{tmp}: verification after writing failed")
+    if before_rename is not None:
+        before_rename()
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+    return size
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    """All of `data` at `offset` (a positioned write may write less than asked)."""
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], offset + done)
 
 
 def iter_keys_with_prefix(keys: Iterable[str], prefix: str) -> Iterator[str]:

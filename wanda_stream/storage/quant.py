@@ -158,23 +158,18 @@ def _check_mxfp4(key: str, b: Stored, s: Stored, where: str) -> tuple[int, ...]:
     return (*lead, groups * MX_GROUP, rows)
 
 
-def materialize_source(src: Source, parts: Sequence[torch.Tensor], qc: Mapping[str, object] | None,
-                       pin: bool = False) -> torch.Tensor:
-    """The float tensor `src` describes, from its stored tensors `parts` (read in `src.keys` order).
+def dequantize(src: Source, parts: Sequence[torch.Tensor], qc: Mapping[str, object] | None) -> torch.Tensor:
+    """The float tensor `src` describes, from its stored tensors `parts` (read in `src.keys` order), before the
+    cast to `src.dtype` (the caller casts, into page-locked memory where it wants it, without a second copy).
 
-    `pin`: the result in page-locked memory (CUDA hosts), so that a dequantized block goes to the card as
-    fast, and as asynchronously, as a plain one; the final cast writes into it, so no extra copy is made.
+    `parts` may be the same rows of every part along its first dimension when that is the experts' of an
+    MXFP4 tensor (a group of fused experts): each expert's values and scales dequantize on their own.
     """
     if src.kind == "plain":
-        w = parts[0]
-    elif src.kind == "fp8":
-        w = dequant_fp8_block(parts[0], parts[1], _fp8_block(qc, ""))
-    else:
-        w = dequant_mxfp4(parts[0], parts[1])
-    if not pin:
-        return w if w.dtype == src.dtype else w.to(src.dtype)
-    # An empty tensor has no memory to pin (the pinned allocator returns none for 0 bytes).
-    return torch.empty(w.shape, dtype=src.dtype, pin_memory=w.numel() > 0).copy_(w)
+        return parts[0]
+    if src.kind == "fp8":
+        return dequant_fp8_block(parts[0], parts[1], _fp8_block(qc, ""))
+    return dequant_mxfp4(parts[0], parts[1])
 
 
 def output_config(config: dict, dequantized: bool, save_dtype: torch.dtype | None) -> dict:
