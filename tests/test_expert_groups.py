@@ -133,6 +133,36 @@ def test_streamed_block_reads_one_group_at_a_time(moe_model: Callable[[str], Pat
     assert not any(".mlp.experts." in k for b in blocks for k in b)
 
 
+def test_fused_experts_are_read_by_their_rows(moe_model: Callable[[str], Path], tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """gpt-oss stores every expert in one tensor per part: a streamed block's read leaves those tensors out,
+    and each group reads its rows of each of them (at most a group's), every row once."""
+    src = moe_model("gpt_oss")
+    stored = load_state_dict(src)
+    fused = sorted(k for k in stored if ".mlp.experts." in k)
+    reads: list[list[tuple[str, Any]]] = []
+    blocks: list[list[str]] = []
+    read_parts, read_block = Streamer.read_parts, Streamer._read_block
+
+    def spy_read(self: Streamer, parts: list[tuple[str, Any]]) -> Any:
+        reads.append(list(parts))
+        return read_parts(self, parts)
+
+    def spy_block(self: Streamer, i: int) -> Any:
+        got = read_block(self, i)
+        blocks.append(list(got[0]))
+        return got
+
+    monkeypatch.setattr(Streamer, "read_parts", spy_read)
+    monkeypatch.setattr(Streamer, "_read_block", spy_block)
+    _prune(src, tmp_path / "out", "--sparsity", "0.5", "--expert-group", "3")
+    assert reads and all(rows is not None and rows[1] - rows[0] <= 3 for r in reads for _, rows in r)
+    for key in fused:
+        got = sorted(e for r in reads for k, rows in r if k == key for e in range(*rows))
+        assert got == list(range(stored[key].shape[0])), key
+    assert not any(k in fused for b in blocks for k in b)
+
+
 def test_streamed_kills_and_stops_resume_identical(moe_model: Callable[[str], Path], tmp_path: Path) -> None:
     """Killed between groups, while the shard is written and after a block, or stopped (SIGTERM, exit 75)
     between groups: --resume finishes to the uninterrupted run's bytes."""

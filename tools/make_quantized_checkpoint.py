@@ -64,7 +64,13 @@ def quantize_fp8_block(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.T
 
 
 def quantize_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(blocks, scales) of a fused [experts, in, out] tensor, stored [experts, out, in/32, 16] and [.., in/32]."""
+    """(blocks, scales) of a fused [experts, in, out] tensor, stored [experts, out, in/32, 16] and [.., in/32].
+
+    One expert at a time: the nearest-value search takes 8 float32 copies of what it quantizes (34 GB for
+    gpt-oss-120b's whole `gate_up_proj`, 0.5 GB for one expert's)."""
+    if w.dim() > 2:
+        parts = [quantize_mxfp4(e) for e in w]
+        return torch.stack([b for b, _ in parts]), torch.stack([s for _, s in parts])
     t = w.float().transpose(-1, -2)
     *lead, rows, inp = t.shape
     groups = t.reshape(*lead, rows, inp // MX_GROUP, MX_GROUP)
