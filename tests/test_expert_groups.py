@@ -106,40 +106,8 @@ def test_streamed_reap_matches_reference(family: str, ratio: float, moe_model: C
                               ref.model(windows, use_cache=False).logits, atol=1e-5, rtol=1e-5)
 
 
-def test_streamed_block_reads_one_group_at_a_time(moe_model: Callable[[str], Path], tmp_path: Path,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """A streamed block's read leaves its routed experts out; they come in reads of at most a group."""
-    src = moe_model("deepseek_v3")
-    reads: list[list[str]] = []
-    blocks: list[list[str]] = []
-    read_parts, read_block = Streamer.read_parts, Streamer._read_block
-
-    def spy_read(self: Streamer, parts: list[tuple[str, Any]]) -> Any:
-        assert all(rows is None for _, rows in parts)  # per-expert tensors: each read whole
-        reads.append([k for k, _ in parts])
-        return read_parts(self, parts)
-
-    def spy_block(self: Streamer, i: int) -> Any:
-        got = read_block(self, i)
-        blocks.append(list(got[0]))
-        return got
-
-    monkeypatch.setattr(Streamer, "read_parts", spy_read)
-    monkeypatch.setattr(Streamer, "_read_block", spy_block)
-    _prune(src, tmp_path / "out", "--sparsity", "0.5", "--expert-group", "3")
-    # 8 experts of 3 parts (gate, up, down) in groups of 3, 3, 2: every expert read once.
-    assert [len(r) for r in reads] == [9, 9, 6]
-    assert sorted(k for r in reads for k in r) == sorted(k for k in load_state_dict(src) if ".mlp.experts." in k)
-    assert not any(".mlp.experts." in k for b in blocks for k in b)
-
-
-def test_fused_experts_are_read_by_their_rows(moe_model: Callable[[str], Path], tmp_path: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    """gpt-oss stores every expert in one tensor per part: a streamed block's read leaves those tensors out,
-    and each group reads its rows of each of them (at most a group's), every row once."""
-    src = moe_model("gpt_oss")
-    stored = load_state_dict(src)
-    fused = sorted(k for k in stored if ".mlp.experts." in k)
+def _spy_reads(monkeypatch: pytest.MonkeyPatch) -> tuple[list[list[tuple[str, Any]]], list[list[str]]]:
+    """Lists that fill, as a run goes, with each group read's parts and each block read's keys."""
     reads: list[list[tuple[str, Any]]] = []
     blocks: list[list[str]] = []
     read_parts, read_block = Streamer.read_parts, Streamer._read_block
@@ -155,6 +123,31 @@ def test_fused_experts_are_read_by_their_rows(moe_model: Callable[[str], Path], 
 
     monkeypatch.setattr(Streamer, "read_parts", spy_read)
     monkeypatch.setattr(Streamer, "_read_block", spy_block)
+    return reads, blocks
+
+
+def test_streamed_block_reads_one_group_at_a_time(moe_model: Callable[[str], Path], tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A streamed block's read leaves its routed experts out; they come in reads of at most a group."""
+    src = moe_model("deepseek_v3")
+    parts, blocks = _spy_reads(monkeypatch)
+    _prune(src, tmp_path / "out", "--sparsity", "0.5", "--expert-group", "3")
+    assert all(rows is None for r in parts for _, rows in r)  # per-expert tensors: each read whole
+    reads = [[k for k, _ in r] for r in parts]
+    # 8 experts of 3 parts (gate, up, down) in groups of 3, 3, 2: every expert read once.
+    assert [len(r) for r in reads] == [9, 9, 6]
+    assert sorted(k for r in reads for k in r) == sorted(k for k in load_state_dict(src) if ".mlp.experts." in k)
+    assert not any(".mlp.experts." in k for b in blocks for k in b)
+
+
+def test_fused_experts_are_read_by_their_rows(moe_model: Callable[[str], Path], tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """gpt-oss stores every expert in one tensor per part: a streamed block's read leaves those tensors out,
+    and each group reads its rows of each of them (at most a group's), every row once."""
+    src = moe_model("gpt_oss")
+    stored = load_state_dict(src)
+    fused = sorted(k for k in stored if ".mlp.experts." in k)
+    reads, blocks = _spy_reads(monkeypatch)
     _prune(src, tmp_path / "out", "--sparsity", "0.5", "--expert-group", "3")
     assert reads and all(rows is not None and rows[1] - rows[0] <= 3 for r in reads for _, rows in r)
     for key in fused:

@@ -334,15 +334,7 @@ def write_shard(
             f.write(tensor_bytes(t))
         f.flush()
         os.fsync(f.fileno())
-    size = tmp.stat().st_size
-    header = read_header(tmp)
-    if size != len(head) + sum(sizes) or set(header) - {"__metadata__"} != {k for k, _, _ in items}:
-        raise RuntimeError(f"{tmp}: verification after writing failed")
-    if before_rename is not None:
-        before_rename()
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-    return size
+    return _verify_and_place(tmp, path, len(head) + sum(sizes), {k for k, _, _ in items}, before_rename)
 
 
 def write_shard_pieces(
@@ -389,9 +381,14 @@ def write_shard_pieces(
         os.fsync(fd)
     finally:
         os.close(fd)
-    size = tmp.stat().st_size
+    return _verify_and_place(tmp, path, offset, set(place), before_rename)
+
+
+def _verify_and_place(tmp: Path, path: Path, size: int, keys: set[str], before_rename: Callable[[], None] | None
+                      ) -> int:
+    """Check the written file `tmp` (its size and its header's tensors), then rename it to `path`."""
     header = read_header(tmp)
-    if size != offset or set(header) - {"__metadata__"} != set(place):
+    if tmp.stat().st_size != size or set(header) - {"__metadata__"} != keys:
         raise RuntimeError(f"{tmp}: verification after writing failed")
     if before_rename is not None:
         before_rename()
