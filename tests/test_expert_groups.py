@@ -43,6 +43,36 @@ def _prune(src: Path, out: Path, *extra: str) -> dict[str, Any]:
     return json.loads((out / REPORT).read_text())
 
 
+def _close_tensors(a: Path, b: Path) -> None:
+    """Block 0's tensors (the same inputs in both runs) bit for bit; the later blocks' the same zeros and
+    within 2e-3 of each other in norm: their refits (least squares on a few hundred tokens) carry the
+    rounding of their inputs about a thousandfold (4e-4 and 6e-4 measured on qwen2_moe)."""
+    sa, sb = load_state_dict(a), load_state_dict(b)
+    assert set(sa) == set(sb)
+    for k in sa:
+        assert sa[k].shape == sb[k].shape and torch.equal(sa[k] == 0, sb[k] == 0), k
+        if not k.startswith("model.layers.") or k.startswith("model.layers.0."):
+            assert torch.equal(sa[k], sb[k]), k
+        else:
+            assert float((sa[k] - sb[k]).norm()) <= 2e-3 * float(sa[k].norm()), k
+
+
+def _same_record(a: object, b: object, rel: float) -> None:
+    """Records equal in everything but their floats, which agree within `rel`."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        assert sorted(a) == sorted(b)
+        for k in a:
+            _same_record(a[k], b[k], rel)
+    elif isinstance(a, list) and isinstance(b, list):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            _same_record(x, y, rel)
+    elif isinstance(a, float):
+        assert a == pytest.approx(b, rel=rel, abs=1e-9)
+    else:
+        assert a == b
+
+
 def _same_tensors(a: Path, b: Path) -> None:
     sa, sb = load_state_dict(a), load_state_dict(b)
     assert set(sa) == set(sb)
@@ -59,6 +89,8 @@ def _same_tensors(a: Path, b: Path) -> None:
     ("qwen3_next", ["--sparsity", "0.5"]),
     ("gpt_oss", ["--sparsity", "0.5", "--method", "sparsegpt"]),
     ("gpt_oss", ["--drop-experts", "0.25", "--sparsity", "0.5"]),
+    ("qwen2_moe", ["--drop-heads", "0.5", "--drop-ffn", "0.25", "--sparsity", "0.5"]),
+    ("mixtral", ["--drop-heads", "0.5", "--drop-experts", "0.25", "--sparsity", "0.5", "--method", "sparsegpt"]),
 ])
 def test_streamed_equals_whole_blocks(family: str, flags: list[str], moe_model: Callable[[str], Path],
                                       tmp_path: Path) -> None:
@@ -67,19 +99,29 @@ def test_streamed_equals_whole_blocks(family: str, flags: list[str], moe_model: 
     src = moe_model(family)
     whole = _prune(src, tmp_path / "whole", *flags, *EVAL, "--expert-group", "0")
     streamed = _prune(src, tmp_path / "streamed", *flags, *EVAL, "--expert-group", "3")
-    _same_tensors(tmp_path / "whole", tmp_path / "streamed")
+    refit = "--drop-heads" in flags or "--drop-ffn" in flags
+    if refit:
+        # A later block's refit is a least-squares fit to its inputs, which carry the rounding of the
+        # experts' other order of addition: the same structures and masks, the weights within rounding.
+        _close_tensors(tmp_path / "whole", tmp_path / "streamed")
+    else:
+        _same_tensors(tmp_path / "whole", tmp_path / "streamed")
+    rel = 1e-5 if refit else 1e-6
     assert (tmp_path / "whole" / "config.json").read_bytes() == (tmp_path / "streamed" / "config.json").read_bytes()
-    assert streamed["eval"]["perplexity"] == pytest.approx(whole["eval"]["perplexity"], rel=1e-6)
+    assert streamed["eval"]["perplexity"] == pytest.approx(whole["eval"]["perplexity"], rel=rel)
     notes = [b.get("streamed_experts") for b in streamed["blocks"]]
     assert any(notes) and not any(b.get("streamed_experts") for b in whole["blocks"])
     for w, s in zip(whole["blocks"], streamed["blocks"]):
         if w.get("output_error") is None:  # no calibration (magnitude)
             assert s.get("output_error") is None
         else:
-            assert s["output_error"] == pytest.approx(w["output_error"], rel=1e-6, abs=1e-9)
+            assert s["output_error"] == pytest.approx(w["output_error"], rel=rel, abs=1e-9)
         assert sorted(m["name"] for m in s["matrices"]) == sorted(m["name"] for m in w["matrices"])
         if "structure" in w:
-            assert s["structure"] == w["structure"]
+            if refit and w["block"] > 0:  # the same choices; the refits' errors within their rounding
+                _same_record(s["structure"], w["structure"], rel=2e-3)
+            else:
+                assert s["structure"] == w["structure"]
 
 
 @pytest.mark.parametrize("family,ratio", [("mixtral", 0.25), ("deepseek_v3", 0.25)])
@@ -179,8 +221,6 @@ def test_streamed_kills_and_stops_resume_identical(moe_model: Callable[[str], Pa
 
 @pytest.mark.parametrize("family,extra,needle", [
     ("deepseek_v3", ["--reconstruct"], "--reconstruct"),
-    ("qwen2_moe", ["--drop-heads", "0.5"], "--drop-heads"),
-    ("qwen2_moe", ["--drop-ffn", "0.25"], "--drop-ffn"),
     ("llama4_text", [], "cannot run its experts a group at a time"),
 ])
 def test_streamed_refusals(family: str, extra: list[str], needle: str, moe_model: Callable[[str], Path],

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from wanda_stream.methods import FALLBACK, NM, Method, Pruned, Stat
+from wanda_stream.methods import FALLBACK, NM, Method, Pruned, Stat, plans
 from wanda_stream.methods.observe import BlockObserver, BlockStats, check_finite, reduce_stats
 from wanda_stream.model import experts
 from wanda_stream.model.skeleton import release
@@ -161,3 +161,12 @@ def _pruned(wd: torch.Tensor, result: Pruned) -> torch.Tensor:
     if result.weight is not None:
         wd.copy_(result.weight)  # cast first, then zero: the removed weights must be exact zeros in any dtype
     return wd.masked_fill_(result.mask, 0)
+
+
+def width_inputs(got: list[BlockStats]) -> dict[str, plans.InputStats]:
+    """A width plan's observations (sums of squares, then Gram matrices when refit) by matrix name."""
+    if not got:
+        return {}
+    sq = got[0].obs
+    grams = got[1].obs if len(got) > 1 else {}
+    return {n: plans.InputStats(ob.stat, grams[n].stat if n in grams else None) for n, ob in sq.items()}

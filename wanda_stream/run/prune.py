@@ -53,7 +53,7 @@ from wanda_stream.storage.state import (
     REPORT_NAME, RunState, StopFlag, WorkDir, killpoint, profile_blocks_done, resume_command,
 )
 from wanda_stream.model.stream import Streamer, open_model
-from wanda_stream.run.block import Watch, linear_modules, observe_all, prune_block
+from wanda_stream.run.block import Watch, linear_modules, observe_all, prune_block, width_inputs
 from wanda_stream.run.expert_groups import plan_streaming
 from wanda_stream.run.streamed_block import profile_streamed, prune_streamed
 from wanda_stream.run.streamed_block import refusal as streamed_refusal
@@ -640,7 +640,7 @@ class PruneRun:
                 if got is None:
                     return None
                 stats = got.pop(0) if self.cfg.masks_observe else None
-                consumers = _consumers(got)
+                consumers = width_inputs(got)
                 del got  # the width plan's Gram matrices are the consumers' alone, freed as each is refit
             plan: dict[str, Any] = {}
             if self.spec.widths:
@@ -1040,15 +1040,6 @@ def _link(src: Path, dst: Path) -> None:
         shutil.copyfile(src, tmp)
         os.replace(tmp, dst)
     fsync_dir(dst.parent)
-
-
-def _consumers(got: list[BlockStats]) -> dict[str, plans.InputStats]:
-    """A width plan's observations (sums of squares, then Gram matrices when refit) by matrix name."""
-    if not got:
-        return {}
-    sq = got[0].obs
-    grams = got[1].obs if len(got) > 1 else {}
-    return {n: plans.InputStats(ob.stat, grams[n].stat if n in grams else None) for n, ob in sq.items()}
 
 
 def output_is_finished(cfg: RunConfig) -> bool:

@@ -1,10 +1,11 @@
 """One MoE block of a pruning run with its routed experts streamed a group at a time (see expert_groups.py).
 
 `prune_streamed` is the streamed counterpart of `PruneRun._block`: the same statistics, masks, REAP
-choice, records and next-block inputs, with the block's shard written while its groups are computed
-instead of after; `profile_streamed` is its counterpart in the pass over the dense model (OWL,
---drop-blocks). Supported: every method's masks, --drop-experts, the evaluation streams and the block's
-output error; the rest is refused before any work (`refusal`).
+choice, width plan, records and next-block inputs, with the block's shard written while its groups are
+computed instead of after; `profile_streamed` is its counterpart in the pass over the dense model (OWL,
+--drop-blocks). Supported: every method's masks, --drop-experts, --drop-ffn and --drop-heads (on the core:
+attention, shared and dense MLPs), the evaluation streams and the block's output error; --reconstruct is
+refused before any work (`refusal`).
 
 Each pass through the block's core (the dense and the pruned calibration pass, every evaluation stream)
 keeps per token the experts' inputs, the core's output and the experts' sums: 3 x tokens x hidden values
@@ -32,9 +33,9 @@ from wanda_stream.methods.fidelity import OutputError
 from wanda_stream.methods import Stat
 from wanda_stream.methods.observe import BlockObserver, BlockStats, DepthProbe, check_finite, reduce_stats
 from wanda_stream.methods.profiles import count_above, score_sums
-from wanda_stream.model import experts, shrink
+from wanda_stream.model import experts, shrink, widths
 from wanda_stream.model.skeleton import Skeleton, release
-from wanda_stream.run.block import Watch, linear_modules, observe_all, prune_matrices
+from wanda_stream.run.block import Watch, linear_modules, observe_all, prune_matrices, width_inputs
 from wanda_stream.run.expert_groups import Routes, Routing, ShardFeed, Streamed, contribution, holding
 from wanda_stream.storage.activations import HiddenFile
 from wanda_stream.storage.spill import BatchFile
@@ -47,13 +48,9 @@ StreamedResult = tuple[Future | None, list[dict[str, Any]], dict[str, Any], floa
 
 
 def refusal(run: "PruneRun") -> str:
-    """Why this run cannot stream its blocks' experts ('' when it can)."""
-    cfg, spec = run.cfg, run.spec
-    for flag, on in (("--drop-ffn", spec.drop_ffn), ("--drop-heads", spec.drop_heads),
-                     ("--reconstruct", bool(cfg.reconstruct))):
-        if on:
-            return flag
-    return ""
+    """Why this run cannot stream its blocks' experts ('' when it can): --reconstruct fits the whole block
+    at once."""
+    return "--reconstruct" if run.cfg.reconstruct else ""
 
 
 def prune_streamed(run: "PruneRun", i: int, core: dict[str, torch.Tensor], streams: dict[str, torch.Tensor],
@@ -74,13 +71,17 @@ def _prune_streamed(run: "PruneRun", i: int, core: dict[str, torch.Tensor], stre
     linears = linear_modules(layer)
     dense: _Pass | None = None
     core_stats: BlockStats | None = None
+    consumers: dict[str, plans.InputStats] = {}
     if run.observes:
         watches: list[Watch] = [(run.method.stat, linears, False)] if run.cfg.masks_observe else []
+        watches += run._width_watches(layer)  # the core's: attention heads, shared and dense MLPs
         core_pass = _dense_core(run, i, layer, watches, run.hidden("calib", i, *streams["calib"].shape), scratch)
         if core_pass is None:
             return None
         dense, got = core_pass
-        core_stats = got[0] if watches else None
+        core_stats = got.pop(0) if run.cfg.masks_observe else None
+        consumers = width_inputs(got)
+        del got
     release(layer)
     every = list(range(plan.n_experts))
     kept, record = every, {}
@@ -93,6 +94,14 @@ def _prune_streamed(run: "PruneRun", i: int, core: dict[str, torch.Tensor], stre
         kept, record = scored
         router = experts.ExpertTensors((), experts.expert_tensors(run.sk, i, plan.holder, plan.router, core).stacked)
         core = experts.keep_experts(core, router, kept)
+    width_record: dict[str, Any] = {}
+    if run.spec.widths:  # the routed experts keep their widths: the plan changes only the core's tensors
+        core, kept_cols, width_record = widths.shrink_block(run.spec, run.structure, run.shape, core,
+                                                            run._keys(i, core), consumers)
+        if core_stats is not None:
+            for name, keep in kept_cols.items():
+                core_stats.obs[name] = widths.narrow_observation(core_stats.obs[name], keep)
+    del consumers
     narrow = run.spec.widths
     psk = st.skeleton(narrow)
     keys = experts.prunable_keys(psk, i, psk.layers[i], core, linears) if sparsity > 0 else {}
@@ -120,7 +129,7 @@ def _prune_streamed(run: "PruneRun", i: int, core: dict[str, torch.Tensor], stre
     run.streamed_notes[i] = {"expert_group": plan.group, "groups": len(plan.groups(kept)),
                              "expert_read_wait_s": round(t_read[0], 3), "groups_read": t_read[1],
                              "token_buffers": run.memory.buffers}
-    plan_record = {"experts": {plan.holder: record}} if record else {}
+    plan_record = {**width_record, **({"experts": {plan.holder: record}} if record else {})}
     return future, records, plan_record, error, None
 
 
