@@ -296,12 +296,15 @@ def test_write_shard_pieces_in_any_order_loads(tmp_path: Path) -> None:
     assert not (tmp_path / "t.safetensors").exists()
 
 
-def test_streamed_two_ranks_equal_one_process(moe_model: Callable[[str], Path], tmp_path: Path) -> None:
-    """Under 2 gloo ranks (each a share of the windows), streamed REAP and Wanda give one process's bytes."""
+@pytest.mark.parametrize("family,group", [("qwen3_moe", "1"), ("gpt_oss", "2")])
+def test_streamed_two_ranks_equal_one_process(family: str, group: str, moe_model: Callable[[str], Path],
+                                              tmp_path: Path) -> None:
+    """Under 2 gloo ranks (each a share of the windows), streamed REAP and Wanda give one process's bytes,
+    per-expert tensors and fused ones (gpt-oss: the kept experts' rows written group by group)."""
     from tests.test_dist import finish, launch
 
-    src = moe_model("qwen3_moe")
-    flags = ["--drop-experts", "0.5", "--sparsity", "0.5", "--expert-group", "1"]
+    src = moe_model(family)
+    flags = ["--drop-experts", "0.5", "--sparsity", "0.5", "--expert-group", group]
     one = tmp_path / "one"
     _prune(src, one, *flags)
     two = tmp_path / "two"
