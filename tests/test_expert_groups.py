@@ -329,6 +329,7 @@ def test_streamed_sweep_equals_single_runs(moe_model: Callable[[str], Path], tmp
 
 @pytest.mark.parametrize("family,flags", [
     ("deepseek_v3", ["--sparsity-profile", "owl", "--sparsity", "0.6"]),
+    ("gpt_oss", ["--sparsity-profile", "owl", "--sparsity", "0.6"]),
     ("qwen2_moe", ["--drop-blocks", "1", "--sparsity", "0.5"]),
     ("qwen2_moe", ["--drop-blocks", "1", "--block-score", "angular", "--drop-experts", "0.25",
                    "--sparsity-profile", "owl", "--sparsity", "0.5"]),
