@@ -296,6 +296,54 @@ def test_write_shard_pieces_in_any_order_loads(tmp_path: Path) -> None:
     assert not (tmp_path / "t.safetensors").exists()
 
 
+def test_disk_full_while_a_streamed_shard_is_written_then_resume(moe_model: Callable[[str], Path],
+                                                                  tmp_path: Path) -> None:
+    """A real ENOSPC while a streamed block's shard is written from its groups' rows (gpt-oss's fused
+    experts): the run pauses after its first group, the disk is filled, the run fails with one line, and
+    --resume after freeing the space finishes to the uninterrupted run's bytes."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+    from tests.test_bad_input import _mount_tmpfs, _wait_stopped
+
+    src = moe_model("gpt_oss")
+    flags = ["--sparsity", "0.5", "--expert-group", "2"]
+    one = tmp_path / "one"
+    _prune(src, one, *flags)
+    disk = tmp_path / "disk"
+    if not _mount_tmpfs(disk, "8m"):
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        out = disk / "out"
+        proc = subprocess.Popen([sys.executable, "-m", "wanda_stream", "prune", str(src), str(out), *CALIB_ARGS,
+                                 *flags], cwd=ROOT, env={**os.environ, state_mod.KILL_ENV: "expert_group:1:STOP"},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            _wait_stopped(proc.pid)
+            assert list(out.glob("model-*.safetensors.partial")), "the block's shard should be part-written"
+            with open(disk / "filler", "wb") as f:  # take every free byte
+                try:
+                    while True:
+                        f.write(b"\0" * 65536)
+                        f.flush()
+                except OSError:
+                    pass
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 2, err
+        lines = [line for line in err.strip().splitlines() if line.startswith("wanda-stream")]
+        assert len(lines) == 1 and "No space left on device" in lines[0] and "--resume" in lines[0], err
+        assert "Traceback" not in err
+        (disk / "filler").unlink()
+        assert main(["prune", str(src), str(out), *CALIB_ARGS, *flags, "--resume"]) == 0
+        assert checkpoint_files(out) == checkpoint_files(one)
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True, timeout=30)
+
+
 @pytest.mark.parametrize("family,group", [("qwen3_moe", "1"), ("gpt_oss", "2")])
 def test_streamed_two_ranks_equal_one_process(family: str, group: str, moe_model: Callable[[str], Path],
                                               tmp_path: Path) -> None:
