@@ -330,6 +330,23 @@ def _wait_stopped(pid: int, timeout: float = 120) -> None:
     raise AssertionError("the run never reached its pause point")
 
 
+def _fill_while_stopped(proc: subprocess.Popen, filler: Path, check: Callable[[], None] = lambda: None) -> None:
+    """Once `proc` has stopped itself (a STOP killpoint): `check`, then take every free byte of the disk with
+    `filler`, then let it go on."""
+    try:
+        _wait_stopped(proc.pid)
+        check()
+        # Unbuffered: a buffered file would retry its failed flush when it closes, and raise there.
+        with open(filler, "wb", buffering=0) as f:
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+            except OSError:
+                pass
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+
+
 def test_disk_full_on_tmpfs_then_resume(tiny_model: Path, reference: Path, tmp_path: Path) -> None:
     """A real ENOSPC: the run pauses after block 0, the disk is filled, the run continues and fails cleanly."""
     disk = tmp_path / "disk"
@@ -341,17 +358,7 @@ def test_disk_full_on_tmpfs_then_resume(tiny_model: Path, reference: Path, tmp_p
         proc = subprocess.Popen([sys.executable, "-m", "wanda_stream", "prune", str(tiny_model), str(out), *ARGS],
                                 cwd=ROOT, env={**os.environ, KILL_ENV: "block_done:1:STOP"},
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            _wait_stopped(proc.pid)
-            with open(disk / "filler", "wb") as f:  # take every free byte
-                try:
-                    while True:
-                        f.write(b"\0" * 65536)
-                        f.flush()
-                except OSError:
-                    pass
-        finally:
-            os.kill(proc.pid, signal.SIGCONT)
+        _fill_while_stopped(proc, disk / "filler")
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 2, err
         lines = err.strip().splitlines()

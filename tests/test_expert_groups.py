@@ -306,7 +306,7 @@ def test_disk_full_while_a_streamed_shard_is_written_then_resume(moe_model: Call
     import sys
 
     from tests.helpers import ROOT
-    from tests.test_bad_input import _mount_tmpfs, _wait_stopped
+    from tests.test_bad_input import _fill_while_stopped, _mount_tmpfs
 
     src = moe_model("gpt_oss")
     flags = ["--sparsity", "0.5", "--expert-group", "2"]
@@ -320,18 +320,11 @@ def test_disk_full_while_a_streamed_shard_is_written_then_resume(moe_model: Call
         proc = subprocess.Popen([sys.executable, "-m", "wanda_stream", "prune", str(src), str(out), *CALIB_ARGS,
                                  *flags], cwd=ROOT, env={**os.environ, state_mod.KILL_ENV: "expert_group:1:STOP"},
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            _wait_stopped(proc.pid)
+
+        def part_written() -> None:
             assert list(out.glob("model-*.safetensors.partial")), "the block's shard should be part-written"
-            with open(disk / "filler", "wb") as f:  # take every free byte
-                try:
-                    while True:
-                        f.write(b"\0" * 65536)
-                        f.flush()
-                except OSError:
-                    pass
-        finally:
-            os.kill(proc.pid, signal.SIGCONT)
+
+        _fill_while_stopped(proc, disk / "filler", part_written)
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 2, err
         lines = [line for line in err.strip().splitlines() if line.startswith("wanda-stream")]
