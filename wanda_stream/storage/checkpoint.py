@@ -371,12 +371,12 @@ def write_shard_pieces(
         while left:
             key, first, t = next(it)
             start, dtype, shape, row_bytes = place[key]
-            rows = range(first, first + (t.shape[0] if shape else 1))
+            rows = set(range(first, first + (t.shape[0] if shape else 1)))
             if t.dtype != dtype or tuple(t.shape[1:] if shape else t.shape) != tuple(shape[1:]) \
-                    or not set(rows) <= todo[key]:
+                    or not rows <= todo[key]:
                 raise RuntimeError(f"piece {key}[{first}:] {t.dtype}{tuple(t.shape)} does not fit {dtype}{shape}")
             _pwrite_all(fd, tensor_bytes(t), start + first * row_bytes)
-            todo[key] -= set(rows)
+            todo[key] -= rows
             left -= len(rows)
         os.fsync(fd)
     finally:
