@@ -274,11 +274,6 @@ def pruned_matrices(sk: Any) -> dict[str, list[Matrix]]:
 MATMULS = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__)
 
 
-def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return (a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() and a.shape == b.shape
-            and a.stride() == b.stride() and a.storage_offset() == b.storage_offset())
-
-
 class ExpertStats(TorchFunctionMode):
     """Hands every expert's inputs to `record(name, x)` while a block runs, and counts its tokens.
 
@@ -311,14 +306,18 @@ class ExpertStats(TorchFunctionMode):
         # by the garbage collector, which would keep a streamed group's parameters (1 GB) alive for groups.
         self.params = {}
 
-    def _expert_of(self, w: Any) -> tuple[str, int] | None:
-        if not isinstance(w, torch.Tensor) or w.dim() != 2:
+    def _experts_of(self, w: Any, dims: int) -> tuple[str, int] | None:
+        """(fused parameter, expert) when `w` is one expert's matrix in it (`dims` 2), or (parameter, first
+        expert) when it is a run of its experts [e:e+n] (`dims` 3; the whole parameter included)."""
+        if not isinstance(w, torch.Tensor) or w.dim() != dims:
             return None
+        n = 1 if dims == 2 else w.shape[0]
         for name, p in self.params.items():
             if (w.untyped_storage().data_ptr() == p.untyped_storage().data_ptr()
-                    and tuple(w.shape) == tuple(p.shape[1:]) and w.stride() == p.stride()[1:]):
+                    and tuple(w.shape[-2:]) == tuple(p.shape[1:]) and w.stride()[-2:] == p.stride()[1:]
+                    and (n == 1 or w.stride(0) == p.stride(0))):
                 e, rem = divmod(w.storage_offset() - p.storage_offset(), p.stride(0))
-                if rem == 0 and 0 <= e < p.shape[0]:
+                if rem == 0 and 0 <= e and e + n <= p.shape[0]:
                     return name, e
         return None
 
@@ -334,20 +333,22 @@ class ExpertStats(TorchFunctionMode):
         return func(*args, **kwargs)
 
     def _slice_call(self, x: Any, w: Any) -> None:
-        hit = self._expert_of(w)
+        hit = self._experts_of(w, 2)
         if hit is not None:
             self._record(hit[0], hit[1], x)
 
     def _batched_call(self, x: Any, w: Any) -> None:
         """Every expert sees every token there, the unrouted ones as zero rows (their router score is 0):
-        the expert's tokens are its nonzero rows."""
-        name = next((n for n, p in self.params.items() if isinstance(w, torch.Tensor) and _same_tensor(w, p)), None)
-        if name is None or not isinstance(x, torch.Tensor) or x.dim() != 3:
+        the expert's tokens are its nonzero rows. `w` is every expert, or a run of them (a streamed group's
+        expert held alone)."""
+        hit = self._experts_of(w, 3)
+        if hit is None or not isinstance(x, torch.Tensor) or x.dim() != 3:
             return
-        for e in range(x.shape[0]):
-            rows = x[e][x[e].ne(0).any(dim=-1)]
+        name, first = hit
+        for j in range(x.shape[0]):
+            rows = x[j][x[j].ne(0).any(dim=-1)]
             if rows.shape[0]:
-                self._record(name, e, rows)
+                self._record(name, first + j, rows)
 
     def _name(self, e: int) -> int:
         return self.index[e] if self.index is not None else e

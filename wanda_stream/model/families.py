@@ -72,15 +72,18 @@ class Experts:
     with the experts), the config key of their number, and, for group-limited routers, the config keys of
     the number of groups and of the groups a token may reach (experts are dropped evenly per group).
 
-    `streamable`: the experts module is called as transformers' (hidden states, top-k index, top-k weights)
-    and its output is only added to the block's output (shared experts and residual beside it), so a block
-    too large to hold can run its experts a group at a time (`run/expert_groups.py`)."""
+    `stacked`: the experts module is called on every expert's inputs stacked ([experts * tokens, hidden]),
+    each token's scaled by its router score (zero rows for the unrouted), and the router returns those
+    scores [tokens, experts] first (Llama 4); else it is called as transformers' (hidden states, top-k
+    index, top-k weights). Either way its output is only added to the block's output (shared experts and
+    residual beside it), so a block too large to hold can run its experts a group at a time
+    (`run/expert_groups.py`)."""
 
     router: str
     count_key: str
     groups_key: str = ""
     reach_key: str = ""
-    streamable: bool = True
+    stacked: bool = False
 
 
 @dataclass(frozen=True)
@@ -126,6 +129,5 @@ STRUCTURE: dict[str, Structure] = {
     "glm4_moe": Structure(experts=_GROUPED, mtp_key="num_nextn_predict_layers"),
     "qwen3_next": Structure(experts=Experts("gate", "num_experts")),
     "gpt_oss": Structure(experts=Experts("router", "num_local_experts")),
-    # Llama 4's experts take every expert's inputs stacked and scaled by the router: not streamable.
-    "llama4_text": Structure(experts=Experts("router", "num_local_experts", streamable=False)),
+    "llama4_text": Structure(experts=Experts("router", "num_local_experts", stacked=True)),
 }

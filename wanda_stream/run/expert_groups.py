@@ -7,13 +7,15 @@ tensor but the routed experts: attention, norms, router, shared experts) and one
 1. The dense core runs over the calibration states with the experts module replaced by `Routing`,
    which records what transformers' own router hands the experts (hidden states, top-k index and
    combine weights) and returns zeros; the core's output is then the block's output without the routed
-   experts' part. That part is only added (`Experts.streamable` in the family table), so it is added
-   afterwards, expert by expert.
+   experts' part. That part is only added, so it is added afterwards, expert by expert. Llama 4's
+   experts module takes every expert's inputs stacked and scaled by the router (`Experts.stacked` in the
+   family table): there the router's input and scores are recorded, kept as a top-k index and weights.
 2. Each group of experts is read (the next one behind the compute), loaded into the experts module in
-   place of the whole stack, and run on exactly the rows transformers' eager loop gives each expert:
-   its inputs are observed (the same statistics, in the same micro-batches, as a whole block gives),
-   its contributions summed, then it is pruned, run on the pruned core's routing, and handed to the
-   shard writer, which writes the block's shard while the groups are computed.
+   place of the whole stack, and run on exactly the rows the whole block gives each expert (those
+   transformers' eager loop takes; Llama 4's nonzero rows, the expert alone in the module): its inputs
+   are observed (the same statistics, in the same micro-batches, as a whole block gives), its
+   contributions summed, then it is pruned, run on the pruned core's routing, and handed to the shard
+   writer, which writes the block's shard while the groups are computed.
 3. With --drop-experts a first pass over the groups scores every expert (REAP) before any is pruned,
    so a kept expert is read twice.
 
@@ -50,7 +52,8 @@ class Streamed:
     at once, and where the experts are stored. In the hub's per-expert layout `keys` are each expert's
     stored keys (in key order); experts stored fused (gpt-oss: every expert's rows of `gate_up_proj` in one
     tensor) have `fused`, those tensors' keys, whose rows along the first dimension are the experts, and a
-    group is read and written as its rows."""
+    group is read and written as its rows. `stacked`: the experts module takes every expert's inputs stacked
+    (`Experts.stacked`, Llama 4)."""
 
     holder: str
     router: str
@@ -58,6 +61,7 @@ class Streamed:
     group: int
     fused: tuple[str, ...] = ()
     count: int = 0  # the experts of a fused layout (its tensors' first dimension)
+    stacked: bool = False
 
     @property
     def n_experts(self) -> int:
@@ -154,7 +158,7 @@ def plan_streaming(ckpt: Checkpoint, sk: Skeleton, family: Experts | None, reque
         if requested is None and per_expert * plan.n_experts * STREAM_SHARE <= _device_memory(device):
             continue
         group = requested or max(1, GROUP_BYTES // max(per_expert, 1))
-        out[i] = replace(plan, group=min(group, plan.n_experts))
+        out[i] = replace(plan, group=min(group, plan.n_experts), stacked=family.stacked)
     return out
 
 
@@ -174,7 +178,7 @@ def held_tensor_bytes(ckpt: Checkpoint, sk: Skeleton, i: int, plan: Streamed | N
 
 
 def _not_streamable(sk: Skeleton, family: Experts | None, holders: dict[str, int]) -> str:
-    if family is None or not family.streamable:
+    if family is None:
         return f"model_type '{sk.model.config.model_type}' cannot run its experts a group at a time"
     if len(holders) != 1:
         return "the block has several experts modules"
@@ -210,18 +214,24 @@ def _device_memory(device: torch.device) -> int:
 
 @dataclass
 class Routes:
-    """One micro-batch's call of an experts module: its inputs [tokens, hidden], top-k index and weights."""
+    """One micro-batch's call of an experts module: its inputs [tokens, hidden], top-k index and weights.
+    `scaled`: an expert's inputs are the tokens' rows times their weight, its output unweighted (Llama 4);
+    else the experts module takes the rows and weights apart, as transformers' eager loop does."""
 
     x: torch.Tensor
     index: torch.Tensor
     weight: torch.Tensor
+    scaled: bool = False
 
 
 class Routing:
-    """While `recording`, the experts module `mod` records each call's Routes and returns zeros."""
+    """While `recording`, the experts module `mod` records each call's Routes and returns zeros. With `router`
+    (the module beside it, `Experts.stacked`) the routes are taken from the router's call instead: its input
+    and its scores [tokens, experts], zero for the experts a token does not reach."""
 
-    def __init__(self, mod: nn.Module) -> None:
+    def __init__(self, mod: nn.Module, router: nn.Module | None = None) -> None:
         self.mod = mod
+        self.router = router
         self.calls: list[Routes] = []
         self._signature = inspect.signature(mod.forward)
 
@@ -229,18 +239,35 @@ class Routing:
     def recording(self) -> Iterator[list[Routes]]:
         """Record into a fresh list, yielded."""
         self.calls = []
-
-        def stand_in(*args: object, **kwargs: object) -> torch.Tensor:
-            x, index, weight = list(self._signature.bind(*args, **kwargs).arguments.values())[:3]
-            assert isinstance(x, torch.Tensor) and isinstance(index, torch.Tensor) and isinstance(weight, torch.Tensor)
-            self.calls.append(Routes(x, index, weight))
-            return torch.zeros_like(x)
-
-        self.mod.forward = stand_in  # an instance attribute: nn.Module.__call__ finds it first
+        # An instance attribute: nn.Module.__call__ finds it before the class's forward.
+        self.mod.forward = self._stacked if self.router is not None else self._top_k
+        hook = self.router.register_forward_hook(self._scores) if self.router is not None else None
         try:
             yield self.calls
         finally:
             del self.mod.forward
+            if hook is not None:
+                hook.remove()
+
+    def _top_k(self, *args: object, **kwargs: object) -> torch.Tensor:
+        x, index, weight = list(self._signature.bind(*args, **kwargs).arguments.values())[:3]
+        assert isinstance(x, torch.Tensor) and isinstance(index, torch.Tensor) and isinstance(weight, torch.Tensor)
+        self.calls.append(Routes(x, index, weight))
+        return torch.zeros_like(x)
+
+    def _scores(self, mod: nn.Module, args: tuple, out: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        scores = out[0]
+        # Every nonzero score is kept; a row with fewer takes zero weights, whose inputs are zero rows (unrouted).
+        k = max(int(scores.ne(0).sum(dim=1).max()), 1) if scores.numel() else 1
+        weight, index = scores.topk(k, dim=1)
+        self.calls.append(Routes(args[0], index, weight, scaled=True))
+        # The block stacks one copy of its inputs per column of the scores for the experts module (all 128 of
+        # Llama-4-Maverick's: 10 GB a 2048-token window in float32); one zero column makes that one copy of zeros.
+        return (scores.new_zeros(scores.shape[0], 1), *out[1:])
+
+    def _stacked(self, x: torch.Tensor) -> torch.Tensor:
+        # Zeros without memory: the caller only sums them over the experts.
+        return torch.zeros((), dtype=x.dtype, device=x.device).expand_as(x)
 
 
 @contextlib.contextmanager
@@ -270,12 +297,31 @@ def contribution(mod: nn.Module, r: Routes, e: int, local: int) -> tuple[torch.T
     """Expert `e`'s weighted outputs g_e(x) f_e(x) on its rows of `r` and those rows (None: no token), computed
     by the experts module itself on the expert it holds at index `local`, so the expert sees exactly the
     inputs of the whole block's call (biases and activation clamps included)."""
+    if r.scaled:
+        return _scaled_contribution(mod, r, e, local)
     token, pos = expert_rows(r, e)
     if not token.numel():
         return None
     x = r.x[token]
     index = torch.full((token.shape[0], 1), local, dtype=r.index.dtype, device=x.device)
     return mod(x, index, r.weight[token, pos].unsqueeze(1)), token
+
+
+def _scaled_contribution(mod: nn.Module, r: Routes, e: int, local: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """As `contribution` for an experts module taking every expert's scaled inputs stacked: expert `e`'s rows
+    x * weight, the nonzero ones in token order (those the whole block's expert sees), run through the module
+    holding that expert alone."""
+    token, pos = expert_rows(r, e)
+    order = token.argsort()
+    token, pos = token[order], pos[order]
+    x = r.x[token] * r.weight[token, pos].unsqueeze(1)  # the whole block's product, element for element
+    hit = x.ne(0).any(dim=-1)
+    token, x = token[hit], x[hit]
+    if not token.numel():
+        return None
+    alone = {n: p[local:local + 1] for n, p in mod.named_parameters(recurse=False) if p.dim() == 3}
+    with holding(mod, alone, 1):
+        return mod(x), token
 
 
 class ShardFeed:

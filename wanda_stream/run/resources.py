@@ -13,6 +13,7 @@ import torch
 from transformers import PretrainedConfig
 
 from wanda_stream.errors import InputError
+from wanda_stream.model.families import STRUCTURE, Structure
 
 MAX_AUTO_BATCH = 8
 DEFAULT_SEQLEN = 2048  # the Wanda paper's window, cut to the model's context where that is shorter
@@ -29,12 +30,23 @@ def parse_size(text: str, flag: str) -> int:
 
 
 def window_bytes(config: PretrainedConfig, seqlen: int, dtype: torch.dtype) -> int:
-    """Rough activation memory of one window through one block (states, MLP, attention scores)."""
+    """Rough activation memory of one window through one block (states, MLP, attention scores, and the
+    stacked experts' values where a family runs every expert on every token)."""
     c = config.get_text_config()
     el = torch.empty(0, dtype=dtype).element_size()
     inter = getattr(c, "intermediate_size", None) or 4 * c.hidden_size
     heads = getattr(c, "num_attention_heads", 1)
-    return seqlen * (8 * c.hidden_size + 3 * inter) * el + heads * seqlen * seqlen * 4
+    return seqlen * (8 * c.hidden_size + 3 * inter + _stacked_values(c)) * el + heads * seqlen * seqlen * 4
+
+
+def _stacked_values(c: PretrainedConfig) -> int:
+    """Values per token that a whole MoE block holds at once when its experts module takes every expert's
+    inputs stacked (`Experts.stacked`, Llama 4): per expert the inputs twice (copied, then scaled), the
+    gate/up outputs, the activation and its product with up, and the expert's output. 0 for other families."""
+    experts = STRUCTURE.get(getattr(c, "model_type", ""), Structure()).experts
+    if experts is None or not experts.stacked:
+        return 0
+    return int(getattr(c, experts.count_key)) * (3 * c.hidden_size + 4 * c.intermediate_size)
 
 
 def auto_batch(config: PretrainedConfig, seqlen: int, dtype: torch.dtype, n: int, device: str,

@@ -224,12 +224,14 @@ class _Pass:
         self.spill = spill
         self.held: list[list[torch.Tensor]] = []
         self.shapes: list[torch.Size] = []  # the core's output shape per micro-batch
+        self.scaled = False  # the routes' kind (Routes.scaled), the same for every micro-batch
 
     def record(self, calls: list[Routes], out: torch.Tensor) -> None:
         """A micro-batch's call of the experts module (taken from `calls`, what Routing recorded) and the
         core's output `out`; the experts' sums start at zero."""
         (r,) = calls  # the block calls its experts module once per forward
         calls.clear()
+        self.scaled = r.scaled
         parts = [r.x, r.index, r.weight, torch.zeros_like(r.x), out]
         self.shapes.append(out.shape)
         if self.spill is not None:
@@ -242,7 +244,7 @@ class _Pass:
         caller adds to in place before it asks for the next micro-batch (they are kept then)."""
         for mb, t in enumerate(self._records(range(self.SUMS + 1 if with_sums else self.SUMS))):
             sums = t[self.SUMS] if with_sums else None
-            yield mb, Routes(t[self.X], t[self.INDEX], t[self.WEIGHT]), sums
+            yield mb, Routes(t[self.X], t[self.INDEX], t[self.WEIGHT], self.scaled), sums
             if sums is not None:
                 self._keep_sums(mb, sums)
 
@@ -281,10 +283,18 @@ def _new_pass(run: "PruneRun", i: int, name: str, scratch: contextlib.ExitStack)
     return p
 
 
+def _routing(layer: nn.Module, plan: Streamed) -> Routing:
+    """The recorder of the routes into block `layer`'s experts module (from its router beside it when the
+    module takes its inputs stacked)."""
+    parent = plan.holder.rpartition(".")[0]
+    router = layer.get_submodule(f"{parent}.{plan.router}" if parent else plan.router) if plan.stacked else None
+    return Routing(layer.get_submodule(plan.holder), router)
+
+
 def _dense_core(run: "PruneRun", i: int, layer: nn.Module, watches: list[Watch], src: HiddenFile,
                 scratch: contextlib.ExitStack) -> tuple[_Pass, list[BlockStats]] | None:
     """The dense core over the states `src`: the statistics `watches` ask of its linears, and its routing."""
-    routing = Routing(layer.get_submodule(run.streamed[i].holder))
+    routing = _routing(layer, run.streamed[i])
     dense = _new_pass(run, i, "dense", scratch)
     with routing.recording() as calls:
         got = observe_all(run.st, i, layer, watches, src, run.cfg.batch_size, run.midblock_stop, world=run.world,
@@ -295,7 +305,7 @@ def _dense_core(run: "PruneRun", i: int, layer: nn.Module, watches: list[Watch],
 def _pruned_core(run: "PruneRun", i: int, layer: nn.Module, streams: dict[str, torch.Tensor],
                  scratch: contextlib.ExitStack) -> dict[str, _Pass] | None:
     """The pruned core over every stream's states (the calibration's when observed)."""
-    routing = Routing(layer.get_submodule(run.streamed[i].holder))
+    routing = _routing(layer, run.streamed[i])
     passes: dict[str, _Pass] = {}
     for name, t in streams.items():
         if name == "calib" and not run.observes:
