@@ -12,7 +12,8 @@ import torch
 from tests.helpers import ROOT, load_state_dict, run_cli, tree_hash
 from wanda_stream.storage.checkpoint import INDEX_NAME
 from wanda_stream.model.stream import open_model
-from wanda_stream.storage.synthetic import PRESETS, generate, load_spec, plan_shards, tensor_specs
+from wanda_stream.storage.synthetic import (PRESETS, generate, load_spec, make_tensor, plan_shards, tensor_pieces,
+                                            tensor_specs)
 
 sys.path.insert(0, str(ROOT / "tools"))
 import bench_prune  # noqa: E402
@@ -59,6 +60,30 @@ def test_reproducible_by_seed_and_independent_of_sharding(tiny_synthetic: Path, 
     assert ref.keys() == one.keys() == diff.keys()
     assert all(torch.equal(ref[k], one[k]) for k in ref)
     assert not any(torch.equal(ref[k], diff[k]) for k in ref if ref[k].dim() == 2)
+
+
+def test_a_tensor_over_the_draw_limit_comes_in_slabs_of_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tensor over the limit (Llama-4-Maverick's experts, 10.7 G values) is drawn and written a slab of rows at
+    a time, each slab its own draw; one within the limit is make_tensor's. The checkpoint holds the slabs."""
+    bf16 = torch.bfloat16
+    pieces = list(tensor_pieces("w", (10, 4), bf16, 0, 0.02, limit=12))
+    assert [(k, first, tuple(t.shape)) for k, first, t in pieces] == [
+        ("w", 0, (3, 4)), ("w", 3, (3, 4)), ("w", 6, (3, 4)), ("w", 9, (1, 4))]
+    assert torch.equal(pieces[0][2], make_tensor("w", (3, 4), bf16, 0, 0.02))
+    assert torch.equal(pieces[1][2], make_tensor("w@3", (3, 4), bf16, 0, 0.02))
+    assert not torch.equal(pieces[0][2], pieces[1][2])
+    ((_, _, whole),) = tensor_pieces("w", (10, 4), bf16, 0, 0.02, limit=40)
+    assert torch.equal(whole, make_tensor("w", (10, 4), bf16, 0, 0.02))
+    from wanda_stream.storage import synthetic
+
+    monkeypatch.setattr(synthetic, "DRAW_LIMIT", 1000)
+    out = generate("tiny-llama", tmp_path / "slabs", shard_size=10**9, seed=3, tokenizer=False)
+    got = load_state_dict(Path(out["model_dir"]))
+    key = "model.embed_tokens.weight"
+    shape = tuple(got[key].shape)
+    step = 1000 // shape[1]
+    assert shape[0] > step and torch.equal(got[key][step:2 * step], make_tensor(f"{key}@{step}", (step, shape[1]),
+                                                                              bf16, 3, 0.02))
 
 
 def test_config_json_with_tied_embeddings(tmp_path: Path) -> None:

@@ -13,11 +13,12 @@ import json
 import os
 import shutil
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-from wanda_stream.storage.checkpoint import INDEX_NAME, SINGLE_NAME, atomic_write_json, fsync_dir, write_shard
+from wanda_stream.storage.checkpoint import INDEX_NAME, SINGLE_NAME, atomic_write_json, fsync_dir, write_shard_pieces
 
 # Shapes from the models' published config.json files (the fields that decide tensor shapes and
 # the block forward); everything else is transformers' default for the family.
@@ -125,6 +126,25 @@ def make_tensor(key: str, shape: tuple[int, ...], dtype: torch.dtype, seed: int,
     return t.to(dtype).cpu()
 
 
+DRAW_LIMIT = 1 << 28  # values drawn at once (1 GiB of float32); a larger tensor is drawn a slab of rows at a time
+
+
+def tensor_pieces(key: str, shape: tuple[int, ...], dtype: torch.dtype, seed: int, std: float, device: str = "cpu",
+                  limit: int | None = None) -> Iterator[tuple[str, int, torch.Tensor]]:
+    """The tensor `key` as (key, first row, rows) pieces of at most `limit` values (default DRAW_LIMIT; one row
+    at least): a tensor within the limit is `make_tensor`'s, whole; a larger one (Llama-4-Maverick's experts:
+    10.7 G values) is slabs of rows, each drawn from its own generator, seeded from its key and first row."""
+    rows = shape[0] if shape else 1
+    per_row = max(torch.Size(shape[1:]).numel(), 1)
+    step = max(1, (limit or DRAW_LIMIT) // per_row)
+    if not shape or rows <= step:
+        yield key, 0, make_tensor(key, shape, dtype, seed, std, device)
+        return
+    for start in range(0, rows, step):
+        part = (min(step, rows - start), *shape[1:])
+        yield key, start, make_tensor(key if start == 0 else f"{key}@{start}", part, dtype, seed, std, device)
+
+
 def plan_shards(items: list[tuple[str, tuple[int, ...]]], element_size: int,
                 shard_size: int) -> list[list[tuple[str, tuple[int, ...]]]]:
     """Split tensors (in order) into shards of at most `shard_size` bytes, as save_pretrained does."""
@@ -168,8 +188,8 @@ def generate(name_or_config: str, out_dir: Path, dtype: torch.dtype = torch.bflo
              device: str = "cpu") -> dict[str, Any]:
     """Write a random-weight checkpoint of the given shape to `out_dir`; returns a summary.
 
-    Tensors are produced and written one at a time, so memory stays at one tensor (plus its
-    float32 draw) whatever the model size. The directory is built under a temporary name and
+    Tensors are produced and written one at a time (a tensor over DRAW_LIMIT values a slab of rows at a
+    time), so memory stays at one tensor or slab (plus its float32 draw) whatever the model size. The directory is built under a temporary name and
     renamed into place when complete.
     """
     config = load_spec(name_or_config)
@@ -190,7 +210,8 @@ def generate(name_or_config: str, out_dir: Path, dtype: torch.dtype = torch.bflo
     total = 0
     for fname, shard in zip(names, shards):
         items = [(k, dtype, s) for k, s in shard]
-        write_shard(tmp / fname, items, lambda k: make_tensor(k, shapes[k], dtype, seed, std, device))
+        write_shard_pieces(tmp / fname, items,
+                           (p for k, _ in shard for p in tensor_pieces(k, shapes[k], dtype, seed, std, device)))
         for k, s in shard:
             weight_map[k] = fname
             total += torch.Size(s).numel() * el
