@@ -27,6 +27,7 @@ from wanda_stream.run.dist import World, window_share
 from wanda_stream.errors import InputError, Interrupted
 from wanda_stream.methods import build as build_method
 from wanda_stream.methods import dataclass_flags, option_flags
+from wanda_stream.model.families import family_of
 from wanda_stream.model.skeleton import Skeleton
 from wanda_stream.storage.outputs import SWEEP_NAME, input_card, own_files, shard_names
 from wanda_stream.storage.checkpoint import atomic_write_json
@@ -551,7 +552,7 @@ def _held_blocks(cfg: RunConfig, sk: Skeleton, ckpt: Checkpoint) -> tuple[list[l
     from wanda_stream.run.expert_groups import held_tensor_bytes, plan_streaming
 
     device = torch.device("cuda" if cfg.device.startswith("cuda") else "cpu")
-    streamed = plan_streaming(ckpt, sk, structure_of(sk.model.config.model_type).experts, cfg.expert_group,
+    streamed = plan_streaming(ckpt, sk, structure_of(family_of(sk.model.config)).experts, cfg.expert_group,
                               device, cfg.dtype)
     return [held_tensor_bytes(ckpt, sk, i, streamed.get(i)) for i in range(sk.n_layers)], bool(streamed)
 

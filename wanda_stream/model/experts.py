@@ -31,7 +31,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from wanda_stream.errors import InputError
-from wanda_stream.model.families import EXPERTS_IN_OUT
+from wanda_stream.model.families import EXPERTS_IN_OUT, family_of
 
 EAGER = "eager"
 _replaying = threading.local()  # set while a probe re-runs an experts module: ExpertStats records nothing then
@@ -195,7 +195,7 @@ def _transposed(model: nn.Module, layer: nn.Module, rel: str) -> bool:
     marked = getattr(holder, "is_transposed", None)
     if marked is not None:
         return bool(marked)
-    return model.config.model_type in EXPERTS_IN_OUT
+    return family_of(model.config) in EXPERTS_IN_OUT
 
 
 def stored_fused(sk: Any, key: str, rows: Sequence[int] | None = None) -> list[Matrix] | None:

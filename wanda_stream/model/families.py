@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 # The family table: every model_type tests/test_families.py runs (streamed dense forward equals
 # transformers' logits; streamed prune equals an in-memory reference), and what it exercises there.
@@ -35,6 +39,12 @@ FAMILIES: dict[str, str] = {
                    "interleaved MoE and dense blocks, chunked attention, q/k norms",
 }
 TESTED_FAMILIES = tuple(FAMILIES)
+
+
+def family_of(config: "PretrainedConfig") -> str:
+    """The family of a config: its text model's model_type, so that a multimodal checkpoint (Llama 4's
+    `llama4`, its vision tower copied as it is) is its language model's family (`llama4_text`)."""
+    return str(config.get_text_config().model_type)
 # Families whose fused experts are [experts, in, out] (x @ W[e]) although their experts module does not say
 # so (transformers marks the others with use_experts_implementation(is_transposed=...)).
 EXPERTS_IN_OUT = ("llama4_text",)

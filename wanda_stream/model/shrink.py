@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from wanda_stream.errors import InputError
-from wanda_stream.model.families import STRUCTURE, Structure
+from wanda_stream.model.families import STRUCTURE, Structure, family_of
 from wanda_stream.methods.plans import head_counts
 
 if TYPE_CHECKING:
@@ -96,7 +96,7 @@ def check(spec: ShrinkSpec, config: PretrainedConfig, nm: tuple[int, int] | None
     """Refuse, before any work, what this family or these sizes cannot serve (naming the flag); with an N:M
     pattern, also new widths it does not divide."""
     spec.check_flags()
-    mt = config.model_type
+    mt = family_of(config)
     structure = structure_of(mt)
     shape = Shape.of(config, structure)
     if spec.drop_blocks >= shape.n_layers:
@@ -203,7 +203,7 @@ def width_config(config: PretrainedConfig, spec: ShrinkSpec) -> PretrainedConfig
     """A copy of `config` whose blocks have the new widths (same number of blocks): the skeleton of shrunk blocks."""
     out = copy.deepcopy(config)
     text = out.get_text_config()
-    shape = Shape.of(config, structure_of(config.model_type))
+    shape = Shape.of(config, structure_of(family_of(config)))
     for key, value in new_sizes(spec, shape).items():
         setattr(text, key, value)
     return out
@@ -233,7 +233,7 @@ def output_config(raw: dict[str, Any], config: PretrainedConfig, spec: ShrinkSpe
     out = copy.deepcopy(raw)
     target = out["text_config"] if "num_hidden_layers" in out.get("text_config", {}) else out
     text = config.get_text_config()
-    structure = structure_of(config.model_type)
+    structure = structure_of(family_of(config))
     keep = [i for i in range(text.num_hidden_layers) if i not in set(dropped)]
     if dropped:
         target["num_hidden_layers"] = len(keep)

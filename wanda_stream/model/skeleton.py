@@ -33,16 +33,19 @@ def load_config(model_dir: Path) -> Any:
 
 
 def build_skeleton(config: Any) -> nn.Module:
-    """The whole causal LM on the meta device: shapes and structure, no memory."""
-    from transformers import AutoModelForCausalLM
+    """The whole model on the meta device: shapes and structure, no memory. A causal LM; for a multimodal
+    config (a text config beside a vision tower: Llama 4 as the hub ships it) the image-text model, whose
+    parameters are the checkpoint's keys: its language model is pruned, the rest is copied."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
+    auto = AutoModelForCausalLM if config.get_text_config() is config else AutoModelForImageTextToText
     try:
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config)
+            return auto.from_config(config)
     except ValueError as e:
         raise InputError(
-            f"model_type '{config.model_type}' has no causal-LM class in transformers ({str(e).splitlines()[0]}); "
-            f"supported and tested: {', '.join(TESTED_FAMILIES)}"
+            f"model_type '{config.model_type}' has no {auto.__name__.removeprefix('AutoModelFor')} class in "
+            f"transformers ({str(e).splitlines()[0]}); supported and tested: {', '.join(TESTED_FAMILIES)}"
         ) from None
 
 
@@ -59,15 +62,17 @@ def _find_layers(base: nn.Module, n_layers: int, model_type: str) -> tuple[str, 
 
 
 def _base_model(model: nn.Module) -> nn.Module:
-    """The causal LM's base model: `get_decoder()`, or, where that gives the LM itself (Llama 4's text model,
-    whose `base_model_prefix` names no attribute), its one direct child that is a transformers model."""
+    """The decoder: `get_decoder()`, or, while that is still a model with a head (Llama 4's text model, whose
+    `base_model_prefix` names no attribute, which is also what the multimodal model's gives), its one direct
+    child that is a transformers model."""
     from transformers import PreTrainedModel
 
     base = model.get_decoder()
-    if base is model:
-        inner = [m for m in model.children() if isinstance(m, PreTrainedModel)]
-        if len(inner) == 1:
-            return inner[0]
+    while isinstance(base, PreTrainedModel) and base.get_output_embeddings() is not None:  # still an LM
+        inner = [m for m in base.children() if isinstance(m, PreTrainedModel)]
+        if len(inner) != 1:
+            break
+        base = inner[0]
     return base
 
 

@@ -41,6 +41,7 @@ from wanda_stream.errors import InputError, Interrupted
 from wanda_stream.run.card import CardFacts, render_card
 from wanda_stream.eval.loglik import hidden_streams
 from wanda_stream.methods import Stat
+from wanda_stream.model.families import family_of
 from wanda_stream.model.skeleton import Skeleton, release
 from wanda_stream.methods.observe import BlockStats, DepthProbe, ExpertSaliency
 from wanda_stream.storage.outputs import CARD_NAME, input_card, shard_count, shard_name, shard_names, side_files
@@ -96,7 +97,7 @@ class PruneRun:
         self.rank_peaks: list[dict[str, int]] = []  # the other ranks' peaks, when they are done
         self.n = self.sk.n_layers
         self.spec = cfg.shrink
-        self.structure = shrink.structure_of(self.sk.model.config.model_type)
+        self.structure = shrink.structure_of(family_of(self.sk.model.config))
         self.shape = shrink.Shape.of(self.sk.model.config, self.structure)
         if self.spec.widths:
             narrow = Skeleton.from_config(shrink.width_config(self.sk.model.config, self.spec))
