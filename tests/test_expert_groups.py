@@ -298,7 +298,7 @@ def test_stacked_routes_and_contributions_make_the_llama4_moe_output() -> None:
 def test_window_bytes_counts_llama4_stacked_experts() -> None:
     """A whole Llama 4 MoE block copies its inputs once per expert: the activation estimate of a window covers
     the copies and the gate/up and expert outputs that its experts module makes (measured by hooks), which
-    for 16 experts outweigh everything else it counts."""
+    for 16 experts outweigh everything else it counts; a streamed block's estimate leaves them out."""
     from transformers import Llama4TextConfig
     from transformers.models.llama4.modeling_llama4 import Llama4TextMoe
 
@@ -322,6 +322,8 @@ def test_window_bytes_counts_llama4_stacked_experts() -> None:
     assert len(made) == 3
     assert resources.window_bytes(config, seqlen, torch.float32) >= sum(made) > resources.window_bytes(
         one, seqlen, torch.float32)
+    # Streamed, the block hands its experts module one copy of the inputs (see the test above): not counted.
+    assert resources.window_bytes(config, seqlen, torch.float32, streamed=True) < sum(made) / 2
 
 
 def test_shard_feed_hands_over_in_order_and_bounds_what_waits() -> None:

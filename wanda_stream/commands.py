@@ -42,6 +42,7 @@ from wanda_stream.storage.state import (
 )
 
 if TYPE_CHECKING:
+    from wanda_stream.run.expert_groups import Streamed
     from wanda_stream.run.prune import PruneRun
     from wanda_stream.run.sweep import Entry
 
@@ -73,7 +74,8 @@ def build_prune_config(args: argparse.Namespace, world_size: int = 1
     if saved is not None and args.batch_size is None and args.max_activation_memory is None:
         batch = saved.batch_size  # the same micro-batches make a resumed run's bytes identical
     else:
-        batch = _batch(args, config, seqlen, _dtype(dtype_name), args.nsamples, device, world_size)
+        streamed = bool(streamed_blocks(ckpt, sk, args.expert_group, device, _dtype(dtype_name)))
+        batch = _batch(args, config, seqlen, _dtype(dtype_name), args.nsamples, device, world_size, streamed)
     cfg = _run_config(args, seqlen, device, dtype_name, batch, world_size,
                       calib.spec_fingerprint(args.calib) if probe.needs_calibration else "",
                       calib.spec_fingerprint(args.eval_data) if args.eval_data else "")
@@ -129,10 +131,11 @@ def check_pattern(ckpt: Checkpoint, sk: Skeleton, nm: tuple[int, int] | None, pa
 
 
 def _batch(args: argparse.Namespace, config: PretrainedConfig, seqlen: int, dtype: torch.dtype, n: int,
-           device: str, ranks: int = 1) -> int:
+           device: str, ranks: int = 1, streamed: bool = False) -> int:
     """The micro-batch from --batch-size or --max-activation-memory (or the free memory); one that gives
-    each of `ranks` ranks work unless --batch-size says otherwise."""
-    return auto_batch(config, seqlen, dtype, n, device, args.batch_size, _budget(args), ranks)
+    each of `ranks` ranks work unless --batch-size says otherwise. `streamed`: the MoE blocks stream their
+    experts (resources.window_bytes)."""
+    return auto_batch(config, seqlen, dtype, n, device, args.batch_size, _budget(args), ranks, streamed)
 
 
 def _budget(args: argparse.Namespace) -> int | None:
@@ -545,15 +548,23 @@ def _will_write(args: argparse.Namespace, cfg: RunConfig) -> bool:
     return args.overwrite or not (args.resume and output_is_finished(cfg))
 
 
+def streamed_blocks(ckpt: Checkpoint, sk: Skeleton, expert_group: int | None, device: str, dtype: torch.dtype
+                    ) -> dict[int, Streamed]:
+    """The blocks whose experts stream (expert_groups.plan_streaming) under --expert-group `expert_group` on
+    `device` (a --device value) computing in `dtype`."""
+    from wanda_stream.model.shrink import structure_of
+    from wanda_stream.run.expert_groups import plan_streaming
+
+    return plan_streaming(ckpt, sk, structure_of(family_of(sk.model.config)).experts, expert_group,
+                          torch.device("cuda" if device.startswith("cuda") else "cpu"), dtype)
+
+
 def _held_blocks(cfg: RunConfig, sk: Skeleton, ckpt: Checkpoint) -> tuple[list[list[int]], bool]:
     """Every block's stored tensor sizes held at once (a block streaming its experts holds a part), and
     whether any block streams."""
-    from wanda_stream.model.shrink import structure_of
-    from wanda_stream.run.expert_groups import held_tensor_bytes, plan_streaming
+    from wanda_stream.run.expert_groups import held_tensor_bytes
 
-    device = torch.device("cuda" if cfg.device.startswith("cuda") else "cpu")
-    streamed = plan_streaming(ckpt, sk, structure_of(family_of(sk.model.config)).experts, cfg.expert_group,
-                              device, cfg.dtype)
+    streamed = streamed_blocks(ckpt, sk, cfg.expert_group, cfg.device, cfg.dtype)
     return [held_tensor_bytes(ckpt, sk, i, streamed.get(i)) for i in range(sk.n_layers)], bool(streamed)
 
 

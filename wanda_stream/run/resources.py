@@ -29,14 +29,17 @@ def parse_size(text: str, flag: str) -> int:
     return int(float(m[1]) * UNITS[m[2].upper()])
 
 
-def window_bytes(config: PretrainedConfig, seqlen: int, dtype: torch.dtype) -> int:
+def window_bytes(config: PretrainedConfig, seqlen: int, dtype: torch.dtype, streamed: bool = False) -> int:
     """Rough activation memory of one window through one block (states, MLP, attention scores, and the
-    stacked experts' values where a family runs every expert on every token)."""
+    stacked experts' values where a family's whole MoE block runs every expert on every token; not when the
+    MoE blocks stream their experts, `streamed`: a streamed Llama 4 block copies its inputs once, not once
+    per expert; every MoE block of a model is one size, so they all stream or none does)."""
     c = config.get_text_config()
     el = torch.empty(0, dtype=dtype).element_size()
     inter = getattr(c, "intermediate_size", None) or 4 * c.hidden_size
     heads = getattr(c, "num_attention_heads", 1)
-    return seqlen * (8 * c.hidden_size + 3 * inter + _stacked_values(c)) * el + heads * seqlen * seqlen * 4
+    stacked = 0 if streamed else _stacked_values(c)
+    return seqlen * (8 * c.hidden_size + 3 * inter + stacked) * el + heads * seqlen * seqlen * 4
 
 
 def _stacked_values(c: PretrainedConfig) -> int:
@@ -50,10 +53,11 @@ def _stacked_values(c: PretrainedConfig) -> int:
 
 
 def auto_batch(config: PretrainedConfig, seqlen: int, dtype: torch.dtype, n: int, device: str,
-               batch_size: int | None = None, budget: int | None = None, ranks: int = 1) -> int:
+               batch_size: int | None = None, budget: int | None = None, ranks: int = 1, streamed: bool = False) -> int:
     """Windows per micro-batch: `batch_size` when given, else as many as `budget` bytes (default: an
     eighth of the free RAM, and a quarter of the free GPU memory on CUDA) hold, at most MAX_AUTO_BATCH,
-    and few enough that each of `ranks` ranks gets at least one micro-batch of the `n` windows."""
+    and few enough that each of `ranks` ranks gets at least one micro-batch of the `n` windows; `streamed`:
+    as window_bytes."""
     if batch_size is not None:
         if batch_size <= 0:
             raise InputError(f"--batch-size {batch_size}: must be a positive integer")
@@ -64,7 +68,7 @@ def auto_batch(config: PretrainedConfig, seqlen: int, dtype: torch.dtype, n: int
             # The micro-batch is computed on the GPU: its free memory (less room for a block's
             # weights and the allocator's slack) bounds it as well as the host's.
             budget = min(budget, torch.cuda.mem_get_info(torch.device(device))[0] // 4)
-    return max(1, min(MAX_AUTO_BATCH, n // ranks, budget // window_bytes(config, seqlen, dtype)))
+    return max(1, min(MAX_AUTO_BATCH, n // ranks, budget // window_bytes(config, seqlen, dtype, streamed)))
 
 
 def resident_states_bytes(streams: list[tuple[int, int]], hidden: int, dtype: torch.dtype) -> int:
@@ -136,7 +140,7 @@ def memory_plan(streams: Sequence[tuple[str, int, int]], hidden: int, dtype: tor
     """
     kept = [(name, n, s) for name, n, s in streams if name != "calib" or calibration]
     resident = resident_states_bytes([(n, s) for _, n, s in kept], hidden, dtype)
-    activations = batch_size * window_bytes(config, max((s for _, _, s in kept), default=seqlen), dtype)
+    activations = batch_size * window_bytes(config, max((s for _, _, s in kept), default=seqlen), dtype, streamed)
     per_run = {memory: b // runs for memory, b in budgets.items()}
     states = "disk" if states_on_disk or not kept else place(resident, activations, per_run)
     resident = resident if states != "disk" else 0
