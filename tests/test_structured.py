@@ -243,6 +243,50 @@ def test_moe_blocks_keep_their_kinds(tmp_path: Path) -> None:
     _compare(out, ref, tokens)
 
 
+def _llama4_config(layers: int) -> Any:
+    """Llama 4 text with MoE blocks at 1, 3, ... (interleave_moe_layer_step 2, as Maverick)."""
+    from transformers import Llama4TextConfig
+
+    return Llama4TextConfig(vocab_size=300, hidden_size=64, intermediate_size=32, intermediate_size_mlp=128,
+                            num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                            num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=2,
+                            attention_chunk_size=16, max_position_embeddings=256, tie_word_embeddings=False)
+
+
+def test_llama4_moe_layer_list_follows_the_kept_blocks() -> None:
+    """Llama 4 names its MoE blocks by index (moe_layers, derived from interleave_moe_layer_step when not
+    stated): removing block 0 moves the MoE blocks 1 and 3 to 0 and 2; a kept block keeps its kind."""
+    from wanda_stream.model import shrink
+
+    config = _llama4_config(4)
+    raw = {k: v for k, v in config.to_dict().items() if k != "moe_layers"}  # as the hub states it
+    spec = shrink.ShrinkSpec(drop_blocks=1)
+    assert shrink.output_config(raw, config, spec, [0])["moe_layers"] == [0, 2]
+    assert shrink.output_config(raw, config, spec, [3])["moe_layers"] == [1]
+    assert shrink.output_config({**raw, "moe_layers": [1, 3]}, config, spec, [1])["moe_layers"] == [2]
+
+
+def test_llama4_blocks_removed_load_in_transformers(tmp_path: Path) -> None:
+    """--drop-blocks on interleaved dense and MoE blocks: the output loads with no missing or unexpected keys,
+    each kept block as the input's, renumbered."""
+    from transformers import AutoModelForCausalLM
+
+    model = write_tiny_model(tmp_path / "l4", _llama4_config(4))
+    out = tmp_path / "out"
+    assert main(["prune", str(model), str(out), *ARGS, "--drop-blocks", "2", "--sparsity", "0"]) == 0
+    dropped = json.loads((out / REPORT).read_text())["structure"]["dropped_blocks"]
+    kept = [i for i in range(4) if i not in dropped]
+    config = json.loads((out / "config.json").read_text())
+    assert config["moe_layers"] == [j for j, i in enumerate(kept) if i in (1, 3)]
+    loaded, info = AutoModelForCausalLM.from_pretrained(str(out), output_loading_info=True, dtype=torch.float32)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    before, after = load_state_dict(model), load_state_dict(out)
+    for j, i in enumerate(kept):
+        old, new = f"model.layers.{i}.", f"model.layers.{j}."
+        assert {k[len(old):] for k in before if k.startswith(old)} == {k[len(new):] for k in after if k.startswith(new)}
+        assert all(torch.equal(after[new + k[len(old):]], t) for k, t in before.items() if k.startswith(old))
+
+
 def test_without_drop_flags_nothing_changes(gqa_model: Path, tmp_path: Path) -> None:
     """No --drop-* flag: the config fingerprint and output of a plain run are today's."""
     a, b = tmp_path / "a", tmp_path / "b"

@@ -102,13 +102,16 @@ class Structure:
     keeps its layer kinds: `moe_step` = (the every-k-th-layer key, the key of the list of dense-MLP layer
     indices), made explicit when blocks are removed (a kept block keeps its kind once the indices shift).
     `mtp_key` counts the multi-token-prediction layers stored after the last block (not part of the
-    transformers model): they are dropped when the structure changes, as they would no longer match it."""
+    transformers model): they are dropped when the structure changes, as they would no longer match it.
+    `layer_lists` are config keys holding lists of block indices (Llama 4's `moe_layers`, the MoE blocks),
+    renumbered over the kept blocks when blocks are removed."""
 
     ffn: tuple[Ffn, ...] = ()
     heads: Attention | None = None
     moe_step: tuple[str, str] | None = None
     experts: Experts | None = None
     mtp_key: str = ""
+    layer_lists: tuple[str, ...] = ()
 
 
 _MLP = Ffn(("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj", "intermediate_size")
@@ -139,5 +142,5 @@ STRUCTURE: dict[str, Structure] = {
     "glm4_moe": Structure(experts=_GROUPED, mtp_key="num_nextn_predict_layers"),
     "qwen3_next": Structure(experts=Experts("gate", "num_experts")),
     "gpt_oss": Structure(experts=Experts("router", "num_local_experts")),
-    "llama4_text": Structure(experts=Experts("router", "num_local_experts", stacked=True)),
+    "llama4_text": Structure(experts=Experts("router", "num_local_experts", stacked=True), layer_lists=("moe_layers",)),
 }

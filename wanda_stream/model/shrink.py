@@ -213,7 +213,7 @@ def per_layer_keys(config: PretrainedConfig, structure: Structure) -> list[str]:
     """The text config's per-layer lists (one entry per block: layer_types, ...), which follow the kept blocks."""
     text = config.get_text_config()
     n = text.num_hidden_layers
-    skip = set(_NOT_PER_LAYER) | set(structure.moe_step or ())
+    skip = set(_NOT_PER_LAYER) | set(structure.moe_step or ()) | set(structure.layer_lists)
     return sorted(k for k, v in vars(text).items()
                   if isinstance(v, (list, tuple)) and len(v) == n and k not in skip and not k.startswith("_"))
 
@@ -244,6 +244,9 @@ def output_config(raw: dict[str, Any], config: PretrainedConfig, spec: ShrinkSpe
             step_key, dense_key = structure.moe_step  # type: ignore[misc]
             target[step_key] = 1
             target[dense_key] = [j for j, i in enumerate(keep) if not kinds[i]]
+        for key in structure.layer_lists:  # stated or derived (moe_layers from interleave_moe_layer_step)
+            listed = set(getattr(text, key) or ())
+            target[key] = [j for j, i in enumerate(keep) if i in listed]
     aliases = dict(getattr(text, "attribute_map", {}) or {})
     for key, value in new_sizes(spec, Shape.of(config, structure)).items():
         target[_stated_key(target, key, aliases)] = value
