@@ -243,43 +243,71 @@ def test_moe_blocks_keep_their_kinds(tmp_path: Path) -> None:
     _compare(out, ref, tokens)
 
 
-def _llama4_config(layers: int) -> Any:
-    """Llama 4 text with MoE blocks at 1, 3, ... (interleave_moe_layer_step 2, as Maverick)."""
-    from transformers import Llama4TextConfig
+def _kinds_config(family: str) -> Any:
+    """4 blocks of a family whose config says which blocks are MoE by index: Llama 4's MoE blocks 1 and 3
+    (interleave_moe_layer_step 2, as Maverick), DeepSeek-V3's dense blocks 0 and 1 (first_k_dense_replace),
+    Qwen3-Next's dense block 2 (mlp_only_layers)."""
+    import transformers as tf
 
-    return Llama4TextConfig(vocab_size=300, hidden_size=64, intermediate_size=32, intermediate_size_mlp=128,
-                            num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                            num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=2,
-                            attention_chunk_size=16, max_position_embeddings=256, tie_word_embeddings=False)
+    from tests.test_families import ATTN, DEEPSEEK_MOE, DENSE
+
+    layers = dict(num_hidden_layers=4)
+    if family == "llama4_text":
+        return tf.Llama4TextConfig(**{**ATTN, **layers, "intermediate_size": 32}, head_dim=16, intermediate_size_mlp=128,
+                                   num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=2,
+                                   attention_chunk_size=16, tie_word_embeddings=False)
+    if family == "deepseek_v3":
+        return tf.DeepseekV3Config(**{**DENSE, **layers}, num_key_value_heads=4,
+                                   **{**DEEPSEEK_MOE, "first_k_dense_replace": 2})
+    return tf.Qwen3NextConfig(**{**ATTN, **layers}, head_dim=16, linear_conv_kernel_dim=4, linear_key_head_dim=8,
+                              linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4,
+                              moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=4,
+                              num_experts_per_tok=2, mlp_only_layers=[2], tie_word_embeddings=False,
+                              layer_types=["linear_attention", "full_attention"] * 2)
 
 
-def test_llama4_moe_layer_list_follows_the_kept_blocks() -> None:
-    """Llama 4 names its MoE blocks by index (moe_layers, derived from interleave_moe_layer_step when not
-    stated): removing block 0 moves the MoE blocks 1 and 3 to 0 and 2; a kept block keeps its kind."""
+def _moe_blocks(config: Any) -> list[int]:
+    """The MoE blocks of a config, by the rule the family's modeling code applies."""
+    n = config.num_hidden_layers
+    if config.model_type == "llama4_text":
+        return sorted(config.moe_layers)
+    if config.model_type == "deepseek_v3":
+        return [i for i in range(n) if i >= config.first_k_dense_replace]
+    return [i for i in range(n) if i not in config.mlp_only_layers and (i + 1) % config.decoder_sparse_step == 0]
+
+
+@pytest.mark.parametrize("family", ["llama4_text", "deepseek_v3", "qwen3_next"])
+@pytest.mark.parametrize("dropped", [[0], [1], [3], [0, 2]])
+def test_kept_blocks_keep_their_kind_in_the_config(family: str, dropped: list[int]) -> None:
+    """Families that say by block index which blocks are MoE: after any removal, the output config makes each
+    kept block what it was (moe_layers renumbered, first_k_dense_replace recounted, mlp_only_layers renumbered
+    with the sparse step made explicit); the config as the hub states it (moe_layers derived)."""
+    from transformers import AutoConfig
+
     from wanda_stream.model import shrink
 
-    config = _llama4_config(4)
-    raw = {k: v for k, v in config.to_dict().items() if k != "moe_layers"}  # as the hub states it
-    spec = shrink.ShrinkSpec(drop_blocks=1)
-    assert shrink.output_config(raw, config, spec, [0])["moe_layers"] == [0, 2]
-    assert shrink.output_config(raw, config, spec, [3])["moe_layers"] == [1]
-    assert shrink.output_config({**raw, "moe_layers": [1, 3]}, config, spec, [1])["moe_layers"] == [2]
+    config = _kinds_config(family)
+    raw = {k: v for k, v in config.to_dict().items() if k != "moe_layers"}
+    out = shrink.output_config(raw, config, shrink.ShrinkSpec(drop_blocks=len(dropped)), dropped)
+    kept = [i for i in range(4) if i not in dropped]
+    got = _moe_blocks(AutoConfig.for_model(**out))
+    assert got == [j for j, i in enumerate(kept) if i in _moe_blocks(config)]
 
 
-def test_llama4_blocks_removed_load_in_transformers(tmp_path: Path) -> None:
-    """--drop-blocks on interleaved dense and MoE blocks: the output loads with no missing or unexpected keys,
-    each kept block as the input's, renumbered."""
+@pytest.mark.parametrize("family", ["llama4_text", "deepseek_v3"])
+def test_blocks_removed_among_dense_and_moe_load_in_transformers(family: str, tmp_path: Path) -> None:
+    """--drop-blocks 2 of 4 interleaved or dense-first blocks: the output loads with no missing or unexpected
+    keys, each kept block as the input's, renumbered."""
     from transformers import AutoModelForCausalLM
 
-    model = write_tiny_model(tmp_path / "l4", _llama4_config(4))
+    model = write_tiny_model(tmp_path / "m", _kinds_config(family))
     out = tmp_path / "out"
     assert main(["prune", str(model), str(out), *ARGS, "--drop-blocks", "2", "--sparsity", "0"]) == 0
     dropped = json.loads((out / REPORT).read_text())["structure"]["dropped_blocks"]
     kept = [i for i in range(4) if i not in dropped]
-    config = json.loads((out / "config.json").read_text())
-    assert config["moe_layers"] == [j for j, i in enumerate(kept) if i in (1, 3)]
     loaded, info = AutoModelForCausalLM.from_pretrained(str(out), output_loading_info=True, dtype=torch.float32)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert _moe_blocks(loaded.config) == [j for j, i in enumerate(kept) if i in _moe_blocks(_kinds_config(family))]
     before, after = load_state_dict(model), load_state_dict(out)
     for j, i in enumerate(kept):
         old, new = f"model.layers.{i}.", f"model.layers.{j}."

@@ -104,7 +104,8 @@ class Structure:
     `mtp_key` counts the multi-token-prediction layers stored after the last block (not part of the
     transformers model): they are dropped when the structure changes, as they would no longer match it.
     `layer_lists` are config keys holding lists of block indices (Llama 4's `moe_layers`, the MoE blocks),
-    renumbered over the kept blocks when blocks are removed."""
+    renumbered over the kept blocks when blocks are removed. `dense_first` counts the first blocks, which
+    are dense (DeepSeek-V3's `first_k_dense_replace`): the kept ones are counted again."""
 
     ffn: tuple[Ffn, ...] = ()
     heads: Attention | None = None
@@ -112,6 +113,7 @@ class Structure:
     experts: Experts | None = None
     mtp_key: str = ""
     layer_lists: tuple[str, ...] = ()
+    dense_first: str = ""
 
 
 _MLP = Ffn(("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj", "intermediate_size")
@@ -138,9 +140,9 @@ STRUCTURE: dict[str, Structure] = {
                                 "mlp.shared_expert.down_proj", "shared_expert_intermediate_size"), _MLP),
                            _ATTN, _QWEN_MOE_STEP, Experts("gate", "num_experts")),
     "qwen3_moe": Structure((_MLP,), _ATTN, _QWEN_MOE_STEP, Experts("gate", "num_experts")),
-    "deepseek_v3": Structure(experts=_GROUPED, mtp_key="num_nextn_predict_layers"),
-    "glm4_moe": Structure(experts=_GROUPED, mtp_key="num_nextn_predict_layers"),
-    "qwen3_next": Structure(experts=Experts("gate", "num_experts")),
+    "deepseek_v3": Structure(experts=_GROUPED, mtp_key="num_nextn_predict_layers", dense_first="first_k_dense_replace"),
+    "glm4_moe": Structure(experts=_GROUPED, mtp_key="num_nextn_predict_layers", dense_first="first_k_dense_replace"),
+    "qwen3_next": Structure(moe_step=_QWEN_MOE_STEP, experts=Experts("gate", "num_experts")),
     "gpt_oss": Structure(experts=Experts("router", "num_local_experts")),
     "llama4_text": Structure(experts=Experts("router", "num_local_experts", stacked=True), layer_lists=("moe_layers",)),
 }

@@ -247,6 +247,8 @@ def output_config(raw: dict[str, Any], config: PretrainedConfig, spec: ShrinkSpe
         for key in structure.layer_lists:  # stated or derived (moe_layers from interleave_moe_layer_step)
             listed = set(getattr(text, key) or ())
             target[key] = [j for j, i in enumerate(keep) if i in listed]
+        if structure.dense_first:
+            target[structure.dense_first] = sum(1 for i in keep if i < int(getattr(text, structure.dense_first)))
     aliases = dict(getattr(text, "attribute_map", {}) or {})
     for key, value in new_sizes(spec, Shape.of(config, structure)).items():
         target[_stated_key(target, key, aliases)] = value
