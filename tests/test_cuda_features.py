@@ -116,7 +116,10 @@ def test_structure_on_the_device_matches_the_cpu(gqa_model: Path, tmp_path: Path
     ("deepseek_v3", ["--expert-group", "2", "--drop-experts", "0.25", "--method", "sparsegpt", "--sparsity", "0.5"]),
     ("mixtral", ["--expert-group", "0", "--drop-experts", "0.25", "--sparsity", "0.5"]),
     ("qwen2_moe", ["--expert-group", "3", "--pattern", "2:4"]),
-], ids=["deepseek-streamed", "deepseek-streamed-reap-sparsegpt", "mixtral-reap", "qwen2-moe-streamed-2:4"])
+    ("gpt_oss", ["--expert-group", "3", "--drop-experts", "0.25", "--sparsity", "0.5"]),
+    ("llama4_text", ["--expert-group", "3", "--drop-experts", "0.5", "--method", "sparsegpt", "--sparsity", "0.5"]),
+], ids=["deepseek-streamed", "deepseek-streamed-reap-sparsegpt", "mixtral-reap", "qwen2-moe-streamed-2:4",
+        "gpt-oss-fused-rows-reap", "llama4-stacked-reap-sparsegpt"])
 def test_experts_on_the_device_match_the_cpu(moe_model: Callable[[str], Path], tmp_path: Path,  # noqa: F811
                                              family: str, flags: list[str]) -> None:
     _on_both(moe_model(family), tmp_path, flags)
