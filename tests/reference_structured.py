@@ -21,9 +21,10 @@ from torch import nn
 from tests.reference import _layers, capture_block_inputs, ref_mask
 
 
-# The MLPs whose channels go: a dense MLP, and a Qwen2-MoE block's shared expert.
+# The MLPs whose channels go: a dense MLP, a Qwen2-MoE block's shared expert, and a Llama 4 dense block's MLP.
 FFNS = [("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
-        ("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj", "mlp.shared_expert.down_proj")]
+        ("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj", "mlp.shared_expert.down_proj"),
+        ("feed_forward.gate_proj", "feed_forward.up_proj", "feed_forward.down_proj")]
 
 
 @dataclass

@@ -315,6 +315,28 @@ def test_blocks_removed_among_dense_and_moe_load_in_transformers(family: str, tm
         assert all(torch.equal(after[new + k[len(old):]], t) for k, t in before.items() if k.startswith(old))
 
 
+@pytest.mark.parametrize("group", ["0", "2"], ids=["whole", "streamed"])
+def test_llama4_heads_and_dense_mlp_channels(group: str, tmp_path: Path) -> None:
+    """Llama 4 with dense and MoE blocks interleaved: heads go in every block and the dense blocks' MLP
+    channels (intermediate_size_mlp) go, the experts and shared experts keep their width; the in-memory
+    reference's choices and weights, held whole or with the experts streamed in groups of 2."""
+    model = write_tiny_model(tmp_path / "l4", _kinds_config("llama4_text"))
+    out = tmp_path / "out"
+    flags = ["--drop-ffn", "0.25", "--drop-heads", "0.5", "--expert-group", group]
+    assert main(["prune", str(model), str(out), *ARGS, *flags]) == 0
+    tokens = _windows(model)
+    ref = reference_structured(model, tokens, drop_ffn=0.25, drop_heads=0.5)
+    config = json.loads((out / "config.json").read_text())
+    assert (config["intermediate_size_mlp"], config["intermediate_size"]) == (96, 32)
+    assert (config["num_attention_heads"], config["num_key_value_heads"]) == (2, 2)  # a head of each group
+    assert set(ref.removed_channels) == {0, 2}  # the dense blocks
+    assert any(b.get("streamed_experts") for b in _blocks(out)) == (group != "0")
+    for b in _blocks(out):
+        got = {k: v["removed"] for k, v in b["structure"].items() if "removed" in v}
+        assert got == ref.removed_channels.get(b["block"], {})
+    _compare(out, ref, tokens)
+
+
 def test_without_drop_flags_nothing_changes(gqa_model: Path, tmp_path: Path) -> None:
     """No --drop-* flag: the config fingerprint and output of a plain run are today's."""
     a, b = tmp_path / "a", tmp_path / "b"

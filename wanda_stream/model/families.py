@@ -144,5 +144,9 @@ STRUCTURE: dict[str, Structure] = {
     "glm4_moe": Structure(experts=_GROUPED, mtp_key="num_nextn_predict_layers", dense_first="first_k_dense_replace"),
     "qwen3_next": Structure(moe_step=_QWEN_MOE_STEP, experts=Experts("gate", "num_experts")),
     "gpt_oss": Structure(experts=Experts("router", "num_local_experts")),
-    "llama4_text": Structure(experts=Experts("router", "num_local_experts", stacked=True), layer_lists=("moe_layers",)),
+    # Llama 4's dense blocks' MLP (intermediate_size_mlp); its shared experts share intermediate_size with the
+    # routed experts, so their channels stay.
+    "llama4_text": Structure((Ffn(("feed_forward.gate_proj", "feed_forward.up_proj"), "feed_forward.down_proj",
+                                  "intermediate_size_mlp"),), _ATTN,
+                             experts=Experts("router", "num_local_experts", stacked=True), layer_lists=("moe_layers",)),
 }
