@@ -94,3 +94,21 @@ def test_eval_and_inspect_from_an_id_and_the_refusals(tiny_model: Path, tmp_path
     assert main(["inspect", "acme/absent", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["model_dir"] == str(tmp_path / "acme" / "absent")
     assert "--revision v1: only for a hub model id" in refused(["inspect", "acme/absent", "--revision", "v1"])
+
+
+def test_the_hub_patterns_fetch_what_serving_the_output_needs() -> None:
+    """A multimodal checkpoint's processor configs are fetched (the run copies them to the output, which
+    is served with them); the original consolidated weights and other formats are not."""
+    from fnmatch import fnmatch
+
+    from wanda_stream.storage.hub import ALLOW_PATTERNS
+
+    def fetched(name: str) -> bool:
+        return any(fnmatch(name, p) for p in ALLOW_PATTERNS)
+
+    wanted = ["config.json", "generation_config.json", "model-00001-of-00050.safetensors", "model.safetensors.index.json",
+              "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+              "preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json", "README.md"]
+    assert [n for n in wanted if not fetched(n)] == []
+    assert [n for n in ["original/consolidated.00.pth", "pytorch_model.bin", "model.gguf", "LICENSE"] if fetched(n)] == []
+

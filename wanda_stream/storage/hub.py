@@ -17,7 +17,7 @@ from wanda_stream.errors import InputError
 ALLOW_PATTERNS = [
     "*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json", "tokenizer*",
     "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt", "*.tiktoken", "chat_template*",
-    "README.md",
+    "*processor_config.json", "README.md",  # a multimodal model's image (and video) processors: copied to the output
 ]
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
