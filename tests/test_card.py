@@ -39,6 +39,14 @@ def test_card_front_matter_body_and_original_below() -> None:
     assert "`c4`, 128 x 2048 tokens, seed 0 |" in ria  # every method but magnitude reads calibration data
 
 
+def test_the_pipeline_tag_is_the_input_cards() -> None:
+    """A multimodal input (Llama 4: image-text-to-text) keeps its pipeline tag; text-generation otherwise."""
+    vlm = "---\npipeline_tag: image-text-to-text\nlicense: other\n---\n# Llama 4\n"
+    assert 'pipeline_tag: "image-text-to-text"\n' in render_card(_report(), "x", "x", "c", vlm)
+    assert 'pipeline_tag: "text-generation"\n' in render_card(_report(), "x", "x", "c", ORIGINAL)
+    assert 'pipeline_tag: "text-generation"\n' in render_card(_report(), "x", "x", "c", "---\npipeline_tag: [1]\n---\n")
+
+
 def test_card_says_when_the_windows_cover_few_distinct_tokens() -> None:
     few = {**_report(seqlen=512), "calibration": {"tokens": 65536, "distinct_tokens": 700}}
     assert ("| calibration | `c4`, 128 x 512 tokens, seed 0; the windows overlap and cover only 700 distinct tokens "

@@ -148,13 +148,16 @@ def render_card(report: dict[str, Any], base_model: str | list[str] | None, name
                 original: str | None = None) -> str:
     """README.md for the output directory: Hub front matter, what was done, and the input's own card below.
 
-    `base_model` (None: left out) goes into the front matter; `name` says in the body what was pruned.
+    `base_model` (None: left out) goes into the front matter; `name` says in the body what was pruned. The
+    pipeline tag is the input card's (a multimodal model's image-text-to-text), else text-generation.
     """
     config = report["config"]
     version = report["versions"]["wanda_stream"]
+    tag = _front_matter(original or "").get("pipeline_tag")
     front = ("---\n" + (_yaml("base_model", base_model) if base_model else "")
              + _yaml("library_name", "transformers")
-             + _yaml("pipeline_tag", "text-generation") + _yaml("tags", _tags(config)) + "---\n")
+             + _yaml("pipeline_tag", tag if isinstance(tag, str) and tag else "text-generation")
+             + _yaml("tags", _tags(config)) + "---\n")
     rows = [("structure", _structure(report))] if "structure" in report else []
     if _masked(config):
         rows += [("method", config["method"]), ("pattern", config["pattern"]),
