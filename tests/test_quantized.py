@@ -1,11 +1,13 @@
-"""Quantized checkpoints in: block FP8 and MXFP4 dequantized by the reader, checked against hand-computed
-values; a tiny FP8 DeepSeek-V3 (tools/make_quantized_checkpoint.py) pruned streamed equals the same model
-dequantized in memory and pruned by the reference."""
+"""Quantized checkpoints in: block FP8, compressed-tensors FP8, FBGEMM FP8 and MXFP4 dequantized by the reader,
+checked against hand-computed values; a tiny FP8 DeepSeek-V3 (tools/make_quantized_checkpoint.py) pruned streamed
+equals the same model dequantized in memory and pruned by the reference; compressed-tensors and FBGEMM copies
+prune to the bytes of their independently dequantized float copies."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -22,7 +24,7 @@ from tests.test_families import CALIB_ARGS, _moe_reference, family_model, window
 from wanda_stream.storage.checkpoint import Checkpoint
 from wanda_stream.cli import main
 from wanda_stream.errors import InputError
-from wanda_stream.storage.quant import dequant_fp8_block, dequant_mxfp4
+from wanda_stream.storage.quant import dequant_fp8_block, dequant_fp8_experts, dequant_mxfp4
 
 FP8_QC = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [2, 2]}
 
@@ -89,6 +91,108 @@ def test_fp8_without_scale_is_refused(tmp_path: Path) -> None:
     model = _model_dir(tmp_path, {"l.proj.weight": torch.ones(3, 4).to(torch.float8_e4m3fn)}, FP8_QC)
     with pytest.raises(InputError, match="'l.proj.weight' has no 'l.proj.weight_scale_inv'"):
         Checkpoint(model)
+
+
+def _ct_config(strategy: str, **weights: object) -> dict:
+    """A compressed-tensors FP8 quantization_config of one scheme (as compressed-tensors 0.20 writes it)."""
+    w = {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": False, "strategy": strategy, **weights}
+    return {"quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": w, "format": "float-quantized",
+                                          "input_activations": {"num_bits": 8, "type": "float", "strategy": "tensor",
+                                                                "dynamic": False, "symmetric": True}}},
+            "ignore": ["lm_head"], "sparsity_config": {}, "transform_config": {}, "kv_cache_scheme": None}
+
+
+Q34 = torch.tensor([[1.0, -2.0, 0.5, 3.0], [4.0, 0.25, -0.5, 1.0], [-3.0, 6.0, 1.5, -4.0]])
+
+
+@pytest.mark.parametrize("strategy, weights, scale, want", [
+    ("tensor", {}, torch.tensor([0.5]), Q34 * 0.5),
+    ("channel", {}, torch.tensor([[2.0], [0.5], [-1.0]]), Q34 * torch.tensor([[2.0], [0.5], [-1.0]])),
+    ("group", {"group_size": 2}, torch.tensor([[1.0, 2.0], [3.0, 4.0], [0.5, 0.25]]),
+     torch.tensor([[1.0, -2.0, 1.0, 6.0], [12.0, 0.75, -2.0, 4.0], [-1.5, 3.0, 0.375, -1.0]])),
+    ("block", {"block_structure": [2, 3]}, torch.tensor([[2.0, 10.0], [-1.0, 0.5]]),  # ragged: 3 rows, 4 columns
+     torch.tensor([[2.0, -4.0, 1.0, 30.0], [8.0, 0.5, -1.0, 10.0], [3.0, -6.0, -1.5, -2.0]])),
+])
+def test_compressed_tensors_fp8_hand_computed(tmp_path: Path, strategy: str, weights: dict, scale: torch.Tensor,
+                                              want: torch.Tensor) -> None:
+    """Each strategy's scale shape, through the reader (bfloat16 scales, as compressed-tensors stores them); the
+    activations' input_scale is not presented and the head, in the ignore list, stays as stored."""
+    head = torch.randn(3, 4).to(torch.bfloat16)
+    model = _model_dir(tmp_path, {"l.proj.weight": Q34.to(torch.float8_e4m3fn), "l.proj.weight_scale":
+                                  scale.to(torch.bfloat16), "l.proj.input_scale": torch.tensor([0.1]).to(torch.bfloat16),
+                                  "lm_head.weight": head}, _ct_config(strategy, **weights))
+    ckpt = Checkpoint(model, torch.float32)
+    assert ckpt.keys() == ["l.proj.weight", "lm_head.weight"] and ckpt.dequantized
+    assert torch.equal(ckpt.get("l.proj.weight"), want)
+    assert torch.equal(ckpt.get("lm_head.weight"), head.float())
+
+
+def test_fbgemm_fp8_rows_and_fused_experts_hand_computed(tmp_path: Path) -> None:
+    """Row-wise matrices ([out, 1]) and Llama 4's fused experts: gate_up_proj [E, in, out] with scales [E, 1, out],
+    down_proj with [E, out, 1], each one per expert and output column; attention, not converted, stays float."""
+    gate_up = torch.tensor([[[1.0, 2.0, -1.0], [0.5, 4.0, 3.0]], [[2.0, -2.0, 1.0], [1.0, 0.25, 6.0]]])
+    gu_scale = torch.tensor([[[1.0, 0.5, 2.0]], [[-1.0, 4.0, 0.25]]])
+    down = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [-1.0, 0.5]], [[2.0, 1.0], [0.5, -4.0], [6.0, 1.0]]])
+    d_scale = torch.tensor([[[2.0], [0.5]], [[0.25], [-1.0]]])
+    attn = torch.randn(2, 2).to(torch.bfloat16)
+    qc = {"quant_method": "fbgemm_fp8", "activation_scale_ub": 1200.0, "modules_to_not_convert": ["l.self_attn"]}
+    model = _model_dir(tmp_path, {
+        "l.mlp.weight": Q34.to(torch.float8_e4m3fn), "l.mlp.weight_scale": torch.tensor([[2.0], [0.5], [-1.0]]),
+        "l.experts.gate_up_proj": gate_up.to(torch.float8_e4m3fn), "l.experts.gate_up_proj_scale": gu_scale,
+        "l.experts.down_proj": down.to(torch.float8_e4m3fn), "l.experts.down_proj_scale": d_scale,
+        "l.self_attn.q_proj.weight": attn}, qc)
+    ckpt = Checkpoint(model, torch.float32)
+    assert ckpt.keys() == ["l.experts.down_proj", "l.experts.gate_up_proj", "l.mlp.weight", "l.self_attn.q_proj.weight"]
+    assert torch.equal(ckpt.get("l.mlp.weight"), Q34 * torch.tensor([[2.0], [0.5], [-1.0]]))
+    want_gu = torch.tensor([[[1.0, 1.0, -2.0], [0.5, 2.0, 6.0]], [[-2.0, -8.0, 0.25], [-1.0, 1.0, 1.5]]])
+    want_d = torch.tensor([[[2.0, 1.0], [6.0, 2.0], [-2.0, 0.25]], [[0.5, -1.0], [0.125, 4.0], [1.5, -1.0]]])
+    assert torch.equal(ckpt.get("l.experts.gate_up_proj"), want_gu)
+    assert torch.equal(ckpt.get("l.experts.down_proj"), want_d)
+    assert torch.equal(ckpt.get("l.experts.down_proj", rows=(1, 2)), want_d[1:])  # a group of experts, read alone
+    assert torch.equal(dequant_fp8_experts(down.to(torch.float8_e4m3fn), d_scale), want_d)
+    assert torch.equal(ckpt.get("l.self_attn.q_proj.weight"), attn.float())
+
+
+BAD_CT = {
+    "int4": (dict(_ct_config("group", group_size=2), format="pack-quantized",
+                  config_groups={"g": {"weights": {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 2},
+                                       "format": "pack-quantized"}}),
+             "config_groups.g stores 4-bit int weights as 'pack-quantized'"),
+    "asymmetric": (_ct_config("channel", symmetric=False), "config_groups.group_0 is asymmetric"),
+    "token strategy": (_ct_config("token"), "strategy 'token' is not supported"),
+    "block without structure": (_ct_config("block"), "strategy 'block' without a valid block_structure"),
+    "sparse": (dict(_ct_config("channel"), sparsity_config={"format": "sparse-24-bitmask"}),
+               "sparsity_config format 'sparse-24-bitmask' is not supported"),
+    "rotations": (dict(_ct_config("channel"), transform_config={"config_groups": {"u": {}}}),
+                  "transform_config (rotations) is not supported"),
+    "no groups": (dict(_ct_config("channel"), config_groups={}), "has no config_groups"),
+    "scale shape": (_ct_config("group", group_size=3), "'l.proj.weight' [3, 4] and its scale [3, 1] (bfloat16) fit "
+                    "none of the quantization_config's weight tilings (group 1x3)"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CT))
+def test_compressed_tensors_that_are_not_fp8_are_refused(tmp_path: Path, case: str) -> None:
+    """One line naming config.json and the field; nothing read as if it were FP8."""
+    qc, message = BAD_CT[case]
+    model = _model_dir(tmp_path, {"l.proj.weight": Q34.to(torch.float8_e4m3fn),
+                                  "l.proj.weight_scale": torch.ones(3, 1).to(torch.bfloat16)}, qc)
+    with pytest.raises(InputError, match=re.escape(message)) as e:
+        Checkpoint(model)
+    assert str(model / "config.json") in str(e.value) and "\n" not in str(e.value)
+
+
+def test_scaled_fp8_missing_scale_and_float_weights_with_scales_are_refused(tmp_path: Path) -> None:
+    model = _model_dir(tmp_path, {"l.proj.weight": Q34.to(torch.float8_e4m3fn)}, _ct_config("channel"))
+    with pytest.raises(InputError, match="'l.proj.weight' has no 'l.proj.weight_scale'"):
+        Checkpoint(model)
+    (tmp_path / "f").mkdir()
+    frozen = _model_dir(tmp_path / "f", {"l.proj.weight": Q34.to(torch.bfloat16),
+                                         "l.proj.weight_scale": torch.ones(3, 1).to(torch.bfloat16)},
+                        _ct_config("channel"))
+    with pytest.raises(InputError, match="'l.proj.weight_scale' scales a weight that is not float8"):
+        Checkpoint(frozen)
 
 
 def test_mxfp4_dequant_hand_computed() -> None:
@@ -294,6 +398,74 @@ def test_mxfp4_gpt_oss_pruned_equals_dequantized_reference(family_model: Callabl
     assert any(b.get("streamed_experts") for b in json.loads((grouped / "wanda_stream.json").read_text())["blocks"])
     again = load_state_dict(grouped)
     assert set(again) == set(written) and all(torch.equal(again[k], written[k]) for k in written)
+
+
+def _scaled_dequantized_copy(src: Path, out: Path) -> Path:
+    """A compressed-tensors or FBGEMM FP8 checkpoint dequantized by loops over rows and blocks (float32, independently
+    of the reader), saved as float without the activations' scales."""
+    state = load_state_dict(src)
+    qc = json.loads((src / "config.json").read_text())["quantization_config"]
+    weights = qc.get("config_groups", {}).get("group_0", {}).get("weights", {"strategy": "channel"})
+    dense: dict[str, torch.Tensor] = {}
+    for key, t in state.items():
+        if key.endswith("_scale"):  # weight_scale, gate_up_proj_scale, input_scale
+            continue
+        if t.dtype == torch.float8_e4m3fn:
+            q, scale, w = t.float(), state[key + "_scale"].float(), torch.empty(t.shape)
+            if q.dim() == 3:  # [experts, in, out]: one scale per expert and output column, stored either way round
+                for e in range(q.shape[0]):
+                    for o in range(q.shape[2]):
+                        w[e, :, o] = q[e, :, o] * scale[e].flatten()[o]
+            else:
+                bo, bi = {"tensor": tuple(q.shape), "channel": (1, q.shape[1]), "group": (1, weights.get("group_size")),
+                          "block": weights.get("block_structure")}[weights["strategy"]]
+                scale = scale.reshape(-(-q.shape[0] // bo), -(-q.shape[1] // bi))
+                for i in range(q.shape[0]):
+                    for j in range(0, q.shape[1], bi):
+                        w[i, j : j + bi] = q[i, j : j + bi] * scale[i // bo, j // bi]
+            t = w
+        dense[key] = t.float()
+    out.mkdir()
+    for f in src.iterdir():
+        if f.suffix != ".safetensors" and not f.name.endswith(".index.json"):
+            shutil.copy(f, out / f.name)
+    config = json.loads((out / "config.json").read_text())
+    del config["quantization_config"]
+    (out / "config.json").write_text(json.dumps(config))
+    save_file(dense, str(out / "model.safetensors"))
+    return out
+
+
+@pytest.mark.parametrize("family, args", [
+    ("llama", ["--format", "compressed-tensors", "--strategy", "tensor"]),  # with static input_scale tensors
+    ("llama", ["--format", "compressed-tensors", "--strategy", "block", "--block", "24", "24"]),  # ragged blocks
+    ("llama4_text", ["--format", "fbgemm_fp8"]),  # row-wise matrices and fused experts, attention not converted
+], ids=["ct-tensor", "ct-block-ragged", "fbgemm-llama4"])
+def test_scaled_fp8_pruned_equals_its_dequantized_copy(family_model: Callable[[str], Path], tmp_path: Path,
+                                                       family: str, args: list[str]) -> None:
+    """An FP8 copy pruned streamed writes the bytes its float copy, dequantized by loops, is pruned to; the output
+    carries no quantization_config and loads in transformers with no missing or unexpected key."""
+    from transformers import AutoModelForCausalLM
+
+    fp8 = tmp_path / "fp8"
+    r = run_cli_tool("tools/make_quantized_checkpoint.py", str(family_model(family)), str(fp8), *args)
+    assert r.returncode == 0, r.stderr
+    stored = load_state_dict(fp8)
+    assert sum(t.dtype == torch.float8_e4m3fn for t in stored.values()) >= 8
+    out, ref = tmp_path / "out", tmp_path / "ref"
+    assert main(["prune", str(fp8), str(out), *CALIB_ARGS, "--save-dtype", "float32"]) == 0
+    assert main(["prune", str(_scaled_dequantized_copy(fp8, tmp_path / "dense")), str(ref), *CALIB_ARGS,
+                 "--save-dtype", "float32"]) == 0
+    written, want = load_state_dict(out), load_state_dict(ref)
+    assert set(written) == set(want) and not any(k.endswith("_scale") for k in written)
+    for key, t in want.items():
+        assert torch.equal(written[key], t), key
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    method = json.loads((fp8 / "config.json").read_text())["quantization_config"]["quant_method"]
+    assert json.loads((out / "wanda_stream.json").read_text())["dequantized"] == {"quant_method": method,
+                                                                               "to": "float32"}
+    _, info = AutoModelForCausalLM.from_pretrained(str(out), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
 
 
 def run_cli_tool(script: str, *args: str) -> subprocess.CompletedProcess:

@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
     p.add_argument("--save-dtype", default=None,
                    help="float32|bfloat16|float16: the output's floating-point dtype (default: as stored; "
-                        "block-FP8 and MXFP4 weights are dequantized to bfloat16)")
+                        "FP8 and MXFP4 weights are dequantized to bfloat16)")
     p.add_argument("--seqlen", type=int, default=None,
                    help="tokens per calibration window (default: min(2048, the model's context))")
     p.add_argument("--seed", type=int, default=0, help="seed of the random choice of calibration windows")

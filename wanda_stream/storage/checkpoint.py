@@ -144,7 +144,7 @@ class Checkpoint:
     """A read-only view of a Hugging Face safetensors checkpoint directory, as float tensors.
 
     `stored` holds every tensor as the shards store it; `tensors` the tensors the checkpoint presents:
-    the stored ones, but quantized weights (block FP8, MXFP4; see quant.py) as one float tensor each, in
+    the stored ones, but quantized weights (FP8, MXFP4; see quant.py) as one float tensor each, in
     `save_dtype` (bfloat16 when None) under their float name, their scales folded in. `save_dtype`, when
     given, is the dtype of every floating-point tensor. Methods, the model and the writer see only these.
     """
@@ -233,7 +233,7 @@ class Checkpoint:
         if rows is not None and (src.kind == "fp8" or any(self.stored[k].shape[0] != src.shape[0] for k in src.keys)):
             raise ValueError(f"'{key}': its stored parts are not indexed by its first dimension; read it whole")
         # Dequantized (or cast) on the CPU from pageable reads of the parts; the result is what gets pinned.
-        w = quant.dequantize(src, [self.get_stored(k, rows=rows) for k in src.keys], self.quantization_config)
+        w = quant.dequantize(src, [self.get_stored(k, rows=rows) for k in src.keys])
         if not pin:
             return w if w.dtype == src.dtype else w.to(src.dtype)
         return host_empty(w.shape, src.dtype, pin).copy_(w)  # the cast writes into the pinned memory
