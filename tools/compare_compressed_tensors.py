@@ -129,7 +129,8 @@ def compare(path: Path) -> dict[str, object]:
     dropped = len(ckpt.stored) - stored
     differ = [k for k in ours if k not in theirs or ours[k].dtype != theirs[k].dtype
               or not torch.equal(ours[k], theirs[k])]
-    missing = sorted(set(theirs) - set(ours))
+    shared = {theirs[k].data_ptr() for k in ours if k in theirs}
+    missing = sorted(k for k in set(theirs) - set(ours) if theirs[k].data_ptr() not in shared)  # tied: not stored
     worst = max((float((ours[k].float() - theirs[k].float()).abs().max()) for k in ours
                  if k in theirs and ours[k].shape == theirs[k].shape), default=0.0)
     return {"tensors": len(ours), "fp8": fp8, "dropped": dropped, "differ": differ, "missing": missing,
