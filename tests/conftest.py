@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import weakref
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -39,3 +42,40 @@ def _fresh_killpoint_counts() -> None:
     from wanda_stream.storage import state
 
     state._kill_counts.clear()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _tokenize_each_text_once() -> Iterator[None]:
+    """The calibration and evaluation texts tokenized once per tokenizer and text for the whole session.
+
+    Hundreds of runs in this process tokenize the same 465 KB pydoc document with the same tokenizer
+    (half a second each). The memo keys on the tokenizer's full serialized state (vocabulary, merges,
+    normalizer, special-token post-processor) and the text, so a hit returns what the same tokenizer
+    returned for the same text; runs in subprocesses tokenize for real.
+    """
+    from wanda_stream.run import calib
+
+    real = calib.tokenize
+    memo: dict[tuple[str, str], list[int]] = {}
+    states: weakref.WeakKeyDictionary[object, str] = weakref.WeakKeyDictionary()
+
+    def state(tokenizer: object) -> str | None:
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            return None
+        if tokenizer not in states:
+            states[tokenizer] = hashlib.sha256(backend.to_str().encode()).hexdigest()
+        return states[tokenizer]
+
+    def tokenize(tokenizer: object, text: str) -> list[int]:
+        key = state(tokenizer)
+        if key is None:
+            return real(tokenizer, text)
+        k = (key, hashlib.sha256(text.encode()).hexdigest())
+        if k not in memo:
+            memo[k] = real(tokenizer, text)
+        return list(memo[k])
+
+    calib.tokenize = tokenize  # type: ignore[assignment]
+    yield
+    calib.tokenize = real  # type: ignore[assignment]
