@@ -93,6 +93,7 @@ class Skeleton:
     tied: dict[str, str] = field(default_factory=dict)
     layout: Any = None
     sources: dict[str, str] = field(default_factory=dict)
+    key_layers_prefix: str = ""  # the blocks' prefix among checkpoint keys (set by `bind`)
 
     @classmethod
     def from_config(cls, config: Any) -> "Skeleton":
@@ -116,13 +117,21 @@ class Skeleton:
             src = self.layout.source_key(name, self.tied)
             if src is not None and src != name:
                 self.sources[name] = src
+        self.key_layers_prefix = _stored_prefix(self.layout.slots, self.layers_prefix)
 
     @property
     def n_layers(self) -> int:
         return len(self.layers)
 
     def block_prefix(self, i: int) -> str:
+        """Block i's prefix among the model's parameter names."""
         return f"{self.layers_prefix}.{i}."
+
+    def block_key_prefix(self, i: int) -> str:
+        """Block i's prefix among the checkpoint's keys: the parameters' one, or the one the hub's layout
+        stores it under when transformers renames it on load (Gemma 3's `language_model.model.layers`,
+        loaded as `model.language_model.layers`)."""
+        return f"{self.stored_layers_prefix}.{i}."
 
     def is_block_key(self, key: str) -> bool:
         """Whether `key` belongs to one of the model's decoder blocks.
@@ -131,20 +140,41 @@ class Skeleton:
         multi-token-prediction layer, `model.layers.{num_hidden_layers}`) are not: transformers' model
         has no such block, so they travel with the non-block tensors (copied, not pruned).
         """
-        head = self.layers_prefix + "."
+        head = self.stored_layers_prefix + "."
         if not key.startswith(head):
             return False
         index = key[len(head):].partition(".")[0]
         return index.isdigit() and int(index) < self.n_layers
 
     def block_of(self, key: str) -> int | None:
-        """The index of the decoder block `key` belongs to, or None (see `is_block_key`)."""
+        """The index of the decoder block checkpoint key `key` belongs to, or None (see `is_block_key`)."""
         if not self.is_block_key(key):
             return None
-        return int(key[len(self.layers_prefix) + 1 :].partition(".")[0])
+        return int(key[len(self.stored_layers_prefix) + 1 :].partition(".")[0])
+
+    @property
+    def stored_layers_prefix(self) -> str:
+        """The blocks' ModuleList among checkpoint keys (`model.layers`, or Gemma 3's hub prefix)."""
+        return self.key_layers_prefix or self.layers_prefix
 
     def hidden_size(self) -> int:
         return int(self.model.config.get_text_config().hidden_size)
+
+
+def _stored_prefix(slots: dict[str, Any], layers_prefix: str) -> str:
+    """The prefix the checkpoint stores the blocks under: the one before block i's index shared by every key
+    that feeds a parameter of block i. The parameters' own prefix when no key is renamed across it."""
+    head = layers_prefix + "."
+    common: set[str] | None = None
+    for key, slot in slots.items():
+        if not slot.param.startswith(head):
+            continue
+        if key.startswith(head):
+            return layers_prefix
+        index = slot.param[len(head):].partition(".")[0]
+        found = {key[:at] for at in range(len(key)) if key.startswith(f".{index}.", at)}
+        common = found if common is None else common & found
+    return min(common, key=len) if common else layers_prefix
 
 
 def _source_key(name: str, ckpt: Checkpoint, tied: dict[str, str]) -> str:

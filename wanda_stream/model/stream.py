@@ -98,7 +98,7 @@ class Streamer:
     # ---- reading blocks -------------------------------------------------------------------
     def block_keys(self, i: int) -> list[str]:
         """Block i's checkpoint keys, but the routed experts of a block that streams them."""
-        prefix = self.sk.block_prefix(i)
+        prefix = self.sk.block_key_prefix(i)
         apart = self.streamed.get(i, frozenset())
         return [k for k in self.ckpt.keys() if k.startswith(prefix) and k not in apart]
 

@@ -165,7 +165,7 @@ def plan_streaming(ckpt: Checkpoint, sk: Skeleton, family: Experts | None, reque
 def held_tensor_bytes(ckpt: Checkpoint, sk: Skeleton, i: int, plan: Streamed | None) -> list[int]:
     """The sizes of block i's stored tensors held at once: all of them, or for a streamed block its core and
     two groups of experts (the one computed, the next one read ahead)."""
-    prefix = sk.block_prefix(i)
+    prefix = sk.block_key_prefix(i)
     keys = [k for k in ckpt.tensors if k.startswith(prefix)]
     if plan is None:
         return [ckpt.tensors[k].nbytes for k in keys]
@@ -189,9 +189,9 @@ def _stored_experts(ckpt: Checkpoint, sk: Skeleton, i: int, holder: str, router:
     """Block i's experts module `holder` as stored: each expert's keys (the hub's per-expert layout), or the
     fused tensors holding every expert along their first dimension (gpt-oss); None for a mix, or a tensor of
     the experts module not indexed by the experts. The group is set by the caller."""
-    prefix = sk.block_prefix(i)
-    tensors = experts.expert_tensors(sk, i, holder, router, [k for k in ckpt.keys() if k.startswith(prefix)])
-    inside = f"{prefix}{holder}."
+    stored = sk.block_key_prefix(i)
+    tensors = experts.expert_tensors(sk, i, holder, router, [k for k in ckpt.keys() if k.startswith(stored)])
+    inside = f"{sk.block_prefix(i)}{holder}."
     fused = tuple(k for k in tensors.stacked if sk.layout.slots[k].param.startswith(inside))
     if fused:
         counts = {ckpt.tensors[k].shape[0] if ckpt.tensors[k].shape else 0 for k in fused}

@@ -104,7 +104,8 @@ class PruneRun:
             narrow.bind(self.ckpt.keys())
             self.st.narrow = narrow
         self.n_out = self.n - self.spec.drop_blocks
-        mtp = [k for k in self.ckpt.keys() if k.startswith(self.sk.layers_prefix + ".") and not self.sk.is_block_key(k)]
+        mtp = [k for k in self.ckpt.keys()
+               if k.startswith(self.sk.stored_layers_prefix + ".") and not self.sk.is_block_key(k)]
         self.drops_mtp = bool(mtp) and shrink.drops_mtp(self.spec, self.structure)
         self.total_shards = shard_count(self.n_out)
         self.dropped: list[int] = []  # known once the pass over the dense model has chosen them
@@ -856,7 +857,7 @@ class PruneRun:
         writing-thread CPU seconds."""
         t0, c0 = time.perf_counter(), time.thread_time()
         j = shrink.new_index(i, self.dropped)
-        tensors = shrink.renumber(tensors, self.sk.block_prefix(i), self.sk.block_prefix(j))
+        tensors = shrink.renumber(tensors, self.sk.block_key_prefix(i), self.sk.block_key_prefix(j))
         items = [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
         write_shard(self.out / shard_name(j + 1, self.total_shards), items, tensors.__getitem__,
                     before_rename=lambda: killpoint("shard_write"))
@@ -864,7 +865,7 @@ class PruneRun:
 
     def _write_stem_shard(self) -> None:
         keys = [k for k in self.ckpt.keys() if not self.sk.is_block_key(k)
-                and not (self.drops_mtp and k.startswith(self.sk.layers_prefix + "."))]
+                and not (self.drops_mtp and k.startswith(self.sk.stored_layers_prefix + "."))]
         items = [(k, self.ckpt.tensors[k].dtype, self.ckpt.tensors[k].shape) for k in keys]
         self.out.mkdir(parents=True, exist_ok=True)
         write_shard(self.out / shard_name(0, self.total_shards), items, self.ckpt.get,

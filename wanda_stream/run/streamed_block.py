@@ -505,7 +505,8 @@ def _write_shard(run: "PruneRun", i: int, items: list[tuple[str, torch.dtype, tu
 
     t0, c0 = time.perf_counter(), time.thread_time()
     j = shrink.new_index(i, run.dropped)  # the output's block j, past removed blocks
-    back = shrink.renumber({k: k for k, _, _ in items}, run.sk.block_prefix(i), run.sk.block_prefix(j))  # new: old
+    back = shrink.renumber({k: k for k, _, _ in items}, run.sk.block_key_prefix(i),  # new: old
+                           run.sk.block_key_prefix(j))
     names = {old: new for new, old in back.items()}
     try:
         write_shard_pieces(run.out / shard_name(j + 1, run.total_shards), [(names[k], d, s) for k, d, s in items],
