@@ -175,9 +175,11 @@ def _qwen_vl(root: Path, kind: str) -> Path:
 
 
 @pytest.mark.parametrize("kind", ["qwen2_5_vl", "qwen3_vl"])
-def test_qwen_vl_streams_as_transformers_computes_it(tmp_path: Path, kind: str) -> None:
+def test_qwen_vl_streams_as_transformers_computes_it(tmp_path: Path, kind: str,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
     """Dense and pruned, the streamed forward of the language model gives transformers' logits of the whole
-    multimodal model exactly on text; the pruned output loads with no missing or unexpected keys."""
+    multimodal model exactly on text; the pruned output loads with no missing or unexpected keys. Channel
+    removal, which needs the text family in the structured table, is refused in one line."""
     import transformers as tf
 
     from wanda_stream.eval.evaluate import streamed_logits
@@ -194,6 +196,10 @@ def test_qwen_vl_streams_as_transformers_computes_it(tmp_path: Path, kind: str) 
         with torch.no_grad():
             want = model(input_ids=tokens, use_cache=False).logits
         assert torch.equal(got, want), model_dir
+    capsys.readouterr()
+    assert main(["prune", str(src), str(tmp_path / "ffn"), *CALIB_ARGS, "--drop-ffn", "0.25"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"--drop-ffn: model_type '{kind}_text' is not in the structured" in err
     pruned = load_state_dict(out)
     q = next(k for k in pruned if k.endswith("layers.1.self_attn.q_proj.weight") and "visual" not in k)
     assert (pruned[q] == 0).float().mean().item() == pytest.approx(0.5, abs=0.01)

@@ -101,6 +101,10 @@ def check(spec: ShrinkSpec, config: PretrainedConfig, nm: tuple[int, int] | None
     shape = Shape.of(config, structure)
     if spec.drop_blocks >= shape.n_layers:
         raise InputError(f"--drop-blocks {spec.drop_blocks}: the model has {shape.n_layers} blocks; keep at least one")
+    for flag, asked in (("--drop-ffn", spec.drop_ffn), ("--drop-heads", spec.drop_heads)):
+        if asked and mt not in STRUCTURE:
+            raise InputError(f"{flag}: model_type '{mt}' is not in the structured-pruning table "
+                             f"({', '.join(STRUCTURE)}); drop the flag (--drop-blocks works for every model)")
     if spec.drop_ffn:
         if not shape.ffn_widths:
             raise InputError(f"--drop-ffn: model_type '{mt}' has no dense MLP whose channels can be removed "
