@@ -175,11 +175,9 @@ def _qwen_vl(root: Path, kind: str) -> Path:
 
 
 @pytest.mark.parametrize("kind", ["qwen2_5_vl", "qwen3_vl"])
-def test_qwen_vl_streams_as_transformers_computes_it(tmp_path: Path, kind: str,
-                                                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_qwen_vl_streams_as_transformers_computes_it(tmp_path: Path, kind: str) -> None:
     """Dense and pruned, the streamed forward of the language model gives transformers' logits of the whole
-    multimodal model exactly on text; the pruned output loads with no missing or unexpected keys. Channel
-    removal, which needs the text family in the structured table, is refused in one line."""
+    multimodal model exactly on text; the pruned output loads with no missing or unexpected keys."""
     import transformers as tf
 
     from wanda_stream.eval.evaluate import streamed_logits
@@ -196,10 +194,37 @@ def test_qwen_vl_streams_as_transformers_computes_it(tmp_path: Path, kind: str,
         with torch.no_grad():
             want = model(input_ids=tokens, use_cache=False).logits
         assert torch.equal(got, want), model_dir
-    capsys.readouterr()
-    assert main(["prune", str(src), str(tmp_path / "ffn"), *CALIB_ARGS, "--drop-ffn", "0.25"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and f"--drop-ffn: model_type '{kind}_text' is not in the structured" in err
     pruned = load_state_dict(out)
     q = next(k for k in pruned if k.endswith("layers.1.self_attn.q_proj.weight") and "visual" not in k)
     assert (pruned[q] == 0).float().mean().item() == pytest.approx(0.5, abs=0.01)
+
+
+@pytest.mark.parametrize("kind, heads", [("qwen2_5_vl", 4), ("qwen3_vl", 2)])
+def test_qwen_vl_loses_channels_heads_and_a_block(tmp_path: Path, kind: str, heads: int,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """A quarter of the MLP channels, one block and (Qwen3-VL; Qwen2.5-VL derives its head size from
+    hidden_size and refuses in one line) half the query heads removed: the output's text_config carries the
+    new widths and depth, it loads with no missing or unexpected keys, and the streamed forward of the
+    narrower model gives transformers' logits exactly."""
+    import transformers as tf
+
+    from wanda_stream.eval.evaluate import streamed_logits
+
+    src, out = _qwen_vl(tmp_path, kind), tmp_path / "out"
+    flags = ["--drop-ffn", "0.25", "--drop-blocks", "1", "--drop-heads", "0.5"]
+    if heads == 4:
+        capsys.readouterr()
+        assert main(["prune", str(src), str(out), *CALIB_ARGS, *flags]) == 2
+        assert "--drop-heads: model_type 'qwen2_5_vl_text' cannot lose attention heads" in capsys.readouterr().err
+        flags = flags[:4]
+    assert main(["prune", str(src), str(out), *CALIB_ARGS, *flags]) == 0
+    text = json.loads((out / "config.json").read_text())["text_config"]
+    assert (text["num_hidden_layers"], text["intermediate_size"], text["num_attention_heads"]) == (1, 96, heads)
+    model, info = tf.AutoModelForImageTextToText.from_pretrained(str(out), output_loading_info=True,
+                                                                 dtype=torch.float32)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    tokens = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(0))
+    got, _ = streamed_logits(out, tokens, "cpu", tmp_path / "work")
+    with torch.no_grad():
+        want = model(input_ids=tokens, use_cache=False).logits
+    assert torch.equal(got, want)

@@ -128,6 +128,11 @@ STRUCTURE: dict[str, Structure] = {
     "mistral": Structure((_MLP,), _ATTN),
     "qwen2": Structure((_MLP,), _ATTN),
     "qwen3": Structure((_MLP,), _ATTN),
+    # The language models of Qwen2.5-VL and Qwen3-VL: Qwen2's and Qwen3's MLPs. Qwen2.5-VL's attention derives
+    # its head size from hidden_size, so its heads stay; Qwen3-VL's states head_dim (M-RoPE spans it, and head
+    # removal keeps it). Checked against transformers' logits in tests/test_multimodal.py.
+    "qwen2_5_vl_text": Structure((_MLP,)),
+    "qwen3_vl_text": Structure((_MLP,), _ATTN),
     "gemma2": Structure((_MLP,), _ATTN),
     "gemma3_text": Structure((_MLP,), _ATTN),
     "phi3": Structure((Ffn(("mlp.gate_up_proj",), "mlp.down_proj", "intermediate_size", parts=2),),
