@@ -43,9 +43,20 @@ def twins(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return text_dir, mm_dir
 
 
-def _text_key(key: str) -> str:
-    """A multimodal checkpoint's language-model key as the text model stores it."""
-    return key.removeprefix("language_model.")
+def _as_twin(text_out: Path, mm_out: Path, mm_in: Path) -> list[dict]:
+    """Check a multimodal output against its text twin's: the language tensors (`language_model.` + the text
+    model's keys) bit for bit, everything else the input's, the same perplexity. Returns both reports."""
+    want, got, before = (load_state_dict(p) for p in (text_out, mm_out, mm_in))
+    language = {k.removeprefix("language_model."): v for k, v in got.items() if k.startswith("language_model.")}
+    assert sorted(language) == sorted(want)
+    for k, t in want.items():
+        assert torch.equal(language[k], t), k
+    rest = {k: v for k, v in got.items() if not k.startswith("language_model.")}
+    assert rest and sorted(rest) == sorted(k for k in before if not k.startswith("language_model."))
+    assert all(torch.equal(v, before[k]) for k, v in rest.items())
+    reports = [json.loads((d / REPORT).read_text()) for d in (text_out, mm_out)]
+    assert reports[1]["eval"]["perplexity"] == reports[0]["eval"]["perplexity"]
+    return reports
 
 
 def test_the_language_model_is_pruned_as_its_text_twin(twins: tuple[Path, Path], tmp_path: Path) -> None:
@@ -57,16 +68,7 @@ def test_the_language_model_is_pruned_as_its_text_twin(twins: tuple[Path, Path],
     text_dir, mm_dir = twins
     assert main(["prune", str(text_dir), str(tmp_path / "text"), *CALIB_ARGS, *FLAGS]) == 0
     assert main(["prune", str(mm_dir), str(tmp_path / "mm"), *CALIB_ARGS, *FLAGS]) == 0
-    want, got, before = (load_state_dict(p) for p in (tmp_path / "text", tmp_path / "mm", mm_dir))
-    language = {_text_key(k): v for k, v in got.items() if k.startswith("language_model.")}
-    assert sorted(language) == sorted(want)
-    for k, t in want.items():
-        assert torch.equal(language[k], t), k
-    rest = {k: v for k, v in got.items() if not k.startswith("language_model.")}
-    assert rest and sorted(rest) == sorted(k for k in before if not k.startswith("language_model."))
-    assert all(torch.equal(v, before[k]) for k, v in rest.items())
-    reports = [json.loads((tmp_path / d / REPORT).read_text()) for d in ("text", "mm")]
-    assert reports[1]["eval"]["perplexity"] == reports[0]["eval"]["perplexity"]
+    reports = _as_twin(tmp_path / "text", tmp_path / "mm", mm_dir)
     assert any(b.get("streamed_experts") for b in reports[1]["blocks"])
     model, info = tf.AutoModelForImageTextToText.from_pretrained(str(tmp_path / "mm"), output_loading_info=True,
                                                                  dtype=torch.float32)
@@ -118,21 +120,11 @@ def test_hub_layout_multimodal_is_pruned_as_its_text_twin(tmp_path: Path, family
     import transformers as tf
 
     text_dir, mm_dir = _llava_twin(tmp_path, family)
-    before = load_state_dict(mm_dir)
-    assert any(k.startswith("language_model.model.layers.") for k in before)
+    assert any(k.startswith("language_model.model.layers.") for k in load_state_dict(mm_dir))
     eval_flags = ["--eval-data", "pydoc", "--eval-windows", "4"]
     assert main(["prune", str(text_dir), str(tmp_path / "text-out"), *CALIB_ARGS, *flags, *eval_flags]) == 0
     assert main(["prune", str(mm_dir), str(tmp_path / "mm-out"), *CALIB_ARGS, *flags, *eval_flags]) == 0
-    want, got = load_state_dict(tmp_path / "text-out"), load_state_dict(tmp_path / "mm-out")
-    language = {k.removeprefix("language_model."): v for k, v in got.items() if k.startswith("language_model.")}
-    assert sorted(language) == sorted(want)
-    for k, t in want.items():
-        assert torch.equal(language[k], t), k
-    rest = {k: v for k, v in got.items() if not k.startswith("language_model.")}
-    assert rest and sorted(rest) == sorted(k for k in before if not k.startswith("language_model."))
-    assert all(torch.equal(v, before[k]) for k, v in rest.items())
-    reports = [json.loads((tmp_path / d / REPORT).read_text()) for d in ("text-out", "mm-out")]
-    assert reports[1]["eval"]["perplexity"] == reports[0]["eval"]["perplexity"]
+    _as_twin(tmp_path / "text-out", tmp_path / "mm-out", mm_dir)
     model, info = tf.AutoModelForImageTextToText.from_pretrained(str(tmp_path / "mm-out"), output_loading_info=True,
                                                                  dtype=torch.float32)
     assert type(model).__name__ == {"gemma3_text": "Gemma3ForConditionalGeneration",

@@ -265,6 +265,20 @@ def test_dequantized_tensors_are_pinned_when_asked(tmp_path: Path, monkeypatch: 
         assert not any(pin for _, pin in asked[:-1]), (key, asked)
 
 
+def _float_copy(src: Path, out: Path, dense: dict[str, torch.Tensor]) -> Path:
+    """`out`: the quantized checkpoint `src`'s side files, its config without quantization_config, and the
+    float tensors `dense` the test dequantized itself."""
+    out.mkdir()
+    for f in src.iterdir():
+        if f.suffix != ".safetensors" and not f.name.endswith(".index.json"):
+            shutil.copy(f, out / f.name)
+    config = json.loads((out / "config.json").read_text())
+    del config["quantization_config"]
+    (out / "config.json").write_text(json.dumps(config))
+    save_file(dense, str(out / "model.safetensors"))
+    return out
+
+
 def _dequantized_copy(fp8: Path, out: Path) -> Path:
     """The FP8 checkpoint dequantized in memory, independently of the reader (float32), saved as float."""
     state = load_state_dict(fp8)
@@ -282,15 +296,7 @@ def _dequantized_copy(fp8: Path, out: Path) -> Path:
                         * s[i // block[0], j // block[1]]
             t = w
         dense[key] = t.float()
-    out.mkdir()
-    for f in fp8.iterdir():
-        if f.suffix != ".safetensors" and not f.name.endswith(".index.json"):
-            shutil.copy(f, out / f.name)
-    config = json.loads((out / "config.json").read_text())
-    del config["quantization_config"]
-    (out / "config.json").write_text(json.dumps(config))
-    save_file(dense, str(out / "model.safetensors"))
-    return out
+    return _float_copy(fp8, out, dense)
 
 
 def test_fp8_deepseek_pruned_equals_dequantized_reference(family_model: Callable[[str], Path],
@@ -358,15 +364,7 @@ def _mxfp4_dequantized_copy(mx: Path, out: Path) -> Path:
             dense[key.removesuffix("_blocks")] = w
         else:
             dense[key] = t.float()
-    out.mkdir()
-    for f in mx.iterdir():
-        if f.suffix != ".safetensors" and not f.name.endswith(".index.json"):
-            shutil.copy(f, out / f.name)
-    config = json.loads((out / "config.json").read_text())
-    del config["quantization_config"]
-    (out / "config.json").write_text(json.dumps(config))
-    save_file(dense, str(out / "model.safetensors"))
-    return out
+    return _float_copy(mx, out, dense)
 
 
 def test_mxfp4_gpt_oss_pruned_equals_dequantized_reference(family_model: Callable[[str], Path],
@@ -425,15 +423,7 @@ def _scaled_dequantized_copy(src: Path, out: Path) -> Path:
                         w[i, j : j + bi] = q[i, j : j + bi] * scale[i // bo, j // bi]
             t = w
         dense[key] = t.float()
-    out.mkdir()
-    for f in src.iterdir():
-        if f.suffix != ".safetensors" and not f.name.endswith(".index.json"):
-            shutil.copy(f, out / f.name)
-    config = json.loads((out / "config.json").read_text())
-    del config["quantization_config"]
-    (out / "config.json").write_text(json.dumps(config))
-    save_file(dense, str(out / "model.safetensors"))
-    return out
+    return _float_copy(src, out, dense)
 
 
 @pytest.mark.parametrize("family, args", [
