@@ -426,13 +426,15 @@ def _scaled_dequantized_copy(src: Path, out: Path) -> Path:
     return _float_copy(src, out, dense)
 
 
-@pytest.mark.parametrize("family, args", [
-    ("llama", ["--format", "compressed-tensors", "--strategy", "tensor"]),  # with static input_scale tensors
-    ("llama", ["--format", "compressed-tensors", "--strategy", "block", "--block", "24", "24"]),  # ragged blocks
-    ("llama4_text", ["--format", "fbgemm_fp8"]),  # row-wise matrices and fused experts, attention not converted
-], ids=["ct-tensor", "ct-block-ragged", "fbgemm-llama4"])
+@pytest.mark.parametrize("family, args, flags", [
+    ("llama", ["--format", "compressed-tensors", "--strategy", "tensor"], []),  # with static input_scale tensors
+    ("llama", ["--format", "compressed-tensors", "--strategy", "block", "--block", "24", "24"], []),  # ragged
+    ("llama4_text", ["--format", "fbgemm_fp8"], []),  # row-wise matrices and fused experts, attention not converted
+    # per-expert FP8 experts (the hub's Qwen3-MoE FP8 layout), streamed one expert at a time
+    ("qwen3_moe", ["--format", "compressed-tensors", "--strategy", "channel", "--per-expert"], ["--expert-group", "1"]),
+], ids=["ct-tensor", "ct-block-ragged", "fbgemm-llama4", "ct-moe-streamed"])
 def test_scaled_fp8_pruned_equals_its_dequantized_copy(family_model: Callable[[str], Path], tmp_path: Path,
-                                                       family: str, args: list[str]) -> None:
+                                                       family: str, args: list[str], flags: list[str]) -> None:
     """An FP8 copy pruned streamed writes the bytes its float copy, dequantized by loops, is pruned to; the output
     carries no quantization_config and loads in transformers with no missing or unexpected key."""
     from transformers import AutoModelForCausalLM
@@ -443,17 +445,18 @@ def test_scaled_fp8_pruned_equals_its_dequantized_copy(family_model: Callable[[s
     stored = load_state_dict(fp8)
     assert sum(t.dtype == torch.float8_e4m3fn for t in stored.values()) >= 8
     out, ref = tmp_path / "out", tmp_path / "ref"
-    assert main(["prune", str(fp8), str(out), *CALIB_ARGS, "--save-dtype", "float32"]) == 0
+    assert main(["prune", str(fp8), str(out), *CALIB_ARGS, "--save-dtype", "float32", *flags]) == 0
     assert main(["prune", str(_scaled_dequantized_copy(fp8, tmp_path / "dense")), str(ref), *CALIB_ARGS,
-                 "--save-dtype", "float32"]) == 0
+                 "--save-dtype", "float32", *flags]) == 0
     written, want = load_state_dict(out), load_state_dict(ref)
     assert set(written) == set(want) and not any(k.endswith("_scale") for k in written)
     for key, t in want.items():
         assert torch.equal(written[key], t), key
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
     method = json.loads((fp8 / "config.json").read_text())["quantization_config"]["quant_method"]
-    assert json.loads((out / "wanda_stream.json").read_text())["dequantized"] == {"quant_method": method,
-                                                                               "to": "float32"}
+    report = json.loads((out / "wanda_stream.json").read_text())
+    assert report["dequantized"] == {"quant_method": method, "to": "float32"}
+    assert any(b.get("streamed_experts") for b in report["blocks"]) == bool(flags)
     _, info = AutoModelForCausalLM.from_pretrained(str(out), output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
 
