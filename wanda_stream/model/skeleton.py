@@ -93,7 +93,9 @@ class Skeleton:
     tied: dict[str, str] = field(default_factory=dict)
     layout: Any = None
     sources: dict[str, str] = field(default_factory=dict)
-    key_layers_prefix: str = ""  # the blocks' prefix among checkpoint keys (set by `bind`)
+    # The blocks' ModuleList among checkpoint keys: `layers_prefix`, or the hub's prefix when transformers
+    # renames it on load (Gemma 3's `language_model.model.layers`); found by `bind`.
+    stored_layers_prefix: str = ""
 
     @classmethod
     def from_config(cls, config: Any) -> "Skeleton":
@@ -105,7 +107,8 @@ class Skeleton:
         text_config = config.get_text_config()
         lname, layers = _find_layers(base, text_config.num_hidden_layers, config.model_type)
         tied = dict(getattr(model, "all_tied_weights_keys", {}) or {})
-        return cls(model, base, layers, base_prefix, f"{base_prefix}.{lname}", tied, sources=dict(tied))
+        prefix = f"{base_prefix}.{lname}"
+        return cls(model, base, layers, base_prefix, prefix, tied, sources=dict(tied), stored_layers_prefix=prefix)
 
     def bind(self, keys: list[str]) -> None:
         """Tie the skeleton to a checkpoint's keys: its layout, and where each parameter is read from."""
@@ -117,7 +120,7 @@ class Skeleton:
             src = self.layout.source_key(name, self.tied)
             if src is not None and src != name:
                 self.sources[name] = src
-        self.key_layers_prefix = _stored_prefix(self.layout.slots, self.layers_prefix)
+        self.stored_layers_prefix = _stored_prefix(self.layout.slots, self.layers_prefix)
 
     @property
     def n_layers(self) -> int:
@@ -151,11 +154,6 @@ class Skeleton:
         if not self.is_block_key(key):
             return None
         return int(key[len(self.stored_layers_prefix) + 1 :].partition(".")[0])
-
-    @property
-    def stored_layers_prefix(self) -> str:
-        """The blocks' ModuleList among checkpoint keys (`model.layers`, or Gemma 3's hub prefix)."""
-        return self.key_layers_prefix or self.layers_prefix
 
     def hidden_size(self) -> int:
         return int(self.model.config.get_text_config().hidden_size)
